@@ -1,0 +1,8 @@
+"""Exact input Hessians of neural networks, computed in row blocks and streamed to HDF5."""
+
+from .errors import PipelineError
+from .methods import METHODS, hessian
+from .targets import Target, make_target
+
+__all__ = ["METHODS", "PipelineError", "Target", "hessian", "make_target"]
+__version__ = "0.1.0"

@@ -1,0 +1,248 @@
+"""Where blocks run: in this process (``local``) or on Dask workers (``dask``, ``dask_cuda``,
+``address``). Every backend computes blocks with :func:`compute_block` and commits them to the
+shard store; none holds the full Hessian.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .errors import PipelineError
+from .job import Job, torch_dtype
+from .methods import METHODS
+from .models import build_model
+from .plan import Block
+from .storage import ShardStore
+from .targets import Target
+
+log = logging.getLogger(__name__)
+
+
+def compute_block(
+    model: nn.Module, method: str, x: Tensor, target: Target, block: Block, budget: int
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Hessian rows [r0, r1) of samples [s0, s1): (S, K, R, D), and their gradients (S, K, D)."""
+    rows = torch.arange(block.r0, block.r1, device=x.device)
+    hess, grad = METHODS[method].compute(model, x, target, rows, budget)
+    return hess.cpu().numpy(), (grad.cpu().numpy() if block.r0 == 0 else None)
+
+
+def execute(job: Job, blocks: list[Block], shards: ShardStore, progress) -> None:
+    """Compute and commit ``blocks``; ``progress(block)`` is called as each one commits."""
+    backend = job.cfg["backend"]
+    if backend["name"] == "local":
+        run_local(job, blocks, shards, progress)
+    elif backend["name"] in ("dask", "dask_cuda", "address"):
+        with dask_client(backend) as client:
+            run_dask(client, job, blocks, shards, progress)
+    else:
+        raise PipelineError(
+            f"unknown backend {backend['name']!r}: choose local, dask, dask_cuda or address",
+            "backend",
+        )
+
+
+def _device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise PipelineError(f"unknown device {name!r}: use cpu, cuda or cuda:N", "backend.device") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise PipelineError("backend.device=cuda but no CUDA device is available", "backend.device")
+    return device
+
+
+def _budget(job: Job) -> int:
+    return int(job.cfg["method"].get("memory_budget_mb", 1024)) << 20
+
+
+def run_local(job: Job, blocks: list[Block], shards: ShardStore, progress) -> None:
+    """One process, blocks in order, each committed as soon as it is computed."""
+    device = _device(job.cfg["backend"].get("device", "cpu"))
+    _set_tf32(job.cfg, device)
+    model = job.model.to(device)
+    x = job.data.x.to(device)
+    target = job.target.to(device)
+    for b in blocks:
+        h, g = compute_block(
+            model, job.method.name, x[b.s0 : b.s1], target.subset(b.s0, b.s1), b, _budget(job)
+        )
+        shards.write(b, h, g)
+        progress(b)
+
+
+def _set_tf32(cfg: dict[str, Any], device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = bool(cfg["method"].get("tf32", False))
+        torch.backends.cudnn.allow_tf32 = bool(cfg["method"].get("tf32", False))
+
+
+# ---- Dask ------------------------------------------------------------------------------------
+
+_WORKER_MODELS: dict[str, nn.Module] = {}  # per worker process: model key -> model
+
+
+def _worker_model(key: str, model_cfg: dict, dtype: str, device: str, threads: int) -> nn.Module:
+    """The worker's copy of the model, built from the resolved config on first use."""
+    if key not in _WORKER_MODELS:
+        torch.set_num_threads(max(1, threads))
+        dev = device
+        if device.startswith("cuda") and torch.cuda.is_available():
+            dev = "cuda"  # dask-cuda pins one GPU per worker via CUDA_VISIBLE_DEVICES
+        _WORKER_MODELS.clear()
+        _WORKER_MODELS[key] = build_model(model_cfg, torch_dtype(dtype), dev)
+    return _WORKER_MODELS[key]
+
+
+class ModelPlugin:
+    """A Dask worker plugin that builds the model once per worker from the resolved config."""
+
+    name = "pipeline-model"
+
+    def __init__(self, key: str, model_cfg: dict, dtype: str, device: str, threads: int):
+        self.args = (key, model_cfg, dtype, device, threads)
+
+    def setup(self, worker) -> None:
+        _worker_model(*self.args)
+
+    def teardown(self, worker) -> None:
+        _WORKER_MODELS.clear()
+
+
+def _dask_task(
+    model_args: tuple,
+    method: str,
+    x: np.ndarray,
+    kind: str,
+    aux: np.ndarray,
+    output_index: np.ndarray,
+    block: Block,
+    shard_dir: str,
+    budget: int,
+) -> int:
+    """Run on a worker: compute one block and commit its shard. Idempotent."""
+    model = _worker_model(*model_args)
+    device = next(iter(model.parameters()), torch.empty(0)).device
+    target = Target(kind, torch.as_tensor(aux), output_index).to(device)
+    xt = torch.as_tensor(x).to(device)
+    h, g = compute_block(model, method, xt, target, block, budget)
+    ShardStore(shard_dir).write(block, h, g)
+    return block.index
+
+
+@contextlib.contextmanager
+def dask_client(backend: dict[str, Any]) -> Iterator[Any]:
+    """A ``distributed.Client`` for the backend; clusters the run starts are closed on exit."""
+    from distributed import Client, LocalCluster
+
+    name = backend["name"]
+    threads = backend.get("threads_per_worker", 1)
+    dashboard = ":0" if _has_bokeh() else None
+    if name == "address":
+        address, sched_file = backend.get("address"), backend.get("scheduler_file")
+        if not address and not sched_file:
+            raise PipelineError(
+                "backend=address needs backend.address=tcp://host:8786 or backend.scheduler_file",
+                "backend.address",
+            )
+        timeout = backend.get("connect_timeout_s", 20)
+        try:
+            client = Client(address, scheduler_file=sched_file, timeout=f"{timeout}s")
+        except (OSError, TimeoutError) as err:
+            raise PipelineError(
+                f"cannot reach the Dask scheduler at {address or sched_file} within {timeout} s "
+                f"({type(err).__name__})",
+                "backend.address",
+            ) from err
+        with client:
+            yield client
+        return
+    if name == "dask_cuda":
+        try:
+            from dask_cuda import LocalCUDACluster
+        except ImportError as err:
+            raise PipelineError(
+                "backend=dask_cuda needs dask-cuda: pip install dask-cuda", "backend"
+            ) from err
+        cluster = LocalCUDACluster(threads_per_worker=threads, dashboard_address=dashboard)
+    else:
+        n = backend.get("n_workers", 2)
+        if n < 1:
+            raise PipelineError("backend.n_workers must be at least 1", "backend.n_workers")
+        env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+        cluster = LocalCluster(
+            n_workers=n,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=dashboard,
+            env=env,
+            silence_logs=logging.WARNING,
+        )
+    with cluster, Client(cluster) as client:
+        if dashboard:
+            log.info("Dask dashboard: %s", client.dashboard_link)
+        yield client
+
+
+def _has_bokeh() -> bool:
+    try:
+        import bokeh  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def run_dask(client, job: Job, blocks: list[Block], shards: ShardStore, progress) -> None:
+    """Submit blocks with a bounded number in flight; each worker commits its own shards."""
+    from distributed import as_completed
+
+    backend = job.cfg["backend"]
+    key = job.model_fingerprint()[:16] + job.cfg["dtype"]
+    model_args = (key, job.cfg["model"], job.cfg["dtype"], backend.get("device", "cpu"),
+                  backend.get("threads_per_worker", 1))  # fmt: skip
+    client.register_plugin(ModelPlugin(*model_args), name=f"pipeline-model-{key}")
+    n_workers = max(1, len(client.scheduler_info().get("workers", {})))
+    in_flight = backend.get("max_in_flight") or 2 * n_workers
+    x = job.data.x.cpu().numpy()
+    aux = job.target.aux.cpu().numpy()
+    oi = job.target.output_index
+    shard_dir = str(shards.directory.resolve())
+
+    def submit(b: Block):
+        return client.submit(
+            _dask_task, model_args, job.method.name, x[b.s0 : b.s1], job.target.kind,
+            aux[b.s0 : b.s1], oi[b.s0 : b.s1] if oi.ndim == 2 else oi, b, shard_dir,
+            _budget(job), key=f"hessian-block-{key}-{b.index}", retries=backend.get("retries", 2),
+            pure=False,
+        )  # fmt: skip
+
+    pending: Iterator[Block] = iter(blocks)
+    by_index = {b.index: b for b in blocks}
+    ac = as_completed([submit(b) for b in _take(pending, in_flight)])
+    for fut in ac:
+        index = fut.result()  # re-raises a task's error here
+        progress(by_index[index])
+        for b in _take(pending, 1):
+            ac.add(submit(b))
+
+
+def _take(it: Iterator[Block], n: int) -> list[Block]:
+    out = []
+    for _ in range(n):
+        try:
+            out.append(next(it))
+        except StopIteration:
+            break
+    return out
+
+
+def visible_gpus() -> int:
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+

@@ -1,0 +1,149 @@
+"""The dataset slice a config describes: inputs (N, *S), optional labels, source indices."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .errors import PipelineError
+
+
+@dataclass
+class Dataset:
+    """Inputs (N, *S) as float tensors, labels (N,) or None, and each sample's source index (N,)."""
+
+    x: Tensor
+    labels: Tensor | None
+    sample_index: np.ndarray
+
+
+def load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's bundled 8x8 digits: x (1797, 1, 8, 8) float32 in [0, 1], y (1797,) int64."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    return (d.data / 16.0).astype(np.float32).reshape(-1, 1, 8, 8), d.target.astype(np.int64)
+
+
+def select(length: int, cfg: dict[str, Any]) -> np.ndarray:
+    """Source indices from ``data.indices``, or ``data.start``/``data.stop``."""
+    if cfg.get("indices") is not None:
+        idx = np.asarray(list(cfg["indices"]), dtype=np.int64)
+        bad = idx[(idx < 0) | (idx >= length)]
+        if bad.size:
+            raise PipelineError(
+                f"sample index {bad[0]} is out of range: the dataset has {length} samples",
+                "data.indices",
+            )
+    else:
+        start, stop = cfg.get("start", 0) or 0, cfg.get("stop")
+        stop = length if stop is None else stop
+        if not 0 <= start < length:
+            raise PipelineError(
+                f"data.start={start} is out of range: the dataset has {length} samples",
+                "data.start",
+            )
+        if stop > length:
+            raise PipelineError(
+                f"data.stop={stop} is past the end: the dataset has {length} samples", "data.stop"
+            )
+        idx = np.arange(start, stop, dtype=np.int64)
+    if idx.size == 0:
+        raise PipelineError("the data slice is empty: data.stop must exceed data.start", "data.stop")
+    return idx
+
+
+def _array(path: str | None, key: str | None, cfg_key: str, name: str | None = None):
+    """A lazily readable array from .npy/.npz (memory-mapped) or an HDF5 dataset."""
+    if not path:
+        raise PipelineError(f"no file given: set {cfg_key}", cfg_key)
+    p = Path(path)
+    if not p.is_file():
+        raise PipelineError(f"file {path!r} not found", cfg_key)
+    try:
+        if p.suffix in (".h5", ".hdf5", ".hdf"):
+            import h5py
+
+            f = h5py.File(p, "r")
+            if name not in f:
+                raise PipelineError(
+                    f"{path!r} has no dataset {name!r} (it has {list(f)})",
+                    cfg_key.replace("path", "dataset"),
+                )
+            return f[name]
+        arr = np.load(p, mmap_mode="r", allow_pickle=False)
+        if isinstance(arr, np.lib.npyio.NpzFile):
+            names = list(arr.keys())
+            key = key or names[0]
+            if key not in names:
+                raise PipelineError(f"{path!r} has no array {key!r} (it has {names})", "data.key")
+            return arr[key]
+        return arr
+    except PipelineError:
+        raise
+    except Exception as err:
+        raise PipelineError(f"cannot read {path!r}: {type(err).__name__}: {err}", cfg_key) from err
+
+
+def load_data(cfg: dict[str, Any], dtype: torch.dtype) -> Dataset:
+    """Load the slice described by the resolved ``data`` config, as ``dtype`` inputs."""
+    kind = cfg.get("name")
+    labels_src = None
+    if kind == "digits":
+        x_src, labels_src = load_digits_arrays()
+    elif kind == "synthetic":
+        shape = tuple(cfg["shape"])
+        gen = torch.Generator().manual_seed(cfg.get("seed", 0))
+        n = cfg["n_samples"]
+        x_src = torch.randn((n, *shape), generator=gen).numpy()
+        if cfg.get("n_classes"):
+            labels_src = torch.randint(cfg["n_classes"], (n,), generator=gen).numpy()
+    elif kind == "npy":
+        x_src = _array(cfg.get("path"), cfg.get("key"), "data.path")
+        if cfg.get("labels_path"):
+            labels_src = _array(cfg["labels_path"], cfg.get("labels_key"), "data.labels_path")
+    elif kind == "hdf5":
+        x_src = _array(cfg.get("path"), None, "data.path", cfg.get("dataset"))
+        if cfg.get("labels_dataset"):
+            labels_src = _array(cfg.get("path"), None, "data.path", cfg["labels_dataset"])
+    else:
+        raise PipelineError(f"unknown data option {kind!r}", "data")
+    if x_src.ndim < 2:
+        raise PipelineError(
+            f"inputs must have shape (N, *S) with a sample axis first; got {x_src.shape}",
+            "data.path",
+        )
+    idx = select(len(x_src), cfg)
+    x = np.asarray(x_src[np.sort(idx)] if kind == "hdf5" else x_src[idx])
+    if kind == "hdf5":  # h5py needs increasing indices; restore the requested order
+        x = x[np.argsort(np.argsort(idx))]
+    if not np.issubdtype(x.dtype, np.floating):
+        raise PipelineError(
+            f"inputs have dtype {x.dtype}: a Hessian with respect to the input needs real-valued "
+            "(float) inputs; models of integer ids (embeddings) are not differentiable in them",
+            "data.path",
+        )
+    bad = np.flatnonzero(~np.isfinite(x.reshape(len(x), -1)).all(axis=1))
+    if bad.size:
+        names = ", ".join(str(i) for i in idx[bad[:5]])
+        raise PipelineError(
+            f"{bad.size} sample(s) contain NaN or inf (source indices {names}"
+            f"{', ...' if bad.size > 5 else ''}); drop them with data.indices",
+            "data.indices",
+        )
+    labels = None
+    if labels_src is not None:
+        if len(labels_src) != len(x_src):
+            raise PipelineError(
+                f"{len(labels_src)} labels for {len(x_src)} samples", "data.labels_path"
+            )
+        lab = np.asarray(labels_src[np.sort(idx)] if kind == "hdf5" else labels_src[idx])
+        if kind == "hdf5":
+            lab = lab[np.argsort(np.argsort(idx))]
+        labels = torch.as_tensor(lab)
+    return Dataset(torch.as_tensor(x).to(dtype), labels, idx)

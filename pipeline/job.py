@@ -1,0 +1,103 @@
+"""What one run computes: the model, the data slice, the target and the method, built from config."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .data import Dataset, load_data
+from .errors import PipelineError
+from .methods import Method, resolve_method, zero_hessian_reason
+from .models import build_model
+from .structure import training_layers
+from .targets import Target, make_target
+
+log = logging.getLogger(__name__)
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+@dataclass
+class Job:
+    """A resolved run: inputs (N, *S), outputs (N, C), the target's K functions and the method."""
+
+    cfg: dict[str, Any]
+    model: nn.Module
+    data: Dataset
+    outputs: Tensor
+    target: Target
+    method: Method
+    dtype: torch.dtype
+
+    @property
+    def dim(self) -> int:
+        return self.data.x[0].numel()
+
+    def model_fingerprint(self) -> str:
+        """SHA-256 over the model's class, parameter and buffer values."""
+        h = hashlib.sha256(type(self.model).__name__.encode())
+        for name, t in sorted(self.model.state_dict().items()):
+            h.update(name.encode())
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()
+
+    def data_fingerprint(self) -> str:
+        h = hashlib.sha256(self.data.x.cpu().numpy().tobytes())
+        h.update(self.data.sample_index.tobytes())
+        return h.hexdigest()
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise PipelineError(f"unknown dtype {name!r}: choose float32 or float64", "dtype")
+    return DTYPES[name]
+
+
+def build_job(cfg: dict[str, Any]) -> Job:
+    """Build model, data, target and method from a resolved config, checking that they fit."""
+    dtype = torch_dtype(cfg["dtype"])
+    torch.manual_seed(cfg.get("seed", 0))
+    model = build_model(cfg["model"], dtype)
+    if training_layers(model):  # build_model returns eval mode; a custom net may override it
+        warnings.warn("BatchNorm/Dropout in training mode: switched to eval mode", stacklevel=2)
+        model.eval()
+    data = load_data(cfg["data"], dtype)
+    outputs = forward(model, data.x, cfg)
+    tcfg = cfg["target"]
+    spec = tcfg["indices"] if tcfg["name"] == "indices" else tcfg["name"]
+    target = make_target(spec, outputs, data.labels, tcfg.get("loss", "cross_entropy"))
+    method = resolve_method(cfg["method"]["name"], model, target)
+    reason = zero_hessian_reason(model, target)
+    if reason:
+        log.warning("Hessians will be zero almost everywhere: %s", reason)
+    return Job(cfg, model, data, outputs, target, method, dtype)
+
+
+def forward(model: nn.Module, x: Tensor, cfg: dict[str, Any]) -> Tensor:
+    """The model's outputs (N, C); a shape mismatch becomes a one-line error."""
+    try:
+        with torch.no_grad():
+            z = model(x[: min(len(x), 1024)])
+            if len(x) > 1024:
+                z = torch.cat([z] + [model(x[i : i + 1024]) for i in range(1024, len(x), 1024)])
+    except (RuntimeError, ValueError, TypeError, IndexError) as err:
+        msg = str(err).strip().splitlines()[0][:240]
+        raise PipelineError(
+            f"the model does not accept inputs of shape {tuple(x.shape[1:])} (per sample): {msg}",
+            "data",
+        ) from err
+    if not isinstance(z, Tensor) or z.ndim != 2 or z.shape[0] != len(x):
+        shape = tuple(z.shape) if isinstance(z, Tensor) else type(z).__name__
+        raise PipelineError(
+            f"the model must return (N, C) outputs for (N, *S) inputs; got {shape}", "model.net"
+        )
+    if not torch.isfinite(z).all():
+        bad = np.flatnonzero(~torch.isfinite(z).all(-1).numpy())[:5]
+        raise PipelineError(f"the model's outputs are not finite for samples {list(bad)}", "data")
+    return z

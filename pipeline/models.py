@@ -1,0 +1,140 @@
+"""Built-in networks for the bundled digits data, and loading any model a config names."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import PipelineError
+
+CHECKPOINTS = Path(__file__).parent / "checkpoints"
+ACTIVATIONS = {
+    "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "softplus": nn.Softplus, "gelu": nn.GELU,
+    "silu": nn.SiLU, "elu": nn.ELU, "relu": nn.ReLU,
+}  # fmt: skip
+
+
+def _activation(name: str) -> nn.Module:
+    if name not in ACTIVATIONS:
+        raise PipelineError(
+            f"unknown activation {name!r}: choose one of {list(ACTIVATIONS)}",
+            "model.net.activation",
+        )
+    return ACTIVATIONS[name]()
+
+
+def digits_mlp(
+    hidden: tuple[int, ...] = (64, 64), activation: str = "tanh", pretrained: bool = True
+) -> nn.Sequential:
+    """MLP for (1, 8, 8) digits: Flatten -> [Linear -> act] * len(hidden) -> Linear(10).
+
+    With ``pretrained`` the bundled checkpoint for this activation is loaded (default sizes only).
+    """
+    layers: list[nn.Module] = [nn.Flatten()]
+    width = 64
+    for h in hidden:
+        layers += [nn.Linear(width, h), _activation(activation)]
+        width = h
+    layers.append(nn.Linear(width, 10))
+    net = nn.Sequential(*layers)
+    if pretrained:
+        _load_bundled(net, f"digits_mlp_{activation}.pt", tuple(hidden) == (64, 64))
+    return net
+
+
+def digits_cnn(activation: str = "tanh", pretrained: bool = True) -> nn.Sequential:
+    """Small CNN for (1, 8, 8) digits: conv8 -> conv16 (stride 2) -> fc32 -> fc10."""
+    net = nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), _activation(activation),
+        nn.Conv2d(8, 16, 3, padding=1, stride=2), _activation(activation),
+        nn.Flatten(), nn.Linear(16 * 4 * 4, 32), _activation(activation), nn.Linear(32, 10),
+    )  # fmt: skip
+    if pretrained:
+        _load_bundled(net, f"digits_cnn_{activation}.pt", True)
+    return net
+
+
+def _load_bundled(net: nn.Module, name: str, default_shape: bool) -> None:
+    path = CHECKPOINTS / name
+    if not default_shape or not path.exists():
+        raise PipelineError(
+            f"no bundled checkpoint {name} for these settings: set model.net.pretrained=false "
+            "or train one with `python -m pipeline.train`",
+            "model.net.pretrained",
+        )
+    net.load_state_dict(torch.load(path, weights_only=True))
+
+
+def build_model(model_cfg: dict[str, Any], dtype: torch.dtype, device: str = "cpu") -> nn.Module:
+    """The model a resolved ``model`` config describes, in eval mode, in ``dtype`` on ``device``.
+
+    ``model_cfg`` has ``net`` (a Hydra instantiate node) and an optional ``checkpoint``, or, for
+    ``exported`` models, ``path`` to a ``torch.export`` program.
+    """
+    from hydra.utils import instantiate
+
+    if model_cfg.get("path"):
+        net = _load_exported(model_cfg["path"])
+    else:
+        net_cfg = model_cfg.get("net")
+        if not net_cfg or not net_cfg.get("_target_"):
+            raise PipelineError("no model given: set model.net._target_", "model.net._target_")
+        try:
+            net = instantiate(net_cfg)
+        except PipelineError:
+            raise
+        except Exception as err:
+            raise PipelineError(
+                f"cannot build {net_cfg['_target_']!r}: {_root_cause(err)}", "model.net._target_"
+            ) from err
+        if not isinstance(net, nn.Module):
+            raise PipelineError(
+                f"{net_cfg['_target_']!r} returned {type(net).__name__}, not a torch.nn.Module",
+                "model.net._target_",
+            )
+    if model_cfg.get("checkpoint"):
+        _load_checkpoint(net, model_cfg["checkpoint"])
+    return net.to(device=device, dtype=dtype).eval()
+
+
+def _load_exported(path: str) -> nn.Module:
+    if not Path(path).is_file():
+        raise PipelineError(f"exported program {path!r} not found", "model.path")
+    try:
+        return torch.export.load(path).module()
+    except Exception as err:
+        raise PipelineError(
+            f"cannot load exported program {path!r}: {_root_cause(err)}", "model.path"
+        ) from err
+
+
+def _load_checkpoint(net: nn.Module, path: str) -> None:
+    if not Path(path).is_file():
+        raise PipelineError(f"checkpoint {path!r} not found", "model.checkpoint")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise PipelineError(
+            f"checkpoint {path!r} is not a readable state_dict: {_root_cause(err)}",
+            "model.checkpoint",
+        ) from err
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    try:
+        net.load_state_dict(state)
+    except Exception as err:
+        first = str(err).strip().splitlines()
+        detail = " ".join(line.strip() for line in first[:3])[:300]
+        raise PipelineError(
+            f"checkpoint {path!r} does not fit the model architecture: {detail}",
+            "model.checkpoint",
+        ) from err
+
+
+def _root_cause(err: BaseException) -> str:
+    while err.__cause__ is not None:
+        err = err.__cause__
+    return f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err) else ''}"

@@ -1,0 +1,189 @@
+"""One run of the pipeline: build the job, plan blocks, compute the missing ones, assemble the file.
+
+``run(cfg)`` is what ``python -m pipeline`` calls; tests call it directly with composed configs.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+from omegaconf import DictConfig
+
+from . import __version__
+from .backends import execute
+from .config import fingerprint, to_plain
+from .errors import PipelineError
+from .job import Job, build_job
+from .plan import Plan, make_plan
+from .storage import Metadata, ShardStore, assemble
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunResult:
+    """Where the result went and what it took."""
+
+    path: Path
+    shape: tuple[int, int, int, int]
+    method: str
+    seconds: float
+    blocks_computed: int
+    blocks_reused: int
+
+
+def output_path(cfg: dict[str, Any], output_dir: Path | None) -> Path:
+    """``storage.path``, or ``hessians.h5`` in the run directory."""
+    if cfg["storage"].get("path"):
+        return Path(cfg["storage"]["path"]).expanduser().absolute()
+    return (Path(output_dir) if output_dir else Path.cwd()).absolute() / "hessians.h5"
+
+
+def shard_dir(path: Path) -> Path:
+    return path.with_name(path.name + ".shards")
+
+
+def versions() -> dict[str, str]:
+    import dask
+    import h5py
+    import torch
+
+    return {
+        "torch": str(torch.__version__), "h5py": h5py.__version__, "hdf5": h5py.version.hdf5_version,
+        "dask": dask.__version__, "pipeline": __version__, "numpy": np.__version__,
+    }  # fmt: skip
+
+
+def run(
+    cfg: DictConfig | dict[str, Any],
+    output_dir: Path | None = None,
+    overrides: list[str] | None = None,
+) -> RunResult:
+    """Compute the Hessians a config describes and write them to ``storage.path``."""
+    t0 = time.perf_counter()
+    cfg = to_plain(cfg)
+    path = output_path(cfg, output_dir)
+    mode = cfg["storage"]["mode"]
+    if mode == "create" and path.exists():
+        raise PipelineError(
+            f"{path} exists; use storage.mode=overwrite to replace it or choose another "
+            "storage.path",
+            "storage.mode",
+        )
+    if mode == "resume" and path.exists() and not shard_dir(path).exists():
+        raise PipelineError(f"{path} is already complete; nothing to resume", "storage.mode")
+    _check_writable(path)
+    job = build_job(cfg)
+    n, k, d = len(job.data.x), job.target.n_outputs, job.dim
+    itemsize = job.data.x.element_size()
+    st = cfg["storage"]
+    plan = make_plan(n, k, d, itemsize, st.get("block_rows"), st.get("block_mb", 64))
+    shards = ShardStore(shard_dir(path))
+    fp = fingerprint(cfg, job.model_fingerprint(), job.data_fingerprint())
+    if mode == "create" and shards.manifest() is not None:
+        raise PipelineError(
+            f"{shards.directory} holds blocks of an interrupted run: use storage.mode=resume to "
+            "finish it or storage.mode=overwrite to start afresh",
+            "storage.mode",
+        )
+    reused = shards.start(fp, resume=mode == "resume", info={"n_blocks": len(plan.blocks)})
+    done = shards.committed()
+    todo = [b for b in plan.blocks if b.index not in done]
+    log.info(
+        "Hessians (%d, %d, %d, %d) %s, method=%s, %d blocks of %d samples x %d rows (%d done)",
+        n, k, d, d, cfg["dtype"], job.method.name, len(plan.blocks), plan.block_samples,
+        plan.block_rows, reused,
+    )  # fmt: skip
+    with _progress(cfg, len(plan.blocks), reused, "blocks") as bar:
+        execute(job, todo, shards, lambda _b: bar.update(1))
+    meta = _metadata(job, cfg, overrides or [], plan, fp)
+    with _progress(cfg, len(plan.blocks), 0, "assembling") as bar:
+        assemble(path, plan, meta, shards, job.data.x.numpy().dtype, st.get("layout", "copy"),
+                 st.get("compression"), on_block=lambda _b: bar.update(1))  # fmt: skip
+    if st.get("layout", "copy") != "virtual" and not st.get("keep_shards"):
+        shards.remove()
+    result = RunResult(path, (n, k, d, d), job.method.name, time.perf_counter() - t0,
+                       len(todo), reused)  # fmt: skip
+    log.info(
+        "wrote %s: hessian %s %s, method %s, %.2f s (%d blocks computed, %d reused)",
+        path, result.shape, cfg["dtype"], result.method, result.seconds, len(todo), reused,
+    )  # fmt: skip
+    if cfg.get("plots"):
+        _after_run_reports(path, cfg)
+    return result
+
+
+def _after_run_reports(path: Path, cfg: dict[str, Any]) -> None:
+    """Plots and per-sample statistics next to the result (see pipeline.plots)."""
+    try:
+        from .plots import write_reports
+    except ImportError:
+        return
+    write_reports(path, path.parent)
+
+
+def _metadata(job: Job, cfg: dict[str, Any], overrides: list[str], plan: Plan, fp: str) -> Metadata:
+    attrs = {
+        "config": yaml.safe_dump(cfg, sort_keys=False),
+        "overrides": yaml.safe_dump(list(overrides)),
+        "versions": yaml.safe_dump(versions()),
+        "method": job.method.name,
+        "dtype": cfg["dtype"],
+        "target": job.target.kind,
+        "model_fingerprint": job.model_fingerprint(),
+        "fingerprint": fp,
+        "input_shape": list(job.data.x.shape[1:]),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    return Metadata(
+        inputs=job.data.x.numpy(),
+        outputs=job.outputs.numpy(),
+        sample_index=job.data.sample_index,
+        output_index=np.asarray(job.target.output_index, dtype=np.int64),
+        attrs=attrs,
+    )
+
+
+def _check_writable(path: Path) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        probe = path.parent / f".{path.name}.write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise PipelineError(
+            f"cannot write to {path.parent}: {err.strerror}", "storage.path"
+        ) from err
+
+
+class _NoBar:
+    def __init__(self, *a, **k):
+        pass
+
+    def update(self, n):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _progress(cfg: dict[str, Any], total: int, initial: int, desc: str):
+    if not cfg.get("progress", True):
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, unit="block", leave=False)
+
+
+def disk_free(path: Path) -> int:
+    return shutil.disk_usage(path.parent).free

@@ -1,0 +1,41 @@
+"""What a model is made of, as far as the choice of a Hessian method is concerned."""
+
+from __future__ import annotations
+
+from torch import nn
+
+# Layers that are affine in their input (in eval mode) or pass it through unchanged.
+AFFINE = (
+    nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Flatten, nn.Unflatten, nn.Identity,
+    nn.Dropout, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.BatchNorm1d,
+    nn.BatchNorm2d, nn.Sequential, nn.ModuleList,
+)  # fmt: skip
+# Elementwise activations whose second derivative is zero almost everywhere.
+PIECEWISE_LINEAR = (nn.ReLU, nn.LeakyReLU, nn.ReLU6, nn.Hardtanh, nn.PReLU, nn.MaxPool1d,
+                    nn.MaxPool2d, nn.AdaptiveMaxPool2d)  # fmt: skip
+
+
+def leaf_modules(model: nn.Module) -> list[nn.Module]:
+    """Modules without children, in registration order."""
+    return [m for m in model.modules() if not list(m.children())]
+
+
+def is_piecewise_linear(model: nn.Module) -> bool:
+    """True when every layer is affine or piecewise linear and at least one is piecewise linear.
+
+    Only module-level structure is visible: a ``forward`` that calls ``torch.tanh`` directly is not
+    seen, so this can say False for a piecewise-linear net but never True for a smooth one whose
+    layers are all modules listed here.
+    """
+    if type(model).forward is not nn.Sequential.forward and not isinstance(model, nn.Sequential):
+        return False
+    leaves = leaf_modules(model)
+    return bool(leaves) and all(isinstance(m, AFFINE + PIECEWISE_LINEAR) for m in leaves) and any(
+        isinstance(m, PIECEWISE_LINEAR) for m in leaves
+    )
+
+
+def training_layers(model: nn.Module) -> list[str]:
+    """Names of BatchNorm and Dropout layers that are in training mode."""
+    kinds = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
+    return [n for n, m in model.named_modules() if isinstance(m, kinds) and m.training]

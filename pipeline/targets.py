@@ -1,0 +1,143 @@
+"""Which scalar functions of a network's output are differentiated: logits by index, or a loss."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .errors import PipelineError
+
+LOSSES = ("cross_entropy", "mse")
+
+
+@dataclass(frozen=True)
+class Target:
+    """K scalar functions y_k(z) of one sample's model output z of shape (C,).
+
+    kind ``"index"``: y_k = z[aux[k]], with aux (N, K) long (per-sample output indices).
+    kind ``"cross_entropy"``: y = cross_entropy(z, aux), aux (N,) long class labels; K = 1.
+    kind ``"mse"``: y = mean((z - aux)^2), aux (N, C) float targets; K = 1.
+
+    Attributes:
+        kind: one of ``"index"``, ``"cross_entropy"``, ``"mse"``.
+        aux: per-sample data, first axis N.
+        output_index: (K,) when all samples share the outputs, (N, K) for per-sample outputs;
+            -1 marks a loss.
+    """
+
+    kind: str
+    aux: Tensor
+    output_index: np.ndarray
+
+    @property
+    def n_outputs(self) -> int:
+        return self.aux.shape[1] if self.kind == "index" else 1
+
+    def select(self, z: Tensor, aux: Tensor) -> Tensor:
+        """(C,) output and one sample's aux -> (K,) scalars. Pure, vmap-able."""
+        if self.kind == "index":
+            return z.gather(-1, aux)
+        if self.kind == "cross_entropy":
+            return F.cross_entropy(z.unsqueeze(0), aux.unsqueeze(0)).unsqueeze(0)
+        return ((z - aux) ** 2).mean().unsqueeze(0)
+
+    def subset(self, start: int, stop: int) -> Target:
+        """The target restricted to samples [start, stop)."""
+        oi = self.output_index
+        return Target(self.kind, self.aux[start:stop], oi[start:stop] if oi.ndim == 2 else oi)
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Target:
+        aux = self.aux.to(device)
+        if dtype is not None and aux.is_floating_point():
+            aux = aux.to(dtype)
+        return Target(self.kind, aux, self.output_index)
+
+
+def make_target(
+    outputs: Sequence[int] | Tensor | str,
+    z: Tensor,
+    labels: Tensor | None = None,
+    loss: str = "cross_entropy",
+) -> Target:
+    """Build the target for model outputs ``z`` (N, C).
+
+    Args:
+        outputs: a list of output indices; a (N, K) tensor of per-sample indices; ``"all"``;
+            ``"predicted"`` (each sample's argmax); or ``"loss"`` (needs ``labels``).
+        z: the model's outputs (N, C) at the inputs, used for ``predicted`` and range checks.
+        labels: (N,) class labels, or (N, C) float targets for ``mse``; only for ``"loss"``.
+        loss: ``"cross_entropy"`` or ``"mse"``.
+    """
+    n, c = z.shape[0], z.shape[-1]
+    if z.ndim != 2:
+        raise PipelineError(
+            f"the model must return one output vector per sample, shape (N, C); got {tuple(z.shape)}",
+            "model.net",
+        )
+    if isinstance(outputs, str):
+        if outputs == "all":
+            idx = torch.arange(c).expand(n, c)
+            return Target("index", idx.to(z.device), np.arange(c))
+        if outputs == "predicted":
+            idx = z.argmax(-1, keepdim=True)
+            return Target("index", idx, idx.cpu().numpy())
+        if outputs == "loss":
+            return _loss_target(z, labels, loss)
+        raise PipelineError(
+            f"unknown target {outputs!r}: use a list of indices, 'all', 'predicted' or 'loss'",
+            "target",
+        )
+    idx = torch.as_tensor(outputs, dtype=torch.long)
+    if idx.ndim == 0:
+        idx = idx.reshape(1)
+    if idx.numel() == 0:
+        raise PipelineError("no outputs selected: give at least one index", "target.indices")
+    bad = idx[(idx < -c) | (idx >= c)]
+    if bad.numel():
+        raise PipelineError(
+            f"output index {bad[0].item()} is out of range for a model with {c} outputs "
+            f"(valid: 0..{c - 1})",
+            "target.indices",
+        )
+    idx = idx % c
+    if idx.ndim == 1:
+        return Target("index", idx.expand(n, -1).to(z.device), idx.numpy())
+    if idx.shape[0] != n:
+        raise PipelineError(f"per-sample indices must have {n} rows", "target.indices")
+    return Target("index", idx.to(z.device), idx.numpy())
+
+
+def _loss_target(z: Tensor, labels: Tensor | None, loss: str) -> Target:
+    n, c = z.shape
+    if labels is None:
+        raise PipelineError(
+            "target=loss needs labels, and the data has none: give data.labels_path "
+            "(or data.labels_dataset), or choose target=indices",
+            "data.labels_path",
+        )
+    if loss not in LOSSES:
+        raise PipelineError(f"unknown loss {loss!r}: choose one of {list(LOSSES)}", "target.loss")
+    labels = torch.as_tensor(labels).to(z.device)
+    if len(labels) != n:
+        raise PipelineError(f"{len(labels)} labels for {n} samples", "data.labels_path")
+    if loss == "cross_entropy":
+        if labels.is_floating_point() or labels.ndim != 1:
+            raise PipelineError(
+                "cross_entropy needs integer class labels of shape (N,)", "data.labels_path"
+            )
+        if labels.min() < 0 or labels.max() >= c:
+            raise PipelineError(
+                f"labels must lie in 0..{c - 1} for a model with {c} outputs", "data.labels_path"
+            )
+        aux = labels.long()
+    else:
+        aux = F.one_hot(labels.long(), c) if not labels.is_floating_point() else labels
+        if aux.shape != (n, c):
+            raise PipelineError(f"mse needs targets of shape (N, {c})", "data.labels_path")
+        aux = aux.to(z.dtype)
+    return Target(loss, aux, np.full(1, -1))
