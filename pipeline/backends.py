@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from distributed.diagnostics.plugin import WorkerPlugin
 from torch import Tensor, nn
 
 from .errors import PipelineError
@@ -101,7 +102,7 @@ def _worker_model(key: str, model_cfg: dict, dtype: str, device: str, threads: i
     return _WORKER_MODELS[key]
 
 
-class ModelPlugin:
+class ModelPlugin(WorkerPlugin):
     """A Dask worker plugin that builds the model once per worker from the resolved config."""
 
     name = "pipeline-model"

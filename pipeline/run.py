@@ -5,7 +5,10 @@
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import logging
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -80,19 +83,26 @@ def run(
     if mode == "resume" and path.exists() and not shard_dir(path).exists():
         raise PipelineError(f"{path} is already complete; nothing to resume", "storage.mode")
     _check_writable(path)
-    job = build_job(cfg)
-    n, k, d = len(job.data.x), job.target.n_outputs, job.dim
-    itemsize = job.data.x.element_size()
-    st = cfg["storage"]
-    plan = make_plan(n, k, d, itemsize, st.get("block_rows"), st.get("block_mb", 64))
+    with RunLock(path):
+        return _locked_run(cfg, path, mode, overrides, t0)
+
+
+def _locked_run(cfg, path: Path, mode: str, overrides, t0: float) -> RunResult:
     shards = ShardStore(shard_dir(path))
-    fp = fingerprint(cfg, job.model_fingerprint(), job.data_fingerprint())
     if mode == "create" and shards.manifest() is not None:
         raise PipelineError(
             f"{shards.directory} holds blocks of an interrupted run: use storage.mode=resume to "
             "finish it or storage.mode=overwrite to start afresh",
             "storage.mode",
         )
+    job = build_job(cfg)
+    n, k, d = len(job.data.x), job.target.n_outputs, job.dim
+    itemsize = job.data.x.element_size()
+    st = cfg["storage"]
+    plan = make_plan(n, k, d, itemsize, st.get("block_rows"), st.get("block_mb", 64))
+    fp = fingerprint(cfg, job.model_fingerprint(), job.data_fingerprint())
+    _check_free_space(path, plan, itemsize, shards, resume=mode == "resume",
+                      virtual=st.get("layout") == "virtual")  # fmt: skip
     reused = shards.start(fp, resume=mode == "resume", info={"n_blocks": len(plan.blocks)})
     done = shards.committed()
     todo = [b for b in plan.blocks if b.index not in done]
@@ -101,12 +111,23 @@ def run(
         n, k, d, d, cfg["dtype"], job.method.name, len(plan.blocks), plan.block_samples,
         plan.block_rows, reused,
     )  # fmt: skip
-    with _progress(cfg, len(plan.blocks), reused, "blocks") as bar:
-        execute(job, todo, shards, lambda _b: bar.update(1))
-    meta = _metadata(job, cfg, overrides or [], plan, fp)
-    with _progress(cfg, len(plan.blocks), 0, "assembling") as bar:
-        assemble(path, plan, meta, shards, job.data.x.numpy().dtype, st.get("layout", "copy"),
-                 st.get("compression"), on_block=lambda _b: bar.update(1))  # fmt: skip
+    try:
+        with _progress(cfg, len(plan.blocks), reused, "blocks") as bar:
+            execute(job, todo, shards, lambda _b: bar.update(1))
+        meta = _metadata(job, cfg, overrides or [], plan, fp)
+        with _progress(cfg, len(plan.blocks), 0, "assembling") as bar:
+            assemble(path, plan, meta, shards, job.data.x.numpy().dtype,
+                     st.get("layout", "copy"), st.get("compression"),
+                     on_block=lambda _b: bar.update(1))  # fmt: skip
+    except OSError as err:
+        if err.errno != errno.ENOSPC:
+            raise
+        raise PipelineError(
+            f"disk full under {path.parent} after {len(shards.committed())} of "
+            f"{len(plan.blocks)} blocks: committed blocks are kept; free space and rerun with "
+            "storage.mode=resume",
+            "storage.path",
+        ) from err
     if st.get("layout", "copy") != "virtual" and not st.get("keep_shards"):
         shards.remove()
     result = RunResult(path, (n, k, d, d), job.method.name, time.perf_counter() - t0,
@@ -126,7 +147,10 @@ def _after_run_reports(path: Path, cfg: dict[str, Any]) -> None:
         from .plots import write_reports
     except ImportError:
         return
-    write_reports(path, path.parent)
+    try:
+        write_reports(path, path.parent)
+    except Exception as err:  # the result is complete; a failed plot must not hide that
+        log.warning("plots not written: %s: %s", type(err).__name__, err)
 
 
 def _metadata(job: Job, cfg: dict[str, Any], overrides: list[str], plan: Plan, fp: str) -> Metadata:
@@ -185,5 +209,55 @@ def _progress(cfg: dict[str, Any], total: int, initial: int, desc: str):
     return tqdm(total=total, initial=initial, desc=desc, unit="block", leave=False)
 
 
-def disk_free(path: Path) -> int:
-    return shutil.disk_usage(path.parent).free
+class RunLock:
+    """An exclusive lock on ``<storage.path>.lock`` for the duration of a run.
+
+    ``flock`` locks vanish with the process that holds them, so a killed run never leaves a stale
+    lock; a second run on the same path refuses at once.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path.with_name(path.name + ".lock")
+        self.fd: int | None = None
+
+    def __enter__(self) -> RunLock:
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as err:
+            os.close(self.fd)
+            self.fd = None
+            raise PipelineError(
+                f"another run is writing {self.path.with_suffix('')} right now; wait for it or "
+                "choose another storage.path",
+                "storage.path",
+            ) from err
+        os.ftruncate(self.fd, 0)
+        os.write(self.fd, str(os.getpid()).encode())
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            self.path.unlink(missing_ok=True)
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+
+
+def _check_free_space(
+    path: Path, plan: Plan, itemsize: int, shards: ShardStore, resume: bool, virtual: bool
+) -> None:
+    """Refuse before computing when the shards plus the final file cannot fit on the disk."""
+    total = plan.n_samples * plan.n_outputs * plan.dim * (plan.dim + 1) * itemsize
+    done = len(shards.committed()) / max(1, len(plan.blocks)) if resume else 0.0
+    needed = int(total * (1 - done)) + (0 if virtual else total)
+    free = shutil.disk_usage(path.parent).free
+    if needed > free:
+        raise PipelineError(
+            f"the result needs about {_gb(needed)} under {path.parent} (block shards and the "
+            f"final file) but only {_gb(free)} is free",
+            "storage.path",
+        )
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"

@@ -1,0 +1,32 @@
+"""Small model factories that tests name in configs (``model.net._target_=tests.nets.mlp``)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+from torch import nn
+
+
+def mlp(d: int = 64, hidden: int = 32, out: int = 10, seed: int = 0) -> nn.Module:
+    """A tanh MLP D -> hidden -> hidden -> out with seeded weights."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(d, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.GELU(),
+        nn.Linear(hidden, out),
+    )  # fmt: skip
+
+
+class Slow(nn.Module):
+    """An MLP that sleeps ``$SLOW_NET_DELAY`` seconds in each forward (the config stays the same,
+    so a slow run and a fast resume share a fingerprint): makes runs long enough to kill part way.
+    """
+
+    def __init__(self, d: int = 64):
+        super().__init__()
+        self.net = mlp(d)
+
+    def forward(self, x):
+        time.sleep(float(os.environ.get("SLOW_NET_DELAY", "0")))
+        return self.net(x)

@@ -1,0 +1,142 @@
+"""Faults never corrupt finished work: kill, resume, refuse a changed config, full disk, locks."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from pipeline.errors import PipelineError
+from pipeline.run import RunLock, run
+
+from .configs import config
+
+ROOT = Path(__file__).resolve().parents[1]
+# 4 samples x 64 rows in blocks of 4 rows: 64 blocks; the slow net makes each take ~20 ms.
+JOB = ("data=synthetic", "data.shape=[64]", "data.n_samples=4", "storage.block_rows=4",
+       "model=custom", "+model.net._target_=tests.nets.Slow", "+model.net.d=64")  # fmt: skip
+
+
+def read(path) -> np.ndarray:
+    with h5py.File(path, "r") as f:
+        assert f.attrs["status"] == "complete"
+        return f["hessian"][()]
+
+
+def start_cli(*overrides: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "pipeline", "progress=false", "plots=false", *overrides]
+    env = {**os.environ, "SLOW_NET_DELAY": "0.02"}
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True, env=env)  # fmt: skip
+
+
+def wait_for_shards(shards: Path, n: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if shards.is_dir() and len(list(shards.glob("block-*.h5"))) >= n:
+            return
+        assert proc.poll() is None, proc.stdout.read().decode()
+        time.sleep(0.005)
+    raise AssertionError("no shards appeared")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ref") / "h.h5"
+    run(config(*JOB, f"storage.path={path}"))
+    return read(path)
+
+
+@pytest.mark.parametrize("backend", [("backend=local",), ("backend=dask", "backend.n_workers=2")])
+def test_sigkill_then_resume_gives_identical_result(tmp_path, reference, backend):
+    path, shards = tmp_path / "h.h5", tmp_path / "h.h5.shards"
+    proc = start_cli(*JOB, *backend, f"storage.path={path}")
+    wait_for_shards(shards, 5, proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not path.exists(), "a killed run left a file at storage.path"
+    committed = {p.name: p.stat().st_ino for p in shards.glob("block-*.h5")}
+    assert 5 <= len(committed) < 64
+    res = run(config(*JOB, "storage.mode=resume", "storage.keep_shards=true",
+                     f"storage.path={path}"))  # fmt: skip
+    assert res.blocks_reused == len(committed)
+    assert res.blocks_computed == 64 - len(committed)
+    for name, ino in committed.items():  # finished blocks were not redone
+        assert (shards / name).stat().st_ino == ino
+    np.testing.assert_array_equal(read(path), reference)
+
+
+def test_resume_with_a_changed_config_is_refused(tmp_path):
+    path, shards = tmp_path / "h.h5", tmp_path / "h.h5.shards"
+    proc = start_cli(*JOB, f"storage.path={path}")
+    wait_for_shards(shards, 2, proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = sorted(p.name for p in shards.iterdir())
+    with pytest.raises(PipelineError, match="different config.*storage.mode"):
+        run(config(*JOB, "storage.mode=resume", "dtype=float64", f"storage.path={path}"))
+    with pytest.raises(PipelineError, match="interrupted run"):
+        run(config(*JOB, f"storage.path={path}"))
+    assert sorted(p.name for p in shards.iterdir()) == before  # nothing touched
+    assert not path.exists()
+
+
+def test_virtual_layout_equals_copy(tmp_path, reference):
+    path = tmp_path / "v.h5"
+    run(config(*JOB, "storage.layout=virtual", f"storage.path={path}"))
+    np.testing.assert_array_equal(read(path), reference)
+    with h5py.File(path, "r") as f:
+        assert f["hessian"].is_virtual
+
+
+def test_second_run_on_the_same_path_refuses(tmp_path):
+    path = tmp_path / "h.h5"
+    with RunLock(path), pytest.raises(PipelineError, match="another run"):
+        run(config(*JOB, f"storage.path={path}"))
+    assert not path.exists()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(mnt)],
+                      capture_output=True).returncode:  # fmt: skip
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    yield mnt
+    subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_result_larger_than_free_disk_is_refused_before_computing(small_disk):
+    path = small_disk / "h.h5"
+    with pytest.raises(PipelineError, match="needs about .* free.*storage.path"):
+        run(config(*JOB, "data.shape=[512]", "++model.net.d=512", f"storage.path={path}"))
+    assert list(small_disk.iterdir()) == []
+
+
+def test_disk_filling_up_mid_run_keeps_committed_blocks(small_disk, monkeypatch):
+    """The space check passes, then another process fills the disk: a clear error, blocks kept."""
+    import pipeline.run as run_module
+
+    monkeypatch.setattr(run_module, "_check_free_space", lambda *a, **k: None)
+    filler = small_disk / "filler"
+    filler.write_bytes(b"\0" * 480_000)
+    path = small_disk / "h.h5"
+    with pytest.raises(PipelineError, match="disk full.*resume"):
+        run(config(*JOB, f"storage.path={path}"))
+    assert not path.exists()
+    kept = list((small_disk / "h.h5.shards").glob("block-*.h5"))
+    assert kept, "committed blocks were lost"
+    for shard in kept:
+        with h5py.File(shard, "r") as f:
+            assert np.isfinite(f["hessian"][()]).all()
+    filler.unlink()
+    res = run(config(*JOB, "storage.mode=resume", f"storage.path={path}"))
+    assert res.blocks_reused == len(kept)
