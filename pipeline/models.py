@@ -45,6 +45,23 @@ def digits_mlp(
     return net
 
 
+def mlp(
+    in_features: int,
+    hidden: tuple[int, ...] = (256, 256),
+    out_features: int = 10,
+    activation: str = "tanh",
+    seed: int = 0,
+) -> nn.Sequential:
+    """A randomly initialised MLP (seeded) over flattened inputs: for benchmarks and sweeps."""
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = [nn.Flatten()]
+    width = in_features
+    for h in hidden:
+        layers += [nn.Linear(width, h), _activation(activation)]
+        width = h
+    return nn.Sequential(*layers, nn.Linear(width, out_features))
+
+
 def digits_cnn(activation: str = "tanh", pretrained: bool = True) -> nn.Sequential:
     """Small CNN for (1, 8, 8) digits: conv8 -> conv16 (stride 2) -> fc32 -> fc10."""
     net = nn.Sequential(

@@ -40,6 +40,7 @@ class RunResult:
     seconds: float
     blocks_computed: int
     blocks_reused: int
+    compute_seconds: float = 0.0  # computing and committing the blocks (no start-up, assembly)
 
 
 def output_path(cfg: dict[str, Any], output_dir: Path | None) -> Path:
@@ -80,8 +81,6 @@ def run(
             "storage.path",
             "storage.mode",
         )
-    if mode == "resume" and path.exists() and not shard_dir(path).exists():
-        raise PipelineError(f"{path} is already complete; nothing to resume", "storage.mode")
     _check_writable(path)
     with RunLock(path):
         return _locked_run(cfg, path, mode, overrides, t0)
@@ -101,6 +100,8 @@ def _locked_run(cfg, path: Path, mode: str, overrides, t0: float) -> RunResult:
     st = cfg["storage"]
     plan = make_plan(n, k, d, itemsize, st.get("block_rows"), st.get("block_mb", 64))
     fp = fingerprint(cfg, job.model_fingerprint(), job.data_fingerprint())
+    if mode == "resume" and path.exists():
+        return _already_complete(path, fp, shards, job, plan, t0)
     _check_free_space(path, plan, itemsize, shards, resume=mode == "resume",
                       virtual=st.get("layout") == "virtual")  # fmt: skip
     reused = shards.start(fp, resume=mode == "resume", info={"n_blocks": len(plan.blocks)})
@@ -112,8 +113,10 @@ def _locked_run(cfg, path: Path, mode: str, overrides, t0: float) -> RunResult:
         plan.block_rows, reused,
     )  # fmt: skip
     try:
+        t_compute = time.perf_counter()
         with _progress(cfg, len(plan.blocks), reused, "blocks") as bar:
             execute(job, todo, shards, lambda _b: bar.update(1))
+        t_compute = time.perf_counter() - t_compute
         meta = _metadata(job, cfg, overrides or [], plan, fp)
         with _progress(cfg, len(plan.blocks), 0, "assembling") as bar:
             assemble(path, plan, meta, shards, job.data.x.numpy().dtype,
@@ -131,7 +134,7 @@ def _locked_run(cfg, path: Path, mode: str, overrides, t0: float) -> RunResult:
     if st.get("layout", "copy") != "virtual" and not st.get("keep_shards"):
         shards.remove()
     result = RunResult(path, (n, k, d, d), job.method.name, time.perf_counter() - t0,
-                       len(todo), reused)  # fmt: skip
+                       len(todo), reused, t_compute)  # fmt: skip
     log.info(
         "wrote %s: hessian %s %s, method %s, %.2f s (%d blocks computed, %d reused)",
         path, result.shape, cfg["dtype"], result.method, result.seconds, len(todo), reused,
@@ -139,6 +142,28 @@ def _locked_run(cfg, path: Path, mode: str, overrides, t0: float) -> RunResult:
     if cfg.get("plots"):
         _after_run_reports(path, cfg)
     return result
+
+
+def _already_complete(path: Path, fp: str, shards: ShardStore, job: Job, plan: Plan, t0: float):
+    """Resume found a finished file: fine if it is this job's result, an error otherwise."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            same = f.attrs.get("fingerprint") == fp and f.attrs.get("status") == "complete"
+    except OSError:
+        same = False
+    if not same:
+        raise PipelineError(
+            f"{path} exists and is not the result of this config; use storage.mode=overwrite "
+            "or choose another storage.path",
+            "storage.mode",
+        )
+    shards.remove()
+    log.info("%s is already complete; nothing to resume", path)
+    n, k, d = plan.n_samples, plan.n_outputs, plan.dim
+    return RunResult(path, (n, k, d, d), job.method.name, time.perf_counter() - t0, 0,
+                     len(plan.blocks))  # fmt: skip
 
 
 def _after_run_reports(path: Path, cfg: dict[str, Any]) -> None:

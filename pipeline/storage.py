@@ -81,8 +81,8 @@ class ShardStore:
                 "config or model; use storage.mode=overwrite to start afresh",
                 "storage.mode",
             )
-        if old is not None and not resume:
-            shutil.rmtree(self.directory)
+        if old is None or not resume:  # blocks without a manifest have no provenance
+            self.remove()
         self.directory.mkdir(parents=True, exist_ok=True)
         if old is None or not resume:
             tmp = temporary_name(self.directory / "manifest.json")
@@ -107,6 +107,12 @@ class ShardStore:
         commit(tmp, final)
 
     def remove(self) -> None:
+        """Delete the shards, the manifest last (so a half-removed directory is never resumed)."""
+        if not self.directory.is_dir():
+            return
+        for p in self.directory.iterdir():
+            if p.name != "manifest.json":
+                p.unlink(missing_ok=True)
         shutil.rmtree(self.directory, ignore_errors=True)
 
 

@@ -1,0 +1,229 @@
+"""Scale-out benchmarks: peak memory of the process tree, throughput, resume, worker scaling,
+and the pipeline's overhead over the in-process engine. Prints tables; --json writes the numbers.
+
+    python benchmarks/scale.py memory   --dim 16384 --samples 4 --workers 2
+    python benchmarks/scale.py resume   --dim 1024 --samples 8
+    python benchmarks/scale.py scaling  --dim 1024 --samples 8
+    python benchmarks/scale.py overhead --dim 784 --samples 64
+    python benchmarks/scale.py all --quick      # small sizes, a couple of minutes
+
+The model is a tanh MLP D -> 256 -> 256 -> 10 (pipeline.models.mlp), one logit, float32,
+synthetic inputs. Every run is a real `python -m pipeline` process (memory, resume) or a real
+`pipeline.run.run` call (scaling, overhead) on this machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import psutil
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def job(dim: int, samples: int, *extra: str) -> list[str]:
+    return [
+        "model=custom", "model.net._target_=pipeline.models.mlp", f"+model.net.in_features={dim}",
+        "data=synthetic", f"data.shape=[{dim}]", f"data.n_samples={samples}", "target.indices=[2]",
+        "progress=false", "plots=false", *extra,
+    ]  # fmt: skip
+
+
+class TreeMemory:
+    """Polls the summed RSS of a process and all its descendants; keeps the peak."""
+
+    def __init__(self, pid: int, interval: float = 0.05):
+        self.root, self.interval, self.peak = psutil.Process(pid), interval, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            try:
+                procs = [self.root, *self.root.children(recursive=True)]
+                rss = 0
+                for p in procs:
+                    try:
+                        rss += p.memory_info().rss
+                    except psutil.Error:
+                        pass
+                self.peak = max(self.peak, rss)
+            except psutil.Error:
+                return
+            time.sleep(self.interval)
+
+    def __enter__(self) -> TreeMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def cli(overrides: list[str], env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline", *overrides], cwd=ROOT, start_new_session=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+    )  # fmt: skip
+
+
+def reference_rows(path: Path, dim: int, rows: list[int]) -> float:
+    """Max relative error of stored rows of sample 0 against a double-backward reference."""
+    from pipeline.models import mlp
+
+    net = mlp(dim).eval()
+    with h5py.File(path, "r") as f:
+        x = torch.as_tensor(f["inputs"][0]).reshape(1, dim).requires_grad_(True)
+        stored = f["hessian"][0, 0, rows, :]
+    (g,) = torch.autograd.grad(net(x)[0, 2], x, create_graph=True)
+    worst = 0.0
+    for i, r in enumerate(rows):
+        (h,) = torch.autograd.grad(g[0, r], x, retain_graph=True)
+        ref = h[0].numpy()
+        worst = max(worst, float(np.abs(stored[i] - ref).max() / np.abs(ref).max()))
+    return worst
+
+
+def all_chunks_written(path: Path) -> bool:
+    with h5py.File(path, "r") as f:
+        d = f["hessian"]
+        expected = int(np.prod([-(-s // c) for s, c in zip(d.shape, d.chunks)]))
+        return d.id.get_num_chunks() == expected and f.attrs["status"] == "complete"
+
+
+def bench_memory(a) -> dict:
+    tmp = Path(a.dir or tempfile.mkdtemp(prefix="bench-mem-"))
+    path = tmp / "h.h5"
+    matrix = a.samples * a.dim * a.dim * 4
+    over = job(a.dim, a.samples, "backend=dask", f"backend.n_workers={a.workers}",
+               f"storage.path={path}", "storage.mode=overwrite")  # fmt: skip
+    t = time.perf_counter()
+    proc = cli(over)
+    with TreeMemory(proc.pid) as mem:
+        out = proc.communicate()[0].decode()
+    wall = time.perf_counter() - t
+    if proc.returncode:
+        raise SystemExit(out)
+    err = reference_rows(path, a.dim, [0, a.dim // 2, a.dim - 1])
+    res = {
+        "case": "memory", "dim": a.dim, "samples": a.samples, "workers": a.workers,
+        "matrix_gb": matrix / 1e9, "peak_rss_gb": mem.peak / 1e9,
+        "peak_over_matrix": mem.peak / matrix, "wall_s": wall,
+        "rows_per_s": a.samples * a.dim / wall, "all_chunks_written": all_chunks_written(path),
+        "spot_row_rel_err": err,
+    }  # fmt: skip
+    path.unlink()
+    return res
+
+
+def bench_resume(a) -> dict:
+    tmp = Path(tempfile.mkdtemp(prefix="bench-resume-"))
+    base = job(a.dim, a.samples, "storage.block_rows=64")
+    t = time.perf_counter()
+    full = cli([*base, f"storage.path={tmp / 'full.h5'}"])
+    full.communicate()
+    t_full = time.perf_counter() - t
+    part = cli([*base, f"storage.path={tmp / 'r.h5'}"])
+    shards = tmp / "r.h5.shards"
+    n_blocks = a.samples * (-(-a.dim // 64))
+    while len(list(shards.glob("block-*.h5"))) < n_blocks // 2 and part.poll() is None:
+        time.sleep(0.01)
+    os.killpg(part.pid, signal.SIGKILL)
+    part.wait()
+    killed_with = len(list(shards.glob("block-*.h5")))
+    t = time.perf_counter()
+    resumed = cli([*base, f"storage.path={tmp / 'r.h5'}", "storage.mode=resume"])
+    out = resumed.communicate()[0].decode()
+    t_resume = time.perf_counter() - t
+    if resumed.returncode:
+        raise SystemExit(out)
+    with h5py.File(tmp / "full.h5") as f, h5py.File(tmp / "r.h5") as g:
+        equal = bool(np.array_equal(f["hessian"][()], g["hessian"][()]))
+    return {"case": "resume", "dim": a.dim, "samples": a.samples, "blocks": n_blocks,
+            "blocks_done_at_kill": killed_with, "full_s": t_full, "resume_s": t_resume,
+            "resume_over_full": t_resume / t_full, "identical": equal}  # fmt: skip
+
+
+def bench_scaling(a) -> dict:
+    from pipeline.run import run
+    from tests.configs import config
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-scale-"))
+    out = {"case": "scaling", "dim": a.dim, "samples": a.samples}
+    for w in (1, 2):
+        cfg = config(*job(a.dim, a.samples, "backend=dask", f"backend.n_workers={w}",
+                          "storage.block_rows=128", f"storage.path={tmp / f'w{w}.h5'}"))  # fmt: skip
+        res = run(cfg)
+        out[f"w{w}_compute_s"], out[f"w{w}_total_s"] = res.compute_seconds, res.seconds
+    out["speedup_compute"] = out["w1_compute_s"] / out["w2_compute_s"]
+    out["speedup_total"] = out["w1_total_s"] / out["w2_total_s"]
+    return out
+
+
+def bench_overhead(a) -> dict:
+    from pipeline import hessian
+    from pipeline.data import load_data
+    from pipeline.models import mlp
+    from pipeline.run import run
+    from tests.configs import config
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-overhead-"))
+    cfg = config(*job(a.dim, a.samples, f"storage.path={tmp / 'h.h5'}"))
+    net = mlp(a.dim).eval()
+    x = load_data(cfg["data"], torch.float32).x
+    times_engine, times_run = [], []
+    for i in range(a.repeats):  # interleaved
+        t = time.perf_counter()
+        hessian(net, x, [2], method="forward_over_reverse")
+        times_engine.append(time.perf_counter() - t)
+        cfg["storage"]["path"] = str(tmp / f"h{i}.h5")
+        times_run.append(run(cfg).seconds)
+    e, r = float(np.median(times_engine)), float(np.median(times_run))
+    return {"case": "overhead", "dim": a.dim, "samples": a.samples, "engine_s": e,
+            "pipeline_s": r, "pipeline_over_engine": r / e}  # fmt: skip
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("case", choices=["memory", "resume", "scaling", "overhead", "all"])
+    p.add_argument("--dim", type=int)
+    p.add_argument("--samples", type=int)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--dir", help="where the memory case writes (needs 2x the matrix free)")
+    p.add_argument("--quick", action="store_true", help="small sizes for a quick check")
+    p.add_argument("--json", help="write the results here")
+    a = p.parse_args()
+    defaults = {  # (dim, samples): full size, quick size
+        "memory": ((16384, 4), (4096, 2)), "resume": ((1024, 8), (512, 4)),
+        "scaling": ((1024, 8), (512, 4)), "overhead": ((784, 64), (784, 16)),
+    }  # fmt: skip
+    cases = list(defaults) if a.case == "all" else [a.case]
+    results = []
+    for case in cases:
+        dim, samples = defaults[case][1 if a.quick else 0]
+        args = argparse.Namespace(**{**vars(a), "dim": a.dim or dim, "samples": a.samples or samples})
+        r = globals()[f"bench_{case}"](args)
+        results.append(r)
+        print(" | ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                         for k, v in r.items()), flush=True)  # fmt: skip
+    if a.json:
+        Path(a.json).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
