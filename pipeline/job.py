@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,7 +15,6 @@ from .data import Dataset, load_data
 from .errors import PipelineError
 from .methods import Method, resolve_method, zero_hessian_reason
 from .models import build_model
-from .structure import training_layers
 from .targets import Target, make_target
 
 log = logging.getLogger(__name__)
@@ -64,9 +62,6 @@ def build_job(cfg: dict[str, Any]) -> Job:
     dtype = torch_dtype(cfg["dtype"])
     torch.manual_seed(cfg.get("seed", 0))
     model = build_model(cfg["model"], dtype)
-    if training_layers(model):  # build_model returns eval mode; a custom net may override it
-        warnings.warn("BatchNorm/Dropout in training mode: switched to eval mode", stacklevel=2)
-        model.eval()
     data = load_data(cfg["data"], dtype)
     outputs = forward(model, data.x, cfg)
     tcfg = cfg["target"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -9,6 +10,7 @@ import torch
 from torch import nn
 
 from .errors import PipelineError
+from .structure import training_layers
 
 CHECKPOINTS = Path(__file__).parent / "checkpoints"
 ACTIVATIONS = {
@@ -114,6 +116,12 @@ def build_model(model_cfg: dict[str, Any], dtype: torch.dtype, device: str = "cp
             )
     if model_cfg.get("checkpoint"):
         _load_checkpoint(net, model_cfg["checkpoint"])
+    if training_layers(net):
+        warnings.warn(
+            f"BatchNorm/Dropout layers in training mode ({', '.join(training_layers(net)[:3])}): "
+            "the Hessians are computed in eval mode",
+            stacklevel=2,
+        )
     return net.to(device=device, dtype=dtype).eval()
 
 

@@ -25,7 +25,7 @@ from .config import fingerprint, to_plain
 from .errors import PipelineError
 from .job import Job, build_job
 from .plan import Plan, make_plan
-from .storage import Metadata, ShardStore, assemble
+from .storage import Metadata, ShardStore, assemble, compression_options
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,7 @@ def run(
             "storage.mode",
         )
     _check_writable(path)
+    compression_options(cfg["storage"].get("compression"))  # fail before computing
     with RunLock(path):
         return _locked_run(cfg, path, mode, overrides, t0)
 

@@ -127,7 +127,7 @@ class Metadata:
     attrs: dict[str, Any] = field(default_factory=dict)
 
 
-def _compression(name: str | None) -> dict[str, Any]:
+def compression_options(name: str | None) -> dict[str, Any]:
     if name in (None, "none", "null"):
         return {}
     if name in ("lzf", "gzip"):
@@ -153,7 +153,7 @@ def assemble(
     time); ``layout="virtual"`` maps ``/hessian`` onto the shard files (which must then be kept).
     """
     n, k, d = plan.n_samples, plan.n_outputs, plan.dim
-    comp = _compression(compression)
+    comp = compression_options(compression)
     tmp = temporary_name(path)
     try:
         with h5py.File(tmp, "w") as f:
