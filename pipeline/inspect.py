@@ -96,14 +96,17 @@ def stats_table(result: Result, memory_mb: int = DEFAULT_MEMORY_MB) -> list[str]
     """Per (sample, output): Frobenius norm, trace and symmetry residual (at most 64 lines)."""
     n, k, _, _ = result.shape
     si = result.file["sample_index"][()]
-    lines = [f"{'sample':>6} {'index':>6} {'output':>6} {'frobenius':>12} {'trace':>12} "
-             f"{'symmetry':>10}"]  # fmt: skip
+    lines = [
+        f"{'sample':>6} {'index':>6} {'output':>6} {'frobenius':>12} {'trace':>12} {'symmetry':>10}"
+    ]
     for i in range(n):
         oi = result.output_index_of(i)
         for j in range(k):
             if len(lines) > MAX_TABLE_LINES:
-                lines.append(f"... {n * k - MAX_TABLE_LINES} more (see hessian_stats.csv from "
-                             "python -m pipeline.plots)")  # fmt: skip
+                lines.append(
+                    f"... {n * k - MAX_TABLE_LINES} more (see hessian_stats.csv from "
+                    "python -m pipeline.plots)"
+                )
                 return lines
             st = matrix_stats(result.file["hessian"], i, j, memory_mb=memory_mb)
             lines.append(
@@ -124,15 +127,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("path", type=Path, help="a result file written by python -m pipeline")
     parser.add_argument("--verify", action="store_true", help="recompute and compare (see below)")
     parser.add_argument(
-        "--rows", type=int, default=None,
+        "--rows",
+        type=int,
+        default=None,
         help=f"rows recomputed per sample by --verify (default: all when N*D <= {ALL_ROWS_BELOW}, "
         "else 8; 0: all)",
-    )  # fmt: skip
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random rows and probes")
     parser.add_argument(
-        "--memory-mb", type=int, default=DEFAULT_MEMORY_MB,
+        "--memory-mb",
+        type=int,
+        default=DEFAULT_MEMORY_MB,
         help="memory bound for the Hessian row panels read at once",
-    )  # fmt: skip
+    )
     args = parser.parse_args(argv)
     try:
         result = read(args.path)

@@ -104,16 +104,41 @@ def write_stats_csv(result: Result, path: Path) -> Path:
     si = result.file["sample_index"][()]
     with open(path, "w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["sample", "sample_index", "k", "output_index", "frobenius", "trace",
-                    "symmetry_residual", "eig_min", "eig_max", "max_abs_eig", "eig_source"])  # fmt: skip
+        w.writerow(
+            [
+                "sample",
+                "sample_index",
+                "k",
+                "output_index",
+                "frobenius",
+                "trace",
+                "symmetry_residual",
+                "eig_min",
+                "eig_max",
+                "max_abs_eig",
+                "eig_source",
+            ]
+        )
         for n in range(n_samples):
             oi = result.output_index_of(n)
             for k in range(n_out):
                 st = matrix_stats(result.file["hessian"], n, k)
                 lo, hi, source = extreme_eigenvalues(result, n, k)
-                w.writerow([n, int(si[n]), k, int(oi[k]), f"{st.frobenius:.9g}",
-                            f"{st.trace:.9g}", f"{st.symmetry:.3e}", f"{lo:.9g}", f"{hi:.9g}",
-                            f"{max(abs(lo), abs(hi)):.9g}", source])  # fmt: skip
+                w.writerow(
+                    [
+                        n,
+                        int(si[n]),
+                        k,
+                        int(oi[k]),
+                        f"{st.frobenius:.9g}",
+                        f"{st.trace:.9g}",
+                        f"{st.symmetry:.3e}",
+                        f"{lo:.9g}",
+                        f"{hi:.9g}",
+                        f"{max(abs(lo), abs(hi)):.9g}",
+                        source,
+                    ]
+                )
     return path
 
 
@@ -140,8 +165,7 @@ def plot_heatmap(result: Result, path: Path, n: int = 0, k: int = 0) -> Path:
         for t in range(step, d, step):
             ax.axhline(t - 0.5, color="0.85", lw=0.4)
             ax.axvline(t - 0.5, color="0.85", lw=0.4)
-    ax.set_xlabel("input index j (flattened row-major over S = "
-                  f"{tuple(result.input_shape)})")  # fmt: skip
+    ax.set_xlabel(f"input index j (flattened row-major over S = {tuple(result.input_shape)})")
     ax.set_ylabel("input index i")
     ax.set_title(f"Input Hessian of {_title(result, n, k)}\n{_subtitle(result)}", fontsize=10)
     fig.savefig(path, dpi=120)
@@ -171,9 +195,14 @@ def plot_input_maps(result: Result, path: Path, n: int = 0, k: int = 0) -> Path:
     axes[0].set_title("input" + (" (mean over channels)" if c not in (1, 3) else ""))
     panels = [
         (axes[1], diag, r"diagonal $\partial^2 y / \partial x_i^2$"),
-        (axes[2], row_img, f"row of pixel (y={py}, x={px}" + (f", c={ch}" if c > 1 else "")
-         + r"): $\partial^2 y / \partial x_{i^*} \partial x_j$"),
-    ]  # fmt: skip
+        (
+            axes[2],
+            row_img,
+            f"row of pixel (y={py}, x={px}"
+            + (f", c={ch}" if c > 1 else "")
+            + r"): $\partial^2 y / \partial x_{i^*} \partial x_j$",
+        ),
+    ]
     for ax, img, title in panels:
         im = ax.imshow(img, cmap="RdBu_r", norm=_diverging(img), interpolation="nearest")
         fig.colorbar(im, ax=ax, shrink=0.8)
@@ -182,8 +211,11 @@ def plot_input_maps(result: Result, path: Path, n: int = 0, k: int = 0) -> Path:
         ax.plot(px, py, marker="s", ms=10, mfc="none", mec="gold", mew=2)
         ax.set_xlabel("x")
         ax.set_ylabel("y")
-    fig.suptitle(f"Where the curvature lies: {_title(result, n, k)}, most sensitive pixel in gold "
-                 f"(largest row norm)\n{_subtitle(result)}", fontsize=10)  # fmt: skip
+    fig.suptitle(
+        f"Where the curvature lies: {_title(result, n, k)}, most sensitive pixel in gold "
+        f"(largest row norm)\n{_subtitle(result)}",
+        fontsize=10,
+    )
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
@@ -220,8 +252,9 @@ def plot_spectrum(result: Result, path: Path, n: int = 0, k: int = 0) -> Path:
     a2.set_title(f"magnitudes over D = {d}: largest {mags[0]:.3g}, smallest shown {mags[-1]:.3g}")
     for ax in (a1, a2):
         ax.grid(alpha=0.3)
-    fig.suptitle(f"Spectrum of the input Hessian of {_title(result, n, k)}\n{_subtitle(result)}",
-                 fontsize=10)  # fmt: skip
+    fig.suptitle(
+        f"Spectrum of the input Hessian of {_title(result, n, k)}\n{_subtitle(result)}", fontsize=10
+    )
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
@@ -234,8 +267,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Write Hessian figures (PNG) and hessian_stats.csv for a result file.",
     )
     parser.add_argument("path", type=Path, help="a result file written by python -m pipeline")
-    parser.add_argument("--out", type=Path, default=None, help="output directory (default: "
-                        "the result file's directory)")  # fmt: skip
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="output directory (default: the result file's directory)",
+    )
     args = parser.parse_args(argv)
     try:
         written = write_reports(args.path, args.out or args.path.parent)
