@@ -133,6 +133,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         help=f"rows recomputed per sample by --verify (default: all when N*D <= {ALL_ROWS_BELOW}, "
         "else 8; 0: all)",
     )
+    parser.add_argument(
+        "--rtol", type=float, default=None,
+        help="relative tolerance of --verify (default 1e-4 for float32, 1e-9 for float64)",
+    )  # fmt: skip
     parser.add_argument("--seed", type=int, default=0, help="seed of the random rows and probes")
     parser.add_argument(
         "--memory-mb",
@@ -153,7 +157,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.verify:
             return 0
         print()
-        report = check(result, rows=args.rows, seed=args.seed, memory_mb=args.memory_mb)
+        report = check(
+            result, rows=args.rows, seed=args.seed, memory_mb=args.memory_mb, rtol=args.rtol
+        )
         for m in report.mismatches:
             print(f"mismatch ({m.check}): {m.message}")
         print(report.summary())

@@ -77,6 +77,7 @@ def verify(
     seed: int = 0,
     memory_mb: int = DEFAULT_MEMORY_MB,
     max_mismatches: int = 10,
+    rtol: float | None = None,
 ) -> VerifyReport:
     """Recompute parts of a result from its stored config and compare; see NOTE: [what verify
     guarantees].
@@ -88,6 +89,7 @@ def verify(
         seed: seed of the random rows and probe vectors.
         memory_mb: bound on the Hessian panels held in memory at once.
         max_mismatches: stop after this many mismatches.
+        rtol: relative tolerance; default 1e-4 for float32 and 1e-9 for float64 files.
 
     Returns:
         The report; ``report.ok`` is False when anything disagrees.
@@ -96,7 +98,7 @@ def verify(
         PipelineError: the stored config cannot be rebuilt (e.g. a model file that moved).
     """
     dtype = str(result.attrs.get("dtype", "float32"))
-    rtol = RTOL.get(dtype, 1e-4)
+    rtol = rtol if rtol is not None else RTOL.get(dtype, 1e-4)
     report = VerifyReport(rtol)
     job = build_job(to_plain(result.config))
     f = result.file
