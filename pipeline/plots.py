@@ -160,7 +160,7 @@ def plot_heatmap(result: Result, path: Path, n: int = 0, k: int = 0) -> Path:
         r"$\partial^2 y / \partial x_i \partial x_j$" + (f" (mean of {f}x{f})" if f > 1 else "")
     )
     img = image_shape(result.input_shape)
-    if img is not None and img[1] * img[2] <= d and d <= 4096:  # image rows as faint grid lines
+    if img is not None and d // img[2] <= 32:  # image rows as faint grid lines
         step = img[2]
         for t in range(step, d, step):
             ax.axhline(t - 0.5, color="0.85", lw=0.4)
@@ -227,9 +227,9 @@ def spectrum(result: Result, n: int = 0, k: int = 0) -> tuple[np.ndarray, str]:
     d = hess.shape[-1]
     h = load_matrix(hess, n, k) if d <= FULL_SPECTRUM_MAX_D else None
     if h is not None:
-        return np.linalg.eigvalsh(_symmetrised(h))[::-1], "all eigenvalues (numpy eigvalsh)"
+        return np.linalg.eigvalsh(_symmetrised(h))[::-1], "all eigenvalues (eigvalsh)"
     top = top_eigenvalues(matvec_operator(hess, n, k), d, min(d, TOP_EIGENVALUES))
-    return top, f"top {len(top)} by magnitude (Lanczos, full reorthogonalisation)"
+    return top, f"top {len(top)} by magnitude (Lanczos)"
 
 
 def plot_spectrum(result: Result, path: Path, n: int = 0, k: int = 0) -> Path:
@@ -244,12 +244,16 @@ def plot_spectrum(result: Result, path: Path, n: int = 0, k: int = 0) -> Path:
     a1.set_yscale("symlog", linthresh=top * 1e-4)
     a1.set_xlabel("index (descending)")
     a1.set_ylabel("eigenvalue (symlog)")
-    a1.set_title(f"{how}; {int((ev > 0).sum())} positive, {int((ev < 0).sum())} negative")
+    a1.set_title(
+        f"{how}\n{int((ev > 0).sum())} positive, {int((ev < 0).sum())} negative", fontsize=10
+    )
     mags = np.sort(np.abs(ev))[::-1]
     a2.semilogy(idx, np.maximum(mags, np.finfo(np.float64).tiny), ".-", ms=3, lw=0.8, color="C3")
     a2.set_xlabel("index (by magnitude)")
     a2.set_ylabel("|eigenvalue|")
-    a2.set_title(f"magnitudes over D = {d}: largest {mags[0]:.3g}, smallest shown {mags[-1]:.3g}")
+    a2.set_title(
+        f"magnitudes (D = {d})\nlargest {mags[0]:.3g}, smallest shown {mags[-1]:.3g}", fontsize=10
+    )
     for ax in (a1, a2):
         ax.grid(alpha=0.3)
     fig.suptitle(
