@@ -1,0 +1,195 @@
+"""Opening a result file lazily: its datasets as dask arrays, its config and provenance.
+
+``read(path)`` keeps the HDF5 file open and wraps each dataset in ``dask.array.from_array`` with
+chunks aligned to the file's chunks (for a virtual layout: to the shard blocks), so slicing and
+reductions read only what they need. Close the result (or use it as a context manager) when done.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import dask.array as da
+import h5py
+import numpy as np
+import yaml
+from omegaconf import DictConfig, OmegaConf
+
+from .errors import PipelineError
+
+DATASETS = ("hessian", "gradient", "inputs", "outputs", "sample_index", "output_index")
+
+
+@dataclass
+class Result:
+    """A result file opened for reading.
+
+    Attributes:
+        path: the file.
+        file: the open ``h5py.File`` (read-only).
+        hessian: (N, K, D, D) dask array.
+        gradient: (N, K, D) dask array.
+        inputs: (N, *S) dask array.
+        outputs: (N, C) dask array.
+        sample_index: (N,) dask array: each sample's index in the source dataset.
+        output_index: (K,) or (N, K) dask array: which output each k is (-1 for a loss).
+        config: the resolved config of the run.
+        attrs: every root attribute (provenance), as plain Python values.
+    """
+
+    path: Path
+    file: h5py.File
+    hessian: da.Array
+    gradient: da.Array
+    inputs: da.Array
+    outputs: da.Array
+    sample_index: da.Array
+    output_index: da.Array
+    config: DictConfig
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def method(self) -> str:
+        """The Hessian method that produced the file."""
+        return str(self.attrs["method"])
+
+    @property
+    def dtype(self) -> np.dtype:
+        """The floating-point type of ``/hessian``."""
+        return self.file["hessian"].dtype
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """(N, K, D, D) of ``/hessian``."""
+        return tuple(self.file["hessian"].shape)  # type: ignore[return-value]
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """S, the shape of one input; D = prod(S)."""
+        return tuple(int(s) for s in self.attrs.get("input_shape", self.inputs.shape[1:]))
+
+    @property
+    def layout(self) -> str:
+        """``copy`` (self-contained) or ``virtual`` (``/hessian`` maps shard files)."""
+        return str(self.attrs.get("layout", "copy"))
+
+    def output_index_of(self, n: int) -> np.ndarray:
+        """(K,) output indices of sample n (``/output_index`` is (K,) or (N, K))."""
+        oi = self.file["output_index"]
+        return np.asarray(oi[n] if oi.ndim == 2 else oi[()])
+
+    def close(self) -> None:
+        """Close the HDF5 file; the dask arrays cannot be computed afterwards."""
+        self.file.close()
+
+    def __enter__(self) -> Result:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        n, k, d, _ = self.shape
+        return (
+            f"Result({str(self.path)!r}, hessian=({n}, {k}, {d}, {d}) {self.dtype}, "
+            f"method={self.method!r}, layout={self.layout!r})"
+        )
+
+
+def read(path: str | os.PathLike) -> Result:
+    """Open a result file written by ``python -m pipeline`` lazily.
+
+    Args:
+        path: the ``.h5`` file (``storage.path`` of the run).
+
+    Returns:
+        A :class:`Result` whose arrays are dask arrays over the open file.
+
+    Raises:
+        PipelineError: the file is missing, is not a pipeline result, is incomplete, or (virtual
+            layout) its shard files are missing.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise PipelineError(f"no result file at {path}")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as err:
+        raise PipelineError(f"{path} is not an HDF5 file ({err})") from err
+    try:
+        missing = [name for name in DATASETS if name not in f]
+        if missing or "config" not in f.attrs:
+            raise PipelineError(
+                f"{path} is not a pipeline result: it lacks "
+                f"{', '.join('/' + m for m in missing) or 'the config attribute'}"
+            )
+        attrs = {key: _plain(value) for key, value in f.attrs.items()}
+        if attrs.get("status") != "complete":
+            raise PipelineError(
+                f"{path} is incomplete (status={attrs.get('status')!r}); rerun with "
+                "storage.mode=resume",
+                "storage.mode",
+            )
+        if f["hessian"].is_virtual:
+            _check_sources(path, f["hessian"])
+        arrays = {name: _dask(f[name]) for name in DATASETS}
+        config = OmegaConf.create(yaml.safe_load(attrs["config"]))
+    except BaseException:
+        f.close()
+        raise
+    return Result(path=path, file=f, config=config, attrs=attrs, **arrays)  # type: ignore[arg-type]
+
+
+def _plain(value: Any) -> Any:
+    """An HDF5 attribute as a plain Python value (str, int, float, list)."""
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _check_sources(path: Path, dset: h5py.Dataset) -> None:
+    """A virtual ``/hessian`` reads missing shards as NaN without error: refuse that instead."""
+    missing = []
+    for src in dset.virtual_sources():
+        name = Path(src.file_name)
+        full = name if name.is_absolute() else path.parent / name
+        if src.file_name != "." and not full.is_file():
+            missing.append(str(full))
+    if missing:
+        raise PipelineError(
+            f"{path} has a virtual layout and {len(missing)} of its shard files are missing "
+            f"(first: {missing[0]}); keep the .shards directory beside the file or rerun with "
+            "storage.layout=copy",
+            "storage.layout",
+        )
+
+
+def chunk_grid(dset: h5py.Dataset) -> tuple[tuple[int, ...], ...]:
+    """Dask chunks of ``dset`` aligned to its HDF5 chunks, or to the shard blocks of a VDS."""
+    if dset.is_virtual:
+        starts: list[set[int]] = [{0} for _ in dset.shape]
+        for src in dset.virtual_sources():
+            lo, _hi = src.vspace.get_select_bounds()
+            for axis, s in enumerate(lo):
+                starts[axis].add(int(s))
+        grid = []
+        for axis, size in enumerate(dset.shape):
+            edges = sorted(s for s in starts[axis] if s < size) + [size]
+            grid.append(tuple(b - a for a, b in zip(edges[:-1], edges[1:], strict=True)))
+        return tuple(grid)
+    if dset.chunks is not None:
+        return da.core.normalize_chunks(dset.chunks, dset.shape)
+    return tuple((s,) if s else (0,) for s in dset.shape)
+
+
+def _dask(dset: h5py.Dataset) -> da.Array:
+    name = f"pipeline-{dset.name.strip('/')}-{uuid.uuid4().hex}"
+    return da.from_array(dset, chunks=chunk_grid(dset), lock=True, name=name)

@@ -1,0 +1,107 @@
+"""python -m pipeline.inspect: the summary, and --verify on good and tampered result files."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+from result_files import result_file
+
+from pipeline.inspect import main
+from pipeline.reader import read
+from pipeline.stats import matrix_stats
+from pipeline.verify import verify
+
+
+def _inspect(*args) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.inspect", *map(str, args)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+
+
+def _tamper(src, dst, dataset: str, index: tuple[int, ...], rel: float = 1e-2):
+    """Copy ``src`` to ``dst`` and add rel * (norm of the enclosing row) to one entry."""
+    shutil.copy(src, dst)
+    with h5py.File(dst, "r+") as f:
+        dset = f[dataset]
+        row = dset[index[:-1]]
+        row[index[-1]] += rel * np.linalg.norm(row)
+        dset[index[:-1]] = row
+    return dst
+
+
+def test_summary_and_verify_ok(tmp_path_factory):
+    path = result_file(tmp_path_factory, "copy")
+    out = _inspect(path, "--verify")
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    expected_lines = [
+        "hessian    (3, 2, 64, 64) float32", "method     forward_over_reverse",
+        "pipeline.models.digits_mlp", "data       digits [0:3]", "target     indices [2, 5]",
+        "on disk", "status complete", "verify: OK",
+    ]  # fmt: skip
+    for expected in expected_lines:
+        assert expected in text, expected
+    # the per-(sample, output) table: 6 lines whose values match the file
+    with read(path) as r:
+        st = matrix_stats(r.file["hessian"], 2, 1)
+    last = [line for line in text.splitlines() if line.split()[:3] == ["2", "2", "5"]]
+    assert len(last) == 1
+    frob, trace, sym = map(float, last[0].split()[3:6])
+    np.testing.assert_allclose([frob, trace], [st.frobenius, st.trace], rtol=1e-4)
+    assert sym < 1e-5
+
+
+def test_verify_exits_1_on_changed_entry(tmp_path_factory, tmp_path, capsys):
+    bad = _tamper(result_file(tmp_path_factory, "copy"), tmp_path / "bad.h5", "hessian",
+                  (1, 0, 20, 20))  # fmt: skip
+    assert main([str(bad), "--verify", "--rows", "2"]) == 1
+    out = capsys.readouterr().out
+    assert "sample 1" in out and "row 20" in out
+    assert "verify: FAILED" in out
+
+
+def test_missing_file_is_one_line_error(tmp_path, capsys):
+    assert main([str(tmp_path / "nothing.h5")]) == 1
+    err = capsys.readouterr().err
+    assert err.strip().count("\n") == 0 and "no result file" in err
+
+
+@pytest.mark.parametrize("case", ["copy", "virtual", "float64"])
+def test_verify_passes_good_files(tmp_path_factory, case):
+    with read(result_file(tmp_path_factory, case)) as r:
+        report = verify(r)
+        n, _, d, _ = r.shape
+    assert report.ok, [m.message for m in report.mismatches]
+    assert report.rows_checked == n * d  # small files: every row
+
+
+# (dataset, entry, rows recomputed per sample, a check that must report it)
+TAMPER_CASES = [
+    ("hessian", (1, 0, 5, 40), 1, "symmetry"),  # off-diagonal: symmetry catches it
+    ("hessian", (1, 1, 40, 5), 1, "symmetry"),
+    ("hessian", (2, 0, 20, 20), 1, "probe"),  # diagonal: the +-1 probes catch it
+    ("hessian", (0, 1, 63, 63), 1, "probe"),
+    ("hessian", (2, 0, 20, 20), 0, "row"),  # every row recomputed: compared entry by entry
+    ("gradient", (1, 1, 17), 1, "gradient"),
+]
+
+
+@pytest.mark.parametrize("dataset, index, rows, check", TAMPER_CASES)
+def test_verify_catches_one_changed_entry(tmp_path_factory, tmp_path, dataset, index, rows, check):
+    bad = _tamper(result_file(tmp_path_factory, "copy"), tmp_path / "bad.h5", dataset, index)
+    with read(bad) as r:
+        report = verify(r, rows=rows, seed=1)
+    assert not report.ok
+    found = {m.check for m in report.mismatches}
+    assert check in found, found
+    n, k, i = index[0], index[1], index[2]
+    assert any(f"sample {n} " in m.message and f"(k={k})" in m.message and f"{i} (" in m.message
+               for m in report.mismatches if m.check == check)  # fmt: skip
+    others = {m.message.split(",")[0] for m in report.mismatches}
+    assert all(f"sample {n} " in o for o in others)  # nothing reported for untouched samples

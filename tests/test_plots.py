@@ -1,0 +1,155 @@
+"""Reports (PNG figures, hessian_stats.csv), the streamed statistics and Lanczos, against numpy."""
+
+from __future__ import annotations
+
+import csv
+
+import h5py
+import numpy as np
+import pytest
+from result_files import result_file
+
+from pipeline import plots
+from pipeline.lanczos import lanczos, top_eigenvalues
+from pipeline.reader import read
+from pipeline.stats import block_average, matrix_stats, matvec_operator
+
+PNG = b"\x89PNG\r\n\x1a\n"
+FIGURES = ["hessian_heatmap.png", "hessian_input_maps.png", "hessian_spectrum.png"]
+
+
+def _assert_png(path):
+    data = path.read_bytes()
+    assert data[:8] == PNG and len(data) > 10_000, path
+
+
+def _read_csv(path):
+    with open(path) as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_run_writes_reports_beside_the_result(tmp_path_factory):
+    path = result_file(tmp_path_factory, "copy")  # run with plots=true
+    for name in FIGURES:
+        _assert_png(path.parent / name)
+    rows = _read_csv(path.parent / "hessian_stats.csv")
+    with h5py.File(path) as f:
+        h = f["hessian"][()].astype(np.float64)
+    assert len(rows) == h.shape[0] * h.shape[1]
+    for row in rows:
+        m = h[int(row["sample"]), int(row["k"])]
+        ev = np.linalg.eigvalsh(m)
+        np.testing.assert_allclose(float(row["frobenius"]), np.linalg.norm(m), rtol=1e-7)
+        np.testing.assert_allclose(float(row["trace"]), np.trace(m), rtol=1e-7, atol=1e-9)
+        np.testing.assert_allclose(
+            [float(row["eig_min"]), float(row["eig_max"])], [ev[0], ev[-1]], rtol=1e-6
+        )
+        sym = np.linalg.norm(m - m.T) / np.linalg.norm(m)
+        np.testing.assert_allclose(float(row["symmetry_residual"]), sym, rtol=1e-3)
+        assert row["output_index"] in ("2", "5")
+
+
+def test_cli_and_lanczos_paths(tmp_path_factory, tmp_path, monkeypatch):
+    """The Lanczos paths (large D), forced on D = 64, agree with eigvalsh; --out is honoured."""
+    monkeypatch.setattr(plots, "CSV_EIGVALSH_MAX_D", 16)
+    monkeypatch.setattr(plots, "FULL_SPECTRUM_MAX_D", 16)
+    monkeypatch.setattr(plots, "TOP_EIGENVALUES", 10)
+    path = result_file(tmp_path_factory, "virtual")
+    assert plots.main([str(path), "--out", str(tmp_path / "rep")]) == 0
+    for name in FIGURES:
+        _assert_png(tmp_path / "rep" / name)
+    rows = _read_csv(tmp_path / "rep" / "hessian_stats.csv")
+    with read(path) as r:
+        h = r.hessian.compute().astype(np.float64)
+        top, how = plots.spectrum(r)
+    assert "Lanczos" in how
+    for row in rows:
+        ev = np.linalg.eigvalsh(h[int(row["sample"]), int(row["k"])])
+        assert row["eig_source"] == "lanczos64"
+        np.testing.assert_allclose(
+            [float(row["eig_min"]), float(row["eig_max"])], [ev[0], ev[-1]], rtol=1e-6
+        )
+    ev = np.linalg.eigvalsh(h[0, 0])
+    ref = np.sort(ev[np.argsort(-np.abs(ev))[:10]])[::-1]
+    np.testing.assert_allclose(top, ref, rtol=1e-6)
+
+
+def _spectrum(kind: str, d: int, rng) -> np.ndarray:
+    if kind == "decaying":
+        return rng.standard_normal(d) * np.exp(-np.arange(d) / 15)
+    if kind == "low_rank":  # like an MLP Hessian: rank <= first layer width
+        return np.concatenate([rng.standard_normal(20) * 5, np.zeros(d - 20)])
+    return np.linspace(-1, 3, d)  # dense, evenly spread
+
+
+# (spectrum, D, Lanczos steps, how many top eigenvalues, rtol)
+LANCZOS_CASES = [
+    ("decaying", 300, 80, 10, 1e-10),
+    ("low_rank", 400, 40, 20, 1e-10),
+    ("even", 120, 120, 120, 1e-10),  # steps = D: every eigenvalue
+]
+
+
+@pytest.mark.parametrize("kind, d, steps, k, rtol", LANCZOS_CASES)
+def test_lanczos_top_eigenvalues_match_eigvalsh(kind, d, steps, k, rtol):
+    rng = np.random.default_rng(d)
+    q, _ = np.linalg.qr(rng.standard_normal((d, d)))
+    a = (q * _spectrum(kind, d, rng)) @ q.T
+    a = 0.5 * (a + a.T)
+    ev = np.linalg.eigvalsh(a)
+    ref = np.sort(ev[np.argsort(-np.abs(ev))[:k]])[::-1]
+    got = top_eigenvalues(lambda v: a @ v, d, k, steps=steps, seed=3)
+    scale = np.abs(ev).max()
+    np.testing.assert_allclose(got, ref, rtol=0, atol=rtol * scale)
+
+
+def test_lanczos_stops_on_invariant_subspace():
+    a = np.diag([3.0, -2.0, 0.0, 0.0, 0.0, 0.0])
+    ritz = lanczos(lambda v: a @ v, 6, steps=6, seed=0)
+    assert len(ritz) <= 3  # Krylov space of dimension <= 3
+    np.testing.assert_allclose([ritz.min(), ritz.max()], [-2.0, 3.0], atol=1e-12)
+
+
+@pytest.fixture
+def matrix_file(tmp_path):
+    """(2, 1, 300, 300) float64 dataset, chunked by 32 rows, nearly symmetric."""
+    rng = np.random.default_rng(0)
+    h = rng.standard_normal((2, 1, 300, 300))
+    h = h + h.transpose(0, 1, 3, 2)
+    h[1, 0, 7, 250] += 0.5  # one asymmetric pair in sample 1
+    with h5py.File(tmp_path / "m.h5", "w") as f:
+        f.create_dataset("hessian", data=h, chunks=(1, 1, 32, 300))
+    f = h5py.File(tmp_path / "m.h5", "r")
+    yield f["hessian"], h
+    f.close()
+
+
+@pytest.mark.parametrize("memory_mb", [1, 64])  # 1 MiB: many row panels; 64: one
+@pytest.mark.parametrize("n", [0, 1])
+def test_streamed_stats_match_numpy(matrix_file, memory_mb, n):
+    dset, h = matrix_file
+    m = h[n, 0]
+    probes = np.random.default_rng(1).choice([-1.0, 1.0], size=(300, 2))
+    st = matrix_stats(dset, n, 0, probes=probes, sym_rtol=0.0, memory_mb=memory_mb)
+    np.testing.assert_allclose(st.frobenius, np.linalg.norm(m), rtol=1e-12)
+    np.testing.assert_allclose(st.trace, np.trace(m), rtol=1e-12)
+    np.testing.assert_allclose(st.symmetry, np.linalg.norm(m - m.T) / np.linalg.norm(m),
+                               rtol=1e-9, atol=1e-15)  # fmt: skip
+    np.testing.assert_allclose(st.diagonal, np.diag(m))
+    np.testing.assert_allclose(st.row_norms, np.linalg.norm(m, axis=1))
+    np.testing.assert_allclose(st.products, m @ probes, rtol=1e-12, atol=1e-12)
+    if n == 1:  # the planted asymmetric pair is the worst one
+        assert {st.worst_pair[0], st.worst_pair[1]} == {7, 250}
+    np.testing.assert_allclose(matvec_operator(dset, n, 0, memory_mb)(probes), m @ probes)
+
+
+@pytest.mark.parametrize("size, factor", [(64, 5), (100, 3), (300, 1)])
+def test_block_average(matrix_file, size, factor):
+    dset, h = matrix_file
+    got, f = block_average(dset, 0, 0, size)
+    assert f == factor
+    m, d = h[0, 0], 300
+    nb = -(-d // f)
+    ref = np.array([[m[i * f : (i + 1) * f, j * f : (j + 1) * f].mean() for j in range(nb)]
+                    for i in range(nb)])  # fmt: skip
+    np.testing.assert_allclose(got, ref, rtol=1e-12, atol=1e-12)
