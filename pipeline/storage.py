@@ -211,3 +211,10 @@ def _label(f: h5py.File, n_input_dims: int, output_index_dims: int) -> None:
     labels = ("output",) if output_index_dims == 1 else ("sample", "output")
     for i, name in enumerate(labels):
         f["output_index"].dims[i].label = name
+    f["sample_index"].make_scale("sample_index")  # dimension scales: tools show source indices
+    for name in ("hessian", "gradient", "inputs", "outputs"):
+        f[name].dims[0].attach_scale(f["sample_index"])
+    if output_index_dims == 1:
+        f["output_index"].make_scale("output_index")
+        for name in ("hessian", "gradient"):
+            f[name].dims[1].attach_scale(f["output_index"])

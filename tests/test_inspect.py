@@ -9,7 +9,7 @@ import sys
 import h5py
 import numpy as np
 import pytest
-from result_files import result_file
+from .result_files import result_file
 
 from pipeline.inspect import main
 from pipeline.reader import read

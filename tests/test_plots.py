@@ -7,7 +7,7 @@ import csv
 import h5py
 import numpy as np
 import pytest
-from result_files import result_file
+from .result_files import result_file
 
 from pipeline import plots
 from pipeline.lanczos import lanczos, top_eigenvalues

@@ -9,7 +9,7 @@ import h5py
 import numpy as np
 import pytest
 from omegaconf import DictConfig
-from result_files import result_file
+from .result_files import result_file
 
 import pipeline
 from pipeline import PipelineError
