@@ -426,18 +426,26 @@ def structured_hessian(
 
     # Forward tangents J e_r (rows as a batch; the leading 1 broadcasts over samples).
     dim = inputs[0].shape[1] if ops else z.shape[1]
-    jac = F.one_hot(rows, dim).to(z.dtype).unsqueeze(0)  # (1, R, D)
+    basis = True  # jac is still the (1, R, D) one-hot basis: W e_r is a column of W
+    jac = F.one_hot(rows, dim).to(z.dtype).unsqueeze(0) if cut else None
     tangents: dict[int, Tensor] = {}
     for i in range(cut):
         op = ops[i]
         if isinstance(op, Activation):
             tangents[i] = jac
             jac = slopes[i].unsqueeze(1) * jac
+        elif basis and isinstance(op.module, nn.Linear):
+            jac = op.module.weight[:, rows].T.unsqueeze(0)
         else:
             jac = op.apply(jac)
+        basis = False
 
     # Join: U = J M (M symmetric), then the adjoint sweep down to the input.
-    if m is None:
+    if cut == 0:  # pure backward: M at the input, restricted to the rows
+        u = m[:, :, rows] if m is not None and not diag else None
+        if diag and m is not None:
+            u = F.one_hot(rows, dim).to(z.dtype) * m.unsqueeze(2)
+    elif m is None:
         u = None
     elif diag:
         u = jac.unsqueeze(1) * m.unsqueeze(2)
@@ -449,10 +457,37 @@ def structured_hessian(
             term = curv[i].unsqueeze(2) * tangents[i].unsqueeze(1)
             u = term if u is None else slopes[i][:, None, None, :] * u + term
         elif u is not None:
-            u = op.apply_t(u)
+            full = i == 0 and len(rows) == dim and bool((rows == torch.arange(dim)).all())
+            if full and isinstance(op.module, nn.Linear):
+                u = symmetric_product(u, op.module.weight)
+            else:
+                u = op.apply_t(u)
     if u is None:  # linear in x: zero Hessian
         u = z.new_zeros(n, k, len(rows), dim)
     return u.expand(n, k, len(rows), dim), g
+
+
+def symmetric_product(u: Tensor, w: Tensor) -> Tensor:
+    """H = U W for U (..., D, F) and W (F, D) when H is known to be symmetric.
+
+    Only the blocks on and above the diagonal of a b x b block grid are multiplied (b = 4 for
+    D >= 512: 10 of 16 blocks); the others are their transposes.
+
+    Returns:
+        (..., D, D).
+    """
+    d = w.shape[1]
+    b = 4 if d >= 512 else (2 if d >= 128 else 1)
+    if b == 1:
+        return u @ w
+    edges = [d * i // b for i in range(b + 1)]
+    out = u.new_empty(*u.shape[:-2], d, d)
+    for i in range(b):
+        ri = slice(edges[i], edges[i + 1])
+        top = u[..., ri, :] @ w[:, edges[i] :]  # row block i, columns from block i on
+        out[..., ri, edges[i] :] = top
+        out[..., edges[i + 1] :, ri] = top[..., edges[i + 1] - edges[i] :].mT
+    return out
 
 
 def _bytes_per_sample(ops: list[Op], cut: int, r: int, k: int, itemsize: int) -> int:
@@ -478,14 +513,17 @@ def compute(
         per_sample = _bytes_per_sample(ops, cut, r, k, x.element_size())
         step = max(1, memory_budget // max(per_sample, 1))
         row_step = r if per_sample <= memory_budget else max(1, r * memory_budget // per_sample)
-        hess, grads = [], []
+        hess = grads = None
         for s in range(0, n, step):
             ops, inputs, z = build_chain(model, x[s : s + step])
             sub = target.subset(s, s + z.shape[0])
-            parts = [
-                structured_hessian(ops, inputs, z, sub, rows[c : c + row_step], cut)
-                for c in range(0, r, row_step)
-            ]
-            hess.append(torch.cat([h for h, _ in parts], dim=2))
-            grads.append(parts[0][1])
-        return torch.cat(hess), torch.cat(grads)
+            for c in range(0, r, row_step):
+                h, g = structured_hessian(ops, inputs, z, sub, rows[c : c + row_step], cut)
+                if step >= n and row_step >= r:
+                    return h, g
+                if hess is None:
+                    hess = x.new_empty(n, k, r, h.shape[-1])
+                    grads = x.new_empty(n, k, h.shape[-1])
+                hess[s : s + step, :, c : c + row_step] = h
+                grads[s : s + step] = g
+        return hess, grads
