@@ -130,9 +130,16 @@ def jax_hessian(model, x, outputs):
                 h = h @ layer[1].T + layer[2]
             elif layer[0] == "conv":
                 _, w, b, stride, pad = layer
-                h = jax.lax.conv_general_dilated(
-                    h, w, stride, [(p, p) for p in pad], dimension_numbers=("NCHW", "OIHW", "NCHW")
-                ) + b[None, :, None, None]
+                h = (
+                    jax.lax.conv_general_dilated(
+                        h,
+                        w,
+                        stride,
+                        [(p, p) for p in pad],
+                        dimension_numbers=("NCHW", "OIHW", "NCHW"),
+                    )
+                    + b[None, :, None, None]
+                )
             elif layer[0] == "tanh":
                 h = jnp.tanh(h)
             else:
