@@ -19,6 +19,7 @@ import statistics
 import time
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev, vmap
@@ -114,8 +115,8 @@ def jax_hessian(model, x, outputs):
             layers.append(("linear", jnp.asarray(m.weight.detach().cpu().numpy()),
                            jnp.asarray(m.bias.detach().cpu().numpy())))  # fmt: skip
         elif isinstance(m, nn.Conv2d):
-            layers.append(("conv", jnp.asarray(m.weight.detach().cpu().numpy()),
-                           jnp.asarray(m.bias.detach().cpu().numpy()), m.stride, m.padding))  # fmt: skip
+            w, b = (jnp.asarray(t.detach().cpu().numpy()) for t in (m.weight, m.bias))
+            layers.append(("conv", w, b, m.stride, m.padding))
         elif isinstance(m, nn.Tanh):
             layers.append(("tanh",))
         elif isinstance(m, nn.Flatten):
@@ -200,7 +201,8 @@ def bench_case(case: str, outputs: list[int], args) -> list[dict]:
     for name, (fn, inp) in methods.items():  # warm-up and accuracy check
         with torch.no_grad() if "pipeline" in name else torch.enable_grad():
             out = fn(model, inp, outputs)
-        out = torch.as_tensor(getattr(out, "__array__", lambda: out)(), device=args.device)
+        if not isinstance(out, Tensor):  # a JAX array
+            out = torch.tensor(np.asarray(out), device=args.device)
         ref = reference[: inp.shape[0]].reshape(out.shape).to(out.dtype)
         errors[name] = float((out - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
     times: dict[str, list[float]] = {name: [] for name in methods}
@@ -237,7 +239,10 @@ def main() -> None:
     p.add_argument("--skip", nargs="*", default=[], help="skip methods whose name contains this")
     p.add_argument("--no-jax", dest="jax", action="store_false")
     p.add_argument("--json", default=None, help="also write the rows as JSON to this path")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
@@ -254,8 +259,9 @@ def main() -> None:
                   f"| {'rel. error':>10} |")  # fmt: skip
             print(f"|{'-' * 46}|{'-' * 5}|{'-' * 12}|{'-' * 15}|{'-' * 12}|")
             for r in rows:
+                ratio, err = r["ratio_vs_torch_func"], r["rel_error_vs_torch_func"]
                 print(f"| {r['method']:<44} | {r['samples']:>3} | {r['ms_per_sample']:>10.3f} "
-                      f"| {r['ratio_vs_torch_func']:>12.2f}x | {r['rel_error_vs_torch_func']:>10.1e} |")  # fmt: skip
+                      f"| {ratio:>12.2f}x | {err:>10.1e} |")  # fmt: skip
     if args.json:
         meta = {"torch": torch.__version__, "device": args.device, "dtype": args.dtype,
                 "threads": torch.get_num_threads(), "args": vars(args)}  # fmt: skip

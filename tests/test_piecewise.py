@@ -1,4 +1,4 @@
-"""Piecewise-linear networks: zero logit Hessians, J^T A J for losses, against float64 references."""
+"""Piecewise-linear nets: zero logit Hessians, J^T A J for losses, against float64 references."""
 
 from __future__ import annotations
 
