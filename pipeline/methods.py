@@ -197,3 +197,11 @@ def select_rows(rows, dim: int, device) -> Tensor:
     if idx.numel() and (idx.min() < -dim or idx.max() >= dim):
         raise PipelineError(f"row index out of range for D = {dim}", "rows")
     return idx % dim
+
+
+# Specialised exact methods, tried by ``auto`` before the generic one (registered last so that
+# they can import the helpers above without a cycle).
+from . import piecewise, structured  # noqa: E402
+
+register(Method("piecewise", piecewise.compute, piecewise.unsupported), auto_rank=0)
+register(Method("structured", structured.compute, structured.unsupported), auto_rank=1)

@@ -1,0 +1,529 @@
+"""Exact input Hessians of layer chains by second-order propagation, without an autograd graph.
+
+For a chain x = h_0 -> a_1 = W_1 h_0 + b_1 -> h_1 = s(a_1) -> ... -> z and scalars y_k(z), with
+g_l = dy/dh_l and c_l = s''(a_l) * g_l, the Hessian is
+
+    H = sum_l J_l^T diag(c_l) J_l + J_z^T A J_z,     J_l = da_l/dx,  A = d^2 y / dz^2,
+
+which two schedules evaluate (see NOTE [split schedule]):
+
+* backward (DESIGN.md): M = A at the output; per layer going down
+  N = diag(s') M diag(s') + diag(c), M <- W^T N W; at the input M is the Hessian.
+  Cost ~ F_out F_in (F_out + F_in) per layer and output, independent of the number of rows.
+* tangent-adjoint: forward Jacobian columns J_l e_r for the R selected rows (shared by the K
+  outputs), then one adjoint sweep U <- W^T (s' * U + c * J e_r) per output. Cost ~ R x (cost of
+  the layer) per output: cheap when the input is narrower than the hidden layers, and the only
+  schedule that keeps convolutions sparse.
+
+NOTE [split schedule]: the chain is cut at an op index L: ops below L use tangent-adjoint, ops from
+L up use the backward M-propagation, joined by U_L = J_L M_L (M is symmetric). L = 0 is the pure
+backward method restricted to the rows (W[:, rows]^T N W at the first layer), L = len(ops) the pure
+forward one. ``plan_split`` counts the multiply-adds of every admissible L and takes the cheapest;
+convolutions are only ever in the tangent part (their dense matrices would cost F_out F_in memory).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .targets import Target
+
+_ELEMENTWISE = (
+    nn.Tanh, nn.Sigmoid, nn.Softplus, nn.GELU, nn.SiLU, nn.ELU, nn.ReLU, nn.LeakyReLU,
+)  # fmt: skip
+_SHAPE_ONLY = (nn.Flatten, nn.Unflatten, nn.Identity, nn.Dropout)
+
+
+# --------------------------------------------------------------------------------------------
+# Elementwise activations: s', s'' in closed form.
+
+
+def activation_derivatives(act: nn.Module, a: Tensor) -> tuple[Tensor, Tensor]:
+    """First and second derivatives of an elementwise activation at pre-activations ``a``.
+
+    Args:
+        act: one of Tanh, Sigmoid, Softplus (beta, threshold), GELU (exact or ``"tanh"``), SiLU,
+            ELU (alpha), ReLU, LeakyReLU (negative_slope).
+        a: pre-activations, any shape.
+
+    Returns:
+        (s'(a), s''(a)), each shaped like ``a``.
+    """
+    if isinstance(act, nn.Tanh):
+        t = torch.tanh(a)
+        d1 = 1 - t * t
+        return d1, -2 * t * d1
+    if isinstance(act, nn.Sigmoid):
+        p = torch.sigmoid(a)
+        d1 = p * (1 - p)
+        return d1, d1 * (1 - 2 * p)
+    if isinstance(act, nn.Softplus):
+        linear = act.beta * a > act.threshold  # torch switches to the identity there
+        p = torch.sigmoid(act.beta * a)
+        d1 = torch.where(linear, torch.ones_like(a), p)
+        d2 = torch.where(linear, torch.zeros_like(a), act.beta * p * (1 - p))
+        return d1, d2
+    if isinstance(act, nn.GELU):
+        if act.approximate == "tanh":
+            k, c = math.sqrt(2 / math.pi), 0.044715
+            u = k * (a + c * a**3)
+            du = k * (1 + 3 * c * a * a)
+            d2u = 6 * k * c * a
+            t = torch.tanh(u)
+            sech2 = 1 - t * t
+            d1 = 0.5 * (1 + t) + 0.5 * a * sech2 * du
+            d2 = sech2 * du + 0.5 * a * sech2 * (d2u - 2 * t * du * du)
+            return d1, d2
+        phi = torch.exp(-0.5 * a * a) / math.sqrt(2 * math.pi)
+        cdf = 0.5 * (1 + torch.erf(a / math.sqrt(2)))
+        return cdf + a * phi, phi * (2 - a * a)
+    if isinstance(act, nn.SiLU):
+        p = torch.sigmoid(a)
+        return p * (1 + a * (1 - p)), p * (1 - p) * (2 + a * (1 - 2 * p))
+    if isinstance(act, nn.ELU):
+        pos = a > 0
+        e = act.alpha * torch.exp(torch.clamp(a, max=0))
+        return torch.where(pos, torch.ones_like(a), e), torch.where(pos, torch.zeros_like(a), e)
+    if isinstance(act, nn.ReLU):
+        return (a > 0).to(a.dtype), torch.zeros_like(a)
+    if isinstance(act, nn.LeakyReLU):
+        d1 = torch.where(a > 0, torch.ones_like(a), torch.full_like(a, act.negative_slope))
+        return d1, torch.zeros_like(a)
+    raise TypeError(f"no closed-form derivatives for {type(act).__name__}")
+
+
+# --------------------------------------------------------------------------------------------
+# The chain: affine ops (linear part only; the bias enters through the forward pass) and
+# elementwise activations, acting on flattened per-sample feature vectors.
+
+
+@dataclass
+class Affine:
+    """The linear part of an affine layer acting on flat features (..., F_in) -> (..., F_out).
+
+    Attributes:
+        module: the layer (Linear, Conv2d or an eval-mode BatchNorm).
+        in_shape: per-sample input shape; out_shape: per-sample output shape.
+    """
+
+    module: nn.Module
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+
+    @property
+    def f_in(self) -> int:
+        return math.prod(self.in_shape)
+
+    @property
+    def f_out(self) -> int:
+        return math.prod(self.out_shape)
+
+    @property
+    def dense(self) -> bool:
+        """Whether W^T M W is computed with the dense matrix (Linear, BatchNorm) or not (conv)."""
+        return not isinstance(self.module, nn.Conv2d)
+
+    @property
+    def macs(self) -> int:
+        """Multiply-adds of W v for one vector v."""
+        m = self.module
+        if isinstance(m, nn.Conv2d):
+            return self.f_out * (m.in_channels // m.groups) * math.prod(m.kernel_size)
+        if isinstance(m, nn.Linear):
+            return self.f_in * self.f_out
+        return self.f_in
+
+    def scale(self) -> Tensor:
+        """(F,) diagonal of a BatchNorm layer's linear part."""
+        m = self.module
+        s = torch.rsqrt(m.running_var + m.eps)
+        if m.weight is not None:
+            s = s * m.weight
+        per_channel = self.in_shape[0]
+        rest = math.prod(self.in_shape[1:])
+        return s.reshape(per_channel, 1).expand(per_channel, rest).reshape(-1)
+
+    def apply(self, v: Tensor) -> Tensor:
+        """W v for v (..., F_in) -> (..., F_out)."""
+        m, lead = self.module, v.shape[:-1]
+        if isinstance(m, nn.Linear):
+            return F.linear(v, m.weight)
+        if isinstance(m, nn.Conv2d):
+            y = F.conv2d(
+                v.reshape(-1, *self.in_shape), m.weight, None, m.stride, m.padding, m.dilation,
+                m.groups,
+            )  # fmt: skip
+            return y.reshape(*lead, self.f_out)
+        return v * self.scale()
+
+    def apply_t(self, u: Tensor) -> Tensor:
+        """W^T u for u (..., F_out) -> (..., F_in)."""
+        m, lead = self.module, u.shape[:-1]
+        if isinstance(m, nn.Linear):
+            return u @ m.weight
+        if isinstance(m, nn.Conv2d):
+            out_pad = [
+                i - ((o - 1) * s - 2 * p + d * (k - 1) + 1)
+                for i, o, s, p, d, k in zip(
+                    self.in_shape[1:], self.out_shape[1:], m.stride, m.padding, m.dilation,
+                    m.kernel_size, strict=True,
+                )
+            ]  # fmt: skip
+            x = F.conv_transpose2d(
+                u.reshape(-1, *self.out_shape), m.weight, None, m.stride, m.padding, out_pad,
+                m.groups, m.dilation,
+            )  # fmt: skip
+            return x.reshape(*lead, self.f_in)
+        return u * self.scale()
+
+    def congruence(self, m: Tensor, diagonal: bool) -> tuple[Tensor, bool]:
+        """W^T M W for M (B, F_out, F_out), or diag(m) with m (B, F_out) when ``diagonal``.
+
+        Returns:
+            (W^T M W, whether it is returned as a diagonal (B, F_in)).
+        """
+        if isinstance(self.module, nn.Linear):
+            w = self.module.weight
+            if diagonal:
+                return (m.unsqueeze(-1) * w).mT @ w, False
+            return (m @ w).mT @ w, False  # M symmetric: (M W)^T W = W^T M W
+        s = self.scale()
+        if diagonal:
+            return m * s * s, True
+        return s.unsqueeze(-1) * m * s, False
+
+
+@dataclass
+class Activation:
+    """An elementwise activation on flat features of size ``f``."""
+
+    module: nn.Module
+    f: int
+
+
+Op = Affine | Activation
+
+
+def unsupported(model: nn.Module, target: Target) -> str | None:
+    """None when ``model`` is a chain this module handles, else the reason it is not."""
+    del target  # every target is supported
+    if not isinstance(model, nn.Sequential):
+        return f"{type(model).__name__} is not an nn.Sequential chain"
+    for name, m in model.named_modules(remove_duplicate=False):
+        if list(m.children()):
+            if type(m).forward is not nn.Sequential.forward:
+                return f"container {name!r} ({type(m).__name__}) is not an nn.Sequential"
+            continue
+        reason = _layer_unsupported(m)
+        if reason:
+            return f"layer {name!r}: {reason}"
+    return None
+
+
+def _layer_unsupported(m: nn.Module) -> str | None:
+    if isinstance(m, (nn.Linear, *_SHAPE_ONLY)):
+        if isinstance(m, nn.Flatten) and m.start_dim == 0:
+            return "Flatten(start_dim=0) mixes the samples of a batch"
+        return None
+    if type(m) in _ELEMENTWISE:
+        return None
+    if isinstance(m, nn.Conv2d):
+        if type(m).forward is not nn.Conv2d.forward:
+            return "a Conv2d subclass with its own forward"
+        if m.padding_mode != "zeros" or isinstance(m.padding, str):
+            return "only Conv2d with explicit zero padding is supported"
+        return None
+    if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d):
+        if not m.track_running_stats or m.running_var is None:
+            return "BatchNorm without running statistics uses batch statistics"
+        return None
+    return f"{type(m).__name__} is not a supported layer"
+
+
+def _forward_leaves(model: nn.Module) -> list[nn.Module]:
+    """Leaf layers in the order a (nested) Sequential calls them, repeats included."""
+    subs = list(model._modules.values())
+    if not subs:
+        return [model]
+    return [leaf for sub in subs if sub is not None for leaf in _forward_leaves(sub)]
+
+
+def build_chain(model: nn.Module, x: Tensor) -> tuple[list[Op], list[Tensor], Tensor]:
+    """Run the model layer by layer and describe it as ops on flat features.
+
+    Args:
+        model: a supported ``nn.Sequential``.
+        x: inputs (N, *S).
+
+    Returns:
+        ops; the flat input (N, F_in) of each op; the output z (N, C).
+    """
+    ops: list[Op] = []
+    inputs: list[Tensor] = []
+    h = x
+    for m in _forward_leaves(model):
+        out = m(h)
+        if not isinstance(m, _SHAPE_ONLY):
+            flat = h.reshape(h.shape[0], -1)
+            if type(m) in _ELEMENTWISE:
+                ops.append(Activation(m, flat.shape[1]))
+            else:
+                ops.append(Affine(m, tuple(h.shape[1:]), tuple(out.shape[1:])))
+            inputs.append(flat)
+        h = out
+    return ops, inputs, h.reshape(h.shape[0], -1)
+
+
+# --------------------------------------------------------------------------------------------
+# Output derivatives of the target.
+
+
+def output_derivatives(z: Tensor, target: Target) -> tuple[Tensor, Tensor | None, bool]:
+    """Gradient and Hessian of the K target scalars with respect to the output z.
+
+    Args:
+        z: outputs (N, C).
+        target: logits by index (A = 0), cross-entropy (A = diag(p) - p p^T) or
+            mse (A = 2/C I).
+
+    Returns:
+        g (N, K, C); A as (N, K, C, C), or (N, K, C) when diagonal, or None when zero;
+        whether A is diagonal.
+    """
+    n, c = z.shape
+    if target.kind == "index":
+        g = F.one_hot(target.aux, c).to(z.dtype)
+        return g, None, False
+    if target.kind == "cross_entropy":
+        p = torch.softmax(z, -1)
+        g = p - F.one_hot(target.aux, c).to(z.dtype)
+        a = torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)
+        return g.unsqueeze(1), a.unsqueeze(1), False
+    g = 2 * (z - target.aux) / c
+    return g.unsqueeze(1), torch.full_like(g, 2 / c).unsqueeze(1), True
+
+
+# --------------------------------------------------------------------------------------------
+# Planning: where to cut the chain.
+
+
+def plan_split(ops: list[Op], rows: int, k: int, top: str) -> tuple[int, int]:
+    """The cut L minimising the multiply-adds per sample, see NOTE [split schedule].
+
+    Args:
+        ops: the chain.
+        rows: R, the number of Hessian rows.
+        k: K, the number of outputs.
+        top: the kind of d^2y/dz^2: ``"zero"``, ``"diag"`` or ``"dense"``.
+
+    Returns:
+        (L, its multiply-adds per sample).
+    """
+    lowest = max((i + 1 for i, op in enumerate(ops) if isinstance(op, Affine) and not op.dense),
+                 default=0)  # fmt: skip
+    best = None
+    for cut in range(lowest, len(ops) + 1):
+        cost = _cost(ops, cut, rows, k, top)
+        if best is None or cost < best[1]:
+            best = (cut, cost)
+    return best
+
+
+def _width_below(ops: list[Op], cut: int) -> int:
+    """Width of the flat features entering op ``cut`` (the output width when cut = len(ops))."""
+    if cut < len(ops):
+        op = ops[cut]
+        return op.f_in if isinstance(op, Affine) else op.f
+    op = ops[-1]
+    return op.f_out if isinstance(op, Affine) else op.f
+
+
+def _cost(ops: list[Op], cut: int, r: int, k: int, kind: str) -> int:
+    cost = 0
+    for op in reversed(ops[cut:]):  # M-propagation, per output
+        if isinstance(op, Activation):
+            kind = "dense" if kind == "dense" else "diag"
+            cost += k * op.f * (op.f if kind == "dense" else 1)
+        elif kind == "diag" and op.dense and isinstance(op.module, nn.Linear):
+            cost += k * op.f_out * op.f_in * op.f_in
+            kind = "dense"
+        elif kind == "dense":
+            linear = isinstance(op.module, nn.Linear)
+            cost += k * (op.f_out * op.f_in * (op.f_out + op.f_in) if linear else op.f_in**2)
+    width = _width_below(ops, cut)
+    live = kind != "zero"
+    if kind == "dense":
+        cost += k * r * width * width
+    elif kind == "diag":
+        cost += k * r * width
+    first = next((i for i, op in enumerate(ops) if isinstance(op, Affine)), len(ops))
+    for i, op in enumerate(ops[:cut]):  # forward tangents, shared by the outputs
+        if isinstance(op, Affine) and i != first:
+            cost += r * op.macs
+    for op in reversed(ops[:cut]):  # adjoint sweep, per output
+        if isinstance(op, Activation):
+            live = True
+        elif live:
+            cost += k * r * op.macs
+    return cost
+
+
+# --------------------------------------------------------------------------------------------
+# The computation.
+
+
+def structured_hessian(
+    ops: list[Op], inputs: list[Tensor], z: Tensor, target: Target, rows: Tensor, cut: int
+) -> tuple[Tensor, Tensor]:
+    """Hessian rows and gradients of the target for one batch of samples.
+
+    Args:
+        ops: the chain; inputs: the flat input of each op (N, F); z: the output (N, C).
+        target: the K scalars; rows: (R,) long row indices; cut: L from ``plan_split``.
+
+    Returns:
+        hessian (N, K, R, D) and gradient (N, K, D).
+    """
+    g, a_top, diag = output_derivatives(z, target)
+    n, k = g.shape[:2]
+
+    # Gradient sweep: g_l for every op input, and c_l = s''(a_l) g_l at the activations.
+    slopes: dict[int, Tensor] = {}
+    curv: dict[int, Tensor] = {}
+    for i in reversed(range(len(ops))):
+        op = ops[i]
+        if isinstance(op, Activation):
+            d1, d2 = activation_derivatives(op.module, inputs[i])
+            slopes[i] = d1
+            curv[i] = d2.unsqueeze(1) * g
+            g = d1.unsqueeze(1) * g
+        else:
+            g = op.apply_t(g)
+
+    # M-propagation down to the cut; m is None (zero), diagonal (N, K, F) or dense (N, K, F, F).
+    m = a_top
+    for i in reversed(range(cut, len(ops))):
+        op = ops[i]
+        if isinstance(op, Activation):
+            d1 = slopes[i].unsqueeze(1)
+            if m is None:
+                m, diag = curv[i], True
+            elif diag:
+                m = d1 * d1 * m + curv[i]
+            else:
+                m = d1.unsqueeze(-1) * m * d1.unsqueeze(-2)
+                m.diagonal(dim1=-2, dim2=-1).add_(curv[i])
+        elif m is not None:
+            lead = m.shape[:2]
+            flat = m.reshape(-1, *m.shape[2:])
+            flat, diag = op.congruence(flat, diag)
+            m = flat.reshape(*lead, *flat.shape[1:])
+
+    # Forward tangents J e_r (rows as a batch; the leading 1 broadcasts over samples).
+    dim = inputs[0].shape[1] if ops else z.shape[1]
+    basis = True  # jac is still the (1, R, D) one-hot basis: W e_r is a column of W
+    jac = F.one_hot(rows, dim).to(z.dtype).unsqueeze(0) if cut else None
+    tangents: dict[int, Tensor] = {}
+    for i in range(cut):
+        op = ops[i]
+        if isinstance(op, Activation):
+            tangents[i] = jac
+            jac = slopes[i].unsqueeze(1) * jac
+        elif basis and isinstance(op.module, nn.Linear):
+            jac = op.module.weight[:, rows].T.unsqueeze(0)
+        else:
+            jac = op.apply(jac)
+        basis = False
+
+    # Join: U = J M (M symmetric), then the adjoint sweep down to the input.
+    if cut == 0:  # pure backward: M at the input, restricted to the rows
+        u = m[:, :, rows] if m is not None and not diag else None
+        if diag and m is not None:
+            u = F.one_hot(rows, dim).to(z.dtype) * m.unsqueeze(2)
+    elif m is None:
+        u = None
+    elif diag:
+        u = jac.unsqueeze(1) * m.unsqueeze(2)
+    else:
+        u = jac.unsqueeze(1) @ m
+    for i in reversed(range(cut)):
+        op = ops[i]
+        if isinstance(op, Activation):
+            term = curv[i].unsqueeze(2) * tangents[i].unsqueeze(1)
+            u = term if u is None else slopes[i][:, None, None, :] * u + term
+        elif u is not None:
+            full = i == 0 and len(rows) == dim and bool((rows == torch.arange(dim)).all())
+            if full and isinstance(op.module, nn.Linear):
+                u = symmetric_product(u, op.module.weight)
+            else:
+                u = op.apply_t(u)
+    if u is None:  # linear in x: zero Hessian
+        u = z.new_zeros(n, k, len(rows), dim)
+    return u.expand(n, k, len(rows), dim), g
+
+
+def symmetric_product(u: Tensor, w: Tensor) -> Tensor:
+    """H = U W for U (..., D, F) and W (F, D) when H is known to be symmetric.
+
+    Only the blocks on and above the diagonal of a b x b block grid are multiplied (b = 4 for
+    D >= 512: 10 of 16 blocks); the others are their transposes.
+
+    Returns:
+        (..., D, D).
+    """
+    d = w.shape[1]
+    b = 4 if d >= 512 else (2 if d >= 128 else 1)
+    if b == 1:
+        return u @ w
+    edges = [d * i // b for i in range(b + 1)]
+    out = u.new_empty(*u.shape[:-2], d, d)
+    for i in range(b):
+        ri = slice(edges[i], edges[i + 1])
+        top = u[..., ri, :] @ w[:, edges[i] :]  # row block i, columns from block i on
+        out[..., ri, edges[i] :] = top
+        out[..., edges[i + 1] :, ri] = top[..., edges[i + 1] - edges[i] :].mT
+    return out
+
+
+def _bytes_per_sample(ops: list[Op], cut: int, r: int, k: int, itemsize: int) -> int:
+    widths = [_width_below(ops, i) for i in range(len(ops) + 1)]
+    m_part = max((w * w for w in widths[cut:]), default=0) * k * 3
+    t_part = sum(widths[:cut]) * r + 3 * k * r * max(widths[: cut + 1] or [1])
+    return (m_part + t_part + sum(widths) * (k + 4)) * itemsize
+
+
+def compute(
+    model: nn.Module, x: Tensor, target: Target, rows: Tensor, memory_budget: int
+) -> tuple[Tensor, Tensor]:
+    """Hessian rows (N, K, R, D) and gradients (N, K, D) of a supported chain, see module doc.
+
+    Samples are processed in chunks, and rows in chunks where one sample exceeds
+    ``memory_budget`` bytes.
+    """
+    n, r, k = x.shape[0], len(rows), target.n_outputs
+    with torch.no_grad():
+        ops, _, z = build_chain(model, x[:1])
+        top = "zero" if target.kind == "index" else ("diag" if target.kind == "mse" else "dense")
+        cut, _ = plan_split(ops, r, k, top)
+        per_sample = _bytes_per_sample(ops, cut, r, k, x.element_size())
+        step = max(1, memory_budget // max(per_sample, 1))
+        row_step = r if per_sample <= memory_budget else max(1, r * memory_budget // per_sample)
+        hess = grads = None
+        for s in range(0, n, step):
+            ops, inputs, z = build_chain(model, x[s : s + step])
+            sub = target.subset(s, s + z.shape[0])
+            for c in range(0, r, row_step):
+                h, g = structured_hessian(ops, inputs, z, sub, rows[c : c + row_step], cut)
+                if step >= n and row_step >= r:
+                    return h, g
+                if hess is None:
+                    hess = x.new_empty(n, k, r, h.shape[-1])
+                    grads = x.new_empty(n, k, h.shape[-1])
+                hess[s : s + step, :, c : c + row_step] = h
+                grads[s : s + step] = g
+        return hess, grads

@@ -1,0 +1,91 @@
+"""Piecewise-linear nets: zero logit Hessians, J^T A J for losses, against float64 references."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from pipeline import hessian, make_target
+from pipeline.methods import resolve_method
+from tests.test_structured import assert_close
+
+
+@pytest.fixture(autouse=True)
+def _float64():
+    """Every case runs in float64; the global default is restored afterwards."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+def relu_mlp() -> nn.Sequential:
+    return nn.Sequential(nn.Flatten(), nn.Linear(12, 9), nn.ReLU(), nn.Linear(9, 4))
+
+
+def relu_cnn() -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(1, 3, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+        nn.Linear(3 * 3 * 3, 8), nn.LeakyReLU(0.1), nn.Linear(8, 4),
+    )  # fmt: skip
+
+
+# (name, factory, input shape, loss, rows, seed)
+CASES = [
+    ("mlp_ce", relu_mlp, (3, 4), "cross_entropy", None, 0),
+    ("mlp_mse", relu_mlp, (12,), "mse", None, 1),
+    ("cnn_ce", relu_cnn, (1, 8, 8), "cross_entropy", None, 2),
+    ("cnn_mse_rows", relu_cnn, (1, 8, 8), "mse", (0, 17, 63), 3),
+]
+
+
+def _labels(loss: str, n: int, c: int):
+    return torch.randn(n, c) if loss == "mse" else torch.arange(n) % c
+
+
+@pytest.mark.parametrize(("name", "factory", "shape", "loss", "rows", "seed"), CASES,
+                         ids=[c[0] for c in CASES])  # fmt: skip
+def test_loss_hessian_matches_autograd(name, factory, shape, loss, rows, seed):
+    torch.manual_seed(seed)
+    model = factory().eval()
+    x = torch.randn(3, *shape)
+    labels = _labels(loss, 3, 4)
+    target = make_target("loss", model(x).detach(), labels, loss)
+    assert resolve_method("auto", model, target).name == "piecewise"
+    h, g = hessian(model, x, "loss", rows, method="piecewise", labels=labels, loss=loss,
+                   return_gradient=True)  # fmt: skip
+    idx = torch.arange(x[0].numel()) if rows is None else torch.tensor(rows)
+    for n in range(3):
+
+        def f(v, n=n):
+            return target.select(model(v.view(1, *shape)).squeeze(0), target.aux[n])[0]
+
+        xf = x[n].reshape(-1)
+        ref = torch.autograd.functional.hessian(f, xf)[idx]
+        assert_close(h[n, 0], ref, what=f"{name} sample {n} hessian")
+        assert_close(g[n, 0], torch.autograd.functional.jacobian(f, xf), what=f"{name} gradient")
+    h_gen = hessian(model, x, "loss", rows, method="reverse_over_reverse", labels=labels, loss=loss)
+    assert_close(h, h_gen, what=f"{name} piecewise vs generic")
+
+
+def test_logit_hessian_is_zero_with_a_reason_and_correct_gradient():
+    torch.manual_seed(4)
+    model = relu_cnn().eval()
+    x = torch.randn(2, 1, 8, 8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        h, g = hessian(model, x, [1, 3], method="auto", return_gradient=True)
+    assert h.shape == (2, 2, 64, 64) and not torch.any(h)
+    assert any("piecewise linear" in str(w.message) for w in caught)
+    with pytest.warns(UserWarning, match="piecewise linear"):
+        _, g_gen = hessian(model, x, [1, 3], method="reverse_over_reverse", return_gradient=True)
+    assert_close(g, g_gen, what="logit gradient")
+
+
+def test_smooth_net_is_not_piecewise():
+    model = nn.Sequential(nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 2))
+    target = make_target([0], torch.zeros(1, 2))
+    assert resolve_method("auto", model, target).name != "piecewise"

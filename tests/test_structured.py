@@ -1,0 +1,198 @@
+"""Structured second-order propagation against float64 references: a table of cases."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from pipeline import hessian, make_target
+from pipeline.methods import resolve_method
+from pipeline.structured import build_chain, plan_split, structured_hessian
+
+
+@pytest.fixture(autouse=True)
+def _float64():
+    """Every case runs in float64; the global default is restored afterwards."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+def assert_close(actual: Tensor, expected: Tensor, rtol: float = 1e-10, what: str = "") -> None:
+    """Fail with the largest error and its (n, k, r, c) index, relative to max |expected|."""
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    err = (actual - expected).abs()
+    scale = expected.abs().max().clamp_min(1e-300)
+    worst = int(err.argmax()) if err.numel() else 0
+    if err.numel() and err.max() > rtol * scale:
+        idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(worst), err.shape))
+        pytest.fail(
+            f"{what}: max |error| {err.max():.3e} (relative {err.max() / scale:.3e} > {rtol:g}) "
+            f"at index {idx}: got {actual[idx]:.6e}, expected {expected[idx]:.6e}"
+        )
+
+
+def reference(model: nn.Module, x: Tensor, target, rows: Tensor) -> tuple[Tensor, Tensor]:
+    """torch.autograd.functional.hessian / jacobian per sample and output: (N,K,R,D), (N,K,D)."""
+    hs, gs = [], []
+    for n in range(x.shape[0]):
+
+        def f(v, n=n):
+            return target.select(model(v.view(1, *x.shape[1:])).squeeze(0), target.aux[n])
+
+        xf = x[n].reshape(-1)
+        k = target.n_outputs
+        hs.append(torch.stack([
+            torch.autograd.functional.hessian(lambda v, j=j: f(v)[j], xf)[rows] for j in range(k)
+        ]))  # fmt: skip
+        gs.append(torch.autograd.functional.jacobian(f, xf))
+    return torch.stack(hs), torch.stack(gs)
+
+
+def mlp(act: Callable[[], nn.Module], d: int = 12, widths=(9, 7), out: int = 4) -> nn.Sequential:
+    layers: list[nn.Module] = [nn.Flatten()]
+    for w in widths:
+        layers += [nn.Linear(d, w), act()]
+        d = w
+    return nn.Sequential(*layers, nn.Linear(d, out))
+
+
+def conv_net() -> nn.Sequential:
+    net = nn.Sequential(
+        nn.Conv2d(1, 3, 3, padding=1, stride=2), nn.Tanh(),
+        nn.Conv2d(3, 4, (3, 2), padding=(1, 0), dilation=(1, 2)), nn.BatchNorm2d(4), nn.SiLU(),
+        nn.Flatten(), nn.Linear(4 * 3 * 1, 5), nn.Softplus(beta=2.0, threshold=0.5),
+        nn.Linear(5, 3),
+    )  # fmt: skip
+    bn = net[3]
+    bn.running_mean.uniform_(-1, 1)
+    bn.running_var.uniform_(0.5, 2)
+    bn.weight.data.uniform_(0.5, 2)
+    return net
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    factory: Callable[[], nn.Module]
+    shape: tuple[int, ...]
+    outputs: object  # list of indices, "all", or "loss"
+    loss: str = "cross_entropy"
+    rows: tuple[int, ...] | None = None
+    seed: int = 0
+
+
+CASES = [
+    Case("tanh", lambda: mlp(nn.Tanh), (3, 4), [1]),
+    Case("sigmoid", lambda: mlp(nn.Sigmoid), (12,), [0, 3]),
+    Case("softplus", lambda: mlp(lambda: nn.Softplus(beta=1.5, threshold=1.0)), (12,), "all"),
+    Case("gelu", lambda: mlp(nn.GELU), (12,), [2]),
+    Case("gelu_tanh", lambda: mlp(lambda: nn.GELU("tanh")), (12,), [2], rows=(0, 5, 11)),
+    Case("silu", lambda: mlp(nn.SiLU), (12,), "loss"),
+    Case("elu", lambda: mlp(lambda: nn.ELU(0.7)), (12,), "loss", loss="mse"),
+    Case("relu_ce", lambda: mlp(nn.ReLU), (12,), "loss"),
+    Case("leaky_mse", lambda: mlp(lambda: nn.LeakyReLU(0.2)), (12,), "loss", loss="mse"),
+    Case("narrow_input", lambda: mlp(nn.Tanh, d=3, widths=(16, 16)), (3,), "all"),
+    Case("wide_input", lambda: mlp(nn.Tanh, d=150, widths=(6,)), (150,), [1, 2]),
+    Case("wide_rows", lambda: mlp(nn.Tanh, d=150, widths=(6,)), (150,), "loss", rows=(3, 149)),
+    Case("linear_ce", lambda: nn.Sequential(nn.Linear(5, 4)), (5,), "loss"),
+    Case("conv", conv_net, (1, 5, 5), [0, 2]),
+    Case("conv_ce", conv_net, (1, 5, 5), "loss", rows=(0, 7, 24)),
+]
+
+
+def _setup(case: Case):
+    torch.manual_seed(case.seed)
+    model = case.factory().eval()
+    x = torch.randn(3, *case.shape)
+    z = model(x).detach()
+    labels = None
+    if case.outputs == "loss":
+        c = z.shape[1]
+        labels = torch.randn(3, c) if case.loss == "mse" else torch.arange(3) % c
+    target = make_target(case.outputs, z, labels, case.loss)
+    d = x[0].numel()
+    rows = torch.arange(d) if case.rows is None else torch.tensor(case.rows)
+    return model, x, labels, target, rows
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_every_cut_matches_autograd(case: Case):
+    model, x, _, target, rows = _setup(case)
+    h_ref, g_ref = reference(model, x, target, rows)
+    with torch.no_grad():
+        ops, inputs, z = build_chain(model, x)
+        lowest = plan_split(ops, len(rows), target.n_outputs, "zero")[0]
+        convs = max((i + 1 for i, op in enumerate(ops) if isinstance(op.module, nn.Conv2d)),
+                    default=0)  # fmt: skip
+        assert lowest >= convs
+        for cut in range(convs, len(ops) + 1):
+            h, g = structured_hessian(ops, inputs, z, target, rows, cut)
+            assert_close(h, h_ref, what=f"{case.name} hessian, cut {cut}")
+            assert_close(g, g_ref, what=f"{case.name} gradient, cut {cut}")
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_public_api_matches_generic(case: Case):
+    model, x, labels, _, rows = _setup(case)
+    kw = dict(labels=labels, loss=case.loss, return_gradient=True)
+    h, g = hessian(model, x, case.outputs, rows, method="structured", **kw)
+    h_gen, g_gen = hessian(model, x, case.outputs, rows, method="reverse_over_reverse", **kw)
+    assert_close(h, h_gen, what="structured vs generic hessian")
+    assert_close(g, g_gen, what="structured vs generic gradient")
+
+
+def test_symmetric_blocks_and_chunking():
+    """D >= 512 uses the block-triangular product; a tiny budget forces sample and row chunks."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(520, 8), nn.Tanh(), nn.Linear(8, 3)).eval()
+    x = torch.randn(2, 520)
+    h_gen = hessian(model, x, [0, 2], method="reverse_over_reverse")
+    assert_close(hessian(model, x, [0, 2], method="structured"), h_gen, what="full")
+    small = hessian(model, x, [0, 2], method="structured", memory_budget=1 << 16)
+    assert_close(small, h_gen, what="chunked")
+
+
+def test_activation_derivatives_match_autograd():
+    from pipeline.structured import activation_derivatives
+
+    a = torch.linspace(-4, 4, 101)
+    acts = [nn.Tanh(), nn.Sigmoid(), nn.Softplus(2.0, 3.0), nn.GELU(), nn.GELU("tanh"), nn.SiLU(),
+            nn.ELU(1.3), nn.ReLU(), nn.LeakyReLU(0.1)]  # fmt: skip
+    for act in acts:
+        d1, d2 = activation_derivatives(act, a)
+        g = torch.func.vmap(torch.func.grad(lambda t, act=act: act(t)))(a)
+        gg = torch.func.vmap(torch.func.grad(torch.func.grad(lambda t, act=act: act(t))))(a)
+        assert_close(d1, g, what=f"{act} s'")
+        assert_close(d2, gg, rtol=1e-12, what=f"{act} s''")
+
+
+@pytest.mark.parametrize(
+    ("model", "expected"),
+    [
+        (nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)), "structured"),
+        (nn.Sequential(nn.Conv2d(1, 2, 3), nn.GELU(), nn.Flatten(), nn.Linear(8, 2)), "structured"),
+        (nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)), "piecewise"),
+        (nn.Sequential(nn.Linear(4, 3), nn.Hardswish(), nn.Linear(3, 2)), "forward_over_reverse"),
+        (nn.Sequential(nn.Conv2d(1, 2, 3, padding="same"), nn.Tanh()), "forward_over_reverse"),
+    ],
+    ids=["tanh_mlp", "gelu_cnn", "relu_mlp", "hardswish", "same_padding"],
+)
+def test_auto_picks(model, expected):
+    target = make_target([0], torch.zeros(1, 2))
+    assert resolve_method("auto", model, target).name == expected
+
+
+def test_nested_sequential_with_shared_activation():
+    torch.manual_seed(2)
+    act = nn.Tanh()
+    model = nn.Sequential(nn.Sequential(nn.Linear(5, 6), act), nn.Linear(6, 6), act,
+                          nn.Linear(6, 2))  # fmt: skip
+    x = torch.randn(2, 5)
+    expected = hessian(model, x, "all", method="reverse_over_reverse")
+    assert_close(hessian(model, x, "all", method="structured"), expected, what="nested")
