@@ -54,7 +54,9 @@ def select(length: int, cfg: dict[str, Any]) -> np.ndarray:
             )
         idx = np.arange(start, stop, dtype=np.int64)
     if idx.size == 0:
-        raise PipelineError("the data slice is empty: data.stop must exceed data.start", "data.stop")
+        raise PipelineError(
+            "the data slice is empty: data.stop must exceed data.start", "data.stop"
+        )
     return idx
 
 

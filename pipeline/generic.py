@@ -1,4 +1,4 @@
-"""Hessian rows of any ``torch.func``-transformable module: forward-over-reverse, reverse-over-reverse.
+"""Hessian rows of any ``torch.func``-transformable module: forward or reverse over reverse.
 
 Row r of the Hessian of y_k at x is H_k e_r, the Hessian-vector product with a basis vector.
 Forward over reverse computes it as ``jvp(grad y_k, (x,), (e_r,))``; reverse over reverse as

@@ -76,7 +76,8 @@ def make_target(
     n, c = z.shape[0], z.shape[-1]
     if z.ndim != 2:
         raise PipelineError(
-            f"the model must return one output vector per sample, shape (N, C); got {tuple(z.shape)}",
+            "the model must return one output vector per sample, shape (N, C); "
+            f"got {tuple(z.shape)}",
             "model.net",
         )
     if isinstance(outputs, str):
