@@ -161,7 +161,7 @@ def test_custom_model_checkpoint_is_loaded(hydra_compose, files, tmp_path):
 
 
 @pytest.mark.parametrize("source", ["npy", "npz", "hdf5"])
-def test_explicit_indices_keep_their_order(hydra_compose, files, source):
+def test_explicit_indices_keep_their_order_and_repeats(hydra_compose, files, source):
     over = {
         "npy": ["data=npy", f"data.path={files['x.npy']}", f"data.labels_path={files['y.npy']}"],
         "npz": ["data=npy", f"data.path={files['xy.npz']}", "data.key=inputs",
@@ -169,12 +169,12 @@ def test_explicit_indices_keep_their_order(hydra_compose, files, source):
         "hdf5": ["data=hdf5", f"data.path={files['xy.h5']}", "data.labels_dataset=y"],
     }[source]  # fmt: skip
     data = load_data(
-        to_plain(hydra_compose([*over, "data.indices=[4,0,2]"]))["data"], torch.float32
+        to_plain(hydra_compose([*over, "data.indices=[4,0,2,0]"]))["data"], torch.float32
     )
     x, y = np.load(files["x.npy"]), np.load(files["y.npy"])
-    assert data.sample_index.tolist() == [4, 0, 2]
-    np.testing.assert_array_equal(data.x.numpy(), x[[4, 0, 2]])
-    np.testing.assert_array_equal(data.labels.numpy(), y[[4, 0, 2]])
+    assert data.sample_index.tolist() == [4, 0, 2, 0]
+    np.testing.assert_array_equal(data.x.numpy(), x[[4, 0, 2, 0]])
+    np.testing.assert_array_equal(data.labels.numpy(), y[[4, 0, 2, 0]])
 
 
 # (override, text the composition error must contain)
@@ -224,6 +224,10 @@ BUILD_ERRORS = {
     "npz_key": (["data=npy", "data.path={xy.npz}", "data.key=nope"], _load, "data.key"),
     "hdf5_dataset": (["data=hdf5", "data.path={xy.h5}", "data.dataset=nope"], _load,
                      "data.dataset"),
+    "hdf5_labels_dataset": (["data=hdf5", "data.path={xy.h5}", "data.labels_dataset=nope"],
+                            _load, "data.labels_dataset"),
+    "npz_labels_key": (["data=npy", "data.path={xy.npz}", "data.labels_path={xy.npz}",
+                        "data.labels_key=nope"], _load, "data.labels_key"),
     "labels_length": (["data=npy", "data.path={x.npy}", "data.labels_path={y_short.npy}"], _load,
                       "data.labels_path"),
     "integer_inputs": (["data=npy", "data.path={y2d.npy}"], _load, "data.path"),

@@ -21,6 +21,7 @@ from tests.zoo import (
     assert_rel_close,
     cached_case,
     make_labels,
+    reference,
 )
 
 REL = 1e-9  # float64 against float64 autograd, relative to the largest reference entry
@@ -33,16 +34,12 @@ def compute(model, x, target_case, labels, **kwargs):
     )  # fmt: skip
 
 
-# Reverse over reverse through conv layers vmaps slowly: the CNN's 10 outputs x 64 rows x 3
-# samples take ~10-40 s on 2 cores, so that one combination runs with the slow tests.
-SLOW = {("digits_cnn", "all", "reverse_over_reverse")}
 MATRIX = [
-    pytest.param(m.name, t.name, meth, id=f"{m.name}-{t.name}-{meth}",
-                 marks=[pytest.mark.slow] if (m.name, t.name, meth) in SLOW else [])
+    pytest.param(m.name, t.name, meth, id=f"{m.name}-{t.name}-{meth}")
     for m in MODELS
     for t in TARGETS
     for meth in ("auto", "reverse_over_reverse")
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize("model_name, target_name, method", MATRIX)
@@ -163,8 +160,6 @@ def test_relu_logit_hessian_is_zero_with_hint_and_loss_hessian_is_not():
     labels = make_labels(TARGET_BY_NAME["cross_entropy"], len(x), 10)
     h = pipeline.hessian(model, x, "loss", labels=labels)
     assert torch.any(h)
-    from tests.zoo import reference
-
     h_ref, _ = reference(model, x, TARGET_BY_NAME["cross_entropy"], labels)
     assert_rel_close(h, h_ref, REL)
 
@@ -190,6 +185,11 @@ ERRORS = {
         dict(outputs="loss", labels=torch.tensor([0, 1, 10])),
         "data.labels_path",
     ),
+    "mse_label_out_of_range": (
+        dict(outputs="loss", labels=torch.tensor([0, 1, 10]), loss="mse"),
+        "data.labels_path",
+    ),
+    "negative_label": (dict(outputs="loss", labels=torch.tensor([0, -1, 1])), "data.labels_path"),
     "unknown_loss": (dict(outputs="loss", labels=torch.zeros(3).long(), loss="l1"), "target.loss"),
     "row_out_of_range": (dict(outputs=[0], rows=[64]), "rows"),
     "unknown_method": (dict(outputs=[0], method="newton"), "method.name"),
@@ -201,3 +201,13 @@ def test_user_errors_name_the_config_key(kwargs, key):
     model, x, _, _, _ = cached_case("digits_mlp", "index")
     with pytest.raises(PipelineError, match=rf"\(config key: {key}\)$"):
         pipeline.hessian(model, x, **kwargs)
+
+
+def test_mse_regression_targets_of_shape_n_for_one_output():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 1)).double()
+    x = torch.randn(3, 4, dtype=torch.float64)
+    y = torch.randn(3, dtype=torch.float64)
+    h = pipeline.hessian(model, x, "loss", labels=y, loss="mse")
+    h_ref, _ = reference(model, x, TARGET_BY_NAME["mse_soft"], y[:, None])
+    assert_rel_close(h, h_ref, REL)
