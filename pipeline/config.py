@@ -16,18 +16,25 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 
-class DType(str, Enum):
+class _StrEnum(str, Enum):
+    """An enum whose str() is its value, so ``${dtype}`` in a path reads ``float64``."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+
+class DType(_StrEnum):
     float32 = "float32"
     float64 = "float64"
 
 
-class Mode(str, Enum):
+class Mode(_StrEnum):
     create = "create"  # refuse if storage.path exists
     resume = "resume"  # keep committed blocks of an interrupted run with the same config
     overwrite = "overwrite"  # start afresh, replace storage.path at the end
 
 
-class Layout(str, Enum):
+class Layout(_StrEnum):
     copy = "copy"  # one self-contained file
     virtual = "virtual"  # an HDF5 virtual dataset over the kept shard files
 

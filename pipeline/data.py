@@ -54,12 +54,18 @@ def select(length: int, cfg: dict[str, Any]) -> np.ndarray:
             )
         idx = np.arange(start, stop, dtype=np.int64)
     if idx.size == 0:
-        raise PipelineError("the data slice is empty: data.stop must exceed data.start", "data.stop")
+        raise PipelineError(
+            "the data slice is empty: data.stop must exceed data.start", "data.stop"
+        )
     return idx
 
 
-def _array(path: str | None, key: str | None, cfg_key: str, name: str | None = None):
-    """A lazily readable array from .npy/.npz (memory-mapped) or an HDF5 dataset."""
+def _array(path: str | None, cfg_key: str, name: str | None, name_key: str):
+    """A lazily readable array from .npy/.npz (memory-mapped) or an HDF5 dataset.
+
+    ``name`` is the array inside an .npz (default: its first) or the HDF5 dataset; ``cfg_key`` and
+    ``name_key`` are the config keys of the path and of the name, for error messages.
+    """
     if not path:
         raise PipelineError(f"no file given: set {cfg_key}", cfg_key)
     p = Path(path)
@@ -72,22 +78,29 @@ def _array(path: str | None, key: str | None, cfg_key: str, name: str | None = N
             f = h5py.File(p, "r")
             if name not in f:
                 raise PipelineError(
-                    f"{path!r} has no dataset {name!r} (it has {list(f)})",
-                    cfg_key.replace("path", "dataset"),
+                    f"{path!r} has no dataset {name!r} (it has {list(f)})", name_key
                 )
             return f[name]
         arr = np.load(p, mmap_mode="r", allow_pickle=False)
         if isinstance(arr, np.lib.npyio.NpzFile):
             names = list(arr.keys())
-            key = key or names[0]
-            if key not in names:
-                raise PipelineError(f"{path!r} has no array {key!r} (it has {names})", "data.key")
-            return arr[key]
+            name = name or names[0]
+            if name not in names:
+                raise PipelineError(f"{path!r} has no array {name!r} (it has {names})", name_key)
+            return arr[name]
         return arr
     except PipelineError:
         raise
     except Exception as err:
         raise PipelineError(f"cannot read {path!r}: {type(err).__name__}: {err}", cfg_key) from err
+
+
+def _take(src, idx: np.ndarray, hdf5: bool) -> np.ndarray:
+    """src[idx] as an array; h5py reads only increasing, unique indices, so map through those."""
+    if not hdf5:
+        return np.asarray(src[idx])
+    unique, inverse = np.unique(idx, return_inverse=True)
+    return np.asarray(src[unique])[inverse]
 
 
 def load_data(cfg: dict[str, Any], dtype: torch.dtype) -> Dataset:
@@ -104,13 +117,17 @@ def load_data(cfg: dict[str, Any], dtype: torch.dtype) -> Dataset:
         if cfg.get("n_classes"):
             labels_src = torch.randint(cfg["n_classes"], (n,), generator=gen).numpy()
     elif kind == "npy":
-        x_src = _array(cfg.get("path"), cfg.get("key"), "data.path")
+        x_src = _array(cfg.get("path"), "data.path", cfg.get("key"), "data.key")
         if cfg.get("labels_path"):
-            labels_src = _array(cfg["labels_path"], cfg.get("labels_key"), "data.labels_path")
+            labels_src = _array(
+                cfg["labels_path"], "data.labels_path", cfg.get("labels_key"), "data.labels_key"
+            )
     elif kind == "hdf5":
-        x_src = _array(cfg.get("path"), None, "data.path", cfg.get("dataset"))
+        x_src = _array(cfg.get("path"), "data.path", cfg.get("dataset"), "data.dataset")
         if cfg.get("labels_dataset"):
-            labels_src = _array(cfg.get("path"), None, "data.path", cfg["labels_dataset"])
+            labels_src = _array(
+                cfg.get("path"), "data.path", cfg["labels_dataset"], "data.labels_dataset"
+            )
     else:
         raise PipelineError(f"unknown data option {kind!r}", "data")
     if x_src.ndim < 2:
@@ -119,9 +136,7 @@ def load_data(cfg: dict[str, Any], dtype: torch.dtype) -> Dataset:
             "data.path",
         )
     idx = select(len(x_src), cfg)
-    x = np.asarray(x_src[np.sort(idx)] if kind == "hdf5" else x_src[idx])
-    if kind == "hdf5":  # h5py needs increasing indices; restore the requested order
-        x = x[np.argsort(np.argsort(idx))]
+    x = _take(x_src, idx, kind == "hdf5")
     if not np.issubdtype(x.dtype, np.floating):
         raise PipelineError(
             f"inputs have dtype {x.dtype}: a Hessian with respect to the input needs real-valued "
@@ -142,8 +157,5 @@ def load_data(cfg: dict[str, Any], dtype: torch.dtype) -> Dataset:
             raise PipelineError(
                 f"{len(labels_src)} labels for {len(x_src)} samples", "data.labels_path"
             )
-        lab = np.asarray(labels_src[np.sort(idx)] if kind == "hdf5" else labels_src[idx])
-        if kind == "hdf5":
-            lab = lab[np.argsort(np.argsort(idx))]
-        labels = torch.as_tensor(lab)
+        labels = torch.as_tensor(_take(labels_src, idx, kind == "hdf5"))
     return Dataset(torch.as_tensor(x).to(dtype), labels, idx)

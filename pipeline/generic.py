@@ -1,4 +1,4 @@
-"""Hessian rows of any ``torch.func``-transformable module: forward-over-reverse, reverse-over-reverse.
+"""Hessian rows of any ``torch.func``-transformable module: forward or reverse over reverse.
 
 Row r of the Hessian of y_k at x is H_k e_r, the Hessian-vector product with a basis vector.
 Forward over reverse computes it as ``jvp(grad y_k, (x,), (e_r,))``; reverse over reverse as
@@ -94,9 +94,13 @@ def _batched(one_sample, x: Tensor, target: Target, basis: Tensor, max_direction
     grads, hess = [], []
     if r <= max_directions:  # several whole samples per call
         step = max(1, max_directions // r)
-        fn = vmap(one_sample, in_dims=(0, 0, None))
+        # The basis is batched over samples too (an expanded view, no copy): with an unbatched
+        # cotangent, the double backward of some ops (layer_norm) adds a per-sample tensor in
+        # place into a shared one, which vmap refuses.
+        fn = vmap(one_sample)
         for s in range(0, n, step):
-            g, h = fn(xf[s : s + step], target.aux[s : s + step], basis)
+            xs = xf[s : s + step]
+            g, h = fn(xs, target.aux[s : s + step], basis.expand(len(xs), *basis.shape))
             grads.append(g)
             hess.append(h)
         return torch.cat(hess), torch.cat(grads)

@@ -103,9 +103,12 @@ def build_model(model_cfg: dict[str, Any], dtype: torch.dtype, device: str = "cp
             raise PipelineError("no model given: set model.net._target_", "model.net._target_")
         try:
             net = instantiate(net_cfg)
-        except PipelineError:
-            raise
         except Exception as err:
+            # Hydra wraps what the factory raises in an InstantiationException: a PipelineError
+            # of the factory (e.g. a bad model.net.activation) is the one-line message to show.
+            cause = _pipeline_error_in_chain(err)
+            if cause is not None:
+                raise cause from None
             raise PipelineError(
                 f"cannot build {net_cfg['_target_']!r}: {_root_cause(err)}", "model.net._target_"
             ) from err
@@ -125,11 +128,43 @@ def build_model(model_cfg: dict[str, Any], dtype: torch.dtype, device: str = "cp
     return net.to(device=device, dtype=dtype).eval()
 
 
+class ExportedModel(nn.Module):
+    """A ``torch.export`` program as an ordinary module.
+
+    The module of an exported program refuses ``eval()``/``train()`` (its mode was fixed when it was
+    exported), and the Hessian methods switch modes; here the switch only sets the flag. The
+    program's input guards become one-line errors: the methods evaluate one sample at a time, so
+    the batch axis must have been exported as dynamic.
+    """
+
+    def __init__(self, program: nn.Module, path: str):
+        super().__init__()
+        self.program = program
+        self.path = path
+
+    def train(self, mode: bool = True) -> ExportedModel:
+        self.training = mode
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        try:
+            return self.program(x)
+        except (AssertionError, RuntimeError) as err:
+            if "guard" not in str(err).lower():
+                raise
+            raise PipelineError(
+                f"the exported program {self.path!r} does not accept inputs of shape "
+                f"{tuple(x.shape)} ({str(err).strip().splitlines()[0]}): export it with a dynamic "
+                "batch axis, dynamic_shapes={'x': {0: torch.export.Dim('batch')}}",
+                "model.path",
+            ) from err
+
+
 def _load_exported(path: str) -> nn.Module:
     if not Path(path).is_file():
         raise PipelineError(f"exported program {path!r} not found", "model.path")
     try:
-        return torch.export.load(path).module()
+        return ExportedModel(torch.export.load(path).module(), path)
     except Exception as err:
         raise PipelineError(
             f"cannot load exported program {path!r}: {_root_cause(err)}", "model.path"
@@ -157,6 +192,13 @@ def _load_checkpoint(net: nn.Module, path: str) -> None:
             f"checkpoint {path!r} does not fit the model architecture: {detail}",
             "model.checkpoint",
         ) from err
+
+
+def _pipeline_error_in_chain(err: BaseException) -> PipelineError | None:
+    seen: BaseException | None = err
+    while seen is not None and not isinstance(seen, PipelineError):
+        seen = seen.__cause__
+    return seen
 
 
 def _root_cause(err: BaseException) -> str:

@@ -76,7 +76,8 @@ def make_target(
     n, c = z.shape[0], z.shape[-1]
     if z.ndim != 2:
         raise PipelineError(
-            f"the model must return one output vector per sample, shape (N, C); got {tuple(z.shape)}",
+            "the model must return one output vector per sample, shape (N, C); "
+            f"got {tuple(z.shape)}",
             "model.net",
         )
     if isinstance(outputs, str):
@@ -125,18 +126,20 @@ def _loss_target(z: Tensor, labels: Tensor | None, loss: str) -> Target:
     labels = torch.as_tensor(labels).to(z.device)
     if len(labels) != n:
         raise PipelineError(f"{len(labels)} labels for {n} samples", "data.labels_path")
+    if loss == "cross_entropy" and (labels.is_floating_point() or labels.ndim != 1):
+        raise PipelineError(
+            "cross_entropy needs integer class labels of shape (N,)", "data.labels_path"
+        )
+    if not labels.is_floating_point() and (labels.min() < 0 or labels.max() >= c):
+        raise PipelineError(
+            f"labels must lie in 0..{c - 1} for a model with {c} outputs", "data.labels_path"
+        )
     if loss == "cross_entropy":
-        if labels.is_floating_point() or labels.ndim != 1:
-            raise PipelineError(
-                "cross_entropy needs integer class labels of shape (N,)", "data.labels_path"
-            )
-        if labels.min() < 0 or labels.max() >= c:
-            raise PipelineError(
-                f"labels must lie in 0..{c - 1} for a model with {c} outputs", "data.labels_path"
-            )
         aux = labels.long()
     else:
         aux = F.one_hot(labels.long(), c) if not labels.is_floating_point() else labels
+        if c == 1 and aux.shape == (n,):  # regression targets (N,) for a model with one output
+            aux = aux[:, None]
         if aux.shape != (n, c):
             raise PipelineError(f"mse needs targets of shape (N, {c})", "data.labels_path")
         aux = aux.to(z.dtype)

@@ -1,0 +1,213 @@
+"""``pipeline.hessian`` against float64 autograd references, over the case tables of ``zoo``."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import pipeline
+from pipeline import PipelineError, generic, make_target
+from pipeline.models import digits_mlp
+from tests.zoo import (
+    MODEL_BY_NAME,
+    MODELS,
+    ROWS,
+    TARGET_BY_NAME,
+    TARGETS,
+    assert_close,
+    assert_rel_close,
+    cached_case,
+    make_labels,
+    reference,
+)
+
+REL = 1e-9  # float64 against float64 autograd, relative to the largest reference entry
+
+
+def compute(model, x, target_case, labels, **kwargs):
+    return pipeline.hessian(
+        model, x, target_case.outputs, labels=labels, loss=target_case.loss,
+        return_gradient=True, **kwargs,
+    )  # fmt: skip
+
+
+MATRIX = [
+    pytest.param(m.name, t.name, meth, id=f"{m.name}-{t.name}-{meth}")
+    for m in MODELS
+    for t in TARGETS
+    for meth in ("auto", "reverse_over_reverse")
+]
+
+
+@pytest.mark.parametrize("model_name, target_name, method", MATRIX)
+def test_matches_autograd(model_name, target_name, method):
+    model, x, labels, h_ref, g_ref = cached_case(model_name, target_name)
+    h, g = compute(model, x, TARGET_BY_NAME[target_name], labels, method=method)
+    assert_rel_close(h, h_ref, REL)
+    assert_rel_close(g, g_ref, REL)
+    assert_close(h, h.transpose(-1, -2), rtol=0, atol=REL * h.abs().max().item())
+
+
+@pytest.mark.parametrize("rows", ROWS.values(), ids=ROWS.keys())
+@pytest.mark.parametrize("target_name", ["indices", "cross_entropy"])
+def test_row_subsets(model_case, target_name, rows, method):
+    model, x, labels, h_ref, g_ref = cached_case(model_case.name, target_name)
+    case = TARGET_BY_NAME[target_name]
+    h, g = compute(model, x, case, labels, rows=rows, method=method)
+    d = x[0].numel()
+    index = torch.arange(d)[rows] if isinstance(rows, slice) else torch.tensor(rows) % d
+    assert_rel_close(h, h_ref[:, :, index], REL)
+    assert_rel_close(g, g_ref, REL)
+
+
+# Directions per vectorized call that take each path of the block loop in ``generic._batched``
+# (N = 3 samples, R = 5 rows): all samples at once, 2 samples then 1, rows in chunks of 2, 1 row.
+MAX_DIRECTIONS = {"all_samples": 1000, "two_samples": 10, "row_chunks": 2, "one_row": 1}
+GENERIC = {"forward_over_reverse": generic.forward_over_reverse,
+           "reverse_over_reverse": generic.reverse_over_reverse}  # fmt: skip
+
+
+@pytest.mark.parametrize("max_directions", MAX_DIRECTIONS.values(), ids=MAX_DIRECTIONS.keys())
+@pytest.mark.parametrize("fn", GENERIC.values(), ids=GENERIC.keys())
+@pytest.mark.parametrize("model_name", ["layernorm_gelu", "nonsquare_2x7x5"])
+def test_block_size_does_not_change_result(model_name, fn, max_directions):
+    model, x, _, h_ref, g_ref = cached_case(model_name, "indices")
+    rows = torch.tensor([4, 0, 9, 1, 2])
+    with torch.no_grad():
+        target = make_target(TARGET_BY_NAME["indices"].outputs, model(x))
+    h, g = fn(model, x, target, rows, max_directions)
+    assert_rel_close(h, h_ref[:, :, rows], REL)
+    assert_rel_close(g, g_ref, REL)
+
+
+def test_memory_budget_of_one_byte_still_computes(method):
+    model, x, labels, h_ref, g_ref = cached_case("residual", "cross_entropy")
+    h, g = compute(model, x, TARGET_BY_NAME["cross_entropy"], labels, rows=[3, 8], method=method,
+                   memory_budget=1)  # fmt: skip
+    assert_rel_close(h, h_ref[:, :, [3, 8]], REL)
+    assert_rel_close(g, g_ref, REL)
+
+
+@pytest.mark.parametrize("target_name", ["indices", "cross_entropy", "mse_soft"])
+@pytest.mark.parametrize("model_name", ["digits_cnn", "layernorm_gelu", "elu_softplus"])
+def test_float32_agrees_with_float64(model_name, target_name):
+    model, x, labels, h_ref, g_ref = cached_case(model_name, target_name)
+    case = TARGET_BY_NAME[target_name]
+    model32 = MODEL_BY_NAME[model_name].build(torch.float32)[0]
+    lab32 = labels.float() if labels is not None and labels.is_floating_point() else labels
+    h, g = compute(model32, x.float(), case, lab32)
+    assert h.dtype == g.dtype == torch.float32
+    assert_rel_close(h.double(), h_ref, 1e-4)
+    assert_rel_close(g.double(), g_ref, 1e-4)
+
+
+@pytest.mark.parametrize("model_name", ["layernorm_gelu", "digits_cnn", "residual"])
+def test_taylor_remainder_is_third_order(model_name):
+    """|f(x+tv) - f(x) - t g.v - t^2/2 v.Hv| shrinks 8x when t halves (4x without the H term)."""
+    model, x, _, _, _ = cached_case(model_name, "index")
+    h, g = pipeline.hessian(model, x[:1], [1], return_gradient=True)
+    gen = torch.Generator().manual_seed(7)
+    v = torch.randn(x[0].numel(), generator=gen, dtype=torch.float64)
+
+    def f(t: float) -> float:
+        return model((x[0].flatten() + t * v).reshape(x[:1].shape))[0, 1].item()
+
+    gv, vhv = (g[0, 0] @ v).item(), (v @ h[0, 0] @ v).item()
+    ts = [0.02 / 2**i for i in range(4)]
+    second = [abs(f(t) - f(0) - t * gv - t * t / 2 * vhv) for t in ts]
+    first = [abs(f(t) - f(0) - t * gv) for t in ts]
+    assert vhv != 0
+    for a, b in zip(second, second[1:], strict=False):
+        assert 6.0 < a / b < 10.0, second
+    for a, b in zip(first, first[1:], strict=False):
+        assert 3.0 < a / b < 5.0, first
+
+
+@pytest.mark.parametrize("method_name", ["auto", "forward_over_reverse", "reverse_over_reverse"])
+def test_linear_model_gives_zeros_and_says_why(method_name):
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3)).double()
+    x = torch.randn(2, 3, 4, dtype=torch.float64)
+    with pytest.warns(UserWarning, match="linear in the input"):
+        h, g = pipeline.hessian(model, x, "all", method=method_name, return_gradient=True)
+    assert h.shape == (2, 3, 12, 12)
+    assert torch.equal(h, torch.zeros_like(h))
+    assert_close(g, model[1].weight.detach().expand(2, 3, 12), rtol=0, atol=1e-15)
+
+
+def test_linear_model_loss_hessian_is_not_zero():
+    """Cross-entropy of a linear model: H = W^T (diag(p) - p p^T) W, no warning."""
+    model = nn.Linear(6, 4).double()
+    x = torch.randn(2, 6, dtype=torch.float64)
+    labels = torch.tensor([0, 3])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        h = pipeline.hessian(model, x, "loss", labels=labels)
+    w = model.weight.detach()
+    p = torch.softmax(model(x).detach(), -1)
+    expected = torch.stack([w.T @ (torch.diag(q) - torch.outer(q, q)) @ w for q in p])[:, None]
+    assert_rel_close(h, expected, REL)
+
+
+def test_relu_logit_hessian_is_zero_with_hint_and_loss_hessian_is_not():
+    model = digits_mlp(activation="relu").double()
+    x = MODEL_BY_NAME["digits_mlp"].build()[1]
+    with pytest.warns(UserWarning, match="target=loss"):
+        h = pipeline.hessian(model, x, [2])
+    assert not torch.any(h)
+    labels = make_labels(TARGET_BY_NAME["cross_entropy"], len(x), 10)
+    h = pipeline.hessian(model, x, "loss", labels=labels)
+    assert torch.any(h)
+    h_ref, _ = reference(model, x, TARGET_BY_NAME["cross_entropy"], labels)
+    assert_rel_close(h, h_ref, REL)
+
+
+def test_training_mode_is_restored_and_result_is_eval_mode():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Dropout(0.5), nn.Tanh(), nn.Linear(8, 2)).double()
+    x = torch.randn(2, 5, dtype=torch.float64)
+    model.train()
+    with pytest.warns(UserWarning, match="training mode"):
+        h = pipeline.hessian(model, x, [0])
+    assert model.training
+    model.eval()
+    assert_rel_close(h, pipeline.hessian(model, x, [0]), 0.0)
+
+
+ERRORS = {
+    "index_out_of_range": (dict(outputs=[10]), "target.indices"),
+    "no_index": (dict(outputs=[]), "target.indices"),
+    "unknown_name": (dict(outputs="largest"), "target"),
+    "loss_without_labels": (dict(outputs="loss"), "data.labels_path"),
+    "label_out_of_range": (
+        dict(outputs="loss", labels=torch.tensor([0, 1, 10])),
+        "data.labels_path",
+    ),
+    "mse_label_out_of_range": (
+        dict(outputs="loss", labels=torch.tensor([0, 1, 10]), loss="mse"),
+        "data.labels_path",
+    ),
+    "negative_label": (dict(outputs="loss", labels=torch.tensor([0, -1, 1])), "data.labels_path"),
+    "unknown_loss": (dict(outputs="loss", labels=torch.zeros(3).long(), loss="l1"), "target.loss"),
+    "row_out_of_range": (dict(outputs=[0], rows=[64]), "rows"),
+    "unknown_method": (dict(outputs=[0], method="newton"), "method.name"),
+}
+
+
+@pytest.mark.parametrize("kwargs, key", ERRORS.values(), ids=ERRORS.keys())
+def test_user_errors_name_the_config_key(kwargs, key):
+    model, x, _, _, _ = cached_case("digits_mlp", "index")
+    with pytest.raises(PipelineError, match=rf"\(config key: {key}\)$"):
+        pipeline.hessian(model, x, **kwargs)
+
+
+def test_mse_regression_targets_of_shape_n_for_one_output():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 1)).double()
+    x = torch.randn(3, 4, dtype=torch.float64)
+    y = torch.randn(3, dtype=torch.float64)
+    h = pipeline.hessian(model, x, "loss", labels=y, loss="mse")
+    h_ref, _ = reference(model, x, TARGET_BY_NAME["mse_soft"], y[:, None])
+    assert_rel_close(h, h_ref, REL)

@@ -1,0 +1,58 @@
+"""``run(cfg)`` in-process with composed configs: every target option, checked against autograd."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+from pipeline.config import register
+from pipeline.data import load_digits_arrays
+from pipeline.models import digits_mlp
+from pipeline.run import run
+from tests.zoo import TargetCase, assert_rel_close, reference
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+SMALL = ["data.start=5", "data.stop=8", "dtype=float64", "progress=false", "plots=false"]
+
+# (overrides, the zoo's equivalent target, expected /output_index for the 3 samples)
+TARGET_OPTIONS = {
+    "indices": (["target=indices", "target.indices=[7,2]"], TargetCase("i", [7, 2]), None),
+    "all": (["target=all"], TargetCase("a", "all"), None),
+    "predicted": (["target=predicted"], TargetCase("p", "predicted"), None),
+    "cross_entropy": (["target=loss"], TargetCase("ce", "loss", "cross_entropy"), [-1]),
+    "mse": (["target=loss", "target.loss=mse"], TargetCase("mse", "loss", "mse"), [-1]),
+}
+
+
+@pytest.mark.parametrize("overrides, case, output_index", TARGET_OPTIONS.values(),
+                         ids=TARGET_OPTIONS.keys())  # fmt: skip
+def test_run_every_target_option(tmp_path, overrides, case, output_index):
+    register()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=[*overrides, *SMALL])
+    GlobalHydra.instance().clear()
+    result = run(cfg, tmp_path)
+    x_all, y_all = load_digits_arrays()
+    x = torch.from_numpy(x_all[5:8]).double()
+    labels = torch.from_numpy(y_all[5:8])
+    model = digits_mlp().double().eval()
+    h_ref, g_ref = reference(model, x, case, labels)
+    with h5py.File(result.path, "r") as f:
+        assert f["hessian"].shape == result.shape == (3, h_ref.shape[1], 64, 64)
+        assert_rel_close(torch.from_numpy(f["hessian"][:]), h_ref, 1e-9)
+        assert_rel_close(torch.from_numpy(f["gradient"][:]), g_ref, 1e-9)
+        assert f["sample_index"][:].tolist() == [5, 6, 7]
+        if case.outputs == "predicted":
+            expected = model(x).argmax(1, keepdim=True).numpy()
+        elif case.outputs == "all":
+            expected = np.arange(10)
+        else:
+            expected = output_index or case.outputs
+        np.testing.assert_array_equal(f["output_index"][:], expected)
