@@ -144,7 +144,7 @@ def test_default_job_writes_the_trained_mlps_hessians(jobs):
         assert [d.label for d in f["hessian"].dims] == ["sample", "output", "row", "column"]
         attrs = dict(f.attrs)
     assert torch.isfinite(h).all() and (h.flatten(1).abs().amax(1) > 0).all()
-    assert attrs["dtype"] == "float32" and attrs["method"] == "forward_over_reverse"
+    assert attrs["dtype"] == "float32" and attrs["method"] == "structured"
     assert attrs["status"] == "complete"
     config = yaml.safe_load(attrs["config"])
     assert config["model"]["net"]["_target_"] == "pipeline.models.digits_mlp"

@@ -41,7 +41,7 @@ def test_summary_and_verify_ok(tmp_path_factory):
     assert out.returncode == 0, out.stderr
     text = out.stdout
     expected_lines = [
-        "hessian    (3, 2, 64, 64) float32", "method     forward_over_reverse",
+        "hessian    (3, 2, 64, 64) float32", "method     structured",
         "pipeline.models.digits_mlp", "data       digits [0:3]", "target     indices [2, 5]",
         "on disk", "status complete", "verify: OK",
     ]  # fmt: skip

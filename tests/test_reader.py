@@ -47,7 +47,7 @@ def test_config_attrs_and_shape(tmp_path_factory, case, n, k, d):
         assert isinstance(r.config, DictConfig)
         assert r.config.data.stop == n
         assert r.shape == (n, k, d, d)
-        assert r.method == r.attrs["method"] == "forward_over_reverse"
+        assert r.method == r.attrs["method"] == "structured"  # auto picks it for tanh MLPs
         assert r.input_shape == (1, 8, 8)
         assert r.attrs["status"] == "complete"
         assert r.output_index_of(0).shape == (k,)
