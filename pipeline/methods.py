@@ -129,9 +129,16 @@ def zero_hessian_reason(model: nn.Module, target: Target) -> str | None:
     return None
 
 
+def _nonzero_somewhere(hess: Tensor) -> bool:
+    """A cheap look at one row of each (sample, output): enough to skip a full scan."""
+    return bool(torch.any(hess[..., 0, :]))
+
+
 def explain_zeros(model: nn.Module, target: Target, hess: Tensor) -> None:
     """Warn when a computed Hessian is exactly zero, saying why."""
-    if hess.numel() and not torch.any(hess):
+    if hess.numel() == 0 or _nonzero_somewhere(hess):
+        return
+    if not torch.any(hess):
         reason = zero_hessian_reason(model, target) or (
             "the selected outputs are linear in the input (or do not depend on it), "
             "so their Hessians are exactly zero"

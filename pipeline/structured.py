@@ -470,14 +470,14 @@ def structured_hessian(
 def symmetric_product(u: Tensor, w: Tensor) -> Tensor:
     """H = U W for U (..., D, F) and W (F, D) when H is known to be symmetric.
 
-    Only the blocks on and above the diagonal of a b x b block grid are multiplied (b = 4 for
-    D >= 512: 10 of 16 blocks); the others are their transposes.
+    Only the blocks on and above the diagonal of a b x b block grid are multiplied (b = 16 for
+    D >= 512: 136 of 256 blocks); the others are their transposes.
 
     Returns:
         (..., D, D).
     """
     d = w.shape[1]
-    b = 4 if d >= 512 else (2 if d >= 128 else 1)
+    b = 16 if d >= 512 else (2 if d >= 128 else 1)  # b = 16 measured fastest at D = 784
     if b == 1:
         return u @ w
     edges = [d * i // b for i in range(b + 1)]
