@@ -36,10 +36,17 @@ sys.path.insert(0, str(ROOT))
 
 def job(dim: int, samples: int, *extra: str) -> list[str]:
     return [
-        "model=custom", "model.net._target_=pipeline.models.mlp", f"+model.net.in_features={dim}",
-        "data=synthetic", f"data.shape=[{dim}]", f"data.n_samples={samples}", "target.indices=[2]",
-        "progress=false", "plots=false", *extra,
-    ]  # fmt: skip
+        "model=custom",
+        "model.net._target_=pipeline.models.mlp",
+        f"+model.net.in_features={dim}",
+        "data=synthetic",
+        f"data.shape=[{dim}]",
+        f"data.n_samples={samples}",
+        "target.indices=[2]",
+        "progress=false",
+        "plots=false",
+        *extra,
+    ]
 
 
 class TreeMemory:
@@ -76,9 +83,13 @@ class TreeMemory:
 
 def cli(overrides: list[str], env: dict | None = None) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "pipeline", *overrides], cwd=ROOT, start_new_session=True,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
-    )  # fmt: skip
+        [sys.executable, "-m", "pipeline", *overrides],
+        cwd=ROOT,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def reference_rows(path: Path, dim: int, rows: list[int]) -> float:
@@ -101,7 +112,7 @@ def reference_rows(path: Path, dim: int, rows: list[int]) -> float:
 def all_chunks_written(path: Path) -> bool:
     with h5py.File(path, "r") as f:
         d = f["hessian"]
-        expected = int(np.prod([-(-s // c) for s, c in zip(d.shape, d.chunks)]))
+        expected = int(np.prod([-(-s // c) for s, c in zip(d.shape, d.chunks, strict=True)]))
         return d.id.get_num_chunks() == expected and f.attrs["status"] == "complete"
 
 
@@ -109,8 +120,14 @@ def bench_memory(a) -> dict:
     tmp = Path(a.dir or tempfile.mkdtemp(prefix="bench-mem-"))
     path = tmp / "h.h5"
     matrix = a.samples * a.dim * a.dim * 4
-    over = job(a.dim, a.samples, "backend=dask", f"backend.n_workers={a.workers}",
-               f"storage.path={path}", "storage.mode=overwrite")  # fmt: skip
+    over = job(
+        a.dim,
+        a.samples,
+        "backend=dask",
+        f"backend.n_workers={a.workers}",
+        f"storage.path={path}",
+        "storage.mode=overwrite",
+    )
     t = time.perf_counter()
     proc = cli(over)
     with TreeMemory(proc.pid) as mem:
@@ -120,19 +137,25 @@ def bench_memory(a) -> dict:
         raise SystemExit(out)
     err = reference_rows(path, a.dim, [0, a.dim // 2, a.dim - 1])
     res = {
-        "case": "memory", "dim": a.dim, "samples": a.samples, "workers": a.workers,
-        "matrix_gb": matrix / 1e9, "peak_rss_gb": mem.peak / 1e9,
-        "peak_over_matrix": mem.peak / matrix, "wall_s": wall,
-        "rows_per_s": a.samples * a.dim / wall, "all_chunks_written": all_chunks_written(path),
+        "case": "memory",
+        "dim": a.dim,
+        "samples": a.samples,
+        "workers": a.workers,
+        "matrix_gb": matrix / 1e9,
+        "peak_rss_gb": mem.peak / 1e9,
+        "peak_over_matrix": mem.peak / matrix,
+        "wall_s": wall,
+        "rows_per_s": a.samples * a.dim / wall,
+        "all_chunks_written": all_chunks_written(path),
         "spot_row_rel_err": err,
-    }  # fmt: skip
+    }
     path.unlink()
     return res
 
 
 def bench_resume(a) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="bench-resume-"))
-    base = job(a.dim, a.samples, "storage.block_rows=64")
+    base = job(a.dim, a.samples, "storage.block_rows=64", "method=forward_over_reverse")
     t = time.perf_counter()
     full = cli([*base, f"storage.path={tmp / 'full.h5'}"])
     full.communicate()
@@ -153,9 +176,17 @@ def bench_resume(a) -> dict:
         raise SystemExit(out)
     with h5py.File(tmp / "full.h5") as f, h5py.File(tmp / "r.h5") as g:
         equal = bool(np.array_equal(f["hessian"][()], g["hessian"][()]))
-    return {"case": "resume", "dim": a.dim, "samples": a.samples, "blocks": n_blocks,
-            "blocks_done_at_kill": killed_with, "full_s": t_full, "resume_s": t_resume,
-            "resume_over_full": t_resume / t_full, "identical": equal}  # fmt: skip
+    return {
+        "case": "resume",
+        "dim": a.dim,
+        "samples": a.samples,
+        "blocks": n_blocks,
+        "blocks_done_at_kill": killed_with,
+        "full_s": t_full,
+        "resume_s": t_resume,
+        "resume_over_full": t_resume / t_full,
+        "identical": equal,
+    }
 
 
 def bench_scaling(a) -> dict:
@@ -165,8 +196,17 @@ def bench_scaling(a) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="bench-scale-"))
     out = {"case": "scaling", "dim": a.dim, "samples": a.samples}
     for w in (1, 2):
-        cfg = config(*job(a.dim, a.samples, "backend=dask", f"backend.n_workers={w}",
-                          "storage.block_rows=128", f"storage.path={tmp / f'w{w}.h5'}"))  # fmt: skip
+        cfg = config(
+            *job(
+                a.dim,
+                a.samples,
+                "backend=dask",
+                f"backend.n_workers={w}",
+                "method=forward_over_reverse",
+                "storage.block_rows=512",
+                f"storage.path={tmp / f'w{w}.h5'}",
+            )
+        )
         res = run(cfg)
         out[f"w{w}_compute_s"], out[f"w{w}_total_s"] = res.compute_seconds, res.seconds
     out["speedup_compute"] = out["w1_compute_s"] / out["w2_compute_s"]
@@ -182,19 +222,29 @@ def bench_overhead(a) -> dict:
     from tests.configs import config
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-overhead-"))
-    cfg = config(*job(a.dim, a.samples, f"storage.path={tmp / 'h.h5'}"))
+    cfg = config(*job(a.dim, a.samples, f"method={a.method}", f"storage.path={tmp / 'h.h5'}"))
     net = mlp(a.dim).eval()
     x = load_data(cfg["data"], torch.float32).x
-    times_engine, times_run = [], []
+    times: dict[str, list[float]] = {"engine": [], "fsync": [], "no_fsync": []}
     for i in range(a.repeats):  # interleaved
         t = time.perf_counter()
-        hessian(net, x, [2], method="forward_over_reverse")
-        times_engine.append(time.perf_counter() - t)
-        cfg["storage"]["path"] = str(tmp / f"h{i}.h5")
-        times_run.append(run(cfg).seconds)
-    e, r = float(np.median(times_engine)), float(np.median(times_run))
-    return {"case": "overhead", "dim": a.dim, "samples": a.samples, "engine_s": e,
-            "pipeline_s": r, "pipeline_over_engine": r / e}  # fmt: skip
+        hessian(net, x, [2], method=a.method)
+        times["engine"].append(time.perf_counter() - t)
+        for name, fsync in (("fsync", True), ("no_fsync", False)):
+            cfg["storage"].update(path=str(tmp / f"h{i}{name}.h5"), fsync=fsync)
+            times[name].append(run(cfg).seconds)
+    e, r, r2 = (float(np.median(times[k])) for k in ("engine", "fsync", "no_fsync"))
+    return {
+        "case": "overhead",
+        "dim": a.dim,
+        "samples": a.samples,
+        "method": a.method,
+        "engine_s": e,
+        "pipeline_s": r,
+        "pipeline_over_engine": r / e,
+        "pipeline_no_fsync_s": r2,
+        "no_fsync_over_engine": r2 / e,
+    }
 
 
 def main() -> None:
@@ -204,23 +254,32 @@ def main() -> None:
     p.add_argument("--samples", type=int)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--method", default="auto", help="overhead: the method of both sides")
     p.add_argument("--dir", help="where the memory case writes (needs 2x the matrix free)")
     p.add_argument("--quick", action="store_true", help="small sizes for a quick check")
     p.add_argument("--json", help="write the results here")
     a = p.parse_args()
     defaults = {  # (dim, samples): full size, quick size
-        "memory": ((16384, 4), (4096, 2)), "resume": ((1024, 8), (512, 4)),
-        "scaling": ((1024, 8), (512, 4)), "overhead": ((784, 64), (784, 16)),
-    }  # fmt: skip
+        "memory": ((16384, 4), (4096, 2)),
+        "resume": ((1024, 16), (512, 4)),
+        "scaling": ((1024, 32), (512, 4)),
+        "overhead": ((784, 64), (784, 16)),
+    }
     cases = list(defaults) if a.case == "all" else [a.case]
     results = []
     for case in cases:
         dim, samples = defaults[case][1 if a.quick else 0]
-        args = argparse.Namespace(**{**vars(a), "dim": a.dim or dim, "samples": a.samples or samples})
+        args = argparse.Namespace(
+            **{**vars(a), "dim": a.dim or dim, "samples": a.samples or samples}
+        )
         r = globals()[f"bench_{case}"](args)
         results.append(r)
-        print(" | ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
-                         for k, v in r.items()), flush=True)  # fmt: skip
+        print(
+            " | ".join(
+                f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()
+            ),
+            flush=True,
+        )
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=1))
 

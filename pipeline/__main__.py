@@ -77,9 +77,8 @@ def main(cfg: DictConfig) -> None:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
     n, k, d, _ = result.shape
-    print(
-        f"hessian ({n}, {k}, {d}, {d}) via {result.method} in {result.seconds:.2f} s -> {result.path}"
-    )
+    took = f"{result.seconds:.2f} s"
+    print(f"hessian ({n}, {k}, {d}, {d}) via {result.method} in {took} -> {result.path}")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -35,14 +36,18 @@ def compute_block(
     return hess.cpu().numpy(), (grad.cpu().numpy() if block.r0 == 0 else None)
 
 
-def execute(job: Job, blocks: list[Block], shards: ShardStore, progress) -> None:
-    """Compute and commit ``blocks``; ``progress(block)`` is called as each one commits."""
+def execute(job: Job, blocks: list[Block], shards: ShardStore, progress) -> float:
+    """Compute and commit ``blocks``; ``progress(block)`` is called as each one commits.
+
+    Returns:
+        seconds spent computing and committing blocks (cluster start-up and shut-down excluded).
+    """
     backend = job.cfg["backend"]
     if backend["name"] == "local":
-        run_local(job, blocks, shards, progress)
+        return run_local(job, blocks, shards, progress)
     elif backend["name"] in ("dask", "dask_cuda", "address"):
         with dask_client(backend) as client:
-            run_dask(client, job, blocks, shards, progress)
+            return run_dask(client, job, blocks, shards, progress)
     else:
         raise PipelineError(
             f"unknown backend {backend['name']!r}: choose local, dask, dask_cuda or address",
@@ -54,7 +59,9 @@ def _device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError as err:
-        raise PipelineError(f"unknown device {name!r}: use cpu, cuda or cuda:N", "backend.device") from err
+        raise PipelineError(
+            f"unknown device {name!r}: use cpu, cuda or cuda:N", "backend.device"
+        ) from err
     if device.type == "cuda" and not torch.cuda.is_available():
         raise PipelineError("backend.device=cuda but no CUDA device is available", "backend.device")
     return device
@@ -64,8 +71,9 @@ def _budget(job: Job) -> int:
     return int(job.cfg["method"].get("memory_budget_mb", 1024)) << 20
 
 
-def run_local(job: Job, blocks: list[Block], shards: ShardStore, progress) -> None:
+def run_local(job: Job, blocks: list[Block], shards: ShardStore, progress) -> float:
     """One process, blocks in order, each committed as soon as it is computed."""
+    t0 = time.perf_counter()
     device = _device(job.cfg["backend"].get("device", "cpu"))
     _set_tf32(job.cfg, device)
     model = job.model.to(device)
@@ -77,6 +85,7 @@ def run_local(job: Job, blocks: list[Block], shards: ShardStore, progress) -> No
         )
         shards.write(b, h, g)
         progress(b)
+    return time.perf_counter() - t0
 
 
 def _set_tf32(cfg: dict[str, Any], device: torch.device) -> None:
@@ -127,6 +136,7 @@ def _dask_task(
     block: Block,
     shard_dir: str,
     budget: int,
+    fsync: bool = True,
 ) -> int:
     """Run on a worker: compute one block and commit its shard. Idempotent."""
     model = _worker_model(*model_args)
@@ -134,7 +144,7 @@ def _dask_task(
     target = Target(kind, torch.as_tensor(aux), output_index).to(device)
     xt = torch.as_tensor(x).to(device)
     h, g = compute_block(model, method, xt, target, block, budget)
-    ShardStore(shard_dir).write(block, h, g)
+    ShardStore(shard_dir, fsync).write(block, h, g)
     return block.index
 
 
@@ -200,14 +210,19 @@ def _has_bokeh() -> bool:
     return True
 
 
-def run_dask(client, job: Job, blocks: list[Block], shards: ShardStore, progress) -> None:
+def run_dask(client, job: Job, blocks: list[Block], shards: ShardStore, progress) -> float:
     """Submit blocks with a bounded number in flight; each worker commits its own shards."""
     from distributed import as_completed
 
     backend = job.cfg["backend"]
     key = job.model_fingerprint()[:16] + job.cfg["dtype"]
-    model_args = (key, job.cfg["model"], job.cfg["dtype"], backend.get("device", "cpu"),
-                  backend.get("threads_per_worker", 1))  # fmt: skip
+    model_args = (
+        key,
+        job.cfg["model"],
+        job.cfg["dtype"],
+        backend.get("device", "cpu"),
+        backend.get("threads_per_worker", 1),
+    )
     client.register_plugin(ModelPlugin(*model_args), name=f"pipeline-model-{key}")
     n_workers = max(1, len(client.scheduler_info().get("workers", {})))
     in_flight = backend.get("max_in_flight") or 2 * n_workers
@@ -218,12 +233,23 @@ def run_dask(client, job: Job, blocks: list[Block], shards: ShardStore, progress
 
     def submit(b: Block):
         return client.submit(
-            _dask_task, model_args, job.method.name, x[b.s0 : b.s1], job.target.kind,
-            aux[b.s0 : b.s1], oi[b.s0 : b.s1] if oi.ndim == 2 else oi, b, shard_dir,
-            _budget(job), key=f"hessian-block-{key}-{b.index}", retries=backend.get("retries", 2),
+            _dask_task,
+            model_args,
+            job.method.name,
+            x[b.s0 : b.s1],
+            job.target.kind,
+            aux[b.s0 : b.s1],
+            oi[b.s0 : b.s1] if oi.ndim == 2 else oi,
+            b,
+            shard_dir,
+            _budget(job),
+            shards.fsync,
+            key=f"hessian-block-{key}-{b.index}",
+            retries=backend.get("retries", 2),
             pure=False,
-        )  # fmt: skip
+        )
 
+    t0 = time.perf_counter()
     pending: Iterator[Block] = iter(blocks)
     by_index = {b.index: b for b in blocks}
     ac = as_completed([submit(b) for b in _take(pending, in_flight)])
@@ -232,6 +258,7 @@ def run_dask(client, job: Job, blocks: list[Block], shards: ShardStore, progress
         progress(by_index[index])
         for b in _take(pending, 1):
             ac.add(submit(b))
+    return time.perf_counter() - t0
 
 
 def _take(it: Iterator[Block], n: int) -> list[Block]:
@@ -246,4 +273,3 @@ def _take(it: Iterator[Block], n: int) -> list[Block]:
 
 def visible_gpus() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
-

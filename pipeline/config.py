@@ -101,6 +101,7 @@ class StorageConf:
     compression: str | None = None  # none | lzf | gzip
     layout: Layout = Layout.copy
     keep_shards: bool = False
+    fsync: bool = True  # flush each committed block to disk (survives a machine crash)
 
 
 @dataclass
@@ -131,7 +132,7 @@ def to_plain(cfg: DictConfig | dict) -> dict[str, Any]:
 
 # Keys that change how a run executes, not the numbers it produces.
 _EXECUTION_KEYS = {"backend", "progress", "plots"}
-_STORAGE_EXECUTION_KEYS = {"mode", "keep_shards", "layout", "compression", "path"}
+_STORAGE_EXECUTION_KEYS = {"mode", "keep_shards", "layout", "compression", "path", "fsync"}
 
 
 def fingerprint(cfg: dict[str, Any], *extra: str) -> str:

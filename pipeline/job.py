@@ -1,4 +1,4 @@
-"""What one run computes: the model, the data slice, the target and the method, built from config."""
+"""What one run computes: model, data slice, target and method, built from the config."""
 
 from __future__ import annotations
 

@@ -60,9 +60,13 @@ def versions() -> dict[str, str]:
     import torch
 
     return {
-        "torch": str(torch.__version__), "h5py": h5py.__version__, "hdf5": h5py.version.hdf5_version,
-        "dask": dask.__version__, "pipeline": __version__, "numpy": np.__version__,
-    }  # fmt: skip
+        "torch": str(torch.__version__),
+        "h5py": h5py.__version__,
+        "hdf5": h5py.version.hdf5_version,
+        "dask": dask.__version__,
+        "pipeline": __version__,
+        "numpy": np.__version__,
+    }
 
 
 def run(
@@ -88,7 +92,7 @@ def run(
 
 
 def _locked_run(cfg, path: Path, mode: str, overrides, t0: float) -> RunResult:
-    shards = ShardStore(shard_dir(path))
+    shards = ShardStore(shard_dir(path), fsync=cfg["storage"].get("fsync", True))
     if mode == "create" and shards.manifest() is not None:
         raise PipelineError(
             f"{shards.directory} holds blocks of an interrupted run: use storage.mode=resume to "
@@ -103,26 +107,41 @@ def _locked_run(cfg, path: Path, mode: str, overrides, t0: float) -> RunResult:
     fp = fingerprint(cfg, job.model_fingerprint(), job.data_fingerprint())
     if mode == "resume" and path.exists():
         return _already_complete(path, fp, shards, job, plan, t0)
-    _check_free_space(path, plan, itemsize, shards, resume=mode == "resume",
-                      virtual=st.get("layout") == "virtual")  # fmt: skip
+    _check_free_space(
+        path, plan, itemsize, shards, resume=mode == "resume", virtual=st.get("layout") == "virtual"
+    )
     reused = shards.start(fp, resume=mode == "resume", info={"n_blocks": len(plan.blocks)})
     done = shards.committed()
     todo = [b for b in plan.blocks if b.index not in done]
     log.info(
         "Hessians (%d, %d, %d, %d) %s, method=%s, %d blocks of %d samples x %d rows (%d done)",
-        n, k, d, d, cfg["dtype"], job.method.name, len(plan.blocks), plan.block_samples,
-        plan.block_rows, reused,
-    )  # fmt: skip
+        n,
+        k,
+        d,
+        d,
+        cfg["dtype"],
+        job.method.name,
+        len(plan.blocks),
+        plan.block_samples,
+        plan.block_rows,
+        reused,
+    )
     try:
-        t_compute = time.perf_counter()
         with _progress(cfg, len(plan.blocks), reused, "blocks") as bar:
-            execute(job, todo, shards, lambda _b: bar.update(1))
-        t_compute = time.perf_counter() - t_compute
+            t_compute = execute(job, todo, shards, lambda _b: bar.update(1))
         meta = _metadata(job, cfg, overrides or [], plan, fp)
         with _progress(cfg, len(plan.blocks), 0, "assembling") as bar:
-            assemble(path, plan, meta, shards, job.data.x.numpy().dtype,
-                     st.get("layout", "copy"), st.get("compression"),
-                     on_block=lambda _b: bar.update(1))  # fmt: skip
+            assemble(
+                path,
+                plan,
+                meta,
+                shards,
+                job.data.x.numpy().dtype,
+                st.get("layout", "copy"),
+                st.get("compression"),
+                on_block=lambda _b: bar.update(1),
+                fsync=shards.fsync,
+            )
     except OSError as err:
         if err.errno != errno.ENOSPC:
             raise
@@ -134,12 +153,19 @@ def _locked_run(cfg, path: Path, mode: str, overrides, t0: float) -> RunResult:
         ) from err
     if st.get("layout", "copy") != "virtual" and not st.get("keep_shards"):
         shards.remove()
-    result = RunResult(path, (n, k, d, d), job.method.name, time.perf_counter() - t0,
-                       len(todo), reused, t_compute)  # fmt: skip
+    result = RunResult(
+        path, (n, k, d, d), job.method.name, time.perf_counter() - t0, len(todo), reused, t_compute
+    )
     log.info(
         "wrote %s: hessian %s %s, method %s, %.2f s (%d blocks computed, %d reused)",
-        path, result.shape, cfg["dtype"], result.method, result.seconds, len(todo), reused,
-    )  # fmt: skip
+        path,
+        result.shape,
+        cfg["dtype"],
+        result.method,
+        result.seconds,
+        len(todo),
+        reused,
+    )
     if cfg.get("plots"):
         _after_run_reports(path, cfg)
     return result
@@ -163,8 +189,9 @@ def _already_complete(path: Path, fp: str, shards: ShardStore, job: Job, plan: P
     shards.remove()
     log.info("%s is already complete; nothing to resume", path)
     n, k, d = plan.n_samples, plan.n_outputs, plan.dim
-    return RunResult(path, (n, k, d, d), job.method.name, time.perf_counter() - t0, 0,
-                     len(plan.blocks))  # fmt: skip
+    return RunResult(
+        path, (n, k, d, d), job.method.name, time.perf_counter() - t0, 0, len(plan.blocks)
+    )
 
 
 def _after_run_reports(path: Path, cfg: dict[str, Any]) -> None:

@@ -40,11 +40,16 @@ def temporary_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial")
 
 
-def commit(tmp: Path, path: Path) -> None:
-    """Make ``tmp`` durable and atomically give it its final name."""
-    fsync_path(tmp)
+def commit(tmp: Path, path: Path, fsync: bool = True) -> None:
+    """Atomically give ``tmp`` its final name; with ``fsync``, make it durable first.
+
+    The rename alone survives a killed process; fsync also survives a crash of the machine.
+    """
+    if fsync:
+        fsync_path(tmp)
     os.replace(tmp, path)
-    fsync_path(path.parent)
+    if fsync:
+        fsync_path(path.parent)
 
 
 class ShardStore:
@@ -53,8 +58,9 @@ class ShardStore:
     The directory also holds ``manifest.json``: the job's fingerprint, checked on resume.
     """
 
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, fsync: bool = True):
         self.directory = Path(directory)
+        self.fsync = fsync
 
     def shard_path(self, index: int) -> Path:
         return self.directory / f"block-{index:06d}.h5"
@@ -104,7 +110,7 @@ class ShardStore:
             if gradient is not None:
                 f.create_dataset("gradient", data=gradient)
             f.attrs.update(s0=block.s0, s1=block.s1, r0=block.r0, r1=block.r1)
-        commit(tmp, final)
+        commit(tmp, final, self.fsync)
 
     def remove(self) -> None:
         """Delete the shards, the manifest last (so a half-removed directory is never resumed)."""
@@ -146,6 +152,7 @@ def assemble(
     layout: str = "copy",
     compression: str | None = None,
     on_block=None,
+    fsync: bool = True,
 ) -> None:
     """Write the final file from the committed shards, then rename it to ``path``.
 
@@ -190,7 +197,7 @@ def assemble(
                 f.attrs[key] = value
             f.attrs["layout"] = layout
             f.attrs["status"] = "complete"
-        commit(tmp, path)
+        commit(tmp, path, fsync)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -30,8 +30,10 @@ def is_piecewise_linear(model: nn.Module) -> bool:
     if type(model).forward is not nn.Sequential.forward and not isinstance(model, nn.Sequential):
         return False
     leaves = leaf_modules(model)
-    return bool(leaves) and all(isinstance(m, AFFINE + PIECEWISE_LINEAR) for m in leaves) and any(
-        isinstance(m, PIECEWISE_LINEAR) for m in leaves
+    return (
+        bool(leaves)
+        and all(isinstance(m, AFFINE + PIECEWISE_LINEAR) for m in leaves)
+        and any(isinstance(m, PIECEWISE_LINEAR) for m in leaves)
     )
 
 

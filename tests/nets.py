@@ -34,5 +34,7 @@ class Slow(nn.Module):
 
 def with_dropout_in_training(d: int = 64) -> nn.Module:
     """A net with Dropout, returned in training mode (the pipeline must switch it to eval)."""
-    net = nn.Sequential(nn.Flatten(), nn.Linear(d, 16), nn.Tanh(), nn.Dropout(0.5), nn.Linear(16, 3))
+    net = nn.Sequential(
+        nn.Flatten(), nn.Linear(d, 16), nn.Tanh(), nn.Dropout(0.5), nn.Linear(16, 3)
+    )
     return net.train()

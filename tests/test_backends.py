@@ -17,8 +17,15 @@ from pipeline.run import run
 from .configs import config
 
 # A small smooth job with many blocks: 6 samples x 64 rows in blocks of 8 rows -> 48 blocks.
-JOB = ("data=synthetic", "data.shape=[64]", "data.n_samples=6", "storage.block_rows=8",
-       "model=custom", "+model.net._target_=tests.nets.mlp", "+model.net.d=64")  # fmt: skip
+JOB = (
+    "data=synthetic",
+    "data.shape=[64]",
+    "data.n_samples=6",
+    "storage.block_rows=8",
+    "model=custom",
+    "+model.net._target_=tests.nets.mlp",
+    "+model.net.d=64",
+)
 
 
 def hessian_of(path) -> np.ndarray:
@@ -36,8 +43,9 @@ def local_result(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cluster():
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                      dashboard_address=None) as cl:  # fmt: skip
+    with LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+    ) as cl:
         yield cl
 
 
@@ -68,8 +76,15 @@ def test_address_backend_with_a_worker_killed_mid_run(tmp_path, local_result, cl
 
     killer = threading.Thread(target=kill_one_worker)
     killer.start()
-    res = run(config(*JOB, "backend=address", f"backend.address={cluster.scheduler_address}",
-                     "backend.max_in_flight=2", f"storage.path={path}"))  # fmt: skip
+    res = run(
+        config(
+            *JOB,
+            "backend=address",
+            f"backend.address={cluster.scheduler_address}",
+            "backend.max_in_flight=2",
+            f"storage.path={path}",
+        )
+    )
     killer.join()
     assert killed, "the worker was not killed while the run was going on"
     assert res.blocks_computed == 48
@@ -84,7 +99,14 @@ def test_unreachable_scheduler_fails_fast(tmp_path):
 
     t = time.monotonic()
     with pytest.raises(PipelineError, match="backend.address"):
-        run(config(*JOB, "backend=address", "backend.address=tcp://127.0.0.1:9",
-                   "backend.connect_timeout_s=3", f"storage.path={tmp_path / 'h.h5'}"))  # fmt: skip
+        run(
+            config(
+                *JOB,
+                "backend=address",
+                "backend.address=tcp://127.0.0.1:9",
+                "backend.connect_timeout_s=3",
+                f"storage.path={tmp_path / 'h.h5'}",
+            )
+        )
     assert time.monotonic() - t < 30
     assert not (tmp_path / "h.h5").exists()

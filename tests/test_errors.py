@@ -64,45 +64,113 @@ def under_a_file(tmp):
 
 
 CASES = [
-    Case("output index out of range", lambda t: ["target.indices=[0,42]"], "target.indices",
-         r"output index 42 is out of range .* 10 outputs"),
-    Case("empty data slice", lambda t: ["data.start=5", "data.stop=5"], "data.stop",
-         r"slice is empty"),
-    Case("data slice past the end", lambda t: ["data.stop=5000"], "data.stop",
-         r"past the end: the dataset has 1797 samples"),
-    Case("sample index out of range", lambda t: ["data.indices=[1,99999]"], "data.indices",
-         r"sample index 99999 is out of range"),
-    Case("missing data file", lambda t: ["data=npy", f"data.path={t / 'nope.npy'}"],
-         "data.path", r"not found"),
-    Case("unreadable data file", lambda t: ["data=npy", f"data.path={garbage(t, 'x.npy')}"],
-         "data.path", r"cannot read"),
-    Case("integer inputs", lambda t: ["data=npy",
-         f"data.path={npy(t, 'x.npy', np.ones((3, 1, 8, 8), dtype=np.int64))}"], "data.path",
-         r"dtype int64: .* needs real-valued"),
-    Case("non-finite inputs", nan_inputs, "data.indices",
-         r"1 sample\(s\) contain NaN or inf \(source indices 2\)"),
-    Case("input shape the model does not take",
-         lambda t: ["data=synthetic", "data.shape=[10]"], "data",
-         r"does not accept inputs of shape \(10,\)"),
-    Case("loss target without labels", lambda t: ["target=loss", "data=npy",
-         f"data.path={npy(t, 'x.npy', np.ones((3, 1, 8, 8), dtype=np.float32))}"],
-         "data.labels_path", r"needs labels"),
-    Case("missing checkpoint", lambda t: [f"model.checkpoint={t / 'w.pt'}"],
-         "model.checkpoint", r"not found"),
-    Case("corrupt checkpoint", lambda t: [f"model.checkpoint={garbage(t, 'w.pt')}"],
-         "model.checkpoint", r"not a readable state_dict"),
-    Case("checkpoint of another architecture", other_architecture, "model.checkpoint",
-         r"does not fit the model architecture"),
-    Case("model factory that cannot be imported",
-         lambda t: ["model=custom", "model.net._target_=no_such_module.make_net"],
-         "model.net._target_", r"cannot build 'no_such_module.make_net'"),
-    Case("unknown method name", lambda t: ["method.name=newton"], "method.name",
-         r"unknown method 'newton'"),
-    Case("unknown compression", lambda t: ["storage.compression=zip"], "storage.compression",
-         r"unknown compression"),
-    Case("output directory that cannot be written", under_a_file, "storage.path",
-         r"cannot write to"),
-]  # fmt: skip
+    Case(
+        "output index out of range",
+        lambda t: ["target.indices=[0,42]"],
+        "target.indices",
+        r"output index 42 is out of range .* 10 outputs",
+    ),
+    Case(
+        "empty data slice",
+        lambda t: ["data.start=5", "data.stop=5"],
+        "data.stop",
+        r"slice is empty",
+    ),
+    Case(
+        "data slice past the end",
+        lambda t: ["data.stop=5000"],
+        "data.stop",
+        r"past the end: the dataset has 1797 samples",
+    ),
+    Case(
+        "sample index out of range",
+        lambda t: ["data.indices=[1,99999]"],
+        "data.indices",
+        r"sample index 99999 is out of range",
+    ),
+    Case(
+        "missing data file",
+        lambda t: ["data=npy", f"data.path={t / 'nope.npy'}"],
+        "data.path",
+        r"not found",
+    ),
+    Case(
+        "unreadable data file",
+        lambda t: ["data=npy", f"data.path={garbage(t, 'x.npy')}"],
+        "data.path",
+        r"cannot read",
+    ),
+    Case(
+        "integer inputs",
+        lambda t: [
+            "data=npy",
+            f"data.path={npy(t, 'x.npy', np.ones((3, 1, 8, 8), dtype=np.int64))}",
+        ],
+        "data.path",
+        r"dtype int64: .* needs real-valued",
+    ),
+    Case(
+        "non-finite inputs",
+        nan_inputs,
+        "data.indices",
+        r"1 sample\(s\) contain NaN or inf \(source indices 2\)",
+    ),
+    Case(
+        "input shape the model does not take",
+        lambda t: ["data=synthetic", "data.shape=[10]"],
+        "data",
+        r"does not accept inputs of shape \(10,\)",
+    ),
+    Case(
+        "loss target without labels",
+        lambda t: [
+            "target=loss",
+            "data=npy",
+            f"data.path={npy(t, 'x.npy', np.ones((3, 1, 8, 8), dtype=np.float32))}",
+        ],
+        "data.labels_path",
+        r"needs labels",
+    ),
+    Case(
+        "missing checkpoint",
+        lambda t: [f"model.checkpoint={t / 'w.pt'}"],
+        "model.checkpoint",
+        r"not found",
+    ),
+    Case(
+        "corrupt checkpoint",
+        lambda t: [f"model.checkpoint={garbage(t, 'w.pt')}"],
+        "model.checkpoint",
+        r"not a readable state_dict",
+    ),
+    Case(
+        "checkpoint of another architecture",
+        other_architecture,
+        "model.checkpoint",
+        r"does not fit the model architecture",
+    ),
+    Case(
+        "model factory that cannot be imported",
+        lambda t: ["model=custom", "model.net._target_=no_such_module.make_net"],
+        "model.net._target_",
+        r"cannot build 'no_such_module.make_net'",
+    ),
+    Case(
+        "unknown method name",
+        lambda t: ["method.name=newton"],
+        "method.name",
+        r"unknown method 'newton'",
+    ),
+    Case(
+        "unknown compression",
+        lambda t: ["storage.compression=zip"],
+        "storage.compression",
+        r"unknown compression",
+    ),
+    Case(
+        "output directory that cannot be written", under_a_file, "storage.path", r"cannot write to"
+    ),
+]
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.what for c in CASES])
@@ -142,10 +210,20 @@ CLI_CASES = [
 def test_command_line_errors_are_one_line(tmp_path, what, override, pattern):
     out = tmp_path / "h.h5"
     proc = subprocess.run(
-        [sys.executable, "-m", "pipeline", override, f"storage.path={out}", "plots=false",
-         f"hydra.run.dir={tmp_path / 'run'}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            override,
+            f"storage.path={out}",
+            "plots=false",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 1
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
@@ -155,8 +233,11 @@ def test_command_line_errors_are_one_line(tmp_path, what, override, pattern):
 
 
 def test_training_mode_layers_run_in_eval_with_a_warning(tmp_path):
-    cfg = config("model=custom", "+model.net._target_=tests.nets.with_dropout_in_training",
-                 f"storage.path={tmp_path / 'h.h5'}")  # fmt: skip
+    cfg = config(
+        "model=custom",
+        "+model.net._target_=tests.nets.with_dropout_in_training",
+        f"storage.path={tmp_path / 'h.h5'}",
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         run(cfg)
@@ -176,6 +257,10 @@ if __name__ == "__main__":  # print the README table
                 msg = str(err).replace(d, "...")
         print(f"| {c.what} | `error: {msg}` |")
     for what, override, _ in CLI_CASES[:5]:
-        p = subprocess.run([sys.executable, "-m", "pipeline", override, "storage.path=/tmp/x.h5"],
-                           cwd=ROOT, capture_output=True, text=True)  # fmt: skip
+        p = subprocess.run(
+            [sys.executable, "-m", "pipeline", override, "storage.path=/tmp/x.h5"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        )
         print(f"| {what} (`{override}`) | `{p.stderr.strip()}` |")

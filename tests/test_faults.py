@@ -64,8 +64,13 @@ def one_trial(tmp: Path, seed: int, reference: np.ndarray) -> dict:
     lost = 0 if final_state == "complete" else len(shards) - res.blocks_reused
     with h5py.File(path, "r") as f:
         np.testing.assert_array_equal(f["hessian"][()], reference)
-    return {"point": point, "committed": len(shards), "corrupt": corrupt, "lost": lost,
-            "final": final_state}  # fmt: skip
+    return {
+        "point": point,
+        "committed": len(shards),
+        "corrupt": corrupt,
+        "lost": lost,
+        "final": final_state,
+    }
 
 
 @pytest.fixture(scope="module")

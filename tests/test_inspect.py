@@ -9,12 +9,13 @@ import sys
 import h5py
 import numpy as np
 import pytest
-from .result_files import result_file
 
 from pipeline.inspect import main
 from pipeline.reader import read
 from pipeline.stats import matrix_stats
 from pipeline.verify import verify
+
+from .result_files import result_file
 
 
 def _inspect(*args) -> subprocess.CompletedProcess:

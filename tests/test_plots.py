@@ -7,12 +7,13 @@ import csv
 import h5py
 import numpy as np
 import pytest
-from .result_files import result_file
 
 from pipeline import plots
 from pipeline.lanczos import lanczos, top_eigenvalues
 from pipeline.reader import read
 from pipeline.stats import block_average, matrix_stats, matvec_operator
+
+from .result_files import result_file
 
 PNG = b"\x89PNG\r\n\x1a\n"
 FIGURES = ["hessian_heatmap.png", "hessian_input_maps.png", "hessian_spectrum.png"]
@@ -43,7 +44,9 @@ def test_run_writes_reports_beside_the_result(tmp_path_factory):
         np.testing.assert_allclose(float(row["trace"]), np.trace(m), rtol=1e-7, atol=1e-9)
         # Lanczos error bounds scale with ||H||_2, not with each eigenvalue.
         np.testing.assert_allclose(
-            [float(row["eig_min"]), float(row["eig_max"])], [ev[0], ev[-1]], rtol=1e-6,
+            [float(row["eig_min"]), float(row["eig_max"])],
+            [ev[0], ev[-1]],
+            rtol=1e-6,
             atol=1e-6 * np.abs(ev).max(),
         )
         sym = np.linalg.norm(m - m.T) / np.linalg.norm(m)
@@ -70,7 +73,9 @@ def test_cli_and_lanczos_paths(tmp_path_factory, tmp_path, monkeypatch):
         assert row["eig_source"] == "lanczos64"
         # Lanczos error bounds scale with ||H||_2, not with each eigenvalue.
         np.testing.assert_allclose(
-            [float(row["eig_min"]), float(row["eig_max"])], [ev[0], ev[-1]], rtol=1e-6,
+            [float(row["eig_min"]), float(row["eig_max"])],
+            [ev[0], ev[-1]],
+            rtol=1e-6,
             atol=1e-6 * np.abs(ev).max(),
         )
     ev = np.linalg.eigvalsh(h[0, 0])

@@ -13,8 +13,14 @@ from torch.autograd.functional import hessian as reference_hessian
 
 from pipeline import hessian
 
-ACTS = {"tanh": nn.Tanh, "gelu": nn.GELU, "softplus": nn.Softplus, "sigmoid": nn.Sigmoid,
-        "silu": nn.SiLU, "elu": nn.ELU}  # fmt: skip
+ACTS = {
+    "tanh": nn.Tanh,
+    "gelu": nn.GELU,
+    "softplus": nn.Softplus,
+    "sigmoid": nn.Sigmoid,
+    "silu": nn.SiLU,
+    "elu": nn.ELU,
+}
 
 
 @st.composite
@@ -32,7 +38,7 @@ def cases(draw):
 def build(shape, widths, acts, n_out, seed) -> nn.Module:
     torch.manual_seed(seed)
     layers, width = [nn.Flatten()], math.prod(shape)
-    for w, a in zip(widths, acts):
+    for w, a in zip(widths, acts, strict=True):
         layers += [nn.Linear(width, w), ACTS[a]()]
         width = w
     return nn.Sequential(*layers, nn.Linear(width, n_out)).double()

@@ -9,11 +9,12 @@ import h5py
 import numpy as np
 import pytest
 from omegaconf import DictConfig
-from .result_files import result_file
 
 import pipeline
 from pipeline import PipelineError
 from pipeline.reader import DATASETS, read
+
+from .result_files import result_file
 
 
 @pytest.mark.parametrize("case", ["copy", "virtual"])

@@ -20,8 +20,15 @@ from .configs import config
 
 ROOT = Path(__file__).resolve().parents[1]
 # 4 samples x 64 rows in blocks of 4 rows: 64 blocks; the slow net makes each take ~20 ms.
-JOB = ("data=synthetic", "data.shape=[64]", "data.n_samples=4", "storage.block_rows=4",
-       "model=custom", "+model.net._target_=tests.nets.Slow", "+model.net.d=64")  # fmt: skip
+JOB = (
+    "data=synthetic",
+    "data.shape=[64]",
+    "data.n_samples=4",
+    "storage.block_rows=4",
+    "model=custom",
+    "+model.net._target_=tests.nets.Slow",
+    "+model.net.d=64",
+)
 
 
 def read(path) -> np.ndarray:
@@ -33,8 +40,14 @@ def read(path) -> np.ndarray:
 def start_cli(*overrides: str) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "pipeline", "progress=false", "plots=false", *overrides]
     env = {**os.environ, "SLOW_NET_DELAY": "0.02"}
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True, env=env)  # fmt: skip
+    return subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env=env,
+    )
 
 
 def wait_for_shards(shards: Path, n: int, proc: subprocess.Popen, timeout: float = 120) -> None:
@@ -64,8 +77,9 @@ def test_sigkill_then_resume_gives_identical_result(tmp_path, reference, backend
     assert not path.exists(), "a killed run left a file at storage.path"
     committed = {p.name: p.stat().st_ino for p in shards.glob("block-*.h5")}
     assert 5 <= len(committed) < 64
-    res = run(config(*JOB, "storage.mode=resume", "storage.keep_shards=true",
-                     f"storage.path={path}"))  # fmt: skip
+    res = run(
+        config(*JOB, "storage.mode=resume", "storage.keep_shards=true", f"storage.path={path}")
+    )
     assert res.blocks_reused == len(committed)
     assert res.blocks_computed == 64 - len(committed)
     for name, ino in committed.items():  # finished blocks were not redone
@@ -107,8 +121,9 @@ def test_second_run_on_the_same_path_refuses(tmp_path):
 def small_disk(tmp_path):
     mnt = tmp_path / "disk"
     mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(mnt)],
-                      capture_output=True).returncode:  # fmt: skip
+    if subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(mnt)], capture_output=True
+    ).returncode:
         pytest.skip("cannot mount a small tmpfs here (needs root)")
     yield mnt
     subprocess.run(["umount", str(mnt)], check=False)
