@@ -84,7 +84,8 @@ def forward(model: nn.Module, x: Tensor, cfg: dict[str, Any]) -> Tensor:
     except (RuntimeError, ValueError, TypeError, IndexError) as err:
         msg = str(err).strip().splitlines()[0][:240]
         raise PipelineError(
-            f"the model does not accept inputs of shape {tuple(x.shape[1:])} (per sample): {msg}",
+            f"the model does not accept inputs of shape {tuple(x.shape[1:])} (per sample)"
+            f"{_expected_input(model)}: {msg}",
             "data",
         ) from err
     if not isinstance(z, Tensor) or z.ndim != 2 or z.shape[0] != len(x):
@@ -96,3 +97,13 @@ def forward(model: nn.Module, x: Tensor, cfg: dict[str, Any]) -> Tensor:
         bad = np.flatnonzero(~torch.isfinite(z).all(-1).numpy())[:5]
         raise PipelineError(f"the model's outputs are not finite for samples {list(bad)}", "data")
     return z
+
+
+def _expected_input(model: nn.Module) -> str:
+    """What the model's first Linear/Conv layer takes, as a phrase (empty if unknown)."""
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            return f"; its first layer takes {m.in_features} features"
+        if isinstance(m, nn.modules.conv._ConvNd):
+            return f"; its first layer takes {m.in_channels} input channels"
+    return ""

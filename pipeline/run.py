@@ -235,9 +235,10 @@ def _check_writable(path: Path) -> None:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as err:
-        raise PipelineError(
-            f"cannot write to {path.parent}: {err.strerror}", "storage.path"
-        ) from err
+        why = err.strerror
+        if isinstance(err, (FileExistsError, NotADirectoryError)):
+            why = "a part of the path is a file, not a directory"
+        raise PipelineError(f"cannot write to {path.parent}: {why}", "storage.path") from err
 
 
 class _NoBar:
