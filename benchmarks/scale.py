@@ -83,7 +83,7 @@ class TreeMemory:
 
 def cli(overrides: list[str], env: dict | None = None) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "pipeline", *overrides],
+        [sys.executable, "-m", "pipeline", f"hydra.run.dir={tempfile.mkdtemp()}", *overrides],
         cwd=ROOT,
         start_new_session=True,
         stdout=subprocess.PIPE,

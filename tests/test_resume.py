@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -38,7 +39,16 @@ def read(path) -> np.ndarray:
 
 
 def start_cli(*overrides: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "pipeline", "progress=false", "plots=false", *overrides]
+    run_dir = tempfile.mkdtemp(prefix="hydra-run-")  # keep the repository's outputs/ clean
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipeline",
+        "progress=false",
+        "plots=false",
+        f"hydra.run.dir={run_dir}",
+        *overrides,
+    ]
     env = {**os.environ, "SLOW_NET_DELAY": "0.02"}
     return subprocess.Popen(
         cmd,
