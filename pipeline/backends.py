@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -116,11 +117,20 @@ class ModelPlugin(WorkerPlugin):
 
     name = "pipeline-model"
 
-    def __init__(self, key: str, model_cfg: dict, dtype: str, device: str, threads: int):
+    def __init__(
+        self, key: str, model_cfg: dict, dtype: str, device: str, threads: int, warm_up=None
+    ):
         self.args = (key, model_cfg, dtype, device, threads)
+        self.warm_up = warm_up  # (method, x of one sample, target kind, aux, output_index)
 
     def setup(self, worker) -> None:
-        _worker_model(*self.args)
+        model = _worker_model(*self.args)
+        if self.warm_up is not None:  # first torch.func calls in a process take ~1-2 s
+            method, x, kind, aux, oi = self.warm_up
+            device = next(iter(model.parameters()), torch.empty(0)).device
+            target = Target(kind, torch.as_tensor(aux), oi).to(device)
+            rows = torch.arange(min(2, x[0].size), device=device)
+            METHODS[method].compute(model, torch.as_tensor(x).to(device), target, rows, 1 << 26)
 
     def teardown(self, worker) -> None:
         _WORKER_MODELS.clear()
@@ -151,7 +161,7 @@ def _dask_task(
 @contextlib.contextmanager
 def dask_client(backend: dict[str, Any]) -> Iterator[Any]:
     """A ``distributed.Client`` for the backend; clusters the run starts are closed on exit."""
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
     name = backend["name"]
     threads = backend.get("threads_per_worker", 1)
@@ -175,6 +185,35 @@ def dask_client(backend: dict[str, Any]) -> Iterator[Any]:
         with client:
             yield client
         return
+    with keep_malloc_defaults():
+        cluster = _start_cluster(name, backend, threads, dashboard)
+    with cluster, Client(cluster) as client:
+        if dashboard:
+            log.info("Dask dashboard: %s", client.dashboard_link)
+        yield client
+
+
+# NOTE: [malloc in Dask workers] Dask's nanny starts workers with MALLOC_TRIM_THRESHOLD_=65536.
+# Setting it disables glibc's dynamic mmap threshold, so every large tensor is mmap-ed and
+# page-faulted afresh: a measured 1.5x slowdown of the Hessian kernels (24 -> 38 ms a block), and
+# more when two workers fault pages at once. The clusters we start keep glibc's defaults.
+_DASK_TRIM = "MALLOC_TRIM_THRESHOLD_"
+
+
+@contextlib.contextmanager
+def keep_malloc_defaults() -> Iterator[None]:
+    """Start Dask workers without the nanny's MALLOC_TRIM_THRESHOLD_ (see the NOTE above)."""
+    import dask
+
+    if os.environ.get(_DASK_TRIM) == "65536":  # left behind by an earlier nanny in this process
+        os.environ.pop(_DASK_TRIM)
+    with dask.config.set({f"distributed.nanny.pre-spawn-environ.{_DASK_TRIM}": None}):
+        yield
+
+
+def _start_cluster(name: str, backend: dict[str, Any], threads: int, dashboard: str | None):
+    from distributed import LocalCluster
+
     if name == "dask_cuda":
         try:
             from dask_cuda import LocalCUDACluster
@@ -182,13 +221,13 @@ def dask_client(backend: dict[str, Any]) -> Iterator[Any]:
             raise PipelineError(
                 "backend=dask_cuda needs dask-cuda: pip install dask-cuda", "backend"
             ) from err
-        cluster = LocalCUDACluster(threads_per_worker=threads, dashboard_address=dashboard)
+        return LocalCUDACluster(threads_per_worker=threads, dashboard_address=dashboard)
     else:
         n = backend.get("n_workers", 2)
         if n < 1:
             raise PipelineError("backend.n_workers must be at least 1", "backend.n_workers")
         env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-        cluster = LocalCluster(
+        return LocalCluster(
             n_workers=n,
             threads_per_worker=1,
             processes=True,
@@ -196,10 +235,6 @@ def dask_client(backend: dict[str, Any]) -> Iterator[Any]:
             env=env,
             silence_logs=logging.WARNING,
         )
-    with cluster, Client(cluster) as client:
-        if dashboard:
-            log.info("Dask dashboard: %s", client.dashboard_link)
-        yield client
 
 
 def _has_bokeh() -> bool:
@@ -223,12 +258,19 @@ def run_dask(client, job: Job, blocks: list[Block], shards: ShardStore, progress
         backend.get("device", "cpu"),
         backend.get("threads_per_worker", 1),
     )
-    client.register_plugin(ModelPlugin(*model_args), name=f"pipeline-model-{key}")
+    oi = job.target.output_index
+    warm_up = (
+        job.method.name,
+        job.data.x[:1].cpu().numpy(),
+        job.target.kind,
+        job.target.aux[:1].cpu().numpy(),
+        oi[:1] if oi.ndim == 2 else oi,
+    )
+    client.register_plugin(ModelPlugin(*model_args, warm_up), name=f"pipeline-model-{key}")
     n_workers = max(1, len(client.scheduler_info().get("workers", {})))
     in_flight = backend.get("max_in_flight") or 2 * n_workers
     x = job.data.x.cpu().numpy()
     aux = job.target.aux.cpu().numpy()
-    oi = job.target.output_index
     shard_dir = str(shards.directory.resolve())
 
     def submit(b: Block):
