@@ -155,14 +155,14 @@ def bench_memory(a) -> dict:
 
 def bench_resume(a) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="bench-resume-"))
-    base = job(a.dim, a.samples, "storage.block_rows=64", "method=forward_over_reverse")
+    base = job(a.dim, a.samples, "storage.block_rows=256", "method=forward_over_reverse")
     t = time.perf_counter()
     full = cli([*base, f"storage.path={tmp / 'full.h5'}"])
     full.communicate()
     t_full = time.perf_counter() - t
     part = cli([*base, f"storage.path={tmp / 'r.h5'}"])
     shards = tmp / "r.h5.shards"
-    n_blocks = a.samples * (-(-a.dim // 64))
+    n_blocks = a.samples * (-(-a.dim // 256))
     while len(list(shards.glob("block-*.h5"))) < n_blocks // 2 and part.poll() is None:
         time.sleep(0.01)
     os.killpg(part.pid, signal.SIGKILL)
@@ -261,7 +261,7 @@ def main() -> None:
     a = p.parse_args()
     defaults = {  # (dim, samples): full size, quick size
         "memory": ((16384, 4), (4096, 2)),
-        "resume": ((1024, 16), (512, 4)),
+        "resume": ((2048, 16), (512, 4)),
         "scaling": ((1024, 32), (512, 4)),
         "overhead": ((784, 64), (784, 16)),
     }
