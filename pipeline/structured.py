@@ -478,7 +478,9 @@ def symmetric_product(u: Tensor, w: Tensor) -> Tensor:
     """
     d = w.shape[1]
     b = 16 if d >= 512 else (2 if d >= 128 else 1)  # b = 16 measured fastest at D = 784
-    if b == 1:
+    if b == 1 or u.shape[:-2].numel() >= 64:
+        # Many matrices: one large GEMM (u folds into (B*D, F)) beat the block triangle with its
+        # transposed copies (measured at D = 784: 2.7 against 3.0 ms a matrix for B = 160).
         return u @ w
     edges = [d * i // b for i in range(b + 1)]
     out = u.new_empty(*u.shape[:-2], d, d)
