@@ -64,6 +64,7 @@ def build_job(cfg: dict[str, Any]) -> Job:
     model = build_model(cfg["model"], dtype)
     data = load_data(cfg["data"], dtype)
     outputs = forward(model, data.x, cfg)
+    _check_differentiable(model, data.x[:1])
     tcfg = cfg["target"]
     spec = tcfg["indices"] if tcfg["name"] == "indices" else tcfg["name"]
     target = make_target(spec, outputs, data.labels, tcfg.get("loss", "cross_entropy"))
@@ -107,3 +108,22 @@ def _expected_input(model: nn.Module) -> str:
         if isinstance(m, nn.modules.conv._ConvNd):
             return f"; its first layer takes {m.in_channels} input channels"
     return ""
+
+
+def _check_differentiable(model: nn.Module, x: Tensor) -> None:
+    """Refuse a model with embeddings whose outputs are cut off from the input (integer ids)."""
+    if not any(isinstance(m, (nn.Embedding, nn.EmbeddingBag)) for m in model.modules()):
+        return
+    x = x.clone().requires_grad_(True)
+    with torch.enable_grad():
+        z = model(x)
+        connected = (
+            z.requires_grad and torch.autograd.grad(z.sum(), x, allow_unused=True)[0] is not None
+        )
+    if not connected:
+        raise PipelineError(
+            "the model's outputs are not differentiable in its input (it looks up embeddings of "
+            "integer ids): a Hessian with respect to the input needs a model of real-valued "
+            "inputs, e.g. one that takes the embedding vectors as its input",
+            "model.net",
+        )

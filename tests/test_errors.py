@@ -156,6 +156,18 @@ CASES = [
         r"cannot build 'no_such_module.make_net'",
     ),
     Case(
+        "model not differentiable in its input (embeddings of ids)",
+        lambda t: ["model=custom", "+model.net._target_=tests.nets.TokenModel"],
+        "model.net",
+        r"not differentiable in its input",
+    ),
+    Case(
+        "a method that does not support the model",
+        lambda t: ["method=structured", "model=custom", "+model.net._target_=tests.nets.Slow"],
+        "method.name",
+        r"method 'structured' does not support this model",
+    ),
+    Case(
         "unknown method name",
         lambda t: ["method.name=newton"],
         "method.name",
