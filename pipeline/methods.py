@@ -178,7 +178,7 @@ def hessian(
         hessian (N, K, R, D), and the gradient (N, K, D) when ``return_gradient``.
     """
     was_training = model.training
-    model.eval()
+    _set_training(model, False)
     try:
         with torch.no_grad():
             z = model(x)
@@ -187,11 +187,19 @@ def hessian(
         row_index = select_rows(rows, x[0].numel(), x.device)
         hess, grad = chosen.compute(model, x, target, row_index, memory_budget)
     finally:
-        model.train(was_training)
+        _set_training(model, was_training)
     if was_training and training_layers(model):
         warnings.warn("model was in training mode: computed in eval mode", stacklevel=2)
     explain_zeros(model, target, hess)
     return (hess, grad) if return_gradient else hess
+
+
+def _set_training(model: nn.Module, mode: bool) -> None:
+    """``model.train(mode)``, tolerating modules that refuse it (``torch.export`` programs)."""
+    try:
+        model.train(mode)
+    except NotImplementedError:
+        pass
 
 
 def select_rows(rows, dim: int, device) -> Tensor:

@@ -211,3 +211,14 @@ def test_mse_regression_targets_of_shape_n_for_one_output():
     h = pipeline.hessian(model, x, "loss", labels=y, loss="mse")
     h_ref, _ = reference(model, x, TARGET_BY_NAME["mse_soft"], y[:, None])
     assert_rel_close(h, h_ref, REL)
+
+
+def test_an_exported_program_module_works_directly():
+    """torch.export's .module() refuses eval()/train(); hessian() must still accept it."""
+    net = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    x = torch.randn(3, 5)
+    batch = torch.export.Dim("batch")
+    program = torch.export.export(net, (x,), dynamic_shapes=({0: batch},))
+    got = pipeline.hessian(program.module(), x, [1])
+    want = pipeline.hessian(net, x, [1])
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-6), (got - want).abs().max()
