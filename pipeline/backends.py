@@ -250,7 +250,7 @@ def run_dask(client, job: Job, blocks: list[Block], shards: ShardStore, progress
     from distributed import as_completed
 
     backend = job.cfg["backend"]
-    key = job.model_fingerprint()[:16] + job.cfg["dtype"]
+    key = job.model_fingerprint[:16] + job.cfg["dtype"]
     model_args = (
         key,
         job.cfg["model"],
@@ -311,7 +311,3 @@ def _take(it: Iterator[Block], n: int) -> list[Block]:
         except StopIteration:
             break
     return out
-
-
-def visible_gpus() -> int:
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0

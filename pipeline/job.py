@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -37,8 +38,9 @@ class Job:
     def dim(self) -> int:
         return self.data.x[0].numel()
 
+    @cached_property
     def model_fingerprint(self) -> str:
-        """SHA-256 over the model's class, parameter and buffer values."""
+        """SHA-256 over the model's class, parameter and buffer values (hashed once per job)."""
         h = hashlib.sha256(type(self.model).__name__.encode())
         for name, t in sorted(self.model.state_dict().items()):
             h.update(name.encode())

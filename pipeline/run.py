@@ -104,7 +104,7 @@ def _locked_run(cfg, path: Path, mode: str, overrides, t0: float) -> RunResult:
     itemsize = job.data.x.element_size()
     st = cfg["storage"]
     plan = make_plan(n, k, d, itemsize, st.get("block_rows"), st.get("block_mb", 64))
-    fp = fingerprint(cfg, job.model_fingerprint(), job.data_fingerprint())
+    fp = fingerprint(cfg, job.model_fingerprint, job.data_fingerprint())
     if mode == "resume" and path.exists():
         return _already_complete(path, fp, shards, job, plan, t0)
     _check_free_space(
@@ -214,7 +214,7 @@ def _metadata(job: Job, cfg: dict[str, Any], overrides: list[str], plan: Plan, f
         "method": job.method.name,
         "dtype": cfg["dtype"],
         "target": job.target.kind,
-        "model_fingerprint": job.model_fingerprint(),
+        "model_fingerprint": job.model_fingerprint,
         "fingerprint": fp,
         "input_shape": list(job.data.x.shape[1:]),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

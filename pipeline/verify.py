@@ -103,7 +103,7 @@ def verify(
     job = build_job(to_plain(result.config))
     f = result.file
     n_samples, n_out, d, _ = result.shape
-    if job.model_fingerprint() != result.attrs.get("model_fingerprint"):
+    if job.model_fingerprint != result.attrs.get("model_fingerprint"):
         msg = (
             "the model rebuilt from the stored config differs from the one that wrote the file "
             "(model fingerprint); was the checkpoint replaced?"

@@ -4,21 +4,35 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import h5py
+import numpy as np
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig
 
 from pipeline.config import register, to_plain
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
-def config(*overrides: str) -> dict:
-    """The resolved config for ``overrides``, as a plain dict (progress bars and plots off)."""
+def compose_config(*overrides: str) -> DictConfig:
+    """The composed config for ``overrides``; Hydra's global state is cleared afterwards."""
     register()
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-            cfg = compose("config", overrides=["progress=false", "plots=false", *overrides])
-        return to_plain(cfg)
+            return compose("config", overrides=list(overrides))
     finally:
         GlobalHydra.instance().clear()
+
+
+def config(*overrides: str) -> dict:
+    """The resolved config for ``overrides``, as a plain dict (progress bars and plots off)."""
+    return to_plain(compose_config("progress=false", "plots=false", *overrides))
+
+
+def read_hessian(path) -> np.ndarray:
+    """``/hessian`` of a result file, which must be complete."""
+    with h5py.File(path, "r") as f:
+        assert f.attrs["status"] == "complete"
+        return f["hessian"][()]

@@ -20,3 +20,12 @@ def model_case(request) -> ModelCase:
 @pytest.fixture(params=["auto", "reverse_over_reverse"])
 def method(request) -> str:
     return request.param
+
+
+@pytest.fixture
+def float64_default():
+    """Run a test with float64 as torch's default dtype; the old default is restored afterwards."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)

@@ -8,13 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-
-from pipeline.config import register
 from pipeline.run import run
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+from .configs import compose_config
 
 # name -> overrides: digits (1, 8, 8) inputs, tanh MLP, D = 64.
 CASES: dict[str, list[str]] = {
@@ -31,23 +27,15 @@ CASES: dict[str, list[str]] = {
 _made: dict[str, Path] = {}
 
 
-def compose_config(overrides: list[str]):
-    register()
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-            return compose(config_name="config", overrides=overrides)
-    finally:
-        GlobalHydra.instance().clear()
-
-
 def result_file(tmp_path_factory, name: str) -> Path:
     """The result file of case ``name`` (computed on first use)."""
     if name not in _made:
         path = tmp_path_factory.mktemp(name) / "hessians.h5"
         cfg = compose_config(
-            [*CASES[name], f"storage.path={path}", "progress=false"]
-            + ([] if "plots=true" in CASES[name] else ["plots=false"])
+            *CASES[name],
+            f"storage.path={path}",
+            "progress=false",
+            *([] if "plots=true" in CASES[name] else ["plots=false"]),
         )
         run(cfg)
         _made[name] = path

@@ -7,14 +7,13 @@ import signal
 import threading
 import time
 
-import h5py
 import numpy as np
 import pytest
 from distributed import Client, LocalCluster
 
 from pipeline.run import run
 
-from .configs import config
+from .configs import config, read_hessian
 
 # A small smooth job with many blocks: 6 samples x 64 rows in blocks of 8 rows -> 48 blocks.
 JOB = (
@@ -28,17 +27,11 @@ JOB = (
 )
 
 
-def hessian_of(path) -> np.ndarray:
-    with h5py.File(path, "r") as f:
-        assert f.attrs["status"] == "complete"
-        return f["hessian"][()]
-
-
 @pytest.fixture(scope="module")
 def local_result(tmp_path_factory):
     path = tmp_path_factory.mktemp("local") / "h.h5"
     run(config(*JOB, f"storage.path={path}"))
-    return hessian_of(path)
+    return read_hessian(path)
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +46,7 @@ def test_dask_backend_equals_local(tmp_path, local_result):
     path = tmp_path / "h.h5"
     res = run(config(*JOB, "backend=dask", "backend.n_workers=2", f"storage.path={path}"))
     assert res.blocks_computed == 48
-    np.testing.assert_array_equal(hessian_of(path), local_result)
+    np.testing.assert_array_equal(read_hessian(path), local_result)
     assert not (tmp_path / "h.h5.shards").exists()
 
 
@@ -88,7 +81,7 @@ def test_address_backend_with_a_worker_killed_mid_run(tmp_path, local_result, cl
     killer.join()
     assert killed, "the worker was not killed while the run was going on"
     assert res.blocks_computed == 48
-    np.testing.assert_array_equal(hessian_of(path), local_result)
+    np.testing.assert_array_equal(read_hessian(path), local_result)
     assert cluster.scheduler_address  # the run did not close the cluster it did not start
     with Client(cluster) as client:
         client.wait_for_workers(2, timeout=60)

@@ -10,16 +10,9 @@ from torch import nn
 
 from pipeline import hessian, make_target
 from pipeline.methods import resolve_method
-from tests.test_structured import assert_close
+from tests.zoo import assert_close_to_max as assert_close
 
-
-@pytest.fixture(autouse=True)
-def _float64():
-    """Every case runs in float64; the global default is restored afterwards."""
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64_default")  # every case runs in float64
 
 
 def relu_mlp() -> nn.Sequential:

@@ -17,7 +17,7 @@ import pytest
 from pipeline.errors import PipelineError
 from pipeline.run import RunLock, run
 
-from .configs import config
+from .configs import config, read_hessian
 
 ROOT = Path(__file__).resolve().parents[1]
 # 4 samples x 64 rows in blocks of 4 rows: 64 blocks; the slow net makes each take ~20 ms.
@@ -30,12 +30,6 @@ JOB = (
     "+model.net._target_=tests.nets.Slow",
     "+model.net.d=64",
 )
-
-
-def read(path) -> np.ndarray:
-    with h5py.File(path, "r") as f:
-        assert f.attrs["status"] == "complete"
-        return f["hessian"][()]
 
 
 def start_cli(*overrides: str) -> subprocess.Popen:
@@ -74,7 +68,7 @@ def wait_for_shards(shards: Path, n: int, proc: subprocess.Popen, timeout: float
 def reference(tmp_path_factory):
     path = tmp_path_factory.mktemp("ref") / "h.h5"
     run(config(*JOB, f"storage.path={path}"))
-    return read(path)
+    return read_hessian(path)
 
 
 @pytest.mark.parametrize("backend", [("backend=local",), ("backend=dask", "backend.n_workers=2")])
@@ -94,7 +88,7 @@ def test_sigkill_then_resume_gives_identical_result(tmp_path, reference, backend
     assert res.blocks_computed == 64 - len(committed)
     for name, ino in committed.items():  # finished blocks were not redone
         assert (shards / name).stat().st_ino == ino
-    np.testing.assert_array_equal(read(path), reference)
+    np.testing.assert_array_equal(read_hessian(path), reference)
 
 
 def test_resume_with_a_changed_config_is_refused(tmp_path):
@@ -115,7 +109,7 @@ def test_resume_with_a_changed_config_is_refused(tmp_path):
 def test_virtual_layout_equals_copy(tmp_path, reference):
     path = tmp_path / "v.h5"
     run(config(*JOB, "storage.layout=virtual", f"storage.path={path}"))
-    np.testing.assert_array_equal(read(path), reference)
+    np.testing.assert_array_equal(read_hessian(path), reference)
     with h5py.File(path, "r") as f:
         assert f["hessian"].is_virtual
 

@@ -2,22 +2,17 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import h5py
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 
-from pipeline.config import register
 from pipeline.data import load_digits_arrays
 from pipeline.models import digits_mlp
 from pipeline.run import run
+from tests.configs import compose_config
 from tests.zoo import TargetCase, assert_rel_close, reference
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
 SMALL = ["data.start=5", "data.stop=8", "dtype=float64", "progress=false", "plots=false"]
 
 # (overrides, the zoo's equivalent target, expected /output_index for the 3 samples)
@@ -33,11 +28,7 @@ TARGET_OPTIONS = {
 @pytest.mark.parametrize("overrides, case, output_index", TARGET_OPTIONS.values(),
                          ids=TARGET_OPTIONS.keys())  # fmt: skip
 def test_run_every_target_option(tmp_path, overrides, case, output_index):
-    register()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=[*overrides, *SMALL])
-    GlobalHydra.instance().clear()
+    cfg = compose_config(*overrides, *SMALL)
     result = run(cfg, tmp_path)
     x_all, y_all = load_digits_arrays()
     x = torch.from_numpy(x_all[5:8]).double()

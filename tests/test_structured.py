@@ -12,29 +12,9 @@ from torch import Tensor, nn
 from pipeline import hessian, make_target
 from pipeline.methods import resolve_method
 from pipeline.structured import build_chain, plan_split, structured_hessian
+from tests.zoo import assert_close_to_max as assert_close
 
-
-@pytest.fixture(autouse=True)
-def _float64():
-    """Every case runs in float64; the global default is restored afterwards."""
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
-
-
-def assert_close(actual: Tensor, expected: Tensor, rtol: float = 1e-10, what: str = "") -> None:
-    """Fail with the largest error and its (n, k, r, c) index, relative to max |expected|."""
-    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
-    err = (actual - expected).abs()
-    scale = expected.abs().max().clamp_min(1e-300)
-    worst = int(err.argmax()) if err.numel() else 0
-    if err.numel() and err.max() > rtol * scale:
-        idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(worst), err.shape))
-        pytest.fail(
-            f"{what}: max |error| {err.max():.3e} (relative {err.max() / scale:.3e} > {rtol:g}) "
-            f"at index {idx}: got {actual[idx]:.6e}, expected {expected[idx]:.6e}"
-        )
+pytestmark = pytest.mark.usefixtures("float64_default")  # every case runs in float64
 
 
 def reference(model: nn.Module, x: Tensor, target, rows: Tensor) -> tuple[Tensor, Tensor]:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -241,3 +242,19 @@ def assert_rel_close(actual: Tensor, expected: Tensor, rel: float) -> None:
     scale = expected.detach().abs().max().item()
     assert scale > 0, "the reference is all zero: this case cannot test anything"
     assert_close(actual, expected, rtol=0.0, atol=rel * scale)
+
+
+def assert_close_to_max(
+    actual: Tensor, expected: Tensor, rtol: float = 1e-10, what: str = ""
+) -> None:
+    """Fail with the largest error and its (n, k, r, c) index, relative to max |expected|."""
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    err = (actual - expected).abs()
+    scale = expected.abs().max().clamp_min(1e-300)
+    worst = int(err.argmax()) if err.numel() else 0
+    if err.numel() and err.max() > rtol * scale:
+        idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(worst), err.shape))
+        pytest.fail(
+            f"{what}: max |error| {err.max():.3e} (relative {err.max() / scale:.3e} > {rtol:g}) "
+            f"at index {idx}: got {actual[idx]:.6e}, expected {expected[idx]:.6e}"
+        )
