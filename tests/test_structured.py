@@ -176,3 +176,30 @@ def test_nested_sequential_with_shared_activation():
     x = torch.randn(2, 5)
     expected = hessian(model, x, "all", method="reverse_over_reverse")
     assert_close(hessian(model, x, "all", method="structured"), expected, what="nested")
+
+
+def tanh_mlp(d: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Linear(d, 256), nn.Tanh(), nn.Linear(256, 256), nn.Tanh(), nn.Linear(256, 10)
+    )
+
+
+@pytest.mark.parametrize(
+    "name, model, shape, outputs, expected",
+    [
+        # Wide input: M-propagation down to the first activation, one join, one symmetric product
+        # (cut 2 would run three elementwise passes over R x 256 per output instead).
+        ("mlp784 one logit", tanh_mlp(784), (784,), [2], 1),
+        ("mlp784 ten logits", tanh_mlp(784), (784,), list(range(10)), 1),
+        # Narrow input: forward tangents through the first hidden layer.
+        ("mlp64 one logit", tanh_mlp(64), (64,), [2], 3),
+        # Convolutions stay in the tangent part.
+        ("cnn", conv_net(), (1, 5, 5), [0], 5),
+    ],
+)
+def test_plan_split_picks(name, model, shape, outputs, expected):
+    model = model.to(torch.float64).eval()
+    ops, _, z = build_chain(model, torch.zeros(1, *shape))
+    d = torch.Size(shape).numel()
+    cut = plan_split(ops, d, len(outputs), "zero")[0]
+    assert cut == expected, f"{name}: cut {cut}, expected {expected}"
