@@ -334,10 +334,10 @@ def plan_split(ops: list[Op], rows: int, k: int, top: str) -> tuple[int, int]:
     return best
 
 
-# What one elementwise multiply (or add) over an element costs, in multiply-adds of a matrix product:
-# it moves memory and does one operation. With it, a Tanh below the cut (three passes over R x F
-# per output) is dearer than the same Tanh in the M-propagation (F x F): at D = 784 in the tanh MLP
-# the cut moves from 2 to 1 and the time from 5.0 to 4.0 ms a sample (2-core CPU).
+# What one elementwise multiply (or add) over an element costs, in multiply-adds of a matrix
+# product: it moves memory and does one operation. With it, a Tanh below the cut (three passes
+# over R x F per output) is dearer than the same Tanh in the M-propagation (F x F): at D = 784 in
+# the tanh MLP the cut moves from 2 to 1 and the time from 5.0 to 4.0 ms a sample (2-core CPU).
 ELEMENTWISE_MACS = 32
 
 
