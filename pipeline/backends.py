@@ -37,18 +37,19 @@ def compute_block(
     return hess.cpu().numpy(), (grad.cpu().numpy() if block.r0 == 0 else None)
 
 
-def execute(job: Job, blocks: list[Block], shards: ShardStore, progress) -> float:
-    """Compute and commit ``blocks``; ``progress(block)`` is called as each one commits.
+def execute(job: Job, blocks: list[Block], shards: ShardStore, on_block) -> float:
+    """Compute and commit ``blocks``; ``on_block(block, hessian, gradient)`` is called as each one
+    commits, with the arrays when they are in this process (else None: read the shard).
 
     Returns:
         seconds spent computing and committing blocks (cluster start-up and shut-down excluded).
     """
     backend = job.cfg["backend"]
     if backend["name"] == "local":
-        return run_local(job, blocks, shards, progress)
+        return run_local(job, blocks, shards, on_block)
     elif backend["name"] in ("dask", "dask_cuda", "address"):
         with dask_client(backend) as client:
-            return run_dask(client, job, blocks, shards, progress)
+            return run_dask(client, job, blocks, shards, on_block)
     else:
         raise PipelineError(
             f"unknown backend {backend['name']!r}: choose local, dask, dask_cuda or address",
@@ -72,7 +73,7 @@ def _budget(job: Job) -> int:
     return int(job.cfg["method"].get("memory_budget_mb", 1024)) << 20
 
 
-def run_local(job: Job, blocks: list[Block], shards: ShardStore, progress) -> float:
+def run_local(job: Job, blocks: list[Block], shards: ShardStore, on_block) -> float:
     """One process, blocks in order, each committed as soon as it is computed."""
     t0 = time.perf_counter()
     device = _device(job.cfg["backend"].get("device", "cpu"))
@@ -85,7 +86,7 @@ def run_local(job: Job, blocks: list[Block], shards: ShardStore, progress) -> fl
             model, job.method.name, x[b.s0 : b.s1], target.subset(b.s0, b.s1), b, _budget(job)
         )
         shards.write(b, h, g)
-        progress(b)
+        on_block(b, h, g)
     return time.perf_counter() - t0
 
 
@@ -245,7 +246,7 @@ def _has_bokeh() -> bool:
     return True
 
 
-def run_dask(client, job: Job, blocks: list[Block], shards: ShardStore, progress) -> float:
+def run_dask(client, job: Job, blocks: list[Block], shards: ShardStore, on_block) -> float:
     """Submit blocks with a bounded number in flight; each worker commits its own shards."""
     from distributed import as_completed
 
@@ -297,7 +298,7 @@ def run_dask(client, job: Job, blocks: list[Block], shards: ShardStore, progress
     ac = as_completed([submit(b) for b in _take(pending, in_flight)])
     for fut in ac:
         index = fut.result()  # re-raises a task's error here
-        progress(by_index[index])
+        on_block(by_index[index], None, None)
         for b in _take(pending, 1):
             ac.add(submit(b))
     return time.perf_counter() - t0

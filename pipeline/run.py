@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import glob
 import logging
 import os
 import shutil
@@ -25,7 +26,7 @@ from .config import fingerprint, to_plain
 from .errors import PipelineError
 from .job import Job, build_job
 from .plan import Plan, make_plan
-from .storage import Metadata, ShardStore, assemble, compression_options
+from .storage import FinalFile, Metadata, ShardStore, Syncer, compression_options
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +112,8 @@ def _locked_run(cfg, path: Path, mode: str, overrides, t0: float) -> RunResult:
         path, plan, itemsize, shards, resume=mode == "resume", virtual=st.get("layout") == "virtual"
     )
     reused = shards.start(fp, resume=mode == "resume", info={"n_blocks": len(plan.blocks)})
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.partial"):  # a killed run's
+        stale.unlink(missing_ok=True)  # final file (we hold the lock: nobody else writes it)
     done = shards.committed()
     todo = [b for b in plan.blocks if b.index not in done]
     log.info(
@@ -126,22 +129,25 @@ def _locked_run(cfg, path: Path, mode: str, overrides, t0: float) -> RunResult:
         plan.block_rows,
         reused,
     )
+    meta = _metadata(job, cfg, overrides or [], plan, fp)
+    layout, dtype = st.get("layout", "copy"), job.data.x.numpy().dtype
+    syncer = Syncer() if shards.fsync else None
+    shards.syncer = syncer
     try:
-        with _progress(cfg, len(plan.blocks), reused, "blocks") as bar:
-            t_compute = execute(job, todo, shards, lambda _b: bar.update(1))
-        meta = _metadata(job, cfg, overrides or [], plan, fp)
-        with _progress(cfg, len(plan.blocks), 0, "assembling") as bar:
-            assemble(
-                path,
-                plan,
-                meta,
-                shards,
-                job.data.x.numpy().dtype,
-                st.get("layout", "copy"),
-                st.get("compression"),
-                on_block=lambda _b: bar.update(1),
-                fsync=shards.fsync,
-            )
+        with (
+            FinalFile(path, plan, shards, dtype, layout, st.get("compression"), syncer) as final,
+            _progress(cfg, len(plan.blocks), reused, "blocks") as bar,
+        ):
+            for b in plan.blocks:  # blocks of an interrupted run, from their shards
+                if b.index in done:
+                    final.add(b)
+
+            def on_block(b, hessian, gradient):
+                final.add(b, hessian, gradient)
+                bar.update(1)
+
+            t_compute = execute(job, todo, shards, on_block)
+            final.finish(meta)
     except OSError as err:
         if err.errno != errno.ENOSPC:
             raise
@@ -151,7 +157,10 @@ def _locked_run(cfg, path: Path, mode: str, overrides, t0: float) -> RunResult:
             "storage.mode=resume",
             "storage.path",
         ) from err
-    if st.get("layout", "copy") != "virtual" and not st.get("keep_shards"):
+    finally:
+        if syncer is not None:
+            syncer.close()  # lets queued commits finish: more blocks kept after an error
+    if layout != "virtual" and not st.get("keep_shards"):
         shards.remove()
     result = RunResult(
         path, (n, k, d, d), job.method.name, time.perf_counter() - t0, len(todo), reused, t_compute

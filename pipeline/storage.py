@@ -3,8 +3,10 @@
 NOTE: [atomic commits] Processes never share an HDF5 file. Each block is written to its own shard
 file under a temporary name, fsync-ed and renamed: a shard with its final name is complete, so a
 crash loses at most the blocks in flight and resume submits only the missing ones. The final file
-is written under a temporary name by one process, streaming shard by shard, and renamed into place
-only when complete: ``storage.path`` either does not exist or holds a finished result.
+is written under a temporary name by one process as blocks arrive (from memory in the local
+backend, from the shards otherwise) and renamed into place only when complete: ``storage.path``
+either does not exist or holds a finished result. With fsync, the flushes run on a background
+thread (``Syncer``) while the next block computes.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import json
 import os
 import shutil
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,9 +61,10 @@ class ShardStore:
     The directory also holds ``manifest.json``: the job's fingerprint, checked on resume.
     """
 
-    def __init__(self, directory: Path, fsync: bool = True):
+    def __init__(self, directory: Path, fsync: bool = True, syncer: Syncer | None = None):
         self.directory = Path(directory)
         self.fsync = fsync
+        self.syncer = syncer  # commits in the background (fsync only)
 
     def shard_path(self, index: int) -> Path:
         return self.directory / f"block-{index:06d}.h5"
@@ -110,7 +114,10 @@ class ShardStore:
             if gradient is not None:
                 f.create_dataset("gradient", data=gradient)
             f.attrs.update(s0=block.s0, s1=block.s1, r0=block.r0, r1=block.r1)
-        commit(tmp, final, self.fsync)
+        if self.fsync and self.syncer is not None:
+            self.syncer.commit(tmp, final)
+        else:
+            commit(tmp, final, self.fsync)
 
     def remove(self) -> None:
         """Delete the shards, the manifest last (so a half-removed directory is never resumed)."""
@@ -143,64 +150,133 @@ def compression_options(name: str | None) -> dict[str, Any]:
     )
 
 
-def assemble(
-    path: Path,
-    plan: Plan,
-    meta: Metadata,
-    shards: ShardStore,
-    dtype: np.dtype,
-    layout: str = "copy",
-    compression: str | None = None,
-    on_block=None,
-    fsync: bool = True,
-) -> None:
-    """Write the final file from the committed shards, then rename it to ``path``.
+class Syncer:
+    """Commits (fsync, then rename) on one background thread, so disk flushes overlap compute.
 
-    ``layout="copy"`` streams every shard into one self-contained file (one block in memory at a
-    time); ``layout="virtual"`` maps ``/hessian`` onto the shard files (which must then be kept).
+    ``os.fsync`` releases the GIL: while it waits for the disk the next block is computed. Commits
+    run in submission order; a commit still queued when the process dies is a block in flight
+    (its shard keeps its temporary name and is recomputed on resume). Errors (a full disk) are
+    raised by the next ``commit`` or by ``wait``.
     """
-    n, k, d = plan.n_samples, plan.n_outputs, plan.dim
-    comp = compression_options(compression)
-    tmp = temporary_name(path)
-    try:
-        with h5py.File(tmp, "w") as f:
-            blocks = plan.blocks
-            if layout == "virtual":
-                vl = h5py.VirtualLayout(shape=(n, k, d, d), dtype=dtype)
-                for b in blocks:
-                    src = h5py.VirtualSource(
-                        os.path.relpath(shards.shard_path(b.index), path.parent),
-                        "hessian",
-                        shape=(b.s1 - b.s0, k, b.r1 - b.r0, d),
-                    )
-                    vl[b.s0 : b.s1, :, b.r0 : b.r1, :] = src
-                hess = f.create_virtual_dataset("hessian", vl, fillvalue=np.nan)
-            else:
-                hess = f.create_dataset(
-                    "hessian", (n, k, d, d), dtype=dtype, chunks=plan.chunks, **comp
-                )
-            grad = f.create_dataset("gradient", (n, k, d), dtype=dtype, **comp)
-            for b in blocks:
-                with h5py.File(shards.shard_path(b.index), "r") as s:
-                    if layout != "virtual":
-                        hess[b.s0 : b.s1, :, b.r0 : b.r1, :] = s["hessian"][()]
-                    if b.r0 == 0:
-                        grad[b.s0 : b.s1] = s["gradient"][()]
-                if on_block is not None:
-                    on_block(b)
-            f.create_dataset("inputs", data=meta.inputs, **comp)
-            f.create_dataset("outputs", data=meta.outputs)
-            f.create_dataset("sample_index", data=meta.sample_index)
-            f.create_dataset("output_index", data=meta.output_index)
-            _label(f, meta.inputs.ndim - 1, meta.output_index.ndim)
-            for key, value in meta.attrs.items():
-                f.attrs[key] = value
-            f.attrs["layout"] = layout
-            f.attrs["status"] = "complete"
-        commit(tmp, path, fsync)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+
+    def __init__(self):
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="pipeline-fsync")
+        self._futures: list[Future] = []
+        self._flushing: dict[Path, Future] = {}
+
+    def commit(self, tmp: Path, path: Path) -> None:
+        """``commit(tmp, path, fsync=True)``, in the background."""
+        self._raise_errors()
+        self._futures.append(self._pool.submit(commit, tmp, path, True))
+
+    def flush(self, path: Path) -> None:
+        """fsync a file that is still being written, unless a flush of it is waiting to start."""
+        self._raise_errors()
+        queued = self._flushing.get(path)
+        if queued is None or queued.running() or queued.done():
+            self._flushing[path] = self._pool.submit(fsync_path, path)
+            self._futures.append(self._flushing[path])
+
+    def wait(self) -> None:
+        """Block until every queued commit is done; raise the first error."""
+        for fut in self._futures:
+            fut.result()
+        self._futures.clear()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+    def _raise_errors(self) -> None:
+        for fut in [f for f in self._futures if f.done()]:
+            fut.result()
+            self._futures.remove(fut)
+
+
+class FinalFile:
+    """The final HDF5 file, written under a temporary name as blocks arrive, renamed when complete.
+
+    ``layout="copy"`` writes every block into one self-contained file; ``layout="virtual"`` maps
+    ``/hessian`` onto the shard files at ``finish`` (they must then be kept). Use as a context
+    manager: leaving it without ``finish`` (an error, an interrupt) removes the temporary file.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        plan: Plan,
+        shards: ShardStore,
+        dtype: np.dtype,
+        layout: str = "copy",
+        compression: str | None = None,
+        syncer: Syncer | None = None,
+    ):
+        self.path, self.plan, self.shards, self.layout = path, plan, shards, layout
+        self.syncer, self.dtype = syncer, dtype
+        self.comp = compression_options(compression)
+        self.tmp = temporary_name(path)
+        n, k, d = plan.n_samples, plan.n_outputs, plan.dim
+        self.file = h5py.File(self.tmp, "w")
+        if layout != "virtual":
+            self.file.create_dataset(
+                "hessian", (n, k, d, d), dtype=dtype, chunks=plan.chunks, **self.comp
+            )
+        self.file.create_dataset("gradient", (n, k, d), dtype=dtype, **self.comp)
+
+    def __enter__(self) -> FinalFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.file is not None:  # not finished: nothing half-written survives
+            self.file.close()
+            self.file = None
+        self.tmp.unlink(missing_ok=True)
+
+    def add(
+        self, b: Block, hessian: np.ndarray | None = None, gradient: np.ndarray | None = None
+    ) -> None:
+        """Write block ``b`` from the arrays when given (the local backend), else its shard."""
+        if hessian is None:
+            with h5py.File(self.shards.shard_path(b.index), "r") as s:
+                hessian = s["hessian"][()] if self.layout != "virtual" else None
+                gradient = s["gradient"][()] if b.r0 == 0 else None
+        if self.layout != "virtual":
+            self.file["hessian"][b.s0 : b.s1, :, b.r0 : b.r1, :] = hessian
+        if b.r0 == 0:
+            self.file["gradient"][b.s0 : b.s1] = gradient
+        if self.syncer is not None:  # start writing it to disk while the next block computes
+            self.syncer.flush(self.tmp)
+
+    def finish(self, meta: Metadata) -> None:
+        """Write the metadata, close, make durable and rename to ``path``."""
+        f, comp = self.file, self.comp
+        if self.layout == "virtual":
+            self._map_shards()
+        f.create_dataset("inputs", data=meta.inputs, **comp)
+        f.create_dataset("outputs", data=meta.outputs)
+        f.create_dataset("sample_index", data=meta.sample_index)
+        f.create_dataset("output_index", data=meta.output_index)
+        _label(f, meta.inputs.ndim - 1, meta.output_index.ndim)
+        for key, value in meta.attrs.items():
+            f.attrs[key] = value
+        f.attrs["layout"] = self.layout
+        f.attrs["status"] = "complete"
+        f.close()
+        self.file = None
+        if self.syncer is not None:
+            self.syncer.wait()  # the shards (which a virtual layout reads) and earlier flushes
+        commit(self.tmp, self.path, self.syncer is not None)
+
+    def _map_shards(self) -> None:
+        n, k, d = self.plan.n_samples, self.plan.n_outputs, self.plan.dim
+        vl = h5py.VirtualLayout(shape=(n, k, d, d), dtype=self.dtype)
+        for b in self.plan.blocks:
+            src = h5py.VirtualSource(
+                os.path.relpath(self.shards.shard_path(b.index), self.path.parent),
+                "hessian",
+                shape=(b.s1 - b.s0, k, b.r1 - b.r0, d),
+            )
+            vl[b.s0 : b.s1, :, b.r0 : b.r1, :] = src
+        self.file.create_virtual_dataset("hessian", vl, fillvalue=np.nan)
 
 
 def _label(f: h5py.File, n_input_dims: int, output_index_dims: int) -> None:

@@ -159,3 +159,29 @@ def test_disk_filling_up_mid_run_keeps_committed_blocks(small_disk, monkeypatch)
     filler.unlink()
     res = run(config(*JOB, "storage.mode=resume", f"storage.path={path}"))
     assert res.blocks_reused == len(kept)
+
+
+def test_a_killed_runs_partial_final_file_is_removed(tmp_path, reference):
+    """The final file is written under a hidden temporary name during the run; the next run on
+    the same path deletes what a killed run left there."""
+    path = tmp_path / "h.h5"
+    stale = tmp_path / ".h.h5.12345.0123abcd.partial"
+    stale.write_bytes(b"\0" * 1000)
+    other = tmp_path / ".other.h5.1.0123abcd.partial"  # another path's: not ours to delete
+    other.write_bytes(b"")
+    run(config(*JOB, f"storage.path={path}"))
+    assert not stale.exists()
+    assert other.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([other.name, "h.h5"])
+    np.testing.assert_array_equal(read_hessian(path), reference)
+
+
+@pytest.mark.parametrize("fsync", [True, False])
+def test_every_block_is_committed_by_the_end(tmp_path, reference, fsync):
+    """With fsync the commits run on a background thread: all must be done when run returns."""
+    path = tmp_path / "h.h5"
+    run(config(*JOB, f"storage.path={path}", "storage.keep_shards=true", f"storage.fsync={fsync}"))
+    shards = path.with_name("h.h5.shards")
+    assert len(list(shards.glob("block-*.h5"))) == 64
+    assert list(shards.glob(".*")) == [], "a shard kept its temporary name"
+    np.testing.assert_array_equal(read_hessian(path), reference)
