@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -26,6 +27,7 @@ from torch.func import functional_call, jacrev, vmap
 
 import pipeline
 from pipeline.methods import METHODS
+from pipeline.precision import tf32
 
 CASES: dict[str, tuple[str, tuple[int, ...]]] = {
     "mlp64": ("mlp", (64,)),
@@ -102,20 +104,29 @@ def func_jacrev2(model, x, outputs, chunk=None):
 
 
 def jax_hessian(model, x, outputs):
-    """JAX ``jit(vmap(jax.hessian(f)))`` at highest float32 matmul precision; None without JAX."""
+    """JAX ``jit(vmap(jax.hessian(f)))`` at highest float32 matmul precision on the device of
+    ``x`` (cpu or gpu); None without JAX (or without a JAX GPU backend for a cuda ``x``)."""
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave the GPU to torch too
     try:
         import jax
         import jax.numpy as jnp
     except ImportError:
         return None
+    try:
+        device = jax.devices("gpu" if x.is_cuda else "cpu")[0]
+    except RuntimeError:
+        return None
     jax.config.update("jax_default_matmul_precision", "highest")
+
+    def arr(t: Tensor):
+        return jax.device_put(t.detach().cpu().numpy(), device)
+
     layers = []
     for m in model:
         if isinstance(m, nn.Linear):
-            layers.append(("linear", jnp.asarray(m.weight.detach().cpu().numpy()),
-                           jnp.asarray(m.bias.detach().cpu().numpy())))  # fmt: skip
+            layers.append(("linear", arr(m.weight), arr(m.bias)))
         elif isinstance(m, nn.Conv2d):
-            w, b = (jnp.asarray(t.detach().cpu().numpy()) for t in (m.weight, m.bias))
+            w, b = arr(m.weight), arr(m.bias)
             layers.append(("conv", w, b, m.stride, m.padding))
         elif isinstance(m, nn.Tanh):
             layers.append(("tanh",))
@@ -148,7 +159,7 @@ def jax_hessian(model, x, outputs):
         return h[0, idx]
 
     fn = jax.jit(jax.vmap(jax.hessian(f)))
-    xj = jnp.asarray(x.reshape(x.shape[0], -1).cpu().numpy())
+    xj = jax.device_put(jnp.asarray(x.reshape(x.shape[0], -1).cpu().numpy()), device)
 
     def run(_model, _x, _outputs):
         return fn(xj).block_until_ready()
@@ -156,9 +167,10 @@ def jax_hessian(model, x, outputs):
     return run
 
 
-def ours(name: str):
+def ours(name: str, allow_tf32: bool = False):
     def run(model, x, outputs):
-        return pipeline.hessian(model, x, outputs, method=name)
+        with tf32(allow_tf32):
+            return pipeline.hessian(model, x, outputs, method=name)
 
     return run
 
@@ -182,7 +194,7 @@ def bench_case(case: str, outputs: list[int], args) -> list[dict]:
         "vmap(torch.func.hessian)": (lambda m, v, o: func_hessian(m, v, o, args.chunk), x),
         "vmap(jacrev(jacrev))": (lambda m, v, o: func_jacrev2(m, v, o, args.chunk), x),
     }
-    jax_run = jax_hessian(model, x, outputs) if args.jax and args.device == "cpu" else None
+    jax_run = jax_hessian(model, x, outputs) if args.jax else None
     if jax_run is not None:
         methods["jax jit(vmap(hessian)) f32 highest"] = (jax_run, x)
     target = pipeline.make_target(outputs, model(x[:1]).detach())
@@ -193,6 +205,8 @@ def bench_case(case: str, outputs: list[int], args) -> list[dict]:
                 if name == "auto" else ""
             )  # fmt: skip
             methods[label] = (ours(name), x)
+    if args.tf32:  # the opt-in reduced precision, its error against the float32 reference below
+        methods["pipeline auto, TF32 matmuls"] = (ours("auto", allow_tf32=True), x)
     skip = [s.lower() for s in args.skip]
     methods = {k: v for k, v in methods.items() if not any(s in k.lower() for s in skip)}
 
@@ -240,6 +254,7 @@ def main() -> None:
     p.add_argument("--no-jax", dest="jax", action="store_false")
     p.add_argument("--json", default=None, help="also write the rows as JSON to this path")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument("--tf32", action="store_true", help="add `auto` with TF32 matmuls (GPU)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

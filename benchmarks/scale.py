@@ -5,6 +5,7 @@ and the pipeline's overhead over the in-process engine. Prints tables; --json wr
     python benchmarks/scale.py resume   --dim 1024 --samples 8
     python benchmarks/scale.py scaling  --dim 1024 --samples 8
     python benchmarks/scale.py overhead --dim 784 --samples 64
+    python benchmarks/scale.py gpu      --dim 784 --samples 1024   # needs CUDA
     python benchmarks/scale.py all --quick      # small sizes, a couple of minutes
 
 The model is a tanh MLP D -> 256 -> 256 -> 10 (pipeline.models.mlp), one logit, float32,
@@ -247,9 +248,52 @@ def bench_overhead(a) -> dict:
     }
 
 
+def bench_gpu(a) -> dict:
+    """Throughput on a GPU: the in-process engine, ``backend=local backend.device=cuda`` and
+    ``backend=dask_cuda`` (when dask-cuda is installed) on the same job; samples a second."""
+    import torch
+
+    from pipeline import hessian
+    from pipeline.data import load_data
+    from pipeline.models import mlp
+    from pipeline.run import run
+    from tests.configs import config
+
+    tmp = Path(a.dir or tempfile.mkdtemp(prefix="bench-gpu-"))
+    base = job(a.dim, a.samples, "method.memory_budget_mb=16000", "storage.block_mb=512")
+    cfg = config(*base, f"storage.path={tmp / 'warm.h5'}", "backend.device=cuda")
+    net = mlp(a.dim).eval().cuda()
+    x = load_data(cfg["data"], torch.float32).x.cuda()
+    out = {"case": "gpu", "dim": a.dim, "samples": a.samples, "card": torch.cuda.get_device_name()}
+    hessian(net, x[:8], [2])  # warm-up
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for s in range(0, len(x), 256):
+        hessian(net, x[s : s + 256], [2]).cpu()
+    out["engine_samples_per_s"] = a.samples / (time.perf_counter() - t)
+    backends = {"local_cuda": ["backend.device=cuda"], "dask_cuda": ["backend=dask_cuda"]}
+    for name, extra in backends.items():
+        if name == "dask_cuda" and not _importable("dask_cuda"):
+            continue
+        for fsync in (True, False):
+            path = tmp / f"{name}-{fsync}.h5"
+            res = run(config(*base, *extra, f"storage.fsync={fsync}", f"storage.path={path}"))
+            key = f"{name}{'' if fsync else '_no_fsync'}"
+            out[f"{key}_samples_per_s"] = a.samples / res.seconds
+            out[f"{key}_compute_samples_per_s"] = a.samples / res.compute_seconds
+            path.unlink()
+    return out
+
+
+def _importable(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("case", choices=["memory", "resume", "scaling", "overhead", "all"])
+    p.add_argument("case", choices=["memory", "resume", "scaling", "overhead", "gpu", "all"])
     p.add_argument("--dim", type=int)
     p.add_argument("--samples", type=int)
     p.add_argument("--workers", type=int, default=2)
@@ -264,8 +308,9 @@ def main() -> None:
         "resume": ((2048, 16), (512, 4)),
         "scaling": ((1024, 32), (512, 4)),
         "overhead": ((784, 64), (784, 16)),
+        "gpu": ((784, 1024), (784, 256)),
     }
-    cases = list(defaults) if a.case == "all" else [a.case]
+    cases = [c for c in defaults if c != "gpu"] if a.case == "all" else [a.case]
     results = []
     for case in cases:
         dim, samples = defaults[case][1 if a.quick else 0]

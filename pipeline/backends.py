@@ -22,6 +22,7 @@ from .job import Job, torch_dtype
 from .methods import METHODS
 from .models import build_model
 from .plan import Block
+from .precision import tf32
 from .storage import ShardStore
 from .targets import Target
 
@@ -77,23 +78,30 @@ def run_local(job: Job, blocks: list[Block], shards: ShardStore, on_block) -> fl
     """One process, blocks in order, each committed as soon as it is computed."""
     t0 = time.perf_counter()
     device = _device(job.cfg["backend"].get("device", "cpu"))
-    _set_tf32(job.cfg, device)
     model = job.model.to(device)
     x = job.data.x.to(device)
     target = job.target.to(device)
     for b in blocks:
-        h, g = compute_block(
-            model, job.method.name, x[b.s0 : b.s1], target.subset(b.s0, b.s1), b, _budget(job)
-        )
+        with tf32(_tf32(job.cfg)):
+            h, g = compute_block(
+                model, job.method.name, x[b.s0 : b.s1], target.subset(b.s0, b.s1), b, _budget(job)
+            )
         shards.write(b, h, g)
         on_block(b, h, g)
     return time.perf_counter() - t0
 
 
-def _set_tf32(cfg: dict[str, Any], device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = bool(cfg["method"].get("tf32", False))
-        torch.backends.cudnn.allow_tf32 = bool(cfg["method"].get("tf32", False))
+def _tf32(cfg: dict[str, Any]) -> bool:
+    return bool(cfg["method"].get("tf32", False))
+
+
+def compute_device(backend: dict[str, Any]) -> torch.device:
+    """Where the blocks run, as seen from this process (a GPU for dask_cuda when it has one)."""
+    if backend["name"] == "local":
+        return _device(backend.get("device", "cpu"))
+    if backend["name"] == "dask":
+        return torch.device("cpu")
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 # ---- Dask ------------------------------------------------------------------------------------
@@ -148,13 +156,15 @@ def _dask_task(
     shard_dir: str,
     budget: int,
     fsync: bool = True,
+    allow_tf32: bool = False,
 ) -> int:
     """Run on a worker: compute one block and commit its shard. Idempotent."""
     model = _worker_model(*model_args)
     device = next(iter(model.parameters()), torch.empty(0)).device
     target = Target(kind, torch.as_tensor(aux), output_index).to(device)
     xt = torch.as_tensor(x).to(device)
-    h, g = compute_block(model, method, xt, target, block, budget)
+    with tf32(allow_tf32):
+        h, g = compute_block(model, method, xt, target, block, budget)
     ShardStore(shard_dir, fsync).write(block, h, g)
     return block.index
 
@@ -287,6 +297,7 @@ def run_dask(client, job: Job, blocks: list[Block], shards: ShardStore, on_block
             shard_dir,
             _budget(job),
             shards.fsync,
+            _tf32(job.cfg),
             key=f"hessian-block-{key}-{b.index}",
             retries=backend.get("retries", 2),
             pure=False,

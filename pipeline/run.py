@@ -21,11 +21,12 @@ import yaml
 from omegaconf import DictConfig
 
 from . import __version__
-from .backends import execute
+from .backends import compute_device, execute
 from .config import fingerprint, to_plain
 from .errors import PipelineError
 from .job import Job, build_job
 from .plan import Plan, make_plan
+from .precision import tf32_report
 from .storage import FinalFile, Metadata, ShardStore, Syncer, compression_options
 
 log = logging.getLogger(__name__)
@@ -130,6 +131,7 @@ def _locked_run(cfg, path: Path, mode: str, overrides, t0: float) -> RunResult:
         reused,
     )
     meta = _metadata(job, cfg, overrides or [], plan, fp)
+    meta.attrs.update(tf32_report(job, compute_device(cfg["backend"])))
     layout, dtype = st.get("layout", "copy"), job.data.x.numpy().dtype
     syncer = Syncer() if shards.fsync else None
     shards.syncer = syncer

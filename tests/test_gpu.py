@@ -1,0 +1,73 @@
+"""The same numbers on a GPU: every method, the local backend on cuda, dask_cuda, TF32's error.
+
+Marked ``gpu`` (deselected by default; ``make test-gpu`` runs them) and skipped without CUDA.
+"""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from pipeline import hessian, make_target
+from pipeline.methods import METHODS
+from pipeline.run import run
+
+from .configs import config, read_hessian
+from .nets import mlp
+from .zoo import assert_close_to_max
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+JOB = ("data=synthetic", "data.shape=[64]", "data.n_samples=6", "storage.block_rows=16",
+       "model=custom", "+model.net._target_=tests.nets.mlp", "+model.net.d=64")  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def cpu_result(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cpu") / "h.h5"
+    run(config(*JOB, "dtype=float64", f"storage.path={path}"))
+    return read_hessian(path)
+
+
+@pytest.mark.parametrize("method", ["auto", *METHODS])
+def test_every_method_on_cuda_matches_the_cpu_float64_result(method):
+    torch.manual_seed(0)
+    net, x = mlp(64).eval(), torch.randn(4, 64)
+    target = make_target([0, 3], net(x).detach())
+    if method != "auto" and METHODS[method].unsupported(net, target) is not None:
+        pytest.skip(f"{method} does not support the net")
+    ref = hessian(net.double(), x.double(), [0, 3])
+    got = hessian(net.float().cuda(), x.cuda(), [0, 3], method=method)
+    assert_close_to_max(got.cpu().double(), ref, 1e-4, what=f"{method} on cuda")
+
+
+def test_local_backend_on_cuda_equals_cpu(tmp_path, cpu_result):
+    path = tmp_path / "h.h5"
+    run(config(*JOB, "dtype=float64", "backend.device=cuda", f"storage.path={path}"))
+    assert_close(read_hessian(path), cpu_result, 1e-10, "backend.device=cuda")
+
+
+def test_dask_cuda_backend_equals_cpu(tmp_path, cpu_result):
+    pytest.importorskip("dask_cuda")
+    path = tmp_path / "h.h5"
+    run(config(*JOB, "dtype=float64", "backend=dask_cuda", f"storage.path={path}"))
+    assert_close(read_hessian(path), cpu_result, 1e-10, "backend=dask_cuda")
+
+
+def test_tf32_error_is_measured_and_recorded(tmp_path, cpu_result):
+    path = tmp_path / "h.h5"
+    run(config(*JOB, "backend.device=cuda", "method.tf32=true", f"storage.path={path}"))
+    with h5py.File(path) as f:
+        assert f.attrs["tf32"] == "on"
+        err = float(f.attrs["tf32_max_rel_error"])
+    assert 0 <= err < 1e-2, err
+    assert_close(read_hessian(path).astype(np.float64), cpu_result, 5e-2, "TF32 result")
+
+
+def assert_close(actual: np.ndarray, expected: np.ndarray, rtol: float, what: str) -> None:
+    assert_close_to_max(torch.as_tensor(actual), torch.as_tensor(expected), rtol, what)

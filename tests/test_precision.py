@@ -1,0 +1,47 @@
+"""The TF32 switch: scoped, measured, recorded; ignored (and said so) where it cannot apply."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import torch
+
+from pipeline.methods import METHODS
+from pipeline.precision import tf32, tf32_error
+from pipeline.run import run
+from pipeline.targets import make_target
+
+from .configs import config, read_hessian
+from .nets import mlp
+
+JOB = ("data=synthetic", "data.shape=[16]", "data.n_samples=3", "model=custom",
+       "+model.net._target_=tests.nets.mlp", "+model.net.d=16")  # fmt: skip
+
+
+def test_tf32_switch_is_scoped():
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    with tf32(not before[0]):
+        assert torch.backends.cuda.matmul.allow_tf32 is (not before[0])
+        assert torch.backends.cudnn.allow_tf32 is (not before[0])
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before
+
+
+def test_tf32_error_is_zero_on_the_cpu():
+    """The CPU has no TF32: both computations are the same float32 matmuls, bit for bit."""
+    torch.manual_seed(0)
+    net, x = mlp(16).eval(), torch.randn(2, 16)
+    target = make_target([1], net(x).detach())
+    err = tf32_error(METHODS["structured"].compute, net, x, target, torch.arange(16), 1 << 26)
+    assert err == 0.0
+
+
+def test_tf32_on_the_cpu_is_recorded_as_ignored(tmp_path):
+    plain, fast = tmp_path / "plain.h5", tmp_path / "fast.h5"
+    run(config(*JOB, f"storage.path={plain}"))
+    run(config(*JOB, "method.tf32=true", f"storage.path={fast}"))
+    with h5py.File(fast) as f:
+        assert f.attrs["tf32"].startswith("ignored"), f.attrs["tf32"]
+        assert "tf32_max_rel_error" not in f.attrs
+    with h5py.File(plain) as f:
+        assert "tf32" not in f.attrs
+    np.testing.assert_array_equal(read_hessian(fast), read_hessian(plain))
