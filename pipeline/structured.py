@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -104,16 +105,22 @@ def activation_derivatives(act: nn.Module, a: Tensor) -> tuple[Tensor, Tensor]:
 
 @dataclass
 class Affine:
-    """The linear part of an affine layer acting on flat features (..., F_in) -> (..., F_out).
+    """The linear part W of a layer acting on flat features (..., F_in) -> (..., F_out).
+
+    Subclasses say how W acts (``apply``, ``apply_t``) and what W v costs (``macs``). ``dense``
+    ones also compute W^T M W (``congruence``), so the M-propagation may pass through them; the
+    others stay below the cut (see NOTE [split schedule]).
 
     Attributes:
-        module: the layer (Linear, Conv2d or an eval-mode BatchNorm).
+        module: the layer.
         in_shape: per-sample input shape; out_shape: per-sample output shape.
     """
 
     module: nn.Module
     in_shape: tuple[int, ...]
     out_shape: tuple[int, ...]
+
+    dense: ClassVar[bool] = False
 
     @property
     def f_in(self) -> int:
@@ -124,22 +131,62 @@ class Affine:
         return math.prod(self.out_shape)
 
     @property
-    def dense(self) -> bool:
-        """Whether W^T M W is computed with the dense matrix (Linear, BatchNorm) or not (conv)."""
-        return not isinstance(self.module, nn.Conv2d)
+    def macs(self) -> int:
+        """Multiply-adds of W v for one vector v."""
+        raise NotImplementedError
+
+    def apply(self, v: Tensor) -> Tensor:
+        """W v for v (..., F_in) -> (..., F_out)."""
+        raise NotImplementedError
+
+    def apply_t(self, u: Tensor) -> Tensor:
+        """W^T u for u (..., F_out) -> (..., F_in)."""
+        raise NotImplementedError
+
+    def congruence(self, m: Tensor, diagonal: bool) -> tuple[Tensor, bool]:
+        """W^T M W for M (B, F_out, F_out), or diag(m) with m (B, F_out) when ``diagonal``.
+
+        Returns:
+            (W^T M W, whether it is returned as a diagonal (B, F_in)).
+        """
+        raise NotImplementedError(f"{type(self).__name__} stays below the cut")
+
+
+@dataclass
+class Dense(Affine):
+    """nn.Linear: W is its weight (F_out, F_in)."""
+
+    dense = True
 
     @property
     def macs(self) -> int:
-        """Multiply-adds of W v for one vector v."""
-        m = self.module
-        if isinstance(m, nn.Conv2d):
-            return self.f_out * (m.in_channels // m.groups) * math.prod(m.kernel_size)
-        if isinstance(m, nn.Linear):
-            return self.f_in * self.f_out
+        return self.f_in * self.f_out
+
+    def apply(self, v: Tensor) -> Tensor:
+        return F.linear(v, self.module.weight)
+
+    def apply_t(self, u: Tensor) -> Tensor:
+        return u @ self.module.weight
+
+    def congruence(self, m: Tensor, diagonal: bool) -> tuple[Tensor, bool]:
+        w = self.module.weight
+        if diagonal:
+            return (m.unsqueeze(-1) * w).mT @ w, False
+        return (m @ w).mT @ w, False  # M symmetric: (M W)^T W = W^T M W
+
+
+@dataclass
+class Diagonal(Affine):
+    """An eval-mode BatchNorm: W = diag(scale), one factor per channel (the first axis)."""
+
+    dense = True
+
+    @property
+    def macs(self) -> int:
         return self.f_in
 
     def scale(self) -> Tensor:
-        """(F,) diagonal of a BatchNorm layer's linear part."""
+        """(F,) diagonal of W."""
         m = self.module
         s = torch.rsqrt(m.running_var + m.eps)
         if m.weight is not None:
@@ -149,64 +196,94 @@ class Affine:
         return s.reshape(per_channel, 1).expand(per_channel, rest).reshape(-1)
 
     def apply(self, v: Tensor) -> Tensor:
-        """W v for v (..., F_in) -> (..., F_out)."""
-        m, lead = self.module, v.shape[:-1]
-        if isinstance(m, nn.Linear):
-            return F.linear(v, m.weight)
-        if isinstance(m, nn.Conv2d):
-            y = F.conv2d(
-                v.reshape(-1, *self.in_shape), m.weight, None, m.stride, m.padding, m.dilation,
-                m.groups,
-            )  # fmt: skip
-            return y.reshape(*lead, self.f_out)
         return v * self.scale()
 
     def apply_t(self, u: Tensor) -> Tensor:
-        """W^T u for u (..., F_out) -> (..., F_in)."""
-        m, lead = self.module, u.shape[:-1]
-        if isinstance(m, nn.Linear):
-            return u @ m.weight
-        if isinstance(m, nn.Conv2d):
-            out_pad = [
-                i - ((o - 1) * s - 2 * p + d * (k - 1) + 1)
-                for i, o, s, p, d, k in zip(
-                    self.in_shape[1:], self.out_shape[1:], m.stride, m.padding, m.dilation,
-                    m.kernel_size, strict=True,
-                )
-            ]  # fmt: skip
-            x = F.conv_transpose2d(
-                u.reshape(-1, *self.out_shape), m.weight, None, m.stride, m.padding, out_pad,
-                m.groups, m.dilation,
-            )  # fmt: skip
-            return x.reshape(*lead, self.f_in)
         return u * self.scale()
 
     def congruence(self, m: Tensor, diagonal: bool) -> tuple[Tensor, bool]:
-        """W^T M W for M (B, F_out, F_out), or diag(m) with m (B, F_out) when ``diagonal``.
-
-        Returns:
-            (W^T M W, whether it is returned as a diagonal (B, F_in)).
-        """
-        if isinstance(self.module, nn.Linear):
-            w = self.module.weight
-            if diagonal:
-                return (m.unsqueeze(-1) * w).mT @ w, False
-            return (m @ w).mT @ w, False  # M symmetric: (M W)^T W = W^T M W
         s = self.scale()
         if diagonal:
             return m * s * s, True
         return s.unsqueeze(-1) * m * s, False
 
 
+_CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_CONV_INPUT_FN = {1: nn.grad.conv1d_input, 2: nn.grad.conv2d_input, 3: nn.grad.conv3d_input}
+
+
+@dataclass
+class Conv(Affine):
+    """A zero-padded convolution without bias over n = 1, 2 or 3 spatial dimensions.
+
+    W v is ``F.conv{n}d``, W^T u its adjoint ``nn.grad.conv{n}d_input``. Padding may be larger
+    after than before (``padding="same"`` with an even kernel): the excess is an ``F.pad`` of v,
+    and W^T u drops it again.
+
+    Attributes:
+        weight: (C_out, C_in / groups, *kernel).
+        stride, dilation: one per spatial dimension; groups: as in ``F.conv2d``.
+        padding: (before, after) zeros per spatial dimension, before <= after.
+    """
+
+    weight: Tensor
+    stride: tuple[int, ...]
+    padding: tuple[tuple[int, int], ...]
+    dilation: tuple[int, ...]
+    groups: int
+
+    @property
+    def macs(self) -> int:
+        return self.f_out * math.prod(self.weight.shape[1:])
+
+    @property
+    def _before(self) -> list[int]:
+        return [lo for lo, _ in self.padding]
+
+    @property
+    def _excess(self) -> list[int]:
+        """``F.pad`` widths of the padding beyond ``_before``: (left, right) from the last axis."""
+        return [p for lo, hi in reversed(self.padding) for p in (0, hi - lo)]
+
+    def apply(self, v: Tensor) -> Tensor:
+        x = F.pad(v.reshape(-1, *self.in_shape), self._excess)
+        conv = _CONV_FN[len(self.stride)]
+        y = conv(x, self.weight, None, self.stride, self._before, self.dilation, self.groups)
+        return y.reshape(*v.shape[:-1], self.f_out)
+
+    def apply_t(self, u: Tensor) -> Tensor:
+        y = u.reshape(-1, *self.out_shape)
+        size = [y.shape[0], self.in_shape[0]]
+        size += [n + hi - lo for n, (lo, hi) in zip(self.in_shape[1:], self.padding, strict=True)]
+        adjoint = _CONV_INPUT_FN[len(self.stride)]
+        x = adjoint(size, self.weight, y, self.stride, self._before, self.dilation, self.groups)
+        x = x[(..., *(slice(n) for n in self.in_shape[1:]))]  # drop the excess padding
+        return x.reshape(*u.shape[:-1], self.f_in)
+
+
 @dataclass
 class Activation:
-    """An elementwise activation on flat features of size ``f``."""
+    """An elementwise activation on flat features of per-sample shape ``shape``."""
 
     module: nn.Module
-    f: int
+    shape: tuple[int, ...]
+
+    @property
+    def f(self) -> int:
+        return math.prod(self.shape)
+
+    def derivatives(self, a: Tensor) -> tuple[Tensor, Tensor]:
+        """(s'(a), s''(a)) for flat pre-activations a (N, F)."""
+        d1, d2 = activation_derivatives(self.module, a.reshape(-1, *self.shape))
+        return d1.reshape(a.shape), d2.reshape(a.shape)
 
 
 Op = Affine | Activation
+
+# Layers by spatial dimensions (n = 1, 2, 3), and the layers each op kind stands for.
+_CONVS = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
+_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_SUPPORTED = (nn.Linear, *_BATCHNORMS, *_CONVS, *_ELEMENTWISE, *_SHAPE_ONLY)
 
 
 def unsupported(model: nn.Module, target: Target) -> str | None:
@@ -225,24 +302,24 @@ def unsupported(model: nn.Module, target: Target) -> str | None:
     return None
 
 
+def _supported_base(m: nn.Module) -> type[nn.Module] | None:
+    """The supported torch layer class that ``m`` is (or subclasses), if any."""
+    return next((c for c in type(m).__mro__ if c in _SUPPORTED), None)
+
+
 def _layer_unsupported(m: nn.Module) -> str | None:
-    if isinstance(m, (nn.Linear, *_SHAPE_ONLY)):
-        if isinstance(m, nn.Flatten) and m.start_dim == 0:
-            return "Flatten(start_dim=0) mixes the samples of a batch"
-        return None
-    if type(m) in _ELEMENTWISE:
-        return None
-    if isinstance(m, nn.Conv2d):
-        if type(m).forward is not nn.Conv2d.forward:
-            return "a Conv2d subclass with its own forward"
-        if m.padding_mode != "zeros" or isinstance(m.padding, str):
-            return "only Conv2d with explicit zero padding is supported"
-        return None
-    if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d):
-        if not m.track_running_stats or m.running_var is None:
-            return "BatchNorm without running statistics uses batch statistics"
-        return None
-    return f"{type(m).__name__} is not a supported layer"
+    base = _supported_base(m)
+    if base is None:
+        return f"{type(m).__name__} is not a supported layer"
+    if type(m).forward is not base.forward:
+        return f"a {base.__name__} subclass with its own forward"
+    if isinstance(m, nn.Flatten) and m.start_dim == 0:
+        return "Flatten(start_dim=0) mixes the samples of a batch"
+    if base in _CONVS and m.padding_mode != "zeros":
+        return f"{base.__name__}(padding_mode={m.padding_mode!r}): only zero padding is supported"
+    if base in _BATCHNORMS and (not m.track_running_stats or m.running_var is None):
+        return "BatchNorm without running statistics uses batch statistics"
+    return None
 
 
 def _forward_leaves(model: nn.Module) -> list[nn.Module]:
@@ -269,14 +346,38 @@ def build_chain(model: nn.Module, x: Tensor) -> tuple[list[Op], list[Tensor], Te
     for m in _forward_leaves(model):
         out = m(h)
         if not isinstance(m, _SHAPE_ONLY):
-            flat = h.reshape(h.shape[0], -1)
-            if type(m) in _ELEMENTWISE:
-                ops.append(Activation(m, flat.shape[1]))
-            else:
-                ops.append(Affine(m, tuple(h.shape[1:]), tuple(out.shape[1:])))
-            inputs.append(flat)
+            ops.append(_make_op(m, h, out))
+            inputs.append(h.reshape(h.shape[0], -1))
         h = out
     return ops, inputs, h.reshape(h.shape[0], -1)
+
+
+def _make_op(m: nn.Module, h: Tensor, out: Tensor) -> Op:
+    """The op of a supported layer ``m`` that maps h (N, *in_shape) to out (N, *out_shape)."""
+    if isinstance(m, _ELEMENTWISE):
+        return Activation(m, tuple(h.shape[1:]))
+    shapes = (m, tuple(h.shape[1:]), tuple(out.shape[1:]))
+    if isinstance(m, nn.Linear):
+        return Dense(*shapes)
+    if isinstance(m, _BATCHNORMS):
+        return Diagonal(*shapes)
+    n = _CONVS[_supported_base(m)]
+    if h.dim() != n + 2:
+        raise ValueError(f"{type(m).__name__} needs inputs (N, C, *{n} sizes), got {h.shape}")
+    return Conv(*shapes, m.weight, m.stride, _conv_padding(m), m.dilation, m.groups)
+
+
+def _conv_padding(m: nn.Module) -> tuple[tuple[int, int], ...]:
+    """(before, after) zeros per spatial dimension of a convolution, strings resolved.
+
+    ``"same"`` pads d (k - 1) in all, the odd one after (as torch does); ``"valid"`` none.
+    """
+    if m.padding == "valid":
+        return tuple((0, 0) for _ in m.kernel_size)
+    if m.padding == "same":
+        total = [d * (k - 1) for d, k in zip(m.dilation, m.kernel_size, strict=True)]
+        return tuple((t // 2, t - t // 2) for t in total)
+    return tuple((p, p) for p in m.padding)
 
 
 # --------------------------------------------------------------------------------------------
@@ -356,11 +457,11 @@ def _cost(ops: list[Op], cut: int, r: int, k: int, kind: str) -> int:
         if isinstance(op, Activation):
             kind = "dense" if kind == "dense" else "diag"
             cost += k * op.f * (op.f if kind == "dense" else 1) * ELEMENTWISE_MACS
-        elif kind == "diag" and op.dense and isinstance(op.module, nn.Linear):
+        elif kind == "diag" and isinstance(op, Dense):
             cost += k * op.f_out * op.f_in * op.f_in
             kind = "dense"
         elif kind == "dense":
-            linear = isinstance(op.module, nn.Linear)
+            linear = isinstance(op, Dense)
             cost += k * (op.f_out * op.f_in * (op.f_out + op.f_in) if linear else op.f_in**2)
     width = _width_below(ops, cut)
     live = kind != "zero"
@@ -408,7 +509,7 @@ def structured_hessian(
     for i in reversed(range(len(ops))):
         op = ops[i]
         if isinstance(op, Activation):
-            d1, d2 = activation_derivatives(op.module, inputs[i])
+            d1, d2 = op.derivatives(inputs[i])
             slopes[i] = d1
             curv[i] = d2.unsqueeze(1) * g
             g = d1.unsqueeze(1) * g
@@ -444,7 +545,7 @@ def structured_hessian(
         if isinstance(op, Activation):
             tangents[i] = jac
             jac = slopes[i].unsqueeze(1) * jac
-        elif basis and isinstance(op.module, nn.Linear):
+        elif basis and isinstance(op, Dense):
             jac = op.module.weight[:, rows].T.unsqueeze(0)
         else:
             jac = op.apply(jac)
@@ -468,7 +569,7 @@ def structured_hessian(
             u = term if u is None else slopes[i][:, None, None, :] * u + term
         elif u is not None:
             full = i == 0 and len(rows) == dim and bool((rows == torch.arange(dim)).all())
-            if full and isinstance(op.module, nn.Linear):
+            if full and isinstance(op, Dense):
                 u = symmetric_product(u, op.module.weight)
             else:
                 u = op.apply_t(u)

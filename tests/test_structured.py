@@ -14,7 +14,10 @@ from pipeline.methods import resolve_method
 from pipeline.structured import build_chain, plan_split, structured_hessian
 from tests.zoo import assert_close_to_max as assert_close
 
-pytestmark = pytest.mark.usefixtures("float64_default")  # every case runs in float64
+pytestmark = [
+    pytest.mark.usefixtures("float64_default"),  # every case runs in float64
+    pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel"),  # torch's note
+]
 
 
 def reference(model: nn.Module, x: Tensor, target, rows: Tensor) -> tuple[Tensor, Tensor]:
@@ -56,6 +59,41 @@ def conv_net() -> nn.Sequential:
     return net
 
 
+def randomize_batchnorm(net: nn.Module) -> nn.Module:
+    """Running statistics and weights away from 0 and 1, so that BatchNorm is not an identity."""
+    for bn in net.modules():
+        if isinstance(bn, nn.modules.batchnorm._BatchNorm):
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.5, 2)
+            bn.weight.data.uniform_(0.5, 2)
+    return net
+
+
+def conv1d_net() -> nn.Sequential:
+    """Conv1d with padding="same" and an even kernel (one more zero after than before)."""
+    return nn.Sequential(
+        nn.Conv1d(2, 3, 4, padding="same"), nn.Tanh(),
+        nn.Conv1d(3, 3, 3, stride=2, padding=1, groups=3), nn.Softplus(),
+        nn.Conv1d(3, 2, 2, padding="valid", dilation=2), nn.Flatten(), nn.Linear(6, 3),
+    )  # fmt: skip
+
+
+def conv3d_net() -> nn.Sequential:
+    return randomize_batchnorm(nn.Sequential(
+        nn.Conv3d(1, 2, 2, padding="same"), nn.BatchNorm3d(2), nn.GELU(),
+        nn.Conv3d(2, 2, (2, 1, 2), stride=(1, 2, 1), padding=(0, 1, 1)), nn.Tanh(),
+        nn.Flatten(), nn.Linear(2 * 2 * 3 * 5, 3),
+    ))  # fmt: skip
+
+
+def same_dilated_net() -> nn.Sequential:
+    """padding="same" with dilation: (3 - 1) * 2 zeros split evenly, (2 - 1) * 3 unevenly."""
+    return nn.Sequential(
+        nn.Conv2d(1, 2, (3, 2), padding="same", dilation=(2, 3)), nn.SiLU(), nn.Flatten(),
+        nn.Linear(2 * 4 * 5, 3),
+    )  # fmt: skip
+
+
 @dataclass(frozen=True)
 class Case:
     name: str
@@ -83,6 +121,10 @@ CASES = [
     Case("linear_ce", lambda: nn.Sequential(nn.Linear(5, 4)), (5,), "loss"),
     Case("conv", conv_net, (1, 5, 5), [0, 2]),
     Case("conv_ce", conv_net, (1, 5, 5), "loss", rows=(0, 7, 24)),
+    Case("conv1d_same", conv1d_net, (2, 9), [0, 2]),
+    Case("conv1d_mse", conv1d_net, (2, 9), "loss", loss="mse"),
+    Case("conv3d_bn", conv3d_net, (1, 3, 3, 4), [1], rows=(0, 5, 17, 35)),
+    Case("same_dilated", same_dilated_net, (1, 4, 5), "loss"),
 ]
 
 
@@ -108,10 +150,10 @@ def test_every_cut_matches_autograd(case: Case):
     with torch.no_grad():
         ops, inputs, z = build_chain(model, x)
         lowest = plan_split(ops, len(rows), target.n_outputs, "zero")[0]
-        convs = max((i + 1 for i, op in enumerate(ops) if isinstance(op.module, nn.Conv2d)),
-                    default=0)  # fmt: skip
-        assert lowest >= convs
-        for cut in range(convs, len(ops) + 1):
+        sparse = max((i + 1 for i, op in enumerate(ops) if not getattr(op, "dense", True)),
+                     default=0)  # fmt: skip
+        assert lowest >= sparse
+        for cut in range(sparse, len(ops) + 1):
             h, g = structured_hessian(ops, inputs, z, target, rows, cut)
             assert_close(h, h_ref, what=f"{case.name} hessian, cut {cut}")
             assert_close(g, g_ref, what=f"{case.name} gradient, cut {cut}")
@@ -159,9 +201,22 @@ def test_activation_derivatives_match_autograd():
         (nn.Sequential(nn.Conv2d(1, 2, 3), nn.GELU(), nn.Flatten(), nn.Linear(8, 2)), "structured"),
         (nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)), "piecewise"),
         (nn.Sequential(nn.Linear(4, 3), nn.Hardswish(), nn.Linear(3, 2)), "forward_over_reverse"),
-        (nn.Sequential(nn.Conv2d(1, 2, 3, padding="same"), nn.Tanh()), "forward_over_reverse"),
+        (nn.Sequential(nn.Conv2d(1, 2, 2, padding="same"), nn.Tanh()), "structured"),
+        (nn.Sequential(nn.Conv1d(1, 2, 3), nn.Tanh(), nn.Conv3d(2, 1, 1)), "structured"),
+        (
+            nn.Sequential(nn.Conv2d(1, 2, 3, padding_mode="reflect"), nn.Tanh()),
+            "forward_over_reverse",
+        ),
     ],
-    ids=["tanh_mlp", "gelu_cnn", "relu_mlp", "hardswish", "same_padding"],
+    ids=[
+        "tanh_mlp",
+        "gelu_cnn",
+        "relu_mlp",
+        "hardswish",
+        "same_padding",
+        "conv1d_3d",
+        "reflect_padding",
+    ],
 )
 def test_auto_picks(model, expected):
     target = make_target([0], torch.zeros(1, 2))
