@@ -282,8 +282,11 @@ Op = Affine | Activation
 
 # Layers by spatial dimensions (n = 1, 2, 3), and the layers each op kind stands for.
 _CONVS = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
+_AVG_POOLS = {nn.AvgPool1d: 1, nn.AvgPool2d: 2, nn.AvgPool3d: 3}
+_ADAPTIVE_AVG_POOLS = {nn.AdaptiveAvgPool1d: 1, nn.AdaptiveAvgPool2d: 2, nn.AdaptiveAvgPool3d: 3}
+_SPATIAL = {**_CONVS, **_AVG_POOLS, **_ADAPTIVE_AVG_POOLS}
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-_SUPPORTED = (nn.Linear, *_BATCHNORMS, *_CONVS, *_ELEMENTWISE, *_SHAPE_ONLY)
+_SUPPORTED = (nn.Linear, *_BATCHNORMS, *_SPATIAL, *_ELEMENTWISE, *_SHAPE_ONLY)
 
 
 def unsupported(model: nn.Module, target: Target) -> str | None:
@@ -319,7 +322,21 @@ def _layer_unsupported(m: nn.Module) -> str | None:
         return f"{base.__name__}(padding_mode={m.padding_mode!r}): only zero padding is supported"
     if base in _BATCHNORMS and (not m.track_running_stats or m.running_var is None):
         return "BatchNorm without running statistics uses batch statistics"
+    if base in _AVG_POOLS and m.ceil_mode:
+        return f"{base.__name__}(ceil_mode=True): the last windows' divisors depend on the input"
+    if base in _AVG_POOLS and not m.count_include_pad and any(_as_tuple(m.padding, 1)):
+        return f"{base.__name__}(count_include_pad=False) with padding: border windows differ"
+    if base in _ADAPTIVE_AVG_POOLS and set(_as_tuple(m.output_size, 1)) - {1, None}:
+        return (
+            f"{base.__name__}(output_size={m.output_size}): only sizes 1 and None (global "
+            "pooling); others are plain average pools only where they divide the input size"
+        )
     return None
+
+
+def _as_tuple(v: int | tuple | None, n: int) -> tuple:
+    """A layer argument given as one value or one per spatial dimension, as a tuple."""
+    return tuple(v) if isinstance(v, tuple | list) else (v,) * n
 
 
 def _forward_leaves(model: nn.Module) -> list[nn.Module]:
@@ -361,10 +378,33 @@ def _make_op(m: nn.Module, h: Tensor, out: Tensor) -> Op:
         return Dense(*shapes)
     if isinstance(m, _BATCHNORMS):
         return Diagonal(*shapes)
-    n = _CONVS[_supported_base(m)]
+    base = _supported_base(m)
+    n = _SPATIAL[base]
     if h.dim() != n + 2:
         raise ValueError(f"{type(m).__name__} needs inputs (N, C, *{n} sizes), got {h.shape}")
-    return Conv(*shapes, m.weight, m.stride, _conv_padding(m), m.dilation, m.groups)
+    if base in _CONVS:
+        return Conv(*shapes, m.weight, m.stride, _conv_padding(m), m.dilation, m.groups)
+    return _average_pool(m, h, shapes)
+
+
+def _average_pool(m: nn.Module, h: Tensor, shapes: tuple) -> Conv:
+    """An average pool as a depthwise convolution with the constant kernel 1 / divisor.
+
+    An adaptive pool whose output sizes divide the input sizes is a plain one with kernel =
+    stride = input size // output size (``_layer_unsupported`` admits sizes 1 and None only).
+    """
+    _, in_shape, out_shape = shapes
+    n = len(in_shape) - 1
+    if isinstance(m, tuple(_ADAPTIVE_AVG_POOLS)):
+        if any(i % o for i, o in zip(in_shape[1:], out_shape[1:], strict=True)):
+            raise ValueError(f"{m} does not divide the input sizes {in_shape[1:]}")
+        kernel = tuple(i // o for i, o in zip(in_shape[1:], out_shape[1:], strict=True))
+        stride, padding, divisor = kernel, (0,) * n, None
+    else:
+        kernel, stride, padding = (_as_tuple(v, n) for v in (m.kernel_size, m.stride, m.padding))
+        divisor = getattr(m, "divisor_override", None)  # AvgPool1d has none
+    weight = h.new_full((in_shape[0], 1, *kernel), 1 / (divisor or math.prod(kernel)))
+    return Conv(*shapes, weight, stride, tuple((p, p) for p in padding), (1,) * n, in_shape[0])
 
 
 def _conv_padding(m: nn.Module) -> tuple[tuple[int, int], ...]:

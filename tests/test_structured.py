@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from pipeline import hessian, make_target
+from pipeline import hessian, make_target, structured
 from pipeline.methods import resolve_method
 from pipeline.structured import build_chain, plan_split, structured_hessian
 from tests.zoo import assert_close_to_max as assert_close
@@ -94,6 +94,37 @@ def same_dilated_net() -> nn.Sequential:
     )  # fmt: skip
 
 
+def pool1d_net() -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv1d(2, 3, 3, padding=1), nn.Tanh(), nn.AvgPool1d(3, stride=2, padding=1),
+        nn.Softplus(), nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(3, 4), nn.Tanh(),
+        nn.Linear(4, 2),
+    )  # fmt: skip
+
+
+def pool2d_net() -> nn.Sequential:
+    """Average pools with a divisor override, zero padding (counted) and adaptive (None, 1)."""
+    return nn.Sequential(
+        nn.Conv2d(1, 3, 3, padding=1), nn.Tanh(), nn.AvgPool2d(2, divisor_override=3),
+        nn.Sigmoid(), nn.AvgPool2d(3, stride=1, padding=1), nn.SiLU(),
+        nn.AdaptiveAvgPool2d((None, 1)), nn.Flatten(), nn.Linear(9, 3),
+    )  # fmt: skip
+
+
+def pool3d_net() -> nn.Sequential:
+    return nn.Sequential(
+        nn.AvgPool3d((1, 2, 2), stride=1), nn.Conv3d(1, 2, 2), nn.ELU(),
+        nn.AdaptiveAvgPool3d((1, None, 1)), nn.Flatten(), nn.Linear(2 * 2, 3),
+    )  # fmt: skip
+
+
+def pool_first_net() -> nn.Sequential:
+    """A pool as the first op: it acts on the one-hot basis of the rows."""
+    return nn.Sequential(
+        nn.AvgPool2d(2), nn.Flatten(), nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2)
+    )  # fmt: skip
+
+
 @dataclass(frozen=True)
 class Case:
     name: str
@@ -125,6 +156,11 @@ CASES = [
     Case("conv1d_mse", conv1d_net, (2, 9), "loss", loss="mse"),
     Case("conv3d_bn", conv3d_net, (1, 3, 3, 4), [1], rows=(0, 5, 17, 35)),
     Case("same_dilated", same_dilated_net, (1, 4, 5), "loss"),
+    Case("avgpool1d", pool1d_net, (2, 9), "all"),
+    Case("avgpool2d", pool2d_net, (1, 6, 6), [0, 1], rows=(0, 7, 20, 35)),
+    Case("avgpool2d_ce", pool2d_net, (1, 6, 6), "loss"),
+    Case("avgpool3d", pool3d_net, (1, 3, 4, 4), [2]),
+    Case("avgpool_first", pool_first_net, (1, 4, 4), [1]),
 ]
 
 
@@ -194,33 +230,44 @@ def test_activation_derivatives_match_autograd():
         assert_close(d2, gg, rtol=1e-12, what=f"{act} s''")
 
 
+def seq(*layers: nn.Module) -> nn.Sequential:
+    return nn.Sequential(*layers)
+
+
+# (id, model, the method auto picks, a phrase of structured's reason when it refuses the model)
+AUTO_CASES = [
+    ("tanh_mlp", seq(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)), "structured", None),
+    ("gelu_cnn", seq(nn.Conv2d(1, 2, 3), nn.GELU(), nn.Flatten(), nn.Linear(8, 2)), "structured",
+     None),
+    ("relu_mlp", seq(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)), "piecewise", None),
+    ("hardswish", seq(nn.Linear(4, 3), nn.Hardswish(), nn.Linear(3, 2)), "forward_over_reverse",
+     "Hardswish is not a supported layer"),
+    ("same_padding", seq(nn.Conv2d(1, 2, 2, padding="same"), nn.Tanh()), "structured", None),
+    ("conv1d_3d", seq(nn.Conv1d(1, 2, 3), nn.Tanh(), nn.Conv3d(2, 1, 1)), "structured", None),
+    ("reflect_padding", seq(nn.Conv2d(1, 2, 3, padding_mode="reflect"), nn.Tanh()),
+     "forward_over_reverse", "padding_mode='reflect'"),
+    ("avg_pools", pool2d_net(), "structured", None),
+    ("global_pool", seq(nn.Tanh(), nn.AdaptiveAvgPool2d(1)), "structured", None),
+    ("adaptive_pool_2", seq(nn.Tanh(), nn.AdaptiveAvgPool2d(2)), "forward_over_reverse",
+     "only sizes 1 and None"),
+    ("ceil_mode", seq(nn.Tanh(), nn.AvgPool2d(2, ceil_mode=True)), "forward_over_reverse",
+     "ceil_mode=True"),
+    ("pad_not_counted", seq(nn.Tanh(), nn.AvgPool1d(3, padding=1, count_include_pad=False)),
+     "forward_over_reverse", "count_include_pad=False"),
+]  # fmt: skip
+
+
 @pytest.mark.parametrize(
-    ("model", "expected"),
-    [
-        (nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)), "structured"),
-        (nn.Sequential(nn.Conv2d(1, 2, 3), nn.GELU(), nn.Flatten(), nn.Linear(8, 2)), "structured"),
-        (nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)), "piecewise"),
-        (nn.Sequential(nn.Linear(4, 3), nn.Hardswish(), nn.Linear(3, 2)), "forward_over_reverse"),
-        (nn.Sequential(nn.Conv2d(1, 2, 2, padding="same"), nn.Tanh()), "structured"),
-        (nn.Sequential(nn.Conv1d(1, 2, 3), nn.Tanh(), nn.Conv3d(2, 1, 1)), "structured"),
-        (
-            nn.Sequential(nn.Conv2d(1, 2, 3, padding_mode="reflect"), nn.Tanh()),
-            "forward_over_reverse",
-        ),
-    ],
-    ids=[
-        "tanh_mlp",
-        "gelu_cnn",
-        "relu_mlp",
-        "hardswish",
-        "same_padding",
-        "conv1d_3d",
-        "reflect_padding",
-    ],
+    ("model", "expected", "refusal"), [pytest.param(*c[1:], id=c[0]) for c in AUTO_CASES]
 )
-def test_auto_picks(model, expected):
+def test_auto_picks(model, expected, refusal):
     target = make_target([0], torch.zeros(1, 2))
     assert resolve_method("auto", model, target).name == expected
+    reason = structured.unsupported(model, target)
+    if refusal is None:
+        assert reason is None, reason
+    else:
+        assert refusal in (reason or "supported"), reason
 
 
 def test_nested_sequential_with_shared_activation():
