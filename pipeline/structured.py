@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from .targets import Target
 
 _ELEMENTWISE = (
-    nn.Tanh, nn.Sigmoid, nn.Softplus, nn.GELU, nn.SiLU, nn.ELU, nn.ReLU, nn.LeakyReLU,
+    nn.Tanh, nn.Sigmoid, nn.Softplus, nn.GELU, nn.SiLU, nn.ELU, nn.ReLU, nn.LeakyReLU, nn.PReLU,
 )  # fmt: skip
 _SHAPE_ONLY = (nn.Flatten, nn.Unflatten, nn.Identity, nn.Dropout)
 
@@ -49,8 +49,9 @@ def activation_derivatives(act: nn.Module, a: Tensor) -> tuple[Tensor, Tensor]:
 
     Args:
         act: one of Tanh, Sigmoid, Softplus (beta, threshold), GELU (exact or ``"tanh"``), SiLU,
-            ELU (alpha), ReLU, LeakyReLU (negative_slope).
-        a: pre-activations, any shape.
+            ELU (alpha), ReLU, LeakyReLU (negative_slope), PReLU (one slope, or one per channel:
+            axis 1 of ``a``).
+        a: pre-activations, any shape ((N, C, ...) for a PReLU with C slopes).
 
     Returns:
         (s'(a), s''(a)), each shaped like ``a``.
@@ -95,6 +96,11 @@ def activation_derivatives(act: nn.Module, a: Tensor) -> tuple[Tensor, Tensor]:
     if isinstance(act, nn.LeakyReLU):
         d1 = torch.where(a > 0, torch.ones_like(a), torch.full_like(a, act.negative_slope))
         return d1, torch.zeros_like(a)
+    if isinstance(act, nn.PReLU):
+        slope = act.weight
+        if slope.numel() > 1:
+            slope = slope.reshape(-1, *[1] * (a.dim() - 2))
+        return torch.where(a > 0, torch.ones_like(a), slope), torch.zeros_like(a)
     raise TypeError(f"no closed-form derivatives for {type(act).__name__}")
 
 

@@ -94,6 +94,21 @@ def same_dilated_net() -> nn.Sequential:
     )  # fmt: skip
 
 
+def prelu(channels: int = 1) -> nn.PReLU:
+    """A PReLU with a different slope per channel."""
+    act = nn.PReLU(channels)
+    act.weight.data.uniform_(-0.5, 0.5)
+    return act
+
+
+def prelu_conv_net() -> nn.Sequential:
+    """PReLU slopes per channel of (C, H, W) features, and one slope after the Linear."""
+    return nn.Sequential(
+        nn.Conv2d(1, 3, 3), prelu(3), nn.Conv2d(3, 2, 2), nn.Tanh(), nn.Flatten(),
+        nn.Linear(2 * 2 * 3, 4), prelu(), nn.Linear(4, 3), nn.Softplus(), nn.Linear(3, 2),
+    )  # fmt: skip
+
+
 def pool1d_net() -> nn.Sequential:
     return nn.Sequential(
         nn.Conv1d(2, 3, 3, padding=1), nn.Tanh(), nn.AvgPool1d(3, stride=2, padding=1),
@@ -134,6 +149,9 @@ class Case:
     loss: str = "cross_entropy"
     rows: tuple[int, ...] | None = None
     seed: int = 0
+    # torch.func cannot differentiate PReLU twice under vmap (torch 2.13: both generic methods
+    # raise), so the public API is compared with the autograd reference instead.
+    generic: bool = True
 
 
 CASES = [
@@ -156,6 +174,9 @@ CASES = [
     Case("conv1d_mse", conv1d_net, (2, 9), "loss", loss="mse"),
     Case("conv3d_bn", conv3d_net, (1, 3, 3, 4), [1], rows=(0, 5, 17, 35)),
     Case("same_dilated", same_dilated_net, (1, 4, 5), "loss"),
+    Case("prelu_mlp", lambda: mlp(lambda: prelu(9), widths=(9, 9)), (12,), "loss", generic=False),
+    Case("prelu_conv", prelu_conv_net, (1, 5, 6), "all", generic=False),
+    Case("prelu_conv_ce", prelu_conv_net, (1, 5, 6), "loss", rows=(1, 29), generic=False),
     Case("avgpool1d", pool1d_net, (2, 9), "all"),
     Case("avgpool2d", pool2d_net, (1, 6, 6), [0, 1], rows=(0, 7, 20, 35)),
     Case("avgpool2d_ce", pool2d_net, (1, 6, 6), "loss"),
@@ -197,10 +218,13 @@ def test_every_cut_matches_autograd(case: Case):
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_public_api_matches_generic(case: Case):
-    model, x, labels, _, rows = _setup(case)
+    model, x, labels, target, rows = _setup(case)
     kw = dict(labels=labels, loss=case.loss, return_gradient=True)
     h, g = hessian(model, x, case.outputs, rows, method="structured", **kw)
-    h_gen, g_gen = hessian(model, x, case.outputs, rows, method="reverse_over_reverse", **kw)
+    if case.generic:
+        h_gen, g_gen = hessian(model, x, case.outputs, rows, method="reverse_over_reverse", **kw)
+    else:
+        h_gen, g_gen = reference(model, x, target, rows)
     assert_close(h, h_gen, what="structured vs generic hessian")
     assert_close(g, g_gen, what="structured vs generic gradient")
 
@@ -221,7 +245,7 @@ def test_activation_derivatives_match_autograd():
 
     a = torch.linspace(-4, 4, 101)
     acts = [nn.Tanh(), nn.Sigmoid(), nn.Softplus(2.0, 3.0), nn.GELU(), nn.GELU("tanh"), nn.SiLU(),
-            nn.ELU(1.3), nn.ReLU(), nn.LeakyReLU(0.1)]  # fmt: skip
+            nn.ELU(1.3), nn.ReLU(), nn.LeakyReLU(0.1), nn.PReLU(init=-0.3)]  # fmt: skip
     for act in acts:
         d1, d2 = activation_derivatives(act, a)
         g = torch.func.vmap(torch.func.grad(lambda t, act=act: act(t)))(a)
@@ -247,6 +271,8 @@ AUTO_CASES = [
     ("reflect_padding", seq(nn.Conv2d(1, 2, 3, padding_mode="reflect"), nn.Tanh()),
      "forward_over_reverse", "padding_mode='reflect'"),
     ("avg_pools", pool2d_net(), "structured", None),
+    ("prelu_tanh", seq(nn.Linear(4, 3), nn.PReLU(), nn.Linear(3, 3), nn.Tanh()), "structured",
+     None),
     ("global_pool", seq(nn.Tanh(), nn.AdaptiveAvgPool2d(1)), "structured", None),
     ("adaptive_pool_2", seq(nn.Tanh(), nn.AdaptiveAvgPool2d(2)), "forward_over_reverse",
      "only sizes 1 and None"),
