@@ -267,6 +267,37 @@ class Conv(Affine):
         return x.reshape(*u.shape[:-1], self.f_in)
 
 
+_MAX_POOL_FN = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
+
+
+@dataclass
+class Select(Affine):
+    """A max pool: y_j = x_{index_j}, linear wherever the maxima stay where they are.
+
+    The positions differ between samples, so the op describes the batch it was built from.
+
+    Attributes:
+        index: (N, F_out) position of each output's maximum in the sample's flat input.
+    """
+
+    index: Tensor
+
+    @property
+    def macs(self) -> int:
+        return self.f_out * ELEMENTWISE_MACS  # a gather moves memory like an elementwise op
+
+    def _index_for(self, t: Tensor) -> Tensor:
+        """``index`` as (N, 1, ..., 1, F_out), broadcasting against t (N or 1, ..., F)."""
+        return self.index.reshape(len(self.index), *[1] * (t.dim() - 2), self.f_out)
+
+    def apply(self, v: Tensor) -> Tensor:
+        return torch.take_along_dim(v, self._index_for(v), dim=-1)
+
+    def apply_t(self, u: Tensor) -> Tensor:
+        index = self._index_for(u).expand(*u.shape[:-1], self.f_out)
+        return u.new_zeros(*u.shape[:-1], self.f_in).scatter_add_(-1, index, u)
+
+
 @dataclass
 class Activation:
     """An elementwise activation on flat features of per-sample shape ``shape``."""
@@ -290,7 +321,8 @@ Op = Affine | Activation
 _CONVS = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
 _AVG_POOLS = {nn.AvgPool1d: 1, nn.AvgPool2d: 2, nn.AvgPool3d: 3}
 _ADAPTIVE_AVG_POOLS = {nn.AdaptiveAvgPool1d: 1, nn.AdaptiveAvgPool2d: 2, nn.AdaptiveAvgPool3d: 3}
-_SPATIAL = {**_CONVS, **_AVG_POOLS, **_ADAPTIVE_AVG_POOLS}
+_MAX_POOLS = {nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3}
+_SPATIAL = {**_CONVS, **_AVG_POOLS, **_ADAPTIVE_AVG_POOLS, **_MAX_POOLS}
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _SUPPORTED = (nn.Linear, *_BATCHNORMS, *_SPATIAL, *_ELEMENTWISE, *_SHAPE_ONLY)
 
@@ -332,6 +364,8 @@ def _layer_unsupported(m: nn.Module) -> str | None:
         return f"{base.__name__}(ceil_mode=True): the last windows' divisors depend on the input"
     if base in _AVG_POOLS and not m.count_include_pad and any(_as_tuple(m.padding, 1)):
         return f"{base.__name__}(count_include_pad=False) with padding: border windows differ"
+    if base in _MAX_POOLS and m.return_indices:
+        return f"{base.__name__}(return_indices=True) returns a pair, not a tensor"
     if base in _ADAPTIVE_AVG_POOLS and set(_as_tuple(m.output_size, 1)) - {1, None}:
         return (
             f"{base.__name__}(output_size={m.output_size}): only sizes 1 and None (global "
@@ -390,7 +424,19 @@ def _make_op(m: nn.Module, h: Tensor, out: Tensor) -> Op:
         raise ValueError(f"{type(m).__name__} needs inputs (N, C, *{n} sizes), got {h.shape}")
     if base in _CONVS:
         return Conv(*shapes, m.weight, m.stride, _conv_padding(m), m.dilation, m.groups)
+    if base in _MAX_POOLS:
+        return Select(*shapes, _max_pool_index(m, h))
     return _average_pool(m, h, shapes)
+
+
+def _max_pool_index(m: nn.Module, h: Tensor) -> Tensor:
+    """(N, F_out) flat positions of a max pool's maxima in each sample of h (N, C, *spatial)."""
+    pool = _MAX_POOL_FN[h.dim() - 2]
+    args = (m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode)
+    _, index = pool(h, *args, return_indices=True)
+    plane = math.prod(h.shape[2:])  # the pool's indices count within each channel
+    channel = torch.arange(h.shape[1], device=h.device).reshape(1, -1, *[1] * (h.dim() - 2))
+    return (index + channel * plane).reshape(h.shape[0], -1)
 
 
 def _average_pool(m: nn.Module, h: Tensor, shapes: tuple) -> Conv:

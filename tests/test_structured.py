@@ -140,6 +140,27 @@ def pool_first_net() -> nn.Sequential:
     )  # fmt: skip
 
 
+def maxpool1d_net() -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv1d(2, 3, 2), nn.GELU(), nn.MaxPool1d(3, stride=2, dilation=2, ceil_mode=True),
+        nn.Tanh(), nn.Flatten(), nn.Linear(9, 2),
+    )  # fmt: skip
+
+
+def maxpool2d_net() -> nn.Sequential:
+    """The second pool's windows overlap: one input can be the maximum of several outputs."""
+    return nn.Sequential(
+        nn.Conv2d(1, 3, 3, padding=1), nn.Tanh(), nn.MaxPool2d(2), nn.Conv2d(3, 2, 2),
+        nn.Softplus(), nn.MaxPool2d(2, stride=1, padding=1), nn.Flatten(), nn.Linear(18, 3),
+    )  # fmt: skip
+
+
+def maxpool3d_first_net() -> nn.Sequential:
+    return nn.Sequential(
+        nn.MaxPool3d(2, stride=1), nn.Flatten(), nn.Linear(8, 4), nn.Tanh(), nn.Linear(4, 2)
+    )  # fmt: skip
+
+
 @dataclass(frozen=True)
 class Case:
     name: str
@@ -182,6 +203,10 @@ CASES = [
     Case("avgpool2d_ce", pool2d_net, (1, 6, 6), "loss"),
     Case("avgpool3d", pool3d_net, (1, 3, 4, 4), [2]),
     Case("avgpool_first", pool_first_net, (1, 4, 4), [1]),
+    Case("maxpool1d", maxpool1d_net, (2, 9), [0, 1]),
+    Case("maxpool2d", maxpool2d_net, (1, 6, 6), "all", rows=(0, 8, 21, 35)),
+    Case("maxpool2d_mse", maxpool2d_net, (1, 6, 6), "loss", loss="mse"),
+    Case("maxpool3d_first", maxpool3d_first_net, (1, 3, 3, 3), [1]),
 ]
 
 
@@ -240,6 +265,17 @@ def test_symmetric_blocks_and_chunking():
     assert_close(small, h_gen, what="chunked")
 
 
+def test_sample_chunks_keep_their_max_positions():
+    """Max-pool positions are per sample: each chunk of samples has its own."""
+    torch.manual_seed(3)
+    model = maxpool2d_net().eval()
+    x = torch.randn(5, 1, 6, 6)
+    whole = hessian(model, x, [0, 2], method="structured")
+    one_by_one = hessian(model, x, [0, 2], method="structured", memory_budget=1 << 10)
+    assert_close(one_by_one, whole, what="chunked")
+    assert_close(whole, hessian(model, x, [0, 2], method="reverse_over_reverse"), what="whole")
+
+
 def test_activation_derivatives_match_autograd():
     from pipeline.structured import activation_derivatives
 
@@ -271,6 +307,9 @@ AUTO_CASES = [
     ("reflect_padding", seq(nn.Conv2d(1, 2, 3, padding_mode="reflect"), nn.Tanh()),
      "forward_over_reverse", "padding_mode='reflect'"),
     ("avg_pools", pool2d_net(), "structured", None),
+    ("max_pool_tanh", seq(nn.Conv2d(1, 2, 3), nn.Tanh(), nn.MaxPool2d(2)), "structured", None),
+    ("max_pool_indices", seq(nn.Tanh(), nn.MaxPool1d(2, return_indices=True)),
+     "forward_over_reverse", "return_indices=True"),
     ("prelu_tanh", seq(nn.Linear(4, 3), nn.PReLU(), nn.Linear(3, 3), nn.Tanh()), "structured",
      None),
     ("global_pool", seq(nn.Tanh(), nn.AdaptiveAvgPool2d(1)), "structured", None),
