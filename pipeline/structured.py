@@ -19,7 +19,12 @@ NOTE [split schedule]: the chain is cut at an op index L: ops below L use tangen
 L up use the backward M-propagation, joined by U_L = J_L M_L (M is symmetric). L = 0 is the pure
 backward method restricted to the rows (W[:, rows]^T N W at the first layer), L = len(ops) the pure
 forward one. ``plan_split`` counts the multiply-adds of every admissible L and takes the cheapest;
-convolutions are only ever in the tangent part (their dense matrices would cost F_out F_in memory).
+convolutions and pools are only ever in the tangent part (their dense matrices would cost
+F_out F_in memory).
+
+Layers: Linear, Conv1d/2d/3d and average pools (as depthwise convolutions), max pools (a
+per-sample selection, linear where the maxima stay put), eval BatchNorm, shape-only layers, and
+elementwise activations including PReLU; ``unsupported`` says why anything else is refused.
 """
 
 from __future__ import annotations
