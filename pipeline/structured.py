@@ -257,7 +257,9 @@ class Conv(Affine):
         return [p for lo, hi in reversed(self.padding) for p in (0, hi - lo)]
 
     def apply(self, v: Tensor) -> Tensor:
-        x = F.pad(v.reshape(-1, *self.in_shape), self._excess)
+        x = v.reshape(-1, *self.in_shape)
+        if any(self._excess):
+            x = F.pad(x, self._excess)
         conv = _CONV_FN[len(self.stride)]
         y = conv(x, self.weight, None, self.stride, self._before, self.dilation, self.groups)
         return y.reshape(*v.shape[:-1], self.f_out)
@@ -418,15 +420,17 @@ def _make_op(m: nn.Module, h: Tensor, out: Tensor) -> Op:
     """The op of a supported layer ``m`` that maps h (N, *in_shape) to out (N, *out_shape)."""
     if isinstance(m, _ELEMENTWISE):
         return Activation(m, tuple(h.shape[1:]))
-    shapes = (m, tuple(h.shape[1:]), tuple(out.shape[1:]))
-    if isinstance(m, nn.Linear):
-        return Dense(*shapes)
-    if isinstance(m, _BATCHNORMS):
-        return Diagonal(*shapes)
     base = _supported_base(m)
-    n = _SPATIAL[base]
+    n = _SPATIAL.get(base)
+    if n is not None and base not in _CONVS and h.dim() == n + 1:
+        h, out = h.unsqueeze(1), out.unsqueeze(1)  # a pool of (N, *spatial): one channel each
+    shapes = (m, tuple(h.shape[1:]), tuple(out.shape[1:]))
+    if base is nn.Linear:
+        return Dense(*shapes)
+    if base in _BATCHNORMS:
+        return Diagonal(*shapes)
     if h.dim() != n + 2:
-        raise ValueError(f"{type(m).__name__} needs inputs (N, C, *{n} sizes), got {h.shape}")
+        raise ValueError(f"{base.__name__} needs inputs (N, C, {n} sizes), got {tuple(h.shape)}")
     if base in _CONVS:
         return Conv(*shapes, m.weight, m.stride, _conv_padding(m), m.dilation, m.groups)
     if base in _MAX_POOLS:

@@ -161,6 +161,14 @@ def maxpool3d_first_net() -> nn.Sequential:
     )  # fmt: skip
 
 
+def channelless_pool_net() -> nn.Sequential:
+    """Pools of (N, H, W) inputs (torch reads them as unbatched (C, H, W)): one channel each."""
+    return nn.Sequential(
+        nn.Tanh(), nn.AvgPool2d(2, stride=1), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(4, 3),
+        nn.Softplus(), nn.Linear(3, 2),
+    )  # fmt: skip
+
+
 @dataclass(frozen=True)
 class Case:
     name: str
@@ -207,6 +215,7 @@ CASES = [
     Case("maxpool2d", maxpool2d_net, (1, 6, 6), "all", rows=(0, 8, 21, 35)),
     Case("maxpool2d_mse", maxpool2d_net, (1, 6, 6), "loss", loss="mse"),
     Case("maxpool3d_first", maxpool3d_first_net, (1, 3, 3, 3), [1]),
+    Case("channelless_pools", channelless_pool_net, (5, 6), [0, 1]),
 ]
 
 
@@ -294,6 +303,11 @@ def seq(*layers: nn.Module) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+class ScaledLinear(nn.Linear):
+    def forward(self, x: Tensor) -> Tensor:
+        return 2 * super().forward(x)
+
+
 # (id, model, the method auto picks, a phrase of structured's reason when it refuses the model)
 AUTO_CASES = [
     ("tanh_mlp", seq(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)), "structured", None),
@@ -310,6 +324,8 @@ AUTO_CASES = [
     ("max_pool_tanh", seq(nn.Conv2d(1, 2, 3), nn.Tanh(), nn.MaxPool2d(2)), "structured", None),
     ("max_pool_indices", seq(nn.Tanh(), nn.MaxPool1d(2, return_indices=True)),
      "forward_over_reverse", "return_indices=True"),
+    ("own_forward", seq(ScaledLinear(4, 3), nn.Tanh()), "forward_over_reverse",
+     "a Linear subclass with its own forward"),
     ("prelu_tanh", seq(nn.Linear(4, 3), nn.PReLU(), nn.Linear(3, 3), nn.Tanh()), "structured",
      None),
     ("global_pool", seq(nn.Tanh(), nn.AdaptiveAvgPool2d(1)), "structured", None),
