@@ -225,7 +225,8 @@ _CONV_INPUT_FN = {1: nn.grad.conv1d_input, 2: nn.grad.conv2d_input, 3: nn.grad.c
 
 @dataclass
 class Conv(Affine):
-    """A zero-padded convolution without bias over n = 1, 2 or 3 spatial dimensions.
+    """A zero-padded convolution without bias over n = 1, 2 or 3 spatial dimensions: ConvNd, or
+    an average pool as a depthwise convolution with a constant kernel.
 
     W v is ``F.conv{n}d``, W^T u its adjoint ``nn.grad.conv{n}d_input``. Padding may be larger
     after than before (``padding="same"`` with an even kernel): the excess is an ``F.pad`` of v,
