@@ -7,12 +7,13 @@ from torch import nn
 # Layers that are affine in their input (in eval mode) or pass it through unchanged.
 AFFINE = (
     nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Flatten, nn.Unflatten, nn.Identity,
-    nn.Dropout, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.BatchNorm1d,
-    nn.BatchNorm2d, nn.Sequential, nn.ModuleList,
+    nn.Dropout, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d,
+    nn.Sequential, nn.ModuleList,
 )  # fmt: skip
-# Elementwise activations whose second derivative is zero almost everywhere.
+# Elementwise activations whose second derivative is zero almost everywhere, and max pools.
 PIECEWISE_LINEAR = (nn.ReLU, nn.LeakyReLU, nn.ReLU6, nn.Hardtanh, nn.PReLU, nn.MaxPool1d,
-                    nn.MaxPool2d, nn.AdaptiveMaxPool2d)  # fmt: skip
+                    nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool2d)  # fmt: skip
 
 
 def leaf_modules(model: nn.Module) -> list[nn.Module]:

@@ -19,13 +19,19 @@ NOTE [split schedule]: the chain is cut at an op index L: ops below L use tangen
 L up use the backward M-propagation, joined by U_L = J_L M_L (M is symmetric). L = 0 is the pure
 backward method restricted to the rows (W[:, rows]^T N W at the first layer), L = len(ops) the pure
 forward one. ``plan_split`` counts the multiply-adds of every admissible L and takes the cheapest;
-convolutions are only ever in the tangent part (their dense matrices would cost F_out F_in memory).
+convolutions and pools are only ever in the tangent part (their dense matrices would cost
+F_out F_in memory).
+
+Layers: Linear, Conv1d/2d/3d and average pools (as depthwise convolutions), max pools (a
+per-sample selection, linear where the maxima stay put), eval BatchNorm, shape-only layers, and
+elementwise activations including PReLU; ``unsupported`` says why anything else is refused.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +40,7 @@ from torch import Tensor, nn
 from .targets import Target
 
 _ELEMENTWISE = (
-    nn.Tanh, nn.Sigmoid, nn.Softplus, nn.GELU, nn.SiLU, nn.ELU, nn.ReLU, nn.LeakyReLU,
+    nn.Tanh, nn.Sigmoid, nn.Softplus, nn.GELU, nn.SiLU, nn.ELU, nn.ReLU, nn.LeakyReLU, nn.PReLU,
 )  # fmt: skip
 _SHAPE_ONLY = (nn.Flatten, nn.Unflatten, nn.Identity, nn.Dropout)
 
@@ -48,8 +54,9 @@ def activation_derivatives(act: nn.Module, a: Tensor) -> tuple[Tensor, Tensor]:
 
     Args:
         act: one of Tanh, Sigmoid, Softplus (beta, threshold), GELU (exact or ``"tanh"``), SiLU,
-            ELU (alpha), ReLU, LeakyReLU (negative_slope).
-        a: pre-activations, any shape.
+            ELU (alpha), ReLU, LeakyReLU (negative_slope), PReLU (one slope, or one per channel:
+            axis 1 of ``a``).
+        a: pre-activations, any shape ((N, C, ...) for a PReLU with C slopes).
 
     Returns:
         (s'(a), s''(a)), each shaped like ``a``.
@@ -94,6 +101,11 @@ def activation_derivatives(act: nn.Module, a: Tensor) -> tuple[Tensor, Tensor]:
     if isinstance(act, nn.LeakyReLU):
         d1 = torch.where(a > 0, torch.ones_like(a), torch.full_like(a, act.negative_slope))
         return d1, torch.zeros_like(a)
+    if isinstance(act, nn.PReLU):
+        slope = act.weight
+        if slope.numel() > 1:
+            slope = slope.reshape(-1, *[1] * (a.dim() - 2))
+        return torch.where(a > 0, torch.ones_like(a), slope), torch.zeros_like(a)
     raise TypeError(f"no closed-form derivatives for {type(act).__name__}")
 
 
@@ -104,16 +116,22 @@ def activation_derivatives(act: nn.Module, a: Tensor) -> tuple[Tensor, Tensor]:
 
 @dataclass
 class Affine:
-    """The linear part of an affine layer acting on flat features (..., F_in) -> (..., F_out).
+    """The linear part W of a layer acting on flat features (..., F_in) -> (..., F_out).
+
+    Subclasses say how W acts (``apply``, ``apply_t``) and what W v costs (``macs``). ``dense``
+    ones also compute W^T M W (``congruence``), so the M-propagation may pass through them; the
+    others stay below the cut (see NOTE [split schedule]).
 
     Attributes:
-        module: the layer (Linear, Conv2d or an eval-mode BatchNorm).
+        module: the layer.
         in_shape: per-sample input shape; out_shape: per-sample output shape.
     """
 
     module: nn.Module
     in_shape: tuple[int, ...]
     out_shape: tuple[int, ...]
+
+    dense: ClassVar[bool] = False
 
     @property
     def f_in(self) -> int:
@@ -124,22 +142,62 @@ class Affine:
         return math.prod(self.out_shape)
 
     @property
-    def dense(self) -> bool:
-        """Whether W^T M W is computed with the dense matrix (Linear, BatchNorm) or not (conv)."""
-        return not isinstance(self.module, nn.Conv2d)
+    def macs(self) -> int:
+        """Multiply-adds of W v for one vector v."""
+        raise NotImplementedError
+
+    def apply(self, v: Tensor) -> Tensor:
+        """W v for v (..., F_in) -> (..., F_out)."""
+        raise NotImplementedError
+
+    def apply_t(self, u: Tensor) -> Tensor:
+        """W^T u for u (..., F_out) -> (..., F_in)."""
+        raise NotImplementedError
+
+    def congruence(self, m: Tensor, diagonal: bool) -> tuple[Tensor, bool]:
+        """W^T M W for M (B, F_out, F_out), or diag(m) with m (B, F_out) when ``diagonal``.
+
+        Returns:
+            (W^T M W, whether it is returned as a diagonal (B, F_in)).
+        """
+        raise NotImplementedError(f"{type(self).__name__} stays below the cut")
+
+
+@dataclass
+class Dense(Affine):
+    """nn.Linear: W is its weight (F_out, F_in)."""
+
+    dense = True
 
     @property
     def macs(self) -> int:
-        """Multiply-adds of W v for one vector v."""
-        m = self.module
-        if isinstance(m, nn.Conv2d):
-            return self.f_out * (m.in_channels // m.groups) * math.prod(m.kernel_size)
-        if isinstance(m, nn.Linear):
-            return self.f_in * self.f_out
+        return self.f_in * self.f_out
+
+    def apply(self, v: Tensor) -> Tensor:
+        return F.linear(v, self.module.weight)
+
+    def apply_t(self, u: Tensor) -> Tensor:
+        return u @ self.module.weight
+
+    def congruence(self, m: Tensor, diagonal: bool) -> tuple[Tensor, bool]:
+        w = self.module.weight
+        if diagonal:
+            return (m.unsqueeze(-1) * w).mT @ w, False
+        return (m @ w).mT @ w, False  # M symmetric: (M W)^T W = W^T M W
+
+
+@dataclass
+class Diagonal(Affine):
+    """An eval-mode BatchNorm: W = diag(scale), one factor per channel (the first axis)."""
+
+    dense = True
+
+    @property
+    def macs(self) -> int:
         return self.f_in
 
     def scale(self) -> Tensor:
-        """(F,) diagonal of a BatchNorm layer's linear part."""
+        """(F,) diagonal of W."""
         m = self.module
         s = torch.rsqrt(m.running_var + m.eps)
         if m.weight is not None:
@@ -149,64 +207,132 @@ class Affine:
         return s.reshape(per_channel, 1).expand(per_channel, rest).reshape(-1)
 
     def apply(self, v: Tensor) -> Tensor:
-        """W v for v (..., F_in) -> (..., F_out)."""
-        m, lead = self.module, v.shape[:-1]
-        if isinstance(m, nn.Linear):
-            return F.linear(v, m.weight)
-        if isinstance(m, nn.Conv2d):
-            y = F.conv2d(
-                v.reshape(-1, *self.in_shape), m.weight, None, m.stride, m.padding, m.dilation,
-                m.groups,
-            )  # fmt: skip
-            return y.reshape(*lead, self.f_out)
         return v * self.scale()
 
     def apply_t(self, u: Tensor) -> Tensor:
-        """W^T u for u (..., F_out) -> (..., F_in)."""
-        m, lead = self.module, u.shape[:-1]
-        if isinstance(m, nn.Linear):
-            return u @ m.weight
-        if isinstance(m, nn.Conv2d):
-            out_pad = [
-                i - ((o - 1) * s - 2 * p + d * (k - 1) + 1)
-                for i, o, s, p, d, k in zip(
-                    self.in_shape[1:], self.out_shape[1:], m.stride, m.padding, m.dilation,
-                    m.kernel_size, strict=True,
-                )
-            ]  # fmt: skip
-            x = F.conv_transpose2d(
-                u.reshape(-1, *self.out_shape), m.weight, None, m.stride, m.padding, out_pad,
-                m.groups, m.dilation,
-            )  # fmt: skip
-            return x.reshape(*lead, self.f_in)
         return u * self.scale()
 
     def congruence(self, m: Tensor, diagonal: bool) -> tuple[Tensor, bool]:
-        """W^T M W for M (B, F_out, F_out), or diag(m) with m (B, F_out) when ``diagonal``.
-
-        Returns:
-            (W^T M W, whether it is returned as a diagonal (B, F_in)).
-        """
-        if isinstance(self.module, nn.Linear):
-            w = self.module.weight
-            if diagonal:
-                return (m.unsqueeze(-1) * w).mT @ w, False
-            return (m @ w).mT @ w, False  # M symmetric: (M W)^T W = W^T M W
         s = self.scale()
         if diagonal:
             return m * s * s, True
         return s.unsqueeze(-1) * m * s, False
 
 
+_CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_CONV_INPUT_FN = {1: nn.grad.conv1d_input, 2: nn.grad.conv2d_input, 3: nn.grad.conv3d_input}
+
+
+@dataclass
+class Conv(Affine):
+    """A zero-padded convolution without bias over n = 1, 2 or 3 spatial dimensions: ConvNd, or
+    an average pool as a depthwise convolution with a constant kernel.
+
+    W v is ``F.conv{n}d``, W^T u its adjoint ``nn.grad.conv{n}d_input``. Padding may be larger
+    after than before (``padding="same"`` with an even kernel): the excess is an ``F.pad`` of v,
+    and W^T u drops it again.
+
+    Attributes:
+        weight: (C_out, C_in / groups, *kernel).
+        stride, dilation: one per spatial dimension; groups: as in ``F.conv2d``.
+        padding: (before, after) zeros per spatial dimension, before <= after.
+    """
+
+    weight: Tensor
+    stride: tuple[int, ...]
+    padding: tuple[tuple[int, int], ...]
+    dilation: tuple[int, ...]
+    groups: int
+
+    @property
+    def macs(self) -> int:
+        return self.f_out * math.prod(self.weight.shape[1:])
+
+    @property
+    def _before(self) -> list[int]:
+        return [lo for lo, _ in self.padding]
+
+    @property
+    def _excess(self) -> list[int]:
+        """``F.pad`` widths of the padding beyond ``_before``: (left, right) from the last axis."""
+        return [p for lo, hi in reversed(self.padding) for p in (0, hi - lo)]
+
+    def apply(self, v: Tensor) -> Tensor:
+        x = v.reshape(-1, *self.in_shape)
+        if any(self._excess):
+            x = F.pad(x, self._excess)
+        conv = _CONV_FN[len(self.stride)]
+        y = conv(x, self.weight, None, self.stride, self._before, self.dilation, self.groups)
+        return y.reshape(*v.shape[:-1], self.f_out)
+
+    def apply_t(self, u: Tensor) -> Tensor:
+        y = u.reshape(-1, *self.out_shape)
+        size = [y.shape[0], self.in_shape[0]]
+        size += [n + hi - lo for n, (lo, hi) in zip(self.in_shape[1:], self.padding, strict=True)]
+        adjoint = _CONV_INPUT_FN[len(self.stride)]
+        x = adjoint(size, self.weight, y, self.stride, self._before, self.dilation, self.groups)
+        x = x[(..., *(slice(n) for n in self.in_shape[1:]))]  # drop the excess padding
+        return x.reshape(*u.shape[:-1], self.f_in)
+
+
+_MAX_POOL_FN = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
+
+
+@dataclass
+class Select(Affine):
+    """A max pool: y_j = x_{index_j}, linear wherever the maxima stay where they are.
+
+    The positions differ between samples, so the op describes the batch it was built from.
+
+    Attributes:
+        index: (N, F_out) position of each output's maximum in the sample's flat input.
+    """
+
+    index: Tensor
+
+    @property
+    def macs(self) -> int:
+        return self.f_out * ELEMENTWISE_MACS  # a gather moves memory like an elementwise op
+
+    def _index_for(self, t: Tensor) -> Tensor:
+        """``index`` as (N, 1, ..., 1, F_out), broadcasting against t (N or 1, ..., F)."""
+        return self.index.reshape(len(self.index), *[1] * (t.dim() - 2), self.f_out)
+
+    def apply(self, v: Tensor) -> Tensor:
+        return torch.take_along_dim(v, self._index_for(v), dim=-1)
+
+    def apply_t(self, u: Tensor) -> Tensor:
+        index = self._index_for(u).expand(*u.shape[:-1], self.f_out)
+        return u.new_zeros(*u.shape[:-1], self.f_in).scatter_add_(-1, index, u)
+
+
 @dataclass
 class Activation:
-    """An elementwise activation on flat features of size ``f``."""
+    """An elementwise activation on flat features of per-sample shape ``shape``."""
 
     module: nn.Module
-    f: int
+    shape: tuple[int, ...]
+
+    @property
+    def f(self) -> int:
+        return math.prod(self.shape)
+
+    def derivatives(self, a: Tensor) -> tuple[Tensor, Tensor]:
+        """(s'(a), s''(a)) for flat pre-activations a (N, F)."""
+        d1, d2 = activation_derivatives(self.module, a.reshape(-1, *self.shape))
+        return d1.reshape(a.shape), d2.reshape(a.shape)
 
 
 Op = Affine | Activation
+
+# Layers by spatial dimensions (n = 1, 2, 3), and the layers each op kind stands for.
+_CONVS = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
+_AVG_POOLS = {nn.AvgPool1d: 1, nn.AvgPool2d: 2, nn.AvgPool3d: 3}
+_ADAPTIVE_AVG_POOLS = {nn.AdaptiveAvgPool1d: 1, nn.AdaptiveAvgPool2d: 2, nn.AdaptiveAvgPool3d: 3}
+_MAX_POOLS = {nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3}
+_SPATIAL = {**_CONVS, **_AVG_POOLS, **_ADAPTIVE_AVG_POOLS, **_MAX_POOLS}
+_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_SUPPORTED = (nn.Linear, *_BATCHNORMS, *_SPATIAL, *_ELEMENTWISE, *_SHAPE_ONLY)
 
 
 def unsupported(model: nn.Module, target: Target) -> str | None:
@@ -225,24 +351,40 @@ def unsupported(model: nn.Module, target: Target) -> str | None:
     return None
 
 
+def _supported_base(m: nn.Module) -> type[nn.Module] | None:
+    """The supported torch layer class that ``m`` is (or subclasses), if any."""
+    return next((c for c in type(m).__mro__ if c in _SUPPORTED), None)
+
+
 def _layer_unsupported(m: nn.Module) -> str | None:
-    if isinstance(m, (nn.Linear, *_SHAPE_ONLY)):
-        if isinstance(m, nn.Flatten) and m.start_dim == 0:
-            return "Flatten(start_dim=0) mixes the samples of a batch"
-        return None
-    if type(m) in _ELEMENTWISE:
-        return None
-    if isinstance(m, nn.Conv2d):
-        if type(m).forward is not nn.Conv2d.forward:
-            return "a Conv2d subclass with its own forward"
-        if m.padding_mode != "zeros" or isinstance(m.padding, str):
-            return "only Conv2d with explicit zero padding is supported"
-        return None
-    if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d):
-        if not m.track_running_stats or m.running_var is None:
-            return "BatchNorm without running statistics uses batch statistics"
-        return None
-    return f"{type(m).__name__} is not a supported layer"
+    base = _supported_base(m)
+    if base is None:
+        return f"{type(m).__name__} is not a supported layer"
+    if type(m).forward is not base.forward:
+        return f"a {base.__name__} subclass with its own forward"
+    if isinstance(m, nn.Flatten) and m.start_dim == 0:
+        return "Flatten(start_dim=0) mixes the samples of a batch"
+    if base in _CONVS and m.padding_mode != "zeros":
+        return f"{base.__name__}(padding_mode={m.padding_mode!r}): only zero padding is supported"
+    if base in _BATCHNORMS and (not m.track_running_stats or m.running_var is None):
+        return "BatchNorm without running statistics uses batch statistics"
+    if base in _AVG_POOLS and m.ceil_mode:
+        return f"{base.__name__}(ceil_mode=True): the last windows' divisors depend on the input"
+    if base in _AVG_POOLS and not m.count_include_pad and any(_as_tuple(m.padding, 1)):
+        return f"{base.__name__}(count_include_pad=False) with padding: border windows differ"
+    if base in _MAX_POOLS and m.return_indices:
+        return f"{base.__name__}(return_indices=True) returns a pair, not a tensor"
+    if base in _ADAPTIVE_AVG_POOLS and set(_as_tuple(m.output_size, 1)) - {1, None}:
+        return (
+            f"{base.__name__}(output_size={m.output_size}): only sizes 1 and None (global "
+            "pooling); others are plain average pools only where they divide the input size"
+        )
+    return None
+
+
+def _as_tuple(v: int | tuple | None, n: int) -> tuple:
+    """A layer argument given as one value or one per spatial dimension, as a tuple."""
+    return tuple(v) if isinstance(v, tuple | list) else (v,) * n
 
 
 def _forward_leaves(model: nn.Module) -> list[nn.Module]:
@@ -269,14 +411,75 @@ def build_chain(model: nn.Module, x: Tensor) -> tuple[list[Op], list[Tensor], Te
     for m in _forward_leaves(model):
         out = m(h)
         if not isinstance(m, _SHAPE_ONLY):
-            flat = h.reshape(h.shape[0], -1)
-            if type(m) in _ELEMENTWISE:
-                ops.append(Activation(m, flat.shape[1]))
-            else:
-                ops.append(Affine(m, tuple(h.shape[1:]), tuple(out.shape[1:])))
-            inputs.append(flat)
+            ops.append(_make_op(m, h, out))
+            inputs.append(h.reshape(h.shape[0], -1))
         h = out
     return ops, inputs, h.reshape(h.shape[0], -1)
+
+
+def _make_op(m: nn.Module, h: Tensor, out: Tensor) -> Op:
+    """The op of a supported layer ``m`` that maps h (N, *in_shape) to out (N, *out_shape)."""
+    if isinstance(m, _ELEMENTWISE):
+        return Activation(m, tuple(h.shape[1:]))
+    base = _supported_base(m)
+    n = _SPATIAL.get(base)
+    if n is not None and base not in _CONVS and h.dim() == n + 1:
+        h, out = h.unsqueeze(1), out.unsqueeze(1)  # a pool of (N, *spatial): one channel each
+    shapes = (m, tuple(h.shape[1:]), tuple(out.shape[1:]))
+    if base is nn.Linear:
+        return Dense(*shapes)
+    if base in _BATCHNORMS:
+        return Diagonal(*shapes)
+    if h.dim() != n + 2:
+        raise ValueError(f"{base.__name__} needs inputs (N, C, {n} sizes), got {tuple(h.shape)}")
+    if base in _CONVS:
+        return Conv(*shapes, m.weight, m.stride, _conv_padding(m), m.dilation, m.groups)
+    if base in _MAX_POOLS:
+        return Select(*shapes, _max_pool_index(m, h))
+    return _average_pool(m, h, shapes)
+
+
+def _max_pool_index(m: nn.Module, h: Tensor) -> Tensor:
+    """(N, F_out) flat positions of a max pool's maxima in each sample of h (N, C, *spatial)."""
+    pool = _MAX_POOL_FN[h.dim() - 2]
+    args = (m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode)
+    _, index = pool(h, *args, return_indices=True)
+    plane = math.prod(h.shape[2:])  # the pool's indices count within each channel
+    channel = torch.arange(h.shape[1], device=h.device).reshape(1, -1, *[1] * (h.dim() - 2))
+    return (index + channel * plane).reshape(h.shape[0], -1)
+
+
+def _average_pool(m: nn.Module, h: Tensor, shapes: tuple) -> Conv:
+    """An average pool as a depthwise convolution with the constant kernel 1 / divisor.
+
+    An adaptive pool whose output sizes divide the input sizes is a plain one with kernel =
+    stride = input size // output size (``_layer_unsupported`` admits sizes 1 and None only).
+    """
+    _, in_shape, out_shape = shapes
+    n = len(in_shape) - 1
+    if isinstance(m, tuple(_ADAPTIVE_AVG_POOLS)):
+        if any(i % o for i, o in zip(in_shape[1:], out_shape[1:], strict=True)):
+            raise ValueError(f"{m} does not divide the input sizes {in_shape[1:]}")
+        kernel = tuple(i // o for i, o in zip(in_shape[1:], out_shape[1:], strict=True))
+        stride, padding, divisor = kernel, (0,) * n, None
+    else:
+        kernel, stride, padding = (_as_tuple(v, n) for v in (m.kernel_size, m.stride, m.padding))
+        divisor = getattr(m, "divisor_override", None)  # AvgPool1d has none
+    weight = h.new_full((in_shape[0], 1, *kernel), 1 / (divisor or math.prod(kernel)))
+    return Conv(*shapes, weight, stride, tuple((p, p) for p in padding), (1,) * n, in_shape[0])
+
+
+def _conv_padding(m: nn.Module) -> tuple[tuple[int, int], ...]:
+    """(before, after) zeros per spatial dimension of a convolution, strings resolved.
+
+    ``"same"`` pads d (k - 1) in all, the odd one after (as torch does); ``"valid"`` none.
+    """
+    if m.padding == "valid":
+        return tuple((0, 0) for _ in m.kernel_size)
+    if m.padding == "same":
+        total = [d * (k - 1) for d, k in zip(m.dilation, m.kernel_size, strict=True)]
+        return tuple((t // 2, t - t // 2) for t in total)
+    return tuple((p, p) for p in m.padding)
 
 
 # --------------------------------------------------------------------------------------------
@@ -356,11 +559,11 @@ def _cost(ops: list[Op], cut: int, r: int, k: int, kind: str) -> int:
         if isinstance(op, Activation):
             kind = "dense" if kind == "dense" else "diag"
             cost += k * op.f * (op.f if kind == "dense" else 1) * ELEMENTWISE_MACS
-        elif kind == "diag" and op.dense and isinstance(op.module, nn.Linear):
+        elif kind == "diag" and isinstance(op, Dense):
             cost += k * op.f_out * op.f_in * op.f_in
             kind = "dense"
         elif kind == "dense":
-            linear = isinstance(op.module, nn.Linear)
+            linear = isinstance(op, Dense)
             cost += k * (op.f_out * op.f_in * (op.f_out + op.f_in) if linear else op.f_in**2)
     width = _width_below(ops, cut)
     live = kind != "zero"
@@ -408,7 +611,7 @@ def structured_hessian(
     for i in reversed(range(len(ops))):
         op = ops[i]
         if isinstance(op, Activation):
-            d1, d2 = activation_derivatives(op.module, inputs[i])
+            d1, d2 = op.derivatives(inputs[i])
             slopes[i] = d1
             curv[i] = d2.unsqueeze(1) * g
             g = d1.unsqueeze(1) * g
@@ -444,7 +647,7 @@ def structured_hessian(
         if isinstance(op, Activation):
             tangents[i] = jac
             jac = slopes[i].unsqueeze(1) * jac
-        elif basis and isinstance(op.module, nn.Linear):
+        elif basis and isinstance(op, Dense):
             jac = op.module.weight[:, rows].T.unsqueeze(0)
         else:
             jac = op.apply(jac)
@@ -468,7 +671,7 @@ def structured_hessian(
             u = term if u is None else slopes[i][:, None, None, :] * u + term
         elif u is not None:
             full = i == 0 and len(rows) == dim and bool((rows == torch.arange(dim)).all())
-            if full and isinstance(op.module, nn.Linear):
+            if full and isinstance(op, Dense):
                 u = symmetric_product(u, op.module.weight)
             else:
                 u = op.apply_t(u)

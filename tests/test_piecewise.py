@@ -26,12 +26,21 @@ def relu_cnn() -> nn.Sequential:
     )  # fmt: skip
 
 
+def relu_cnn3d() -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv3d(1, 2, 2), nn.BatchNorm3d(2), nn.ReLU(), nn.MaxPool3d(2, stride=1),
+        nn.AvgPool3d((1, 2, 1)), nn.AdaptiveAvgPool3d((1, None, None)), nn.Flatten(),
+        nn.Linear(2 * 1 * 1 * 2, 4),
+    )  # fmt: skip
+
+
 # (name, factory, input shape, loss, rows, seed)
 CASES = [
     ("mlp_ce", relu_mlp, (3, 4), "cross_entropy", None, 0),
     ("mlp_mse", relu_mlp, (12,), "mse", None, 1),
     ("cnn_ce", relu_cnn, (1, 8, 8), "cross_entropy", None, 2),
     ("cnn_mse_rows", relu_cnn, (1, 8, 8), "mse", (0, 17, 63), 3),
+    ("cnn3d_ce", relu_cnn3d, (1, 3, 5, 4), "cross_entropy", None, 5),
 ]
 
 
