@@ -233,6 +233,9 @@ def bench_overhead(a) -> dict:
         times["engine"].append(time.perf_counter() - t)
         for name, fsync in (("fsync", True), ("no_fsync", False)):
             cfg["storage"].update(path=str(tmp / f"h{i}{name}.h5"), fsync=fsync)
+            # Start clean: the page cache still holds the previous run's unflushed 157 MB (with
+            # fsync=false), and this run's first fsync would write them out on its own clock.
+            os.sync()
             times[name].append(run(cfg).seconds)
     e, r, r2 = (float(np.median(times[k])) for k in ("engine", "fsync", "no_fsync"))
     return {
