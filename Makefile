@@ -40,8 +40,9 @@ train: install
 	$(PY) -m pipeline.train
 
 # Wheels of what a bare GPU image (python 3.12, torch, h5py, numpy) lacks, for
-# benchmarks/gpu_check.sh on a machine without network: carried there in .whl/.
-GPU_WHEELS = hydra-core==1.3.8 omegaconf==2.3.1 dask==2026.8.0 distributed==2026.8.0 \
+# benchmarks/gpu_check.sh on a machine without network: carried there in .whl/. Dask as
+# pinned by rapids-dask-dependency (what dask-cuda 26.10 expects).
+GPU_WHEELS = hydra-core==1.3.8 omegaconf==2.3.1 dask==2026.7.1 distributed==2026.7.1 \
 	partd==1.4.2 locket==1.0.0 tblib==3.2.2 zict==3.0.0 tornado==6.6.1 dask-cuda==26.10.0 \
 	rapids-dask-dependency==26.10.0
 wheels:
