@@ -664,14 +664,14 @@ def structured_hessian(
         u = jac.unsqueeze(1) * m.unsqueeze(2)
     else:
         u = jac.unsqueeze(1) @ m
+    full_rows = len(rows) == dim and bool((rows == torch.arange(dim, device=rows.device)).all())
     for i in reversed(range(cut)):
         op = ops[i]
         if isinstance(op, Activation):
             term = curv[i].unsqueeze(2) * tangents[i].unsqueeze(1)
             u = term if u is None else slopes[i][:, None, None, :] * u + term
         elif u is not None:
-            full = i == 0 and len(rows) == dim and bool((rows == torch.arange(dim)).all())
-            if full and isinstance(op, Dense):
+            if i == 0 and full_rows and isinstance(op, Dense):
                 u = symmetric_product(u, op.module.weight)
             else:
                 u = op.apply_t(u)

@@ -93,7 +93,7 @@ def make_target(
             f"unknown target {outputs!r}: use a list of indices, 'all', 'predicted' or 'loss'",
             "target",
         )
-    idx = torch.as_tensor(outputs, dtype=torch.long)
+    idx = torch.as_tensor(outputs, dtype=torch.long).cpu()
     if idx.ndim == 0:
         idx = idx.reshape(1)
     if idx.numel() == 0:

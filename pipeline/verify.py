@@ -252,7 +252,7 @@ def _hvp(model: torch.nn.Module, x: Tensor, target: Target, v: Tensor) -> Tensor
             raise
     _, pullback = vjp(jac, xf)
     k = target.n_outputs
-    eye = torch.eye(k, dtype=v.dtype)
+    eye = torch.eye(k, dtype=v.dtype, device=v.device)
     # (H_k v)_i = sum_j H_k[i, j] v_j = pullback of e_k (x) v, since H_k is symmetric.
     return vmap(lambda u: vmap(lambda e: pullback(e[:, None] * u[None, :])[0])(eye))(v).detach()
 
