@@ -39,8 +39,9 @@ def compute_block(
 
 
 def execute(job: Job, blocks: list[Block], shards: ShardStore, on_block) -> float:
-    """Compute and commit ``blocks``; ``on_block(block, hessian, gradient)`` is called as each one
-    commits, with the arrays when they are in this process (else None: read the shard).
+    """Compute ``blocks``; ``on_block(block, hessian, gradient)`` is called for each, with the
+    arrays when they are in this process (it then commits them), else with None after a Dask
+    worker committed the block's shard.
 
     Returns:
         seconds spent computing and committing blocks (cluster start-up and shut-down excluded).
@@ -75,7 +76,8 @@ def _budget(job: Job) -> int:
 
 
 def run_local(job: Job, blocks: list[Block], shards: ShardStore, on_block) -> float:
-    """One process, blocks in order, each committed as soon as it is computed."""
+    """One process, blocks in order, each handed to ``on_block`` (which commits it) as soon as
+    it is computed."""
     t0 = time.perf_counter()
     device = _device(job.cfg["backend"].get("device", "cpu"))
     model = job.model.to(device)
@@ -86,8 +88,7 @@ def run_local(job: Job, blocks: list[Block], shards: ShardStore, on_block) -> fl
             h, g = compute_block(
                 model, job.method.name, x[b.s0 : b.s1], target.subset(b.s0, b.s1), b, _budget(job)
             )
-        shards.write(b, h, g)
-        on_block(b, h, g)
+        on_block(b, h, g)  # commits it
     return time.perf_counter() - t0
 
 

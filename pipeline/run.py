@@ -27,7 +27,14 @@ from .errors import PipelineError
 from .job import Job, build_job
 from .plan import Plan, make_plan
 from .precision import tf32_report
-from .storage import FinalFile, Metadata, ShardStore, Syncer, compression_options
+from .storage import (
+    DirectFile,
+    FinalFile,
+    Metadata,
+    ShardStore,
+    Syncer,
+    compression_options,
+)
 
 log = logging.getLogger(__name__)
 
@@ -109,38 +116,44 @@ def _locked_run(cfg, path: Path, mode: str, overrides, t0: float) -> RunResult:
     fp = fingerprint(cfg, job.model_fingerprint, job.data_fingerprint())
     if mode == "resume" and path.exists():
         return _already_complete(path, fp, shards, job, plan, t0)
-    _check_free_space(
-        path, plan, itemsize, shards, resume=mode == "resume", virtual=st.get("layout") == "virtual"
+    layout, compression = st.get("layout", "copy"), st.get("compression")
+    direct = (
+        cfg["backend"]["name"] == "local"
+        and layout == "copy"
+        and not compression_options(compression)
     )
-    reused = shards.start(fp, resume=mode == "resume", info={"n_blocks": len(plan.blocks)})
+    _check_free_space(path, plan, itemsize, shards, mode == "resume", layout, direct)
+    shards.start(fp, resume=mode == "resume", info={"n_blocks": len(plan.blocks)})
     for stale in path.parent.glob(f".{glob.escape(path.name)}.*.partial"):  # a killed run's
         stale.unlink(missing_ok=True)  # final file (we hold the lock: nobody else writes it)
-    done = shards.committed()
-    todo = [b for b in plan.blocks if b.index not in done]
-    log.info(
-        "Hessians (%d, %d, %d, %d) %s, method=%s, %d blocks of %d samples x %d rows (%d done)",
-        n,
-        k,
-        d,
-        d,
-        cfg["dtype"],
-        job.method.name,
-        len(plan.blocks),
-        plan.block_samples,
-        plan.block_rows,
-        reused,
-    )
     meta = _metadata(job, cfg, overrides or [], plan, fp)
     meta.attrs.update(tf32_report(job, compute_device(cfg["backend"])))
-    layout, dtype = st.get("layout", "copy"), job.data.x.numpy().dtype
+    dtype = job.data.x.numpy().dtype
     syncer = Syncer() if shards.fsync else None
     shards.syncer = syncer
     try:
-        with (
-            FinalFile(path, plan, shards, dtype, layout, st.get("compression"), syncer) as final,
-            _progress(cfg, len(plan.blocks), reused, "blocks") as bar,
-        ):
-            for b in plan.blocks:  # blocks of an interrupted run, from their shards
+        if direct:
+            final = DirectFile(path, plan, shards, dtype, meta, syncer)
+        else:
+            final = FinalFile(path, plan, shards, dtype, layout, compression, syncer)
+        done = final.committed()
+        todo = [b for b in plan.blocks if b.index not in done]
+        reused = len(done)
+        log.info(
+            "Hessians (%d, %d, %d, %d) %s, method=%s, %d blocks of %d samples x %d rows (%d done)",
+            n,
+            k,
+            d,
+            d,
+            cfg["dtype"],
+            job.method.name,
+            len(plan.blocks),
+            plan.block_samples,
+            plan.block_rows,
+            reused,
+        )
+        with final, _progress(cfg, len(plan.blocks), reused, "blocks") as bar:
+            for b in plan.blocks:  # blocks of an interrupted run
                 if b.index in done:
                     final.add(b)
 
@@ -154,7 +167,7 @@ def _locked_run(cfg, path: Path, mode: str, overrides, t0: float) -> RunResult:
         if err.errno != errno.ENOSPC:
             raise
         raise PipelineError(
-            f"disk full under {path.parent} after {len(shards.committed())} of "
+            f"disk full under {path.parent} after {len(shards.committed() | shards.marked())} of "
             f"{len(plan.blocks)} blocks: committed blocks are kept; free space and rerun with "
             "storage.mode=resume",
             "storage.path",
@@ -309,17 +322,28 @@ class RunLock:
 
 
 def _check_free_space(
-    path: Path, plan: Plan, itemsize: int, shards: ShardStore, resume: bool, virtual: bool
+    path: Path,
+    plan: Plan,
+    itemsize: int,
+    shards: ShardStore,
+    resume: bool,
+    layout: str,
+    direct: bool,
 ) -> None:
-    """Refuse before computing when the shards plus the final file cannot fit on the disk."""
+    """Refuse before computing when the result cannot fit on the disk: the final file (written in
+    place by ``backend=local``), or block shards plus the final file."""
     total = plan.n_samples * plan.n_outputs * plan.dim * (plan.dim + 1) * itemsize
-    done = len(shards.committed()) / max(1, len(plan.blocks)) if resume else 0.0
-    needed = int(total * (1 - done)) + (0 if virtual else total)
+    if direct:
+        needed = 0 if resume and (shards.directory / "direct.h5").is_file() else total
+    else:
+        done = len(shards.committed()) / max(1, len(plan.blocks)) if resume else 0.0
+        needed = int(total * (1 - done)) + (0 if layout == "virtual" else total)
     free = shutil.disk_usage(path.parent).free
     if needed > free:
         raise PipelineError(
-            f"the result needs about {_gb(needed)} under {path.parent} (block shards and the "
-            f"final file) but only {_gb(free)} is free",
+            f"the result needs about {_gb(needed)} under {path.parent} "
+            f"({'the final file' if direct else 'block shards and the final file'}) but only "
+            f"{_gb(free)} is free",
             "storage.path",
         )
 

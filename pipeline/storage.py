@@ -1,12 +1,17 @@
-"""Committed blocks as shard files, and the one writer that assembles the final HDF5 file.
+"""How finished blocks are committed, and the one writer of the final HDF5 file.
 
-NOTE: [atomic commits] Processes never share an HDF5 file. Each block is written to its own shard
-file under a temporary name, fsync-ed and renamed: a shard with its final name is complete, so a
-crash loses at most the blocks in flight and resume submits only the missing ones. The final file
-is written under a temporary name by one process as blocks arrive (from memory in the local
-backend, from the shards otherwise) and renamed into place only when complete: ``storage.path``
-either does not exist or holds a finished result. With fsync, the flushes run on a background
-thread (``Syncer``) while the next block computes.
+NOTE: [atomic commits] Processes never share an HDF5 file, and ``storage.path`` either does not
+exist or holds a finished result: the final file is written under another name and renamed
+into place only when complete. A block is committed in one of two ways, so that a crash loses at
+most the blocks in flight and resume computes only the missing ones:
+
+* ``DirectFile`` (``backend=local``, copy layout, no compression): written in place into a
+  final file created whole beforehand, then marked done; see NOTE [direct writes].
+* ``ShardStore`` + ``FinalFile`` (Dask workers, the virtual layout, compression): each block is
+  its own shard file (temporary name, fsync, rename); one process copies the shards into the
+  final file as they arrive.
+
+With fsync, the flushes run on a background thread (``Syncer``) while the next block computes.
 """
 
 from __future__ import annotations
@@ -69,11 +74,33 @@ class ShardStore:
     def shard_path(self, index: int) -> Path:
         return self.directory / f"block-{index:06d}.h5"
 
+    def marker_path(self, index: int) -> Path:
+        return self.directory / f"block-{index:06d}.done"
+
     def committed(self) -> set[int]:
         """Indices of blocks whose shard file is complete."""
+        return self._indices("block-*.h5")
+
+    def marked(self) -> set[int]:
+        """Indices of blocks written into ``direct.h5`` (see ``DirectFile``)."""
+        return self._indices("block-*.done")
+
+    def _indices(self, pattern: str) -> set[int]:
         if not self.directory.is_dir():
             return set()
-        return {int(p.stem.split("-")[1]) for p in self.directory.glob("block-*.h5")}
+        return {int(p.stem.split("-")[1]) for p in self.directory.glob(pattern)}
+
+    def mark(self, block: Block, fsync: bool) -> None:
+        """Commit a block of ``direct.h5``: its marker (after its values are written)."""
+        self.marker_path(block.index).touch()
+        if fsync:
+            fsync_path(self.directory)
+
+    def drop_direct(self) -> None:
+        """Forget ``direct.h5`` and its markers (another run's, or one this run will not use)."""
+        (self.directory / "direct.h5").unlink(missing_ok=True)
+        for p in self.directory.glob("block-*.done"):
+            p.unlink()
 
     def manifest(self) -> dict[str, Any] | None:
         p = self.directory / "manifest.json"
@@ -166,8 +193,12 @@ class Syncer:
 
     def commit(self, tmp: Path, path: Path) -> None:
         """``commit(tmp, path, fsync=True)``, in the background."""
+        self.submit(commit, tmp, path, True)
+
+    def submit(self, fn, *args) -> None:
+        """Run ``fn(*args)`` on the background thread, after what is queued."""
         self._raise_errors()
-        self._futures.append(self._pool.submit(commit, tmp, path, True))
+        self._futures.append(self._pool.submit(fn, *args))
 
     def flush(self, path: Path) -> None:
         """fsync a file that is still being written, unless a flush of it is waiting to start."""
@@ -182,6 +213,11 @@ class Syncer:
         for fut in self._futures:
             fut.result()
         self._futures.clear()
+
+    def drain(self) -> None:
+        """Block until the queue is empty, ignoring errors (the caller is handling one)."""
+        for fut in self._futures:
+            fut.exception()
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
@@ -213,6 +249,7 @@ class FinalFile:
         self.path, self.plan, self.shards, self.layout = path, plan, shards, layout
         self.syncer, self.dtype = syncer, dtype
         self.comp = compression_options(compression)
+        shards.drop_direct()  # an earlier local run's file: its blocks are recomputed
         self.tmp = temporary_name(path)
         n, k, d = plan.n_samples, plan.n_outputs, plan.dim
         self.file = h5py.File(self.tmp, "w")
@@ -231,11 +268,18 @@ class FinalFile:
             self.file = None
         self.tmp.unlink(missing_ok=True)
 
+    def committed(self) -> set[int]:
+        """Blocks committed by an earlier run (their shards)."""
+        return self.shards.committed()
+
     def add(
         self, b: Block, hessian: np.ndarray | None = None, gradient: np.ndarray | None = None
     ) -> None:
-        """Write block ``b`` from the arrays when given (the local backend), else its shard."""
-        if hessian is None:
+        """Commit block ``b`` from the arrays (its shard, then the final file), or copy its
+        committed shard (a Dask worker's, or an earlier run's) into the final file."""
+        if hessian is not None:
+            self.shards.write(b, hessian, gradient)
+        else:
             with h5py.File(self.shards.shard_path(b.index), "r") as s:
                 hessian = s["hessian"][()] if self.layout != "virtual" else None
                 gradient = s["gradient"][()] if b.r0 == 0 else None
@@ -248,18 +292,10 @@ class FinalFile:
 
     def finish(self, meta: Metadata) -> None:
         """Write the metadata, close, make durable and rename to ``path``."""
-        f, comp = self.file, self.comp
+        f = self.file
         if self.layout == "virtual":
             self._map_shards()
-        f.create_dataset("inputs", data=meta.inputs, **comp)
-        f.create_dataset("outputs", data=meta.outputs)
-        f.create_dataset("sample_index", data=meta.sample_index)
-        f.create_dataset("output_index", data=meta.output_index)
-        _label(f, meta.inputs.ndim - 1, meta.output_index.ndim)
-        for key, value in meta.attrs.items():
-            f.attrs[key] = value
-        f.attrs["layout"] = self.layout
-        f.attrs["status"] = "complete"
+        write_metadata(f, meta, self.layout, self.comp)
         f.close()
         self.file = None
         if self.syncer is not None:
@@ -277,6 +313,156 @@ class FinalFile:
             )
             vl[b.s0 : b.s1, :, b.r0 : b.r1, :] = src
         self.file.create_virtual_dataset("hessian", vl, fillvalue=np.nan)
+
+
+def write_metadata(f: h5py.File, meta: Metadata, layout: str, comp: dict[str, Any]) -> None:
+    """Everything but the Hessian and gradient values; ``status`` says complete because the file
+    only ever carries its final name when it is."""
+    f.create_dataset("inputs", data=meta.inputs, **comp)
+    f.create_dataset("outputs", data=meta.outputs)
+    f.create_dataset("sample_index", data=meta.sample_index)
+    f.create_dataset("output_index", data=meta.output_index)
+    _label(f, meta.inputs.ndim - 1, meta.output_index.ndim)
+    for key, value in meta.attrs.items():
+        f.attrs[key] = value
+    f.attrs["layout"] = layout
+    f.attrs["status"] = "complete"
+
+
+class DirectFile:
+    """The final file written in place: one write of each block instead of a shard and a copy.
+
+    For a single process (``backend=local``) with the copy layout and no compression. NOTE:
+    [direct writes] The HDF5 file is created whole before any Hessian value is written: every
+    dataset and attribute, every chunk allocated (early allocation, no fill). Blocks then go to
+    their chunks' byte offsets with ``os.pwrite``, which never touches HDF5 metadata, so the
+    file's structure is valid at every moment, whenever the process dies. A block is committed
+    by an empty marker file, created after its bytes are written (and, with fsync, flushed). The
+    file lives in the shard directory as ``direct.h5`` until it is renamed to ``storage.path``;
+    resume reuses it when its fingerprint matches and writes only the blocks without a marker.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        plan: Plan,
+        shards: ShardStore,
+        dtype: np.dtype,
+        meta: Metadata,
+        syncer: Syncer | None = None,
+    ):
+        self.path, self.plan, self.shards, self.syncer = path, plan, shards, syncer
+        self.dtype = np.dtype(dtype)
+        self.file_path = shards.directory / "direct.h5"
+        if not self._reusable(meta.attrs["fingerprint"]):
+            shards.drop_direct()
+            self._create(meta)
+        self.offsets, self.gradient_offset = self._layout()
+        self.fd: int | None = os.open(self.file_path, os.O_WRONLY)
+
+    def __enter__(self) -> DirectFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:  # interrupted: the file and its markers stay, for resume
+            if self.syncer is not None:
+                self.syncer.drain()  # a block being written keeps its fd until it is done
+            os.close(self.fd)
+            self.fd = None
+
+    def committed(self) -> set[int]:
+        """Blocks in the file already (marked), or committed as shards by an earlier Dask run."""
+        return self.shards.marked() | self.shards.committed()
+
+    def add(
+        self, b: Block, hessian: np.ndarray | None = None, gradient: np.ndarray | None = None
+    ) -> None:
+        """Write block ``b`` from the arrays, or from its shard (a block of an earlier Dask run);
+        nothing when the file holds it already."""
+        if hessian is None:
+            if b.index in self.shards.marked():
+                return
+            with h5py.File(self.shards.shard_path(b.index), "r") as s:
+                hessian = s["hessian"][()]
+                gradient = s["gradient"][()] if b.r0 == 0 else None
+        if self.syncer is None:
+            self._write(b, hessian, gradient, fsync=False)
+        else:  # write and flush on the background thread; at most one block waits there
+            self.syncer.wait()
+            self.syncer.submit(self._write, b, hessian, gradient, True)
+
+    def finish(self, meta: Metadata | None = None) -> None:
+        """Make the file durable and rename it to ``path`` (the metadata is there already)."""
+        del meta
+        if self.syncer is not None:
+            self.syncer.wait()
+        os.close(self.fd)
+        self.fd = None
+        commit(self.file_path, self.path, self.syncer is not None)
+
+    def _write(self, b: Block, hessian: np.ndarray, gradient: np.ndarray | None, fsync: bool):
+        cs, _, cr, d = self.plan.chunks
+        chunk = np.zeros((cs, 1, cr, d), self.dtype)
+        for s in range(b.s0, b.s1, cs):
+            for k in range(self.plan.n_outputs):
+                for r in range(b.r0, b.r1, cr):
+                    part = hessian[s - b.s0 : s - b.s0 + cs, k : k + 1, r - b.r0 : r - b.r0 + cr]
+                    if part.shape == chunk.shape:
+                        data = np.ascontiguousarray(part, self.dtype)
+                    else:  # an edge chunk: HDF5 stores it whole
+                        chunk[:] = 0
+                        chunk[: part.shape[0], :, : part.shape[2]] = part
+                        data = chunk
+                    os.pwrite(self.fd, memoryview(data).cast("B"), self.offsets[s, k, r])
+        if b.r0 == 0:
+            row = self.plan.n_outputs * self.plan.dim * self.dtype.itemsize
+            g = np.ascontiguousarray(gradient, self.dtype)
+            os.pwrite(self.fd, memoryview(g).cast("B"), self.gradient_offset + b.s0 * row)
+        if fsync:
+            os.fsync(self.fd)
+        self.shards.mark(b, fsync)
+
+    def _reusable(self, fingerprint: str) -> bool:
+        if not self.file_path.is_file():
+            return False
+        try:
+            with h5py.File(self.file_path, "r") as f:
+                return f.attrs.get("fingerprint") == fingerprint
+        except OSError:
+            return False
+
+    def _create(self, meta: Metadata) -> None:
+        """Create the whole file under a temporary name, then give it its name in the shards."""
+        n, k, d = self.plan.n_samples, self.plan.n_outputs, self.plan.dim
+        tmp = temporary_name(self.file_path)
+        try:
+            with h5py.File(tmp, "w") as f:
+                f.create_dataset("hessian", (n, k, d, d), self.dtype, chunks=self.plan.chunks,
+                                 dcpl=_early_allocation(), fill_time="never")  # fmt: skip
+                f.create_dataset("gradient", (n, k, d), self.dtype, dcpl=_early_allocation(),
+                                 fill_time="never")  # fmt: skip
+                write_metadata(f, meta, "copy", {})
+            commit(tmp, self.file_path, self.syncer is not None)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    def _layout(self) -> tuple[dict[tuple[int, int, int], int], int]:
+        """Byte offsets of every Hessian chunk (by its first sample, output, row) and of the
+        contiguous gradient."""
+        with h5py.File(self.file_path, "r") as f:
+            hess = f["hessian"].id
+            offsets = {}
+            for i in range(hess.get_num_chunks()):
+                info = hess.get_chunk_info(i)
+                offsets[info.chunk_offset[:3]] = info.byte_offset
+            return offsets, f["gradient"].id.get_offset()
+
+
+def _early_allocation() -> h5py.h5p.PropDCID:
+    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+    return dcpl
 
 
 def _label(f: h5py.File, n_input_dims: int, output_index_dims: int) -> None:

@@ -36,3 +36,11 @@ def read_hessian(path) -> np.ndarray:
     with h5py.File(path, "r") as f:
         assert f.attrs["status"] == "complete"
         return f["hessian"][()]
+
+
+def committed_blocks(shards) -> list:
+    """The commit records of finished blocks in a shard directory: shard files (Dask, virtual
+    layout, compression) or markers of blocks written into ``direct.h5`` (``backend=local``)."""
+    if not shards.is_dir():
+        return []
+    return sorted([*shards.glob("block-*.h5"), *shards.glob("block-*.done")])

@@ -14,7 +14,7 @@ import pytest
 
 from pipeline.run import run
 
-from .configs import config
+from .configs import committed_blocks, config
 from .test_resume import JOB, start_cli
 
 
@@ -26,8 +26,7 @@ def kill_point(rng: random.Random) -> tuple[str, int]:
 def reached(point: tuple[str, int], path: Path) -> bool:
     kind, k = point
     if kind == "blocks":
-        shards = path.with_name(path.name + ".shards")
-        return shards.is_dir() and len(list(shards.glob("block-*.h5"))) >= k
+        return len(committed_blocks(path.with_name(path.name + ".shards"))) >= k
     if kind == "assembling":
         return any(path.parent.glob(f".{path.name}.*.partial")) or path.exists()
     return path.exists()
@@ -52,8 +51,11 @@ def one_trial(tmp: Path, seed: int, reference: np.ndarray) -> dict:
         time.sleep(0.002)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    shards = sorted((tmp / "h.h5.shards").glob("block-*.h5"))
-    corrupt = [p.name for p in shards if not readable(p)]
+    shards = committed_blocks(tmp / "h.h5.shards")
+    corrupt = [p.name for p in shards if p.suffix == ".h5" and not readable(p)]
+    direct = tmp / "h.h5.shards" / "direct.h5"  # backend=local writes blocks into it in place
+    if direct.exists() and not readable(direct):
+        corrupt.append(direct.name)
     final_state = "absent"
     if path.exists():
         with h5py.File(path, "r") as f:  # anything at storage.path must be a finished result
