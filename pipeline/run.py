@@ -157,11 +157,19 @@ def _locked_run(cfg, path: Path, mode: str, overrides, t0: float) -> RunResult:
                 if b.index in done:
                     final.add(b)
 
+            later: list = []  # blocks to copy once the workers are done (see _copy_as_they_come)
+            stream = _copy_as_they_come(cfg["backend"])
+
             def on_block(b, hessian, gradient):
-                final.add(b, hessian, gradient)
+                if stream or hessian is not None:
+                    final.add(b, hessian, gradient)
+                else:
+                    later.append(b)
                 bar.update(1)
 
             t_compute = execute(job, todo, shards, on_block)
+            for b in later:
+                final.add(b)
             final.finish(meta)
     except OSError as err:
         if err.errno != errno.ENOSPC:
@@ -193,6 +201,19 @@ def _locked_run(cfg, path: Path, mode: str, overrides, t0: float) -> RunResult:
     if cfg.get("plots"):
         _after_run_reports(path, cfg)
     return result
+
+
+def _copy_as_they_come(backend: dict[str, Any]) -> bool:
+    """Whether the driver copies Dask shards into the final file while workers compute.
+
+    It should, unless the run's own LocalCluster occupies every core: then the copying takes CPU
+    from the workers (2 workers on 2 cores: 1.26-1.39x faster than 1 instead of 1.78x) and is
+    better done after them.
+    """
+    if backend["name"] != "dask":
+        return True
+    busy = backend.get("n_workers", 2) * backend.get("threads_per_worker", 1)
+    return busy < (os.cpu_count() or 1)
 
 
 def _already_complete(path: Path, fp: str, shards: ShardStore, job: Job, plan: Plan, t0: float):
