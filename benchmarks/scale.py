@@ -154,12 +154,9 @@ def bench_memory(a) -> dict:
     return res
 
 
-def committed(shards: Path) -> int:
-    """Finished blocks: shard files, or markers of blocks written in place (backend=local)."""
-    return len([*shards.glob("block-*.h5"), *shards.glob("block-*.done")])
-
-
 def bench_resume(a) -> dict:
+    from tests.configs import committed_blocks
+
     tmp = Path(tempfile.mkdtemp(prefix="bench-resume-"))
     base = job(a.dim, a.samples, "storage.block_rows=256", "method=forward_over_reverse")
     t = time.perf_counter()
@@ -169,11 +166,11 @@ def bench_resume(a) -> dict:
     part = cli([*base, f"storage.path={tmp / 'r.h5'}"])
     shards = tmp / "r.h5.shards"
     n_blocks = a.samples * (-(-a.dim // 256))
-    while committed(shards) < n_blocks // 2 and part.poll() is None:
+    while len(committed_blocks(shards)) < n_blocks // 2 and part.poll() is None:
         time.sleep(0.01)
     os.killpg(part.pid, signal.SIGKILL)
     part.wait()
-    killed_with = committed(shards)
+    killed_with = len(committed_blocks(shards))
     t = time.perf_counter()
     resumed = cli([*base, f"storage.path={tmp / 'r.h5'}", "storage.mode=resume"])
     out = resumed.communicate()[0].decode()

@@ -71,10 +71,6 @@ def _device(name: str) -> torch.device:
     return device
 
 
-def _budget(job: Job) -> int:
-    return int(job.cfg["method"].get("memory_budget_mb", 1024)) << 20
-
-
 def run_local(job: Job, blocks: list[Block], shards: ShardStore, on_block) -> float:
     """One process, blocks in order, each handed to ``on_block`` (which commits it) as soon as
     it is computed."""
@@ -86,7 +82,12 @@ def run_local(job: Job, blocks: list[Block], shards: ShardStore, on_block) -> fl
     for b in blocks:
         with tf32(_tf32(job.cfg)):
             h, g = compute_block(
-                model, job.method.name, x[b.s0 : b.s1], target.subset(b.s0, b.s1), b, _budget(job)
+                model,
+                job.method.name,
+                x[b.s0 : b.s1],
+                target.subset(b.s0, b.s1),
+                b,
+                job.memory_budget,
             )
         on_block(b, h, g)  # commits it
     return time.perf_counter() - t0
@@ -296,7 +297,7 @@ def run_dask(client, job: Job, blocks: list[Block], shards: ShardStore, on_block
             oi[b.s0 : b.s1] if oi.ndim == 2 else oi,
             b,
             shard_dir,
-            _budget(job),
+            job.memory_budget,
             shards.fsync,
             _tf32(job.cfg),
             key=f"hessian-block-{key}-{b.index}",

@@ -35,6 +35,11 @@ class Job:
     dtype: torch.dtype
 
     @property
+    def memory_budget(self) -> int:
+        """Bytes of working memory for one vectorized call (``method.memory_budget_mb``)."""
+        return int(self.cfg["method"].get("memory_budget_mb", 1024)) << 20
+
+    @property
     def dim(self) -> int:
         return self.data.x[0].numel()
 

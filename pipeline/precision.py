@@ -49,14 +49,13 @@ def tf32_report(job, device: torch.device) -> dict[str, Any]:
         log.warning("method.tf32=true has no effect here (it needs float32 on a CUDA device)")
         return {"tf32": "ignored: needs float32 on a CUDA device"}
     rows = torch.arange(min(CHECK_ROWS, job.dim), device=device)
-    budget = int(job.cfg["method"].get("memory_budget_mb", 1024)) << 20
     err = tf32_error(
         job.method.compute,
         job.model.to(device),
         job.data.x[:1].to(device),
         job.target.subset(0, 1).to(device),
         rows,
-        budget,
+        job.memory_budget,
     )
     log.info("TF32: max relative error against float32 %.2e (sample 0, %d rows)", err, len(rows))
     return {"tf32": "on", "tf32_max_rel_error": err, "tf32_checked_rows": len(rows)}

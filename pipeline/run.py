@@ -355,7 +355,7 @@ def _check_free_space(
     place by ``backend=local``), or block shards plus the final file."""
     total = plan.n_samples * plan.n_outputs * plan.dim * (plan.dim + 1) * itemsize
     if direct:
-        needed = 0 if resume and (shards.directory / "direct.h5").is_file() else total
+        needed = 0 if resume and shards.direct_path.is_file() else total
     else:
         done = len(shards.committed()) / max(1, len(plan.blocks)) if resume else 0.0
         needed = int(total * (1 - done)) + (0 if layout == "virtual" else total)

@@ -74,6 +74,11 @@ class ShardStore:
     def shard_path(self, index: int) -> Path:
         return self.directory / f"block-{index:06d}.h5"
 
+    @property
+    def direct_path(self) -> Path:
+        """The final file while ``backend=local`` writes it in place (see ``DirectFile``)."""
+        return self.directory / "direct.h5"
+
     def marker_path(self, index: int) -> Path:
         return self.directory / f"block-{index:06d}.done"
 
@@ -98,7 +103,7 @@ class ShardStore:
 
     def drop_direct(self) -> None:
         """Forget ``direct.h5`` and its markers (another run's, or one this run will not use)."""
-        (self.directory / "direct.h5").unlink(missing_ok=True)
+        self.direct_path.unlink(missing_ok=True)
         for p in self.directory.glob("block-*.done"):
             p.unlink()
 
@@ -145,6 +150,14 @@ class ShardStore:
             self.syncer.commit(tmp, final)
         else:
             commit(tmp, final, self.fsync)
+
+    def read(
+        self, block: Block, hessian: bool = True
+    ) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """A committed block's hessian (unless ``hessian=False``) and gradient (blocks at row 0)."""
+        with h5py.File(self.shard_path(block.index), "r") as s:
+            h = s["hessian"][()] if hessian else None
+            return h, (s["gradient"][()] if block.r0 == 0 else None)
 
     def remove(self) -> None:
         """Delete the shards, the manifest last (so a half-removed directory is never resumed)."""
@@ -280,9 +293,7 @@ class FinalFile:
         if hessian is not None:
             self.shards.write(b, hessian, gradient)
         else:
-            with h5py.File(self.shards.shard_path(b.index), "r") as s:
-                hessian = s["hessian"][()] if self.layout != "virtual" else None
-                gradient = s["gradient"][()] if b.r0 == 0 else None
+            hessian, gradient = self.shards.read(b, hessian=self.layout != "virtual")
         if self.layout != "virtual":
             self.file["hessian"][b.s0 : b.s1, :, b.r0 : b.r1, :] = hessian
         if b.r0 == 0:
@@ -353,10 +364,11 @@ class DirectFile:
     ):
         self.path, self.plan, self.shards, self.syncer = path, plan, shards, syncer
         self.dtype = np.dtype(dtype)
-        self.file_path = shards.directory / "direct.h5"
+        self.file_path = shards.direct_path
         if not self._reusable(meta.attrs["fingerprint"]):
             shards.drop_direct()
             self._create(meta)
+        self.marked = shards.marked()  # blocks an interrupted run wrote here
         self.offsets, self.gradient_offset = self._layout()
         self.fd: int | None = os.open(self.file_path, os.O_WRONLY)
 
@@ -372,7 +384,7 @@ class DirectFile:
 
     def committed(self) -> set[int]:
         """Blocks in the file already (marked), or committed as shards by an earlier Dask run."""
-        return self.shards.marked() | self.shards.committed()
+        return self.marked | self.shards.committed()
 
     def add(
         self, b: Block, hessian: np.ndarray | None = None, gradient: np.ndarray | None = None
@@ -380,11 +392,9 @@ class DirectFile:
         """Write block ``b`` from the arrays, or from its shard (a block of an earlier Dask run);
         nothing when the file holds it already."""
         if hessian is None:
-            if b.index in self.shards.marked():
+            if b.index in self.marked:
                 return
-            with h5py.File(self.shards.shard_path(b.index), "r") as s:
-                hessian = s["hessian"][()]
-                gradient = s["gradient"][()] if b.r0 == 0 else None
+            hessian, gradient = self.shards.read(b)
         if self.syncer is None:
             self._write(b, hessian, gradient, fsync=False)
         else:  # write and flush on the background thread; at most one block waits there
