@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, jacrev, vmap
 
 import pipeline
-from pipeline.methods import METHODS
+from pipeline.hessian.methods import METHODS, resolve_method
 from pipeline.precision import tf32
 
 CASES: dict[str, tuple[str, tuple[int, ...]]] = {
@@ -201,7 +201,7 @@ def bench_case(case: str, outputs: list[int], args) -> list[dict]:
     for name in ["auto", *METHODS]:
         if name == "auto" or METHODS[name].unsupported(model, target) is None:
             label = f"pipeline {name}" + (
-                f" (= {pipeline.methods.resolve_method('auto', model, target).name})"
+                f" (= {resolve_method('auto', model, target).name})"
                 if name == "auto" else ""
             )  # fmt: skip
             methods[label] = (ours(name), x)

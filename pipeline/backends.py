@@ -18,13 +18,13 @@ from distributed.diagnostics.plugin import WorkerPlugin
 from torch import Tensor, nn
 
 from .errors import PipelineError
+from .hessian.methods import METHODS
+from .hessian.targets import Target
 from .job import Job, torch_dtype
-from .methods import METHODS
 from .models import build_model
 from .plan import Block
 from .precision import tf32
 from .storage import ShardStore
-from .targets import Target
 
 log = logging.getLogger(__name__)
 

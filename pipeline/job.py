@@ -14,9 +14,9 @@ from torch import Tensor, nn
 
 from .data import Dataset, load_data
 from .errors import PipelineError
-from .methods import Method, resolve_method, zero_hessian_reason
+from .hessian.methods import Method, resolve_method, zero_hessian_reason
+from .hessian.targets import Target, make_target
 from .models import build_model
-from .targets import Target, make_target
 
 log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "float64": torch.float64}

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .errors import PipelineError
-from .structure import training_layers
+from .hessian.structure import training_layers
 
 CHECKPOINTS = Path(__file__).parent / "checkpoints"
 ACTIVATIONS = {

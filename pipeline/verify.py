@@ -28,12 +28,12 @@ from torch.func import jacrev, jvp, vjp, vmap
 
 from .config import to_plain
 from .errors import PipelineError
-from .generic import is_missing_forward_ad
+from .hessian.generic import is_missing_forward_ad
+from .hessian.methods import DEFAULT_MEMORY_BUDGET, METHODS
+from .hessian.targets import Target
 from .job import build_job
-from .methods import DEFAULT_MEMORY_BUDGET, METHODS
 from .reader import Result
 from .stats import DEFAULT_MEMORY_MB, matrix_stats
-from .targets import Target
 
 RTOL = {"float32": 1e-4, "float64": 1e-9}
 ALL_ROWS_BELOW = 4096  # recompute every row when N * D is at most this

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pipeline import hessian, make_target
-from pipeline.methods import METHODS
+from pipeline.hessian.methods import METHODS
 from pipeline.run import run
 
 from .configs import config, read_hessian

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 import pipeline
-from pipeline import PipelineError, generic, make_target
+from pipeline import PipelineError, make_target
+from pipeline.hessian import generic
 from pipeline.models import digits_mlp
 from tests.zoo import (
     MODEL_BY_NAME,

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from pipeline import hessian, make_target
-from pipeline.methods import resolve_method
+from pipeline.hessian.methods import resolve_method
 from tests.zoo import assert_close_to_max as assert_close
 
 pytestmark = pytest.mark.usefixtures("float64_default")  # every case runs in float64

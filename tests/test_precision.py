@@ -6,10 +6,10 @@ import h5py
 import numpy as np
 import torch
 
-from pipeline.methods import METHODS
+from pipeline.hessian.methods import METHODS
+from pipeline.hessian.targets import make_target
 from pipeline.precision import tf32, tf32_error
 from pipeline.run import run
-from pipeline.targets import make_target
 
 from .configs import config, read_hessian
 from .nets import mlp

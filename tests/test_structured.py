@@ -9,9 +9,10 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from pipeline import hessian, make_target, structured
-from pipeline.methods import resolve_method
-from pipeline.structured import build_chain, plan_split, structured_hessian
+from pipeline import hessian, make_target
+from pipeline.hessian import structured
+from pipeline.hessian.methods import resolve_method
+from pipeline.hessian.structured import build_chain, plan_split, structured_hessian
 from tests.zoo import assert_close_to_max as assert_close
 
 pytestmark = [
@@ -286,7 +287,7 @@ def test_sample_chunks_keep_their_max_positions():
 
 
 def test_activation_derivatives_match_autograd():
-    from pipeline.structured import activation_derivatives
+    from pipeline.hessian.structured import activation_derivatives
 
     a = torch.linspace(-4, 4, 101)
     acts = [nn.Tanh(), nn.Sigmoid(), nn.Softplus(2.0, 3.0), nn.GELU(), nn.GELU("tanh"), nn.SiLU(),

@@ -1,8 +1,8 @@
 """Test cases as data: models (factory, input shape, seed), targets, row subsets, and references.
 
 Every numerical test compares ``pipeline.hessian`` with ``torch.autograd.functional`` in float64.
-The reference is built here from the model alone (never from ``pipeline.targets``), so a bug in the
-target code shows up as a mismatch.
+The reference is built here from the model alone (never from ``pipeline.hessian.targets``), so
+a bug in the target code shows up as a mismatch.
 """
 
 from __future__ import annotations

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ..errors import PipelineError
 from . import generic
-from .errors import PipelineError
 from .structure import is_piecewise_linear, training_layers
 from .targets import Target, make_target
 

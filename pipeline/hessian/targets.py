@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .errors import PipelineError
+from ..errors import PipelineError
 
 LOSSES = ("cross_entropy", "mse")
 
