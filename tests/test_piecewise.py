@@ -91,3 +91,28 @@ def test_smooth_net_is_not_piecewise():
     model = nn.Sequential(nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 2))
     target = make_target([0], torch.zeros(1, 2))
     assert resolve_method("auto", model, target).name != "piecewise"
+
+
+class Square(nn.Module):
+    """A module whose forward hides curvature from the list of its leaves: lin(x) ** 2."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.lin = nn.Linear(n, n)
+
+    def forward(self, x):
+        return self.lin(x) ** 2
+
+
+def test_hidden_curvature_in_a_forward_is_not_piecewise():
+    """Issue 11, item 5: a ReLU net ending in a module that squares got all-zero Hessians."""
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Linear(5, 4), nn.ReLU(), Square(4)).eval()
+    x = torch.randn(2, 5)
+    target = make_target([1], model(x).detach())
+    assert resolve_method("auto", model, target).name != "piecewise"
+    h = hessian(model, x, [1])
+    for n in range(2):
+        ref = torch.autograd.functional.hessian(lambda v: model(v[None])[0, 1], x[n])
+        assert ref.abs().max() > 1e-3  # the case is not trivially zero
+        assert_close(h[n, 0], ref, what=f"Square sample {n}")

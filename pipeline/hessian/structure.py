@@ -28,14 +28,23 @@ def is_piecewise_linear(model: nn.Module) -> bool:
     seen, so this can say False for a piecewise-linear net but never True for a smooth one whose
     layers are all modules listed here.
     """
-    if type(model).forward is not nn.Sequential.forward and not isinstance(model, nn.Sequential):
-        return False
+    containers = [m for m in model.modules() if list(m.children())]
+    if any(type(m).forward is not nn.Sequential.forward for m in containers):
+        return False  # a container with its own forward may compute anything from its layers
+    if any(type(m).forward is not _listed_base(m).forward for m in leaf_modules(model)
+           if _listed_base(m) is not None):  # fmt: skip
+        return False  # a subclass of a listed layer with its own forward
     leaves = leaf_modules(model)
     return (
         bool(leaves)
         and all(isinstance(m, AFFINE + PIECEWISE_LINEAR) for m in leaves)
         and any(isinstance(m, PIECEWISE_LINEAR) for m in leaves)
     )
+
+
+def _listed_base(m: nn.Module) -> type[nn.Module] | None:
+    """The class in AFFINE or PIECEWISE_LINEAR that ``m`` is or subclasses."""
+    return next((c for c in type(m).__mro__ if c in AFFINE + PIECEWISE_LINEAR), None)
 
 
 def training_layers(model: nn.Module) -> list[str]:
