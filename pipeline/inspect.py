@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 from .errors import PipelineError
 from .reader import Result, read
 from .stats import DEFAULT_MEMORY_MB, matrix_stats
+from .store import ResultNames
 from .verify import ALL_ROWS_BELOW, check
 
 MAX_TABLE_LINES = 64
@@ -39,8 +40,7 @@ def disk_size(result: Result) -> int:
     """Bytes of the file, plus its shard files for a virtual layout."""
     size = result.path.stat().st_size
     if result.layout == "virtual":
-        shards = result.path.with_name(result.path.name + ".shards")
-        size += sum(p.stat().st_size for p in shards.glob("*.h5"))
+        size += sum(p.stat().st_size for p in ResultNames(result.path).shard_files().values())
     return size
 
 

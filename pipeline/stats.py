@@ -60,11 +60,12 @@ def panel_rows(dset: h5py.Dataset, memory_mb: int = DEFAULT_MEMORY_MB) -> int:
 
 
 def row_panels(
-    dset: h5py.Dataset, n: int, k: int, rows: int
+    dset: h5py.Dataset, n: int, k: int, rows: int, step: int = 1
 ) -> Iterator[tuple[int, int, np.ndarray]]:
-    """(r0, r1, H[n, k, r0:r1, :]) for consecutive panels of ``rows`` rows, one at a time."""
+    """(r0, r1, H[n, k, r0:r1, :]) for consecutive panels of ``rows`` rows (every ``step``-th
+    panel), one at a time."""
     d = dset.shape[-1]
-    for r0 in range(0, d, rows):
+    for r0 in range(0, d, rows * step):
         r1 = min(d, r0 + rows)
         yield r0, r1, dset[n, k, r0:r1, :]
 
@@ -157,8 +158,14 @@ def matvec_operator(
     return matvec
 
 
-def block_average(dset: h5py.Dataset, n: int, k: int, size: int = 256) -> tuple[np.ndarray, int]:
+def block_average(
+    dset: h5py.Dataset, n: int, k: int, size: int = 256, row_step: int = 1
+) -> tuple[np.ndarray, int]:
     """H = dset[n, k] averaged over f x f blocks so that it is at most (size, size).
+
+    Args:
+        row_step: read only every ``row_step``-th panel of rows (for matrices too large to read
+            within a time budget); a block then averages the rows that were read.
 
     Returns:
         The (ceil(D/f), ceil(D/f)) averaged matrix and the factor f (1 when D <= size); edge
@@ -168,13 +175,16 @@ def block_average(dset: h5py.Dataset, n: int, k: int, size: int = 256) -> tuple[
     f = max(1, -(-d // size))
     m = -(-d // f)
     out = np.zeros((m, m))
-    counts = np.zeros(m)
-    np.add.at(counts, np.arange(d) // f, 1)
+    row_counts = np.zeros(m)
+    col_counts = np.zeros(m)
+    np.add.at(col_counts, np.arange(d) // f, 1)
     rows = max(f, panel_rows(dset) // f * f)
-    for r0, r1, panel in row_panels(dset, n, k, rows):
+    for r0, r1, panel in row_panels(dset, n, k, rows, row_step):
         p = panel.astype(np.float64)
         pad = np.zeros((r1 - r0, m * f))
         pad[:, :d] = p
         colsum = pad.reshape(r1 - r0, m, f).sum(-1)  # (R, m)
         np.add.at(out, np.arange(r0, r1) // f, colsum)
-    return out / (counts[:, None] * counts[None, :]), f
+        np.add.at(row_counts, np.arange(r0, r1) // f, 1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return out / (row_counts[:, None] * col_counts[None, :]), f

@@ -21,6 +21,7 @@ import torch
 from pipeline.errors import PipelineError
 from pipeline.models import digits_cnn
 from pipeline.run import run
+from pipeline.store import ResultNames
 
 from .configs import config
 
@@ -195,7 +196,7 @@ def test_bad_input_is_one_clear_error(tmp_path, case):
     assert "\n" not in msg
     assert info.value.key == case.key, msg
     assert re.search(case.pattern, msg), msg
-    assert not out.exists() and not out.with_name("h.h5.shards").exists()
+    assert not out.exists() and not ResultNames(out).shards.exists()
 
 
 def test_existing_output_is_left_untouched(tmp_path):
