@@ -50,3 +50,16 @@ class TokenModel(nn.Module):
 
     def forward(self, x):
         return self.head(self.emb(x.abs().long().clamp(max=15).flatten(1)).mean(1))
+
+
+class Branching(nn.Module):
+    """An MLP whose forward branches on a tensor value: torch.fx cannot capture its graph."""
+
+    def __init__(self, d: int = 64):
+        super().__init__()
+        self.net = mlp(d)
+
+    def forward(self, x):
+        if x.sum() > 0:
+            return self.net(x)
+        return self.net(-x)
