@@ -12,11 +12,12 @@ from torch import Tensor, nn
 from pipeline import hessian, make_target
 from pipeline.hessian.graph import capture, record
 from pipeline.hessian.methods import resolve_method
-from pipeline.hessian.planner import REVERSE, TANGENT, Plan, head_kind, make_plan
+from pipeline.hessian.planner import make_plan
 from pipeline.hessian.propagate import gradients, hessian_rows
 from pipeline.hessian.rows import Rows
 from pipeline.hessian.support import analyze
 from tests.zoo import assert_close_to_max as assert_close
+from tests.zoo import every_plan
 
 pytestmark = [
     pytest.mark.usefixtures("float64_default"),  # every case runs in float64
@@ -236,21 +237,6 @@ def _setup(case: Case):
     d = x[0].numel()
     rows = torch.arange(d) if case.rows is None else torch.tensor(case.rows)
     return model, x, labels, target, rows
-
-
-def every_plan(model: nn.Module, x: Tensor, target, rows: int):
-    """The recorded graph and every admissible (cut, schedule) plan for it."""
-    tape = record(capture(model), x)
-    best = make_plan(tape, rows, target.n_outputs, head_kind(target.kind))
-    curved = [s.rule.curved for s in tape.steps]
-    plans = []
-    for cut in range(len(best.segments) + 1):
-        stop = best.segments[cut].start if cut < len(best.segments) else len(tape.steps)
-        for bottom in (TANGENT, REVERSE):
-            if bottom == REVERSE and any(curved[:stop]):
-                continue
-            plans.append(Plan(best.segments, cut, bottom, 0, best.zero))
-    return tape, best, plans
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)

@@ -23,15 +23,19 @@ from . import elementwise
 from .rules import (
     ELEMENTWISE_MACS,
     Add,
+    Bilinear,
     Dense,
     Elementwise,
     Fold,
     General,
+    LayerNorm,
+    LogSoftmax,
     Product,
     Reshape,
     Rule,
     Scale,
     Select,
+    Softmax,
 )
 
 aten = torch.ops.aten
@@ -142,7 +146,11 @@ _ELEMENTWISE_MODULES: list[tuple[type, str, list[str]]] = [
 
 _FUNCS = _names({
     "linear": [F.linear, aten.linear],
-    "matmul": [operator.matmul, torch.matmul, torch.mm, aten.mm, aten.matmul],
+    "matmul": [operator.matmul, torch.matmul, torch.mm, torch.bmm, aten.mm, aten.matmul,
+               aten.bmm],
+    "layer_norm": [F.layer_norm, aten.layer_norm, aten.native_layer_norm],
+    "softmax": [F.softmax, torch.softmax, aten.softmax, aten._softmax],
+    "log_softmax": [F.log_softmax, torch.log_softmax, aten.log_softmax, aten._log_softmax],
     "addmm": [torch.addmm, aten.addmm],
     "conv": [F.conv1d, F.conv2d, F.conv3d, aten.conv1d, aten.conv2d, aten.conv3d],
     "convolution": [aten.convolution],
@@ -194,7 +202,8 @@ _METHODS = {
     "narrow": "narrow", "select": "select", "split": "split", "chunk": "split",
     "unbind": "split", "tensor_split": "split", "sum": "sum", "mean": "sum", "flip": "flip",
     "roll": "flip", "add": "add", "sub": "sub", "mul": "mul", "div": "div", "neg": "neg",
-    "pow": "pow", "matmul": "matmul", "mm": "matmul", "to": "cast", "type": "cast",
+    "pow": "pow", "matmul": "matmul", "mm": "matmul", "bmm": "matmul",
+    "softmax": "softmax", "log_softmax": "log_softmax", "to": "cast", "type": "cast",
     "float": "cast", "double": "cast", "type_as": "cast",
 }  # fmt: skip
 
@@ -290,6 +299,12 @@ def _module_rule(call: Call) -> Rule | str | None:
         return ALIAS if not m.training or m.p == 0 else _random_dropout()
     if isinstance(m, nn.Identity):
         return ALIAS
+    if isinstance(m, nn.LayerNorm) and not m_mixes_batch(call, m.normalized_shape):
+        return _layer_norm_rule(call, m.normalized_shape, m.weight, m.eps)
+    if isinstance(m, (nn.Softmax, nn.LogSoftmax)) and m.dim is not None and m.dim % call.ndim:
+        rule = Softmax if isinstance(m, nn.Softmax) else LogSoftmax
+        p = call.out.detach() if rule is Softmax else call.out.detach().exp()
+        return rule(*_shapes(call), p=p, dim=m.dim)
     if isinstance(m, (nn.Flatten, nn.Unflatten)):
         return Reshape(*_shapes(call))
     return _general(call)
@@ -330,7 +345,58 @@ def _matmul(call: Call) -> Rule | None:
     a, b = call.args[0], call.arg(1, "other", call.kwargs.get("mat2"))
     if len(call.inputs) == 1 and call.active(a) and isinstance(b, Tensor) and b.dim() == 2:
         return Dense(*_shapes(call), weight=b.T)
+    if len(call.inputs) == 2 and call.active(a) and call.active(b):
+        if a.dim() == b.dim() >= 3 and a.shape[:-2] == b.shape[:-2]:
+            return Bilinear(*_shapes(call), a=a.detach(), b=b.detach())
     return None
+
+
+def _layer_norm_rule(call: Call, shape, weight, eps) -> Rule:
+    v = call.inputs[0].detach()
+    m = len(shape) if isinstance(shape, (list, tuple, torch.Size)) else 1
+    dims = tuple(range(-m, 0))
+    mean = v.mean(dims, keepdim=True)
+    inv = torch.rsqrt(v.var(dims, unbiased=False, keepdim=True) + eps)
+    w = None if weight is None else weight.detach()
+    return LayerNorm(*_shapes(call), xhat=(v - mean) * inv, inv=inv, weight=w, m=m)
+
+
+def _layer_norm(call: Call) -> Rule | None:
+    if len(call.inputs) != 1 or not call.active(call.args[0]) or call.element not in (None, 0):
+        return None
+    shape, weight = call.arg(1, "normalized_shape"), call.arg(2, "weight")
+    eps = call.arg(4, "eps", 1e-5)
+    if call.active(weight) or m_mixes_batch(call, shape):
+        return None
+    return _layer_norm_rule(call, shape, weight, eps)
+
+
+def m_mixes_batch(call: Call, shape) -> bool:
+    """Whether normalizing over the last ``len(shape)`` axes reaches the batch axis."""
+    m = len(shape) if isinstance(shape, (list, tuple, torch.Size)) else 1
+    return m >= call.ndim
+
+
+def _softmax_dim(call: Call) -> int | None:
+    dim = call.arg(1, "dim")
+    if dim is None or len(call.inputs) != 1 or not call.active(call.args[0]):
+        return None
+    if call.kwargs.get("dtype") is not None or (len(call.args) > 2 and call.args[2] not in (
+            None, False)):  # fmt: skip
+        return None  # a dtype argument (or aten's half_to_float)
+    return None if dim % call.ndim == 0 else dim
+
+
+def _softmax(call: Call) -> Rule | None:
+    dim = _softmax_dim(call)
+    return None if dim is None else Softmax(*_shapes(call), p=call.out.detach(), dim=dim)
+
+
+def _log_softmax(call: Call) -> Rule | None:
+    dim = _softmax_dim(call)
+    if dim is None:
+        return None
+    return LogSoftmax(*_shapes(call), p=call.out.detach().exp(), dim=dim)
 
 
 def _addmm(call: Call) -> Rule | None:
@@ -690,6 +756,9 @@ _MAKERS: dict[str, Callable[[Call], Rule | str | None]] = {
     "div": _div,
     "neg": _neg,
     "pow": _pow,
+    "layer_norm": _layer_norm,
+    "softmax": _softmax,
+    "log_softmax": _log_softmax,
 }
 
 # Used by the cost model of elementwise memory passes.

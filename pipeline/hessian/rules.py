@@ -366,3 +366,167 @@ class General(Rule):
 
         out = vmap(term, in_dims=1, out_dims=1)(cot, *tangents)
         return [o.reshape(n, k, r, *o.shape[2:]) for o in out]
+
+
+def _axis(dim: int, ndim: int, extra: int) -> int:
+    """Axis ``dim`` of a primal with ``ndim`` axes, in a tensor with ``extra`` axes after the
+    batch axis (non-negative: the batch axis is never one)."""
+    return dim % ndim + extra
+
+
+@dataclass
+class LayerNorm(Rule):
+    """y = gamma * (v - mean) / sigma + beta over the last ``m`` axes (E elements per group).
+
+    With x^ = (v - mean) / sigma, P the centering projector and f = <gamma g, x^>, per group:
+    J t = gamma / sigma (P t - x^ <x^, t> / E), and with a = P (gamma g), s = <a, x^>:
+    d^2 f = (-(a x^T + x^ a^T) - s P + 3 s x^ x^T / E) / (E sigma^2).
+
+    Attributes:
+        xhat: (N, *s) normalized input; inv: 1 / sigma (N, *lead, 1, ..., 1); weight: gamma or
+        None; m: number of normalized axes.
+    """
+
+    xhat: Tensor = None
+    inv: Tensor = None
+    weight: Tensor | None = None
+    m: int = 1
+
+    kind = "general"
+
+    @property
+    def macs(self) -> int:
+        return 8 * self.f_out * ELEMENTWISE_MACS
+
+    @property
+    def e(self) -> int:
+        return math.prod(self.shape_out[len(self.shape_out) - self.m :])
+
+    def _mean(self, t: Tensor) -> Tensor:
+        return t.mean(dim=tuple(range(-self.m, 0)), keepdim=True)
+
+    def _project(self, t: Tensor, xhat: Tensor) -> Tensor:
+        """(P - x^ x^T / E) t per group."""
+        return t - self._mean(t) - xhat * self._mean(xhat * t)
+
+    def _gamma(self, u: Tensor) -> Tensor:
+        return u if self.weight is None else u * self.weight
+
+    def jvp(self, ts):
+        xhat, inv = self.xhat.unsqueeze(1), self.inv.unsqueeze(1)
+        return self._gamma(self._project(ts[0], xhat) * inv)
+
+    def vjp(self, u):
+        xhat, inv = self.xhat.unsqueeze(1), self.inv.unsqueeze(1)
+        return [self._project(self._gamma(u), xhat) * inv]
+
+    def second(self, g, ts):
+        t = ts[0].unsqueeze(1)  # (B, 1, R, *s)
+        gt = self._gamma(g)
+        a = (gt - self._mean(gt)).unsqueeze(2)  # (N, K, 1, *s)
+        xhat = self.xhat[:, None, None]
+        s = self._mean(a * xhat)  # <a, x^> / E
+        xt = self._mean(xhat * t)  # <x^, t> / E
+        at = self._mean(a * t)
+        inv2 = (self.inv * self.inv)[:, None, None]
+        # (1 / (E sigma^2)) (-a <x^,t> - x^ <a,t> - s (t - mean t)) + 3 s x^ <x^,t> / (E^2 sigma^2)
+        out = -a * xt - xhat * at - s * (t - self._mean(t)) + 3 * s * xhat * xt
+        return [out * inv2]
+
+
+@dataclass
+class Softmax(Rule):
+    """p = softmax(v) along ``dim``: J t = p (t - <p, t>); with w = p (g - <p, g>),
+    d^2 <g, p> t = w t - w <p, t> - p <w, t>."""
+
+    p: Tensor = None
+    dim: int = -1
+
+    kind = "general"
+
+    @property
+    def macs(self) -> int:
+        return 4 * self.f_out * ELEMENTWISE_MACS
+
+    def _sum(self, t: Tensor, extra: int) -> Tensor:
+        return t.sum(_axis(self.dim, self.p.dim(), extra), keepdim=True)
+
+    def jvp(self, ts):
+        p = self.p.unsqueeze(1)
+        return p * (ts[0] - self._sum(p * ts[0], 1))
+
+    def vjp(self, u):
+        p = self.p.unsqueeze(1)
+        return [p * (u - self._sum(p * u, 1))]
+
+    def second(self, g, ts):
+        p = self.p.unsqueeze(1)
+        w = (p * (g - self._sum(p * g, 1))).unsqueeze(2)  # (N, K, 1, *s)
+        t = ts[0].unsqueeze(1)
+        p = p.unsqueeze(2)
+        return [w * t - w * self._sum(p * t, 2) - p * self._sum(w * t, 2)]
+
+
+@dataclass
+class LogSoftmax(Rule):
+    """y = log_softmax(v) along ``dim``, p = exp(y): J t = t - <p, t>;
+    d^2 <g, y> = -(sum g) (diag(p) - p p^T)."""
+
+    p: Tensor = None
+    dim: int = -1
+
+    kind = "general"
+
+    @property
+    def macs(self) -> int:
+        return 3 * self.f_out * ELEMENTWISE_MACS
+
+    def _sum(self, t: Tensor, extra: int) -> Tensor:
+        return t.sum(_axis(self.dim, self.p.dim(), extra), keepdim=True)
+
+    def jvp(self, ts):
+        return ts[0] - self._sum(self.p.unsqueeze(1) * ts[0], 1)
+
+    def vjp(self, u):
+        return [u - self.p.unsqueeze(1) * self._sum(u, 1)]
+
+    def second(self, g, ts):
+        total = self._sum(g, 1).unsqueeze(2)  # (N, K, 1, ...)
+        p, t = self.p[:, None, None], ts[0].unsqueeze(1)
+        return [-total * (p * t - p * self._sum(p * t, 2))]
+
+
+@dataclass
+class Bilinear(Rule):
+    """y = a @ b of two inputs with the same batch axes: J = (t_a) b + a (t_b); the
+    second-order terms g (t_b)^T (to a) and (t_a)^T g (to b)."""
+
+    a: Tensor = None
+    b: Tensor = None
+
+    kind = "product"
+
+    @property
+    def macs(self) -> int:
+        n, k = self.a.shape[-2:]
+        m = self.b.shape[-1]
+        return 2 * math.prod(self.a.shape[1:-2]) * n * k * m
+
+    def jvp(self, ts):
+        ta, tb = ts
+        out = None if ta is None else ta @ self.b.unsqueeze(1)
+        if tb is not None:
+            term = self.a.unsqueeze(1) @ tb
+            out = term if out is None else out + term
+        return out
+
+    def vjp(self, u):
+        return [u @ self.b.unsqueeze(1).mT, self.a.unsqueeze(1).mT @ u]
+
+    def second(self, g, ts):
+        ta, tb = ts
+        g = g.unsqueeze(2)
+        return [
+            None if tb is None else g @ tb.unsqueeze(1).mT,
+            None if ta is None else ta.unsqueeze(1).mT @ g,
+        ]
