@@ -24,6 +24,7 @@ from .rules import (
     ELEMENTWISE_MACS,
     Add,
     Bilinear,
+    Conv,
     Dense,
     Elementwise,
     Fold,
@@ -281,10 +282,14 @@ def _module_rule(call: Call) -> Rule | str | None:
     if isinstance(m, nn.modules.conv._ConvNd) and len(call.args) == 1:
         if isinstance(m, nn.modules.conv._ConvTransposeNd):
             conv = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[m.weight.dim() - 3]
-            fn = lambda t: conv(t, m.weight, None, m.stride, m.padding, m.output_padding,  # noqa: E731
+            w = m.weight.detach()
+            fn = lambda t: conv(t, w, None, m.stride, m.padding, m.output_padding,  # noqa: E731
                                 m.groups, m.dilation)  # fmt: skip
+        elif m.padding_mode == "zeros":
+            return _conv_rule(call, m.weight, m.stride, m.padding, m.dilation, m.groups)
         else:
-            fn = lambda t: m._conv_forward(t, m.weight, None)  # noqa: E731
+            w = m.weight.detach()
+            fn = lambda t: m._conv_forward(t, w, None)  # noqa: E731
         return _fold(call, fn, _conv_cost(call, m.weight))
     if isinstance(m, (nn.modules.pooling._AvgPoolNd, nn.modules.pooling._AdaptiveAvgPoolNd)):
         return _fold(call, m)
@@ -409,14 +414,40 @@ def _addmm(call: Call) -> Rule | None:
 
 
 def _conv(call: Call) -> Rule | None:
-    """F.conv{n}d / aten.conv{n}d (input, weight, bias, ...): the same call without the bias."""
+    """F.conv{n}d / aten.conv{n}d (input, weight, bias, stride, padding, dilation, groups), and
+    the transposed ones: the same call without the bias."""
     w = call.arg(1, "weight")
     if len(call.inputs) != 1 or not call.active(call.args[0]) or call.active(w):
         return None
+    w = w.detach()
+    names, defaults = ["stride", "padding", "dilation", "groups"], [1, 0, 1, 1]
+    params = [call.arg(3 + i, p, d) for i, (p, d) in enumerate(zip(names, defaults, strict=True))]
+    if "transpose" not in getattr(call.target, "__name__", ""):
+        spatial = w.dim() - 2
+        stride, padding, dilation, groups = (
+            p if isinstance(p, (str, tuple, list)) or i == 3 else (p,) * spatial
+            for i, p in enumerate(params)
+        )
+        return _conv_rule(call, w, tuple(stride), padding, tuple(dilation), groups)
     rest = list(call.args[3:])
     kwargs = {k: v for k, v in call.kwargs.items() if k != "bias"}
     target = call.target
     return _fold(call, lambda t: target(t, w, None, *rest, **kwargs), _conv_cost(call, w))
+
+
+def _conv_rule(call: Call, weight, stride, padding, dilation, groups) -> Conv:
+    padding = padding if isinstance(padding, str) else tuple(padding)
+    shapes = _shapes(call)
+    return Conv(
+        *shapes,
+        fn=None,
+        cost=_conv_cost(call, weight),
+        weight=weight.detach(),
+        stride=tuple(stride),
+        padding=padding,
+        dilation=tuple(dilation),
+        groups=groups,
+    )
 
 
 def _convolution(call: Call) -> Rule | None:
@@ -424,8 +455,8 @@ def _convolution(call: Call) -> Rule | None:
     w = call.args[1]
     if len(call.inputs) != 1 or not call.active(call.args[0]) or call.active(w):
         return None
-    rest = list(call.args[3:])
-    return _fold(call, lambda t: call.target(t, w, None, *rest), _conv_cost(call, w))
+    w, rest, target = w.detach(), list(call.args[3:]), call.target
+    return _fold(call, lambda t: target(t, w, None, *rest), _conv_cost(call, w))
 
 
 def _avg_pool(call: Call) -> Rule | None:
@@ -671,7 +702,7 @@ def _add(call: Call, sign: float = 1.0) -> Rule | None:
     alpha = call.kwargs.get("alpha", 1)
     if _packet(call.target) is _packet(aten.rsub):
         a, b, sign = b, a, -sign  # rsub(a, b) = b - alpha a
-    if not _same_shapes(call):
+    if not _same_rank(call):
         return None
     signs = (1.0, sign * alpha)
     if call.active(a) and call.active(b):
@@ -681,12 +712,18 @@ def _add(call: Call, sign: float = 1.0) -> Rule | None:
     return Scale(*_shapes(call), factor=signs[1]) if signs[1] != 1 else Scale(*_shapes(call))
 
 
+def _same_rank(call: Call) -> bool:
+    return all(t.dim() == call.out.dim() for t in call.inputs)
+
+
 def _mul(call: Call) -> Rule | None:
     a, b = call.args[0], call.arg(1, "other")
-    if not _same_shapes(call):
-        return None
     if call.active(a) and call.active(b):
+        if not _same_shapes(call):
+            return None
         return Product(*_shapes(call), a=a.detach(), b=b.detach())
+    if not _same_rank(call):
+        return None
     c = b if call.active(a) else a
     if not isinstance(c, (int, float, Tensor)):
         return None
@@ -696,7 +733,7 @@ def _mul(call: Call) -> Rule | None:
 def _div(call: Call) -> Rule | None:
     a, b = call.args[0], call.arg(1, "other")
     mode = call.kwargs.get("rounding_mode")
-    if mode is not None or not call.active(a) or call.active(b) or not _same_shapes(call):
+    if mode is not None or not call.active(a) or call.active(b) or not _same_rank(call):
         return None
     if not isinstance(b, (int, float, Tensor)):
         return None

@@ -191,7 +191,7 @@ class Scale(Rule):
         return ts[0] if self.factor is None else ts[0] * self._c()
 
     def vjp(self, u):
-        return [u if self.factor is None else u * self._c()]
+        return [unbroadcast(u if self.factor is None else u * self._c(), self.shapes_in[0])]
 
     def flat_factor(self, like: Tensor) -> Tensor | None:
         """The factor as (N or 1, F): the diagonal of the map on flat features (None: 1)."""
@@ -204,9 +204,15 @@ class Scale(Rule):
         return c.expand(c.shape[0], *self.shape_out).reshape(c.shape[0], -1)
 
 
+def unbroadcast(u: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """Sum u (B, E, *s_out) over the per-sample axes where ``shape`` (same rank) broadcast."""
+    axes = [2 + i for i, (a, b) in enumerate(zip(shape, u.shape[2:], strict=True)) if a != b]
+    return u.sum(axes, keepdim=True) if axes else u
+
+
 @dataclass
 class Add(Rule):
-    """y = sum_i sign_i v_i (+ constant) of inputs of the output's shape."""
+    """y = sum_i sign_i v_i (+ constant); inputs of the output's rank, broadcasting."""
 
     signs: tuple[float, ...] = ()
 
@@ -219,7 +225,8 @@ class Add(Rule):
         return out
 
     def vjp(self, u):
-        return [u if s == 1 else s * u for s in self.signs]
+        return [unbroadcast(u if s == 1 else s * u, shape)
+                for s, shape in zip(self.signs, self.shapes_in, strict=True)]  # fmt: skip
 
 
 @dataclass
@@ -326,6 +333,7 @@ class General(Rule):
     fn: Callable[..., Tensor] = None
     primals: tuple[Tensor, ...] = ()
     _pullback: Callable | None = field(default=None, repr=False)
+    _out_zero: Tensor | None = field(default=None, repr=False)
 
     kind = "general"
 
@@ -343,16 +351,38 @@ class General(Rule):
 
     def jvp(self, ts):
         e = next(t for t in ts if t is not None).shape[1]
+        tangents = self._expanded(ts, e)
 
-        def push(*tangents):
-            return jvp(self.fn, self.primals, tangents)[1]
+        def push(*tt):
+            return jvp(self.fn, self.primals, tt)[1]
 
-        return vmap(push, in_dims=1, out_dims=1)(*self._expanded(ts, e))
+        try:
+            return vmap(push, in_dims=1, out_dims=1)(*tangents)
+        except (RuntimeError, NotImplementedError) as err:
+            if not _missing_forward_ad(err):
+                raise
+        # J t as the transpose of u -> J^T u (linear), where forward-mode AD is missing.
+        pullback = self._pullback_fn()
+        zero = self.primals_out_zero()
 
-    def vjp(self, u):
+        def pull_t(*tt):
+            return vjp(lambda u: pullback(u), zero)[1](tuple(tt))[0]
+
+        return vmap(pull_t, in_dims=1, out_dims=1)(*tangents)
+
+    def primals_out_zero(self) -> Tensor:
+        if getattr(self, "_out_zero", None) is None:
+            with torch.no_grad():
+                self._out_zero = torch.zeros_like(self.fn(*self.primals))
+        return self._out_zero
+
+    def _pullback_fn(self):
         if self._pullback is None:
             self._pullback = vjp(self.fn, *self.primals)[1]
-        return list(vmap(self._pullback, in_dims=1, out_dims=1)(u))
+        return self._pullback
+
+    def vjp(self, u):
+        return list(vmap(self._pullback_fn(), in_dims=1, out_dims=1)(u))
 
     def second(self, g, ts):
         n, k = g.shape[:2]
@@ -364,8 +394,25 @@ class General(Rule):
         def term(gg, *tt):
             return jvp(lambda *v: vjp(self.fn, *v)[1](gg), self.primals, tt)[1]
 
-        out = vmap(term, in_dims=1, out_dims=1)(cot, *tangents)
+        def term_reverse(gg, *tt):  # C t = d/dv <d<g, f>/dv, t>, where forward AD is missing
+            def inner(*v):
+                grads = vjp(self.fn, *v)[1](gg)
+                return sum((a * b).sum() for a, b in zip(grads, tt, strict=True))
+
+            return torch.func.grad(inner, argnums=tuple(range(len(tt))))(*self.primals)
+
+        try:
+            out = vmap(term, in_dims=1, out_dims=1)(cot, *tangents)
+        except (RuntimeError, NotImplementedError) as err:
+            if not _missing_forward_ad(err):
+                raise
+            out = vmap(term_reverse, in_dims=1, out_dims=1)(cot, *tangents)
         return [o.reshape(n, k, r, *o.shape[2:]) for o in out]
+
+
+def _missing_forward_ad(err: Exception) -> bool:
+    msg = str(err).lower()
+    return any(s in msg for s in ("forward ad", "forward-mode", "forward mode", "jvp"))
 
 
 def _axis(dim: int, ndim: int, extra: int) -> int:
@@ -530,3 +577,54 @@ class Bilinear(Rule):
             None if tb is None else g @ tb.unsqueeze(1).mT,
             None if ta is None else ta.unsqueeze(1).mT @ g,
         ]
+
+
+_CONV = {1: torch.nn.functional.conv1d, 2: torch.nn.functional.conv2d,
+         3: torch.nn.functional.conv3d}  # fmt: skip
+_CONV_INPUT = {1: torch.nn.grad.conv1d_input, 2: torch.nn.grad.conv2d_input,
+               3: torch.nn.grad.conv3d_input}  # fmt: skip
+
+
+@dataclass
+class Conv(Fold):
+    """A zero-padded convolution without its bias: W t is ``F.conv{n}d``, W^T u its adjoint
+    ``nn.grad.conv{n}d_input`` (the input gradient alone, never the weight's).
+
+    Attributes:
+        weight: (C_out, C_in / groups, *kernel), detached; stride, dilation: per spatial axis;
+        padding: per spatial axis, or "same" / "valid"; groups: as in ``F.conv2d``.
+    """
+
+    weight: Tensor = None
+    stride: tuple[int, ...] = ()
+    padding: tuple[int, ...] | str = ()
+    dilation: tuple[int, ...] = ()
+    groups: int = 1
+
+    def __post_init__(self):
+        spatial = self.weight.dim() - 2
+        conv, args = _CONV[spatial], (self.stride, self.padding, self.dilation, self.groups)
+        self.fn = lambda t: conv(t, self.weight, None, *args)
+        self._numeric = _numeric_padding(self.padding, self.weight, self.dilation)
+
+    def vjp(self, u):
+        if self._numeric is None:  # "same" with an odd total: more zeros after than before
+            return super().vjp(u)
+        lead = tuple(u.shape[:2])
+        size = [lead[0] * lead[1], *self.shapes_in[0]]
+        adjoint = _CONV_INPUT[self.weight.dim() - 2]
+        out = adjoint(size, self.weight, fold(u), self.stride, self._numeric, self.dilation,
+                      self.groups)  # fmt: skip
+        return [unfold(out, lead)]
+
+
+def _numeric_padding(padding, weight: Tensor, dilation) -> tuple[int, ...] | None:
+    """Padding as numbers per spatial axis; None where "same" pads more after than before."""
+    spatial = weight.dim() - 2
+    if padding == "valid":
+        return (0,) * spatial
+    if padding == "same":
+        dil = dilation if isinstance(dilation, (tuple, list)) else (dilation,) * spatial
+        total = [d * (k - 1) for d, k in zip(dil, weight.shape[2:], strict=True)]
+        return None if any(t % 2 for t in total) else tuple(t // 2 for t in total)
+    return tuple(padding) if isinstance(padding, (tuple, list)) else (padding,) * spatial
