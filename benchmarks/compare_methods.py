@@ -27,6 +27,7 @@ from torch.func import functional_call, jacrev, vmap
 
 import pipeline
 from pipeline.hessian.methods import METHODS, resolve_method
+from pipeline.hessian.support import analyze
 from pipeline.precision import tf32
 
 CASES: dict[str, tuple[str, tuple[int, ...]]] = {
@@ -198,10 +199,11 @@ def bench_case(case: str, outputs: list[int], args) -> list[dict]:
     if jax_run is not None:
         methods["jax jit(vmap(hessian)) f32 highest"] = (jax_run, x)
     target = pipeline.make_target(outputs, model(x[:1]).detach())
+    support = analyze(model, x, target)
     for name in ["auto", *METHODS]:
-        if name == "auto" or METHODS[name].unsupported(model, target) is None:
+        if name == "auto" or METHODS[name].unsupported(support) is None:
             label = f"pipeline {name}" + (
-                f" (= {resolve_method('auto', model, target).name})"
+                f" (= {resolve_method('auto', model, target, x).name})"
                 if name == "auto" else ""
             )  # fmt: skip
             methods[label] = (ours(name), x)

@@ -63,3 +63,16 @@ class Cusp(nn.Module):
     def forward(self, x):
         x = x.flatten(1)
         return self.lin(torch.tanh(x)) + x[:, :1].abs().sqrt()
+
+
+class Branching(nn.Module):
+    """An MLP whose forward branches on a tensor value: torch.fx cannot capture its graph."""
+
+    def __init__(self, d: int = 64):
+        super().__init__()
+        self.net = mlp(d)
+
+    def forward(self, x):
+        if x.sum() > 0:
+            return self.net(x)
+        return self.net(-x)
