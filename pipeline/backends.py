@@ -7,6 +7,7 @@ Hessian.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
 import queue
@@ -27,7 +28,6 @@ from .job import Job, torch_dtype
 from .models import build_model
 from .plan import Block
 from .precision import tf32
-from .store import block_stats
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ def run_local(job: Job, blocks: list[Block], sink, on_written) -> float:
     model = job.model.to(device)
     x = job.data.x.to(device)
     target = job.target.to(device)
-    with BlockWriter(sink, on_written, device) as writer:
+    with reuse_large_buffers(), BlockWriter(sink, on_written, device) as writer:
         for b in blocks:
             with tf32(_tf32(job.cfg)):
                 h, g = compute_block(
@@ -100,10 +100,10 @@ def run_local(job: Job, blocks: list[Block], sink, on_written) -> float:
 class BlockWriter:
     """Writes computed blocks on one background thread, so that writing overlaps computing.
 
-    At most one block waits while one is written. On a GPU the block's statistics are taken on
-    the device, and the block is copied into one of two page-locked host buffers on a separate
-    stream (``non_blocking``): the copy overlaps the next block's compute, and the thread waits
-    for the copy's event before it writes. Errors of the thread are raised by the next ``put`` or
+    At most one block waits while one is written (its statistics are taken there too). On a GPU
+    the block is copied into one of two page-locked host buffers on a separate stream
+    (``non_blocking``): the copy overlaps the next block's compute, and the thread waits for the
+    copy's event before it writes. Errors of the thread are raised by the next ``put`` or
     on leaving the ``with`` block.
     """
 
@@ -127,9 +127,8 @@ class BlockWriter:
         if self.error is not None:
             raise self.error
         if not self.cuda:
-            self.queue.put((b, h, g, None, None, None))
+            self.queue.put((b, h, g, None, None))
             return
-        stats = block_stats(h, b.r0)
         buf = self.buffers.get()
         if buf is None or buf.numel() < h.numel():
             buf = torch.empty(h.numel(), dtype=h.dtype, pin_memory=True)
@@ -143,16 +142,16 @@ class BlockWriter:
         h.record_stream(self.copy_stream)  # h's memory is not reused before the copy ends
         if g is not None:
             g.record_stream(self.copy_stream)
-        self.queue.put((b, host, grad, stats, done, buf))
+        self.queue.put((b, host, grad, done, buf))
 
     def _loop(self) -> None:
         while (item := self.queue.get()) is not None:
-            b, h, g, stats, done, buf = item
+            b, h, g, done, buf = item
             try:
                 if self.error is None:
                     if done is not None:
                         done.synchronize()
-                    self.on_written(self.sink.write(b, h, g, stats))
+                    self.on_written(self.sink.write(b, h, g))
             except BaseException as err:  # raised in the computing thread
                 self.error = err
             finally:
@@ -208,6 +207,7 @@ class ModelPlugin(WorkerPlugin):
         self.warm_up = warm_up  # (method, x of one sample, target kind, aux, output_index)
 
     def setup(self, worker) -> None:
+        _mallopt(1 << 30, 2 << 30)  # for the worker's life (see NOTE: [malloc in Dask workers])
         model = _worker_model(*self.args)
         if self.warm_up is not None:  # first torch.func calls in a process take ~1-2 s
             method, x, kind, aux, oi = self.warm_up
@@ -281,7 +281,34 @@ def dask_client(backend: dict[str, Any]) -> Iterator[Any]:
 # Setting it disables glibc's dynamic mmap threshold, so every large tensor is mmap-ed and
 # page-faulted afresh: a measured 1.5x slowdown of the Hessian kernels (24 -> 38 ms a block), and
 # more when two workers fault pages at once. The clusters we start keep glibc's defaults.
+# Even glibc's dynamic threshold stops at 32 MiB, so 64 MiB blocks are mmap-ed and faulted afresh
+# every time (16,384 faults a block; a narrow MLP's 64 blocks of D = 4096 took 4.6-6.7 s instead
+# of 2.7 s). So blocks are computed with ``reuse_large_buffers``: allocations below 1 GiB come
+# from the heap and are reused, which bounds the memory kept to the run's peak.
 _DASK_TRIM = "MALLOC_TRIM_THRESHOLD_"
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+_GLIBC_DEFAULT = 128 * 1024
+
+
+def _mallopt(mmap_threshold: int, trim_threshold: int) -> bool:
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc
+        return False
+    ok = libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold)
+    return bool(ok and libc.mallopt(_M_TRIM_THRESHOLD, trim_threshold))
+
+
+@contextlib.contextmanager
+def reuse_large_buffers() -> Iterator[None]:
+    """Let glibc reuse freed blocks instead of mapping fresh pages (see the NOTE above); the
+    defaults come back on leaving."""
+    changed = _mallopt(1 << 30, 2 << 30)
+    try:
+        yield
+    finally:
+        if changed:
+            _mallopt(_GLIBC_DEFAULT, _GLIBC_DEFAULT)
 
 
 @contextlib.contextmanager
@@ -352,6 +379,7 @@ def run_dask(client, job: Job, blocks: list[Block], sink, on_written) -> float:
     )
     client.register_plugin(ModelPlugin(*model_args, warm_up), name=f"pipeline-model-{key}")
     n_workers = max(1, len(client.scheduler_info().get("workers", {})))
+    log.info("Dask cluster ready: %d workers, each with the model", n_workers)
     in_flight = backend.get("max_in_flight") or 2 * n_workers
     x = job.data.x.cpu().numpy()
     aux = job.target.aux.cpu().numpy()

@@ -1,8 +1,9 @@
 """``python -m pipeline.inspect PATH [--verify]``: summarise a result file, optionally re-check it.
 
 The summary lists shapes, dtype, method, the key config values, the size on disk and, per
-(sample, output), the Frobenius norm, trace and symmetry residual ||H - H^T||_F / ||H||_F of the
-stored Hessian, streamed in row panels (see NOTE: [row panels] in ``pipeline.stats``).
+(sample, output), the Frobenius norm, trace, symmetry residual ||H - H^T||_F / ||H||_F and count
+of non-finite entries: the statistics the run stored in the file (``--stream`` recomputes them
+from ``/hessian`` in row panels, see NOTE: [row panels] in ``pipeline.stats``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from omegaconf import OmegaConf
 
 from .errors import PipelineError
 from .reader import Result, read
-from .stats import DEFAULT_MEMORY_MB, matrix_stats
+from .stats import DEFAULT_MEMORY_MB, matrix_stats, stored_stats
 from .store import ResultNames
 from .verify import ALL_ROWS_BELOW, check
 
@@ -92,12 +93,17 @@ def describe(result: Result) -> list[str]:
     return lines
 
 
-def stats_table(result: Result, memory_mb: int = DEFAULT_MEMORY_MB) -> list[str]:
-    """Per (sample, output): Frobenius norm, trace and symmetry residual (at most 64 lines)."""
+def stats_table(
+    result: Result, memory_mb: int = DEFAULT_MEMORY_MB, stream: bool = False
+) -> list[str]:
+    """Per (sample, output): Frobenius norm, trace, symmetry residual and non-finite entries (at
+    most 64 lines), as stored in the file, or with ``stream`` recomputed from ``/hessian``."""
     n, k, _, _ = result.shape
     si = result.file["sample_index"][()]
+    table = None if stream else stored_stats(result)
     lines = [
-        f"{'sample':>6} {'index':>6} {'output':>6} {'frobenius':>12} {'trace':>12} {'symmetry':>10}"
+        f"{'sample':>6} {'index':>6} {'output':>6} {'frobenius':>12} {'trace':>12} "
+        f"{'symmetry':>10} {'nonfinite':>9}"
     ]
     for i in range(n):
         oi = result.output_index_of(i)
@@ -108,10 +114,15 @@ def stats_table(result: Result, memory_mb: int = DEFAULT_MEMORY_MB) -> list[str]
                     "python -m pipeline.plots)"
                 )
                 return lines
-            st = matrix_stats(result.file["hessian"], i, j, memory_mb=memory_mb)
+            if table is None:
+                st = matrix_stats(result.file["hessian"], i, j, memory_mb=memory_mb)
+                row = (st.frobenius, st.trace, st.symmetry, -1 if np.isnan(st.frobenius) else 0)
+            else:
+                row = tuple(table[name][i, j] for name in ("frobenius", "trace", "symmetry",
+                                                           "nonfinite"))  # fmt: skip
             lines.append(
-                f"{i:>6} {int(si[i]):>6} {int(oi[j]):>6} {st.frobenius:>12.5g} {st.trace:>12.5g} "
-                f"{st.symmetry:>10.2e}"
+                f"{i:>6} {int(si[i]):>6} {int(oi[j]):>6} {row[0]:>12.5g} {row[1]:>12.5g} "
+                f"{row[2]:>10.2e} {int(row[3]):>9}"
             )
     return lines
 
@@ -139,6 +150,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     )  # fmt: skip
     parser.add_argument("--seed", type=int, default=0, help="seed of the random rows and probes")
     parser.add_argument(
+        "--no-pairs",
+        action="store_true",
+        help="--verify without comparing every entry pair H[i,j], H[j,i]: each Hessian is read "
+        "once (for matrices far larger than --memory-mb, where the pairs take many passes)",
+    )
+    parser.add_argument(
+        "--stream",
+        action="store_true",
+        help="recompute the table from /hessian (exact symmetry residual) instead of reading "
+        "the statistics stored in the file",
+    )
+    parser.add_argument(
         "--memory-mb",
         type=int,
         default=DEFAULT_MEMORY_MB,
@@ -153,13 +176,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     with result:
         print("\n".join(describe(result)))
         print()
-        print("\n".join(stats_table(result, args.memory_mb)))
+        print("\n".join(stats_table(result, args.memory_mb, args.stream)))
         if not args.verify:
             return 0
         print()
         report = check(
-            result, rows=args.rows, seed=args.seed, memory_mb=args.memory_mb, rtol=args.rtol
-        )
+            result, rows=args.rows, seed=args.seed, memory_mb=args.memory_mb, rtol=args.rtol,
+            pairs=not args.no_pairs,
+        )  # fmt: skip
         for m in report.mismatches:
             print(f"mismatch ({m.check}): {m.message}")
         print(report.summary())

@@ -46,7 +46,13 @@ from .errors import PipelineError  # noqa: E402
 from .lanczos import lanczos, top_eigenvalues  # noqa: E402
 from .progress import progress  # noqa: E402
 from .reader import Result, read  # noqa: E402
-from .stats import block_average, load_matrix, matrix_stats, matvec_operator  # noqa: E402
+from .stats import (  # noqa: E402
+    block_average,
+    load_matrix,
+    matrix_stats,
+    matvec_operator,
+    stored_stats,
+)
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +62,6 @@ FULL_SPECTRUM_MAX_D = 2048  # eigvalsh of the whole matrix up to this D, Lanczos
 CSV_EIGVALSH_MAX_D = 256  # exact extreme eigenvalues in the CSV up to this D
 LANCZOS_STEPS = 64
 TOP_EIGENVALUES = 100
-SUMMARY = ("trace", "frobenius", "symmetry", "nonfinite")
 
 
 @dataclass
@@ -134,27 +139,6 @@ def _selected(result: Result, opt: ReportOptions) -> tuple[int, int]:
                 f"report.{key}",
             )
     return opt.sample, opt.output
-
-
-def stored_stats(result: Result) -> dict[str, np.ndarray]:
-    """(N, K) trace, frobenius, symmetry and nonfinite, as stored in the file.
-
-    A file written before they were stored gets them by one streamed pass over each matrix
-    (exact symmetry residual; ``nonfinite`` is -1 where a norm is not finite).
-    """
-    f = result.file
-    if all(name in f for name in SUMMARY):
-        return {name: f[name][()] for name in SUMMARY}
-    n_samples, n_out, _, _ = result.shape
-    out = {name: np.zeros((n_samples, n_out)) for name in SUMMARY}
-    for n in range(n_samples):
-        for k in range(n_out):
-            st = matrix_stats(f["hessian"], n, k)
-            out["trace"][n, k], out["frobenius"][n, k] = st.trace, st.frobenius
-            out["symmetry"][n, k] = st.symmetry
-            out["nonfinite"][n, k] = 0 if math.isfinite(st.frobenius) else -1
-    out["nonfinite"] = out["nonfinite"].astype(np.int64)
-    return out
 
 
 def image_shape(shape: Sequence[int]) -> tuple[int, int, int] | None:

@@ -39,7 +39,8 @@ class RunResult:
     seconds: float
     blocks_computed: int
     blocks_reused: int
-    compute_seconds: float = 0.0  # computing and writing the blocks (no start-up, finishing)
+    compute_seconds: float = 0.0  # computing and writing the blocks (no start-up, no finishing)
+    finish_seconds: float = 0.0  # checking, flushing and renaming the file after the last block
     reports: list[Path] | None = None  # the plots and statistics written after the run
 
 
@@ -100,11 +101,13 @@ def run(
 
                 t_compute = execute(job, writer.missing, writer.sink, on_written)
             log.info("all %d blocks written", len(plan.blocks))
+        t_finish = time.perf_counter()
         writer.finish()
+        t_finish = time.perf_counter() - t_finish
     n, k, d = plan.n_samples, plan.n_outputs, plan.dim
     result = RunResult(
         path, (n, k, d, d), job.method.name, time.perf_counter() - t0, len(writer.missing),
-        writer.reused, t_compute,
+        writer.reused, t_compute, t_finish,
     )  # fmt: skip
     log.info(
         "wrote %s: hessian %s %s, method %s, %.2f s (%d blocks computed, %d reused)",

@@ -16,6 +16,7 @@ and returns the block's index; the driver then commits the block (see NOTE: [com
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,12 +34,16 @@ from .statistics import BlockStats, block_stats
 IOV_MAX = 1024  # buffers per pwritev call (Linux's limit)
 
 
-def host_array(t: Tensor | np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """A C-contiguous host array of ``t`` in ``dtype`` (no copy when it is one already)."""
+def host_array(
+    t: Tensor | np.ndarray, dtype: np.dtype | None = None, staged: bool = False
+) -> np.ndarray:
+    """A C-contiguous host array of ``t`` in ``dtype`` (default: its own; no copy when it is one
+    already). With ``staged``, a GPU tensor is copied into this process's page-locked buffer,
+    which the next staged copy overwrites."""
     if isinstance(t, Tensor):
         t = t.detach()
         if t.device.type != "cpu":
-            t = _pinned_copy(t)
+            t = _pinned_copy(t) if staged else t.cpu()
         t = t.numpy()
     return np.ascontiguousarray(t, dtype)
 
@@ -83,21 +88,26 @@ class InPlaceSink:
         stats: BlockStats | None = None,
     ) -> int:  # fmt: skip
         """Write block ``b``: hessian (S, K, R, D), gradient (S, K, D) for blocks at row 0."""
-        if stats is None:
-            stats = block_stats(torch.as_tensor(h), b.r0)
         dtype = np.dtype(self.dtype)
+        h = host_array(h, dtype, staged=True)
+        # the statistics are taken while the Hessian's bytes are written (the writes wait for
+        # the disk, the statistics for the CPU)
+        pending = _stats_pool().submit(block_stats, h, b.r0) if stats is None else None
         fd = os.open(self.path, os.O_WRONLY)
         try:
             st = os.fstat(fd)
             if (st.st_dev, st.st_ino) != tuple(self.identity):
                 raise RuntimeError(f"{self.path} was replaced by another run; block not written")
             fmap = FileMap.of(Path(self.path))
-            pieces = self._hessian_pieces(b, host_array(h, dtype), fmap)
-            pieces += self._row_pieces(b, stats, g, dtype, fmap)
-            _write_runs(fd, pieces)
+            _write_runs(fd, self._hessian_pieces(b, h, fmap))
+            if pending is not None:
+                stats = pending.result()
+            _write_runs(fd, self._row_pieces(b, stats, g, dtype, fmap))
             if self.flush:
                 os.fdatasync(fd)
         finally:
+            if pending is not None:
+                pending.cancel() or pending.exception()  # never leave it running on h
             os.close(fd)
         return b.index
 
@@ -138,6 +148,16 @@ class InPlaceSink:
         return pieces
 
 
+_POOL: list[ThreadPoolExecutor] = []
+
+
+def _stats_pool() -> ThreadPoolExecutor:
+    """One thread per process for block statistics."""
+    if not _POOL:
+        _POOL.append(ThreadPoolExecutor(1, thread_name_prefix="pipeline-stats"))
+    return _POOL[0]
+
+
 def _bytes(a: np.ndarray) -> memoryview:
     return memoryview(np.ascontiguousarray(a)).cast("B")
 
@@ -176,9 +196,9 @@ class ShardSink:
         stats: BlockStats | None = None,
     ) -> int:  # fmt: skip
         """Commit block ``b``. Idempotent: a block written twice leaves one identical shard."""
+        h = host_array(h, staged=True)
         if stats is None:
-            stats = block_stats(torch.as_tensor(h), b.r0)
-        h = host_array(h, np.dtype(stats.diagonal.dtype))
+            stats = block_stats(h, b.r0)
         final = Path(self.directory) / f"block-{b.index:06d}.h5"
         tmp = temporary_name(final)
         try:

@@ -22,13 +22,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
-from torch import Tensor
 
 from ..plan import Plan
 
 SUMS = ("sum_squares", "trace", "asymmetry_squares", "nonfinite")
-PANEL_BYTES = 8 << 20  # float64 temporaries are taken over panels of rows of about this size
+TILE = 256  # the symmetry residual compares square sub-tiles of this size
 
 
 @dataclass
@@ -40,34 +38,45 @@ class BlockStats:
     sums: np.ndarray  # (S, K, 4) float64, in the order of SUMS
 
 
-def block_stats(h: Tensor, r0: int) -> BlockStats:
-    """Statistics of a block h (S, K, R, D) holding rows [r0, r0 + R), on h's device.
+def block_stats(h: np.ndarray, r0: int) -> BlockStats:
+    """Statistics of a block h (S, K, R, D) holding rows [r0, r0 + R).
 
-    Sums are taken in float64 over panels of rows, so temporaries stay small.
+    Single-threaded numpy (it runs beside the compute, which owns the cores). Squares are summed
+    along each row in h's dtype (one pass at memory speed) and the row sums are added in float64;
+    a sum that overflows is recomputed in float64. Entries of a nearly symmetric pair differ
+    little, so their difference is exact in h's dtype.
     """
     s, k, r, d = h.shape
-    i = torch.arange(r, device=h.device)
+    i = np.arange(r)
     diagonal = h[:, :, i, r0 + i]
+    row_sq = _squares(h, "skrd,skrd->skr")
     tile = h[:, :, :, r0 : r0 + r]  # (S, K, R, R): rows and columns I
-    row_sq = torch.empty((s, k, r), dtype=torch.float64, device=h.device)
-    asym = torch.zeros((s, k), dtype=torch.float64, device=h.device)
-    step = max(1, PANEL_BYTES // max(1, s * k * d * 8))
-    for j in range(0, r, step):
-        p = h[:, :, j : j + step].double()
-        row_sq[:, :, j : j + step] = (p * p).sum(-1)
-        a = tile[:, :, j : j + step, :].double() - tile[:, :, :, j : j + step].double().mT
-        asym += (a * a).sum((-2, -1))
-    sums = torch.stack(
-        [row_sq.sum(-1), diagonal.double().sum(-1), asym, torch.zeros_like(asym)], -1
+    asym = np.zeros((s, k))
+    for a0 in range(0, r, TILE):  # square sub-tiles: transposed reads stay in cache
+        for b0 in range(a0, r, TILE):
+            a = tile[:, :, a0 : a0 + TILE, b0 : b0 + TILE]
+            with np.errstate(over="ignore", invalid="ignore"):
+                a = a - tile[:, :, b0 : b0 + TILE, a0 : a0 + TILE].swapaxes(-1, -2)
+            weight = 1.0 if a0 == b0 else 2.0  # an off-diagonal pair of sub-tiles: twice
+            asym += weight * _squares(a, "skij,skij->sk")
+    sums = np.stack(
+        [row_sq.sum(-1), diagonal.sum(-1, dtype=np.float64), asym, np.zeros((s, k))], -1
     )
-    bad = ~torch.isfinite(sums[..., 0])
-    if bool(bad.any()):  # a NaN or inf somewhere: count them (rare, so not counted otherwise)
-        sums[..., 3] = (~torch.isfinite(h)).sum((-2, -1)).double()
-    return BlockStats(
-        diagonal.cpu().numpy(),
-        row_sq.sqrt().to(h.dtype).cpu().numpy(),
-        sums.cpu().numpy(),
-    )
+    if not np.isfinite(sums[..., 0]).all():  # NaN or inf entries: count them (rare)
+        sums[..., 3] = (~np.isfinite(h)).sum((-2, -1))
+    return BlockStats(diagonal.copy(), np.sqrt(row_sq).astype(h.dtype), sums)
+
+
+def _squares(a: np.ndarray, spec: str) -> np.ndarray:
+    """Sums of squares by ``np.einsum(spec, a, a)`` in a's dtype, as float64; recomputed in
+    float64 where they overflow."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = np.einsum(spec, a, a).astype(np.float64)
+    if not np.isfinite(out).all() and a.dtype != np.float64:
+        wide = a.astype(np.float64)
+        with np.errstate(over="ignore", invalid="ignore"):
+            out = np.einsum(spec, wide, wide)
+    return out
 
 
 def tile_fraction(plan: Plan) -> float:
