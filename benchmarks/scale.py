@@ -22,6 +22,7 @@ under /work if it exists, else the system's): dd runs in the same directory as t
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import shutil
@@ -29,17 +30,17 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import h5py
 import numpy as np
-import psutil
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from tests.processes import TreeMonitor  # noqa: E402
 
 
 def job(dim: int, samples: int, *extra: str, width: int | None = None) -> list[str]:
@@ -56,46 +57,6 @@ def job(dim: int, samples: int, *extra: str, width: int | None = None) -> list[s
         "plots=false",
         *extra,
     ]
-
-
-class TreeMonitor:
-    """Polls a process and all its descendants: the peak of their summed RSS, and the bytes they
-    caused to be written to storage (``write_bytes`` of /proc/PID/io, the last value seen for
-    each process, so a process's writes after its last poll are missed)."""
-
-    def __init__(self, pid: int, interval: float = 0.05):
-        self.root, self.interval, self.peak = psutil.Process(pid), interval, 0
-        self.written: dict[int, int] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._poll, daemon=True)
-
-    @property
-    def write_bytes(self) -> int:
-        return sum(self.written.values())
-
-    def _poll(self) -> None:
-        while not self._stop.is_set():
-            try:
-                procs = [self.root, *self.root.children(recursive=True)]
-            except psutil.Error:
-                return
-            rss = 0
-            for p in procs:
-                try:
-                    rss += p.memory_info().rss
-                    self.written[p.pid] = p.io_counters().write_bytes
-                except (psutil.Error, AttributeError):
-                    pass
-            self.peak = max(self.peak, rss)
-            time.sleep(self.interval)
-
-    def __enter__(self) -> TreeMonitor:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def cli(overrides: list[str], env: dict | None = None, run_dir=None) -> subprocess.Popen:
@@ -134,8 +95,13 @@ def dd_bandwidth(directory: Path, count: int = 256) -> float:
 
 
 def bench_dir(a) -> Path:
+    """``--dir``, or a new temporary directory (under /work when it exists), removed at exit."""
+    if a.dir:
+        return Path(a.dir)
     base = Path("/work") if Path("/work").is_dir() else None
-    return Path(a.dir or tempfile.mkdtemp(prefix="bench-", dir=base))
+    made = Path(tempfile.mkdtemp(prefix="bench-", dir=base))
+    atexit.register(shutil.rmtree, made, True)
+    return made
 
 
 LOG_TIME = "%Y-%m-%d %H:%M:%S"
@@ -146,6 +112,7 @@ def cli_timed(overrides: list[str], where: Path) -> dict:
     tree and to the device holding ``where``, and the time of the run's log lines (Hydra's log
     file), in seconds after the start."""
     run_dir = Path(tempfile.mkdtemp(prefix="bench-run-"))
+    atexit.register(shutil.rmtree, run_dir, True)
     os.sync()  # start clean: no other run's dirty pages to flush on this run's clock
     disk0 = device_written(where)
     t0 = time.time()
@@ -436,7 +403,9 @@ def bench_overhead(a) -> dict:
 
 def bench_gpu(a) -> dict:
     """Throughput on a GPU: the in-process engine, ``backend=local backend.device=cuda`` and
-    ``backend=dask_cuda`` (when dask-cuda is installed) on the same job; samples a second."""
+    ``backend=dask_cuda`` (when dask-cuda is installed) on the same job; samples a second, and
+    the write phase (blocks computed and written, file flushed and renamed) against dd in the
+    same directory (``*_of_dd``)."""
     import torch
 
     from pipeline import hessian
@@ -445,7 +414,7 @@ def bench_gpu(a) -> dict:
     from pipeline.run import run
     from tests.configs import config
 
-    tmp = Path(a.dir or tempfile.mkdtemp(prefix="bench-gpu-"))
+    tmp = bench_dir(a)
     base = job(a.dim, a.samples, "method.memory_budget_mb=16000", "storage.block_mb=512")
     cfg = config(*base, f"storage.path={tmp / 'warm.h5'}", "backend.device=cuda")
     net = mlp(a.dim).eval().cuda()
