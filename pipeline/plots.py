@@ -79,6 +79,17 @@ class ReportOptions:
             return cfg
         return ReportOptions(**{k: v for k, v in (cfg or {}).items() if v is not None})
 
+    def check(self, n_samples: int, n_outputs: int) -> None:
+        """Refuse a sample or output the result will not have (before anything is computed)."""
+        for value, size, key in ((self.sample, n_samples, "sample"),
+                                 (self.output, n_outputs, "output")):  # fmt: skip
+            if not 0 <= value < size:
+                raise PipelineError(
+                    f"report.{key}={value} is out of range: the result has {size} "
+                    f"{'samples' if key == 'sample' else 'outputs'} (valid: 0..{size - 1})",
+                    f"report.{key}",
+                )
+
 
 def report_dir(path: Path, run_dir: Path | None = None) -> Path:
     """Where a result's reports go: the run directory, else a folder named after the result."""
@@ -130,14 +141,7 @@ def write_reports(
 
 
 def _selected(result: Result, opt: ReportOptions) -> tuple[int, int]:
-    n_samples, n_out, _, _ = result.shape
-    for value, size, key in ((opt.sample, n_samples, "sample"), (opt.output, n_out, "output")):
-        if not 0 <= value < size:
-            raise PipelineError(
-                f"report.{key}={value} is out of range: the file has {size} "
-                f"{'samples' if key == 'sample' else 'outputs'} (valid: 0..{size - 1})",
-                f"report.{key}",
-            )
+    opt.check(*result.shape[:2])
     return opt.sample, opt.output
 
 

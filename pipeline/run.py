@@ -78,6 +78,8 @@ def run(
     check_destination(path, cfg["storage"])  # before anything exists on disk
     job = build_job(cfg)
     plan = plan_of(job)
+    if cfg.get("plots"):
+        _check_report_options(cfg, plan)
     meta = metadata(job, overrides or [], plan)
     backend = cfg["backend"]
     writer = ResultWriter(
@@ -151,6 +153,14 @@ def metadata(job: Job, overrides: list[str], plan: Plan) -> Metadata:
         output_index=np.asarray(job.target.output_index, dtype=np.int64),
         attrs=attrs,
     )
+
+
+def _check_report_options(cfg: dict[str, Any], plan: Plan) -> None:
+    try:
+        from .plots import ReportOptions
+    except ImportError:
+        return
+    ReportOptions.of(cfg.get("report")).check(plan.n_samples, plan.n_outputs)
 
 
 def _after_run_reports(path: Path, cfg: dict[str, Any], output_dir: Path | None) -> list[Path]:

@@ -13,6 +13,7 @@ from pipeline.lanczos import lanczos, top_eigenvalues
 from pipeline.reader import read
 from pipeline.stats import block_average, matrix_stats, matvec_operator
 
+from .configs import compose_config
 from .result_files import result_file
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -228,6 +229,17 @@ def test_the_sample_and_output_drawn_can_be_chosen(tmp_path_factory, tmp_path, f
     with pytest.raises(plots.PipelineError, match="report.sample=3 is out of range") as info:
         plots.write_reports(path, tmp_path, {"sample": 3})
     assert info.value.key == "report.sample"
+
+
+def test_a_report_option_out_of_range_is_refused_before_computing(tmp_path, monkeypatch):
+    import pipeline.run
+
+    monkeypatch.setattr(pipeline.run, "execute", lambda *a: pytest.fail("computed"))
+    cfg = compose_config("data.stop=3", "plots=true", "report.output=1", "progress=false",
+                         f"storage.path={tmp_path / 'h.h5'}")  # fmt: skip
+    with pytest.raises(plots.PipelineError, match="report.output=1 is out of range") as info:
+        pipeline.run.run(cfg)
+    assert info.value.key == "report.output" and list(tmp_path.iterdir()) == []
 
 
 def test_spectrum_keeps_every_eigenvalue_in_view_and_counts_clear_signs(
