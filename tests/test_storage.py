@@ -17,7 +17,7 @@ from pipeline import hessian
 from pipeline.errors import PipelineError
 from pipeline.plan import make_plan
 from pipeline.run import run
-from pipeline.store import ResultNames, ResultWriter, block_stats
+from pipeline.store import InPlaceSink, ResultNames, ResultWriter, block_stats
 from pipeline.store.durable import Background
 from pipeline.store.statistics import reduce_sums
 
@@ -292,6 +292,30 @@ def test_resume_with_every_block_committed_starts_no_workers(tmp_path, monkeypat
     ref = tmp_path / "ref.h5"
     run(config(*SMALL, f"storage.path={ref}"))
     np.testing.assert_array_equal(read_hessian(path), read_hessian(ref))
+
+
+def test_leaving_the_writer_without_finishing_is_an_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(ResultWriter, "finish", lambda self: None)
+    with pytest.raises(RuntimeError, match="without finish"):
+        run(config(*SMALL, f"storage.path={tmp_path / 'h.h5'}"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["h.h5.shards"]  # blocks kept
+
+
+def test_a_block_is_never_written_with_another_files_offsets(tmp_path):
+    """A sink whose file was replaced under the same name (another run's layout) refuses."""
+    path = tmp_path / "h.h5"
+    run(config(*SMALL, "storage.keep_shards=true", f"storage.path={path}"))
+    direct = ResultNames(path).direct
+    path.rename(direct)  # the laid-out file, as during a run
+    st = direct.stat()
+    plan = make_plan(4, 1, 32, 4, block_rows=8)
+    block = np.zeros((1, 1, 8, 32), np.float32)
+    stale = InPlaceSink(str(direct), (st.st_dev, st.st_ino), "another-layout", plan, "<f4")
+    with pytest.raises(RuntimeError, match="not the file this block belongs to"):
+        stale.write(plan.blocks[0], block, np.zeros((1, 1, 32), np.float32))
+    moved = InPlaceSink(str(direct), (st.st_dev, st.st_ino + 1), "x", plan, "<f4")
+    with pytest.raises(RuntimeError, match="replaced by another run"):
+        moved.write(plan.blocks[0], block, np.zeros((1, 1, 32), np.float32))
 
 
 def test_blocks_are_committed_in_batches(tmp_path, monkeypatch):

@@ -71,6 +71,7 @@ class InPlaceSink:
         path: the file (``<storage.path>.shards/direct.h5``).
         identity: (st_dev, st_ino) of that file: a write into another file of the same name
             (a later run's) is refused.
+        layout_id: the file's ``layout_id`` attribute (which byte offsets belong to it).
         plan: the blocks and chunks.
         dtype: the Hessian's dtype.
         flush: fdatasync each block here (workers that may sit on other machines); otherwise
@@ -79,6 +80,7 @@ class InPlaceSink:
 
     path: str
     identity: tuple[int, int]
+    layout_id: str
     plan: Plan
     dtype: str
     flush: bool = False
@@ -98,7 +100,7 @@ class InPlaceSink:
             st = os.fstat(fd)
             if (st.st_dev, st.st_ino) != tuple(self.identity):
                 raise RuntimeError(f"{self.path} was replaced by another run; block not written")
-            fmap = FileMap.of(Path(self.path))
+            fmap = FileMap.of(Path(self.path), self.layout_id)
             _write_runs(fd, self._hessian_pieces(b, h, fmap))
             if pending is not None:
                 stats = pending.result()

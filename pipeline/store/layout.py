@@ -15,7 +15,7 @@ committed.
 
 from __future__ import annotations
 
-import os
+import uuid
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -99,6 +99,7 @@ def create_datasets(
         f.attrs[key] = value
     f.attrs["layout"] = layout
     f.attrs["status"] = "complete"  # true once the file has its final name (see above)
+    f.attrs["layout_id"] = uuid.uuid4().hex  # tells this file's byte offsets from another's
     f.attrs.create("nonfinite_entries", 0, dtype="i8")
 
 
@@ -134,16 +135,17 @@ class FileMap:
     contiguous: dict[str, int]
 
     @staticmethod
-    def of(path: Path) -> FileMap:
-        """The map of the file at ``path`` (read once per process and file)."""
-        st = os.stat(path)
-        return _file_map(str(path), st.st_ino, st.st_dev)
+    def of(path: Path, layout_id: str) -> FileMap:
+        """The map of the file at ``path`` whose ``layout_id`` attribute is ``layout_id`` (read
+        once per process and file: the id, random per laid-out file, keys the cache)."""
+        return _file_map(str(path), layout_id)
 
 
 @lru_cache(maxsize=4)
-def _file_map(path: str, inode: int, device: int) -> FileMap:
-    del inode, device  # cache keys: a new file under the same name is read afresh
+def _file_map(path: str, layout_id: str) -> FileMap:
     with h5py.File(path, "r") as f:
+        if f.attrs.get("layout_id") != layout_id:
+            raise RuntimeError(f"{path} is not the file this block belongs to (another run's)")
         dset = f["hessian"]
         cs, _, cr, _ = dset.chunks
         n, k, d, _ = dset.shape

@@ -320,9 +320,10 @@ class ResultWriter:
                 tmp.unlink(missing_ok=True)
                 raise
         st = os.stat(direct)
-        self.sink = InPlaceSink(
-            str(direct), (st.st_dev, st.st_ino), self.plan, self.dtype.str, self.remote_workers
-        )
+        with h5py.File(direct, "r") as f:
+            layout_id = str(f.attrs["layout_id"])
+        self.sink = InPlaceSink(str(direct), (st.st_dev, st.st_ino), layout_id, self.plan,
+                                self.dtype.str, self.remote_workers)  # fmt: skip
         self._flush_fd = os.open(direct, os.O_RDONLY)
         done = set(self._marked())
         shards = {i: p for i, p in self.names.shard_files().items() if i not in done}
@@ -465,7 +466,8 @@ class ResultWriter:
 
     def _finish_in_place(self, stats: dict[str, np.ndarray], nonfinite: int) -> None:
         direct = self.names.direct
-        fmap = FileMap.of(direct)
+        assert isinstance(self.sink, InPlaceSink)
+        fmap = FileMap.of(direct, self.sink.layout_id)
         fd = os.open(direct, os.O_WRONLY)
         try:
             for name, kind in SUMMARY_DATASETS.items():
@@ -492,16 +494,17 @@ class ResultWriter:
     # ---- leaving -----------------------------------------------------------------------------
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc is None and not self._finished:
-            exc = RuntimeError("the result writer was left without finish()")
-        if exc is not None and not self._finished:
-            self._abort(exc)
-            translated = self._translate(exc)
-            if translated is not exc:
-                raise translated from exc
-        self._release()
+        if self._finished:
+            self._release()
+            return
+        self._abort(exc)
+        if exc is None:
+            raise RuntimeError("the result writer was left without finish()")
+        translated = self._translate(exc)
+        if translated is not exc:
+            raise translated from exc
 
-    def _abort(self, err: BaseException) -> None:
+    def _abort(self, err: BaseException | None) -> None:
         """Keep what is committed; if nothing is, remove everything this run created."""
         self._bg.drain()
         if self.in_place and self._flush_fd is not None:
