@@ -99,8 +99,10 @@ class _Active:
         self.i = i
 
 
+@torch.no_grad()
 def record(gm: fx.GraphModule, x: Tensor) -> Tape:
-    """Run the captured graph on x (N, *S) and describe it as steps (see module doc).
+    """Run the captured graph on x (N, *S) and describe it as steps (see module doc); no
+    autograd graph is kept.
 
     Raises:
         Unsupported: a step mixes the samples of the batch, or is random, or the model does not
@@ -255,7 +257,7 @@ def _add_step(name, call: Call, ids, slot, node, values, steps) -> None:
         slot[node] = ids[0]
         return
     slot[node] = len(values)
-    values.append(out.detach())
+    values.append(out)
     steps.append(Step(name, rule, list(ids), slot[node]))
 
 

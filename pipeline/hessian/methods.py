@@ -63,7 +63,7 @@ def _directions(model: nn.Module, x: Tensor, k: int, budget: int) -> int:
 
 def _generic(fn) -> ComputeFn:
     def compute(model, x, target, rows, budget):
-        index = select_rows(rows, x[0].numel(), x.device).index
+        index = select_rows(rows, x.shape[1:].numel(), x.device).index
         return fn(model, x, target, index, _directions(model, x, target.n_outputs, budget))
 
     return compute
@@ -188,7 +188,7 @@ def hessian(
         z = _outputs(model, x)
         target = make_target(outputs, z, labels, loss)
         chosen = resolve_method(method, model, target, x)
-        row_index = select_rows(rows, x[0].numel(), x.device)
+        row_index = select_rows(rows, x.shape[1:].numel(), x.device)
         hess, grad = chosen.compute(model, x, target, row_index, memory_budget)
         reason = zero_hessian_reason(model, target, x)
     finally:

@@ -308,7 +308,7 @@ def _module_rule(call: Call) -> Rule | str | None:
         return _layer_norm_rule(call, m.normalized_shape, m.weight, m.eps)
     if isinstance(m, (nn.Softmax, nn.LogSoftmax)) and m.dim is not None and m.dim % call.ndim:
         rule = Softmax if isinstance(m, nn.Softmax) else LogSoftmax
-        p = call.out.detach() if rule is Softmax else call.out.detach().exp()
+        p = call.out if rule is Softmax else call.out.exp()
         return rule(*_shapes(call), p=p, dim=m.dim)
     if isinstance(m, (nn.Flatten, nn.Unflatten)):
         return Reshape(*_shapes(call))
@@ -317,7 +317,7 @@ def _module_rule(call: Call) -> Rule | str | None:
 
 def _elementwise(call: Call, name: str, params: dict[str, Any]) -> Elementwise:
     a = call.inputs[0]
-    d1, d2 = elementwise.derivatives(name, a.detach(), **params)
+    d1, d2 = elementwise.derivatives(name, a, call.out, **params)
     return Elementwise(*_shapes(call), name=name, d1=d1, d2=d2)
 
 
@@ -352,17 +352,17 @@ def _matmul(call: Call) -> Rule | None:
         return Dense(*_shapes(call), weight=b.T)
     if len(call.inputs) == 2 and call.active(a) and call.active(b):
         if a.dim() == b.dim() >= 3 and a.shape[:-2] == b.shape[:-2]:
-            return Bilinear(*_shapes(call), a=a.detach(), b=b.detach())
+            return Bilinear(*_shapes(call), a=a, b=b)
     return None
 
 
 def _layer_norm_rule(call: Call, shape, weight, eps) -> Rule:
-    v = call.inputs[0].detach()
+    v = call.inputs[0]
     m = len(shape) if isinstance(shape, (list, tuple, torch.Size)) else 1
     dims = tuple(range(-m, 0))
     mean = v.mean(dims, keepdim=True)
     inv = torch.rsqrt(v.var(dims, unbiased=False, keepdim=True) + eps)
-    w = None if weight is None else weight.detach()
+    w = weight
     return LayerNorm(*_shapes(call), xhat=(v - mean) * inv, inv=inv, weight=w, m=m)
 
 
@@ -394,14 +394,14 @@ def _softmax_dim(call: Call) -> int | None:
 
 def _softmax(call: Call) -> Rule | None:
     dim = _softmax_dim(call)
-    return None if dim is None else Softmax(*_shapes(call), p=call.out.detach(), dim=dim)
+    return None if dim is None else Softmax(*_shapes(call), p=call.out, dim=dim)
 
 
 def _log_softmax(call: Call) -> Rule | None:
     dim = _softmax_dim(call)
     if dim is None:
         return None
-    return LogSoftmax(*_shapes(call), p=call.out.detach().exp(), dim=dim)
+    return LogSoftmax(*_shapes(call), p=call.out.exp(), dim=dim)
 
 
 def _addmm(call: Call) -> Rule | None:
@@ -468,7 +468,7 @@ def _avg_pool(call: Call) -> Rule | None:
 
 def _max_pool(call: Call, spatial: int, kernel, stride, padding, dilation, ceil_mode) -> Rule:
     """A max pool over ``spatial`` axes as a selection of each sample's maxima."""
-    h = call.inputs[0].detach()
+    h = call.inputs[0]
     pool = (F.max_pool1d, F.max_pool2d, F.max_pool3d)[spatial - 1]
     _, index = pool(h, kernel, stride or None, padding, dilation, ceil_mode, return_indices=True)
     if h.dim() == spatial + 2:  # (N, C, *spatial): the pool's indices count within each channel
@@ -721,7 +721,7 @@ def _mul(call: Call) -> Rule | None:
     if call.active(a) and call.active(b):
         if not _same_shapes(call):
             return None
-        return Product(*_shapes(call), a=a.detach(), b=b.detach())
+        return Product(*_shapes(call), a=a, b=b)
     if not _same_rank(call):
         return None
     c = b if call.active(a) else a
