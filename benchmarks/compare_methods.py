@@ -238,6 +238,8 @@ def bench_case(case: str, outputs: list[int], args) -> list[dict]:
         "vmap(torch.func.hessian)": (lambda m, v, o: func_hessian(m, v, o, args.chunk), x),
         "vmap(jacrev(jacrev))": (lambda m, v, o: func_jacrev2(m, v, o, args.chunk), x),
     }
+    if kind == "mlp":
+        methods["plain batched chain (same algebra)"] = (plain_chain, x)
     jax_run = jax_hessian(model, x, outputs) if args.jax else None
     if jax_run is not None:
         methods["jax jit(vmap(hessian)) f32 highest"] = (jax_run, x)
@@ -258,7 +260,7 @@ def bench_case(case: str, outputs: list[int], args) -> list[dict]:
     reference = func_hessian(model, x, outputs, args.chunk).detach()
     errors = {}
     for name, (fn, inp) in methods.items():  # warm-up and accuracy check
-        with torch.no_grad() if "pipeline" in name else torch.enable_grad():
+        with torch.no_grad() if ("pipeline" in name or "plain" in name) else torch.enable_grad():
             out = fn(model, inp, outputs)
         if not isinstance(out, Tensor):  # a JAX array
             out = torch.tensor(np.asarray(out), device=args.device)
@@ -273,6 +275,11 @@ def bench_case(case: str, outputs: list[int], args) -> list[dict]:
             _sync(args.device)
             times[name].append((time.perf_counter() - t0) / inp.shape[0])
     base = statistics.median(times["vmap(torch.func.hessian)"])
+    with torch.no_grad():
+        ops = {"pipeline auto": count_aten_ops(lambda: pipeline.hessian(model, x, outputs))}
+        if kind == "mlp":
+            ops["plain batched chain"] = count_aten_ops(lambda: plain_chain(model, x, outputs))
+    print(f"aten operations per call: {ops}")
     rows = []
     for name, ts in times.items():
         med = statistics.median(ts)

@@ -101,7 +101,7 @@ AUTO_ORDER: list[str] = ["piecewise", "structured", "forward_over_reverse"]
 def resolve_method(name: str, model: nn.Module, target: Target, x: Tensor) -> Method:
     """The method called ``name`` (or the one ``auto`` picks) for the model on inputs like x.
 
-    ``auto`` logs, at INFO, why each faster method it passed over does not apply.
+    When ``auto`` cannot take the graph path it logs why, in one line (a WARNING).
     """
     if name != "auto" and name not in METHODS:
         raise ArgumentError(
@@ -110,10 +110,11 @@ def resolve_method(name: str, model: nn.Module, target: Target, x: Tensor) -> Me
     support = analyze(model, x, target)
     if name == "auto":
         for candidate in AUTO_ORDER:
-            reason = METHODS[candidate].unsupported(support)
-            if reason is None:
-                return METHODS[candidate]
-            log.info("method %s does not apply: %s", candidate, reason)
+            if METHODS[candidate].unsupported(support) is None:
+                break
+        if candidate == "forward_over_reverse":  # the graph path cannot take the model: say why
+            log.warning("method=auto uses forward_over_reverse: %s", support.structured)
+        return METHODS[candidate]
     method = METHODS[name]
     reason = method.unsupported(support)
     if reason is not None:
