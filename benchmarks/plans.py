@@ -18,8 +18,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import pipeline  # noqa: E402
 from compare_methods import make_model  # noqa: E402
+
+import pipeline  # noqa: E402
 from pipeline.hessian.graph import capture, record  # noqa: E402
 from pipeline.hessian.planner import REVERSE, TANGENT, Plan, head_kind, make_plan  # noqa: E402
 from pipeline.hessian.propagate import gradients, hessian_rows  # noqa: E402
