@@ -250,8 +250,8 @@ def _general(call: Call) -> General:
     return General(*_shapes(call), fn=call.fn, primals=tuple(call.inputs))
 
 
-def _fold(call: Call, fn: Callable[..., Tensor], cost: int = 0) -> Fold:
-    return Fold(*_shapes(call), fn=fn, cost=cost)
+def _fold(call: Call, fn: Callable[..., Tensor], cost: int = 0, adjoint=None) -> Fold:
+    return Fold(*_shapes(call), fn=fn, cost=cost, adjoint=adjoint)
 
 
 def _same_shapes(call: Call) -> bool:
@@ -291,8 +291,13 @@ def _module_rule(call: Call) -> Rule | str | None:
             w = m.weight.detach()
             fn = lambda t: m._conv_forward(t, w, None)  # noqa: E731
         return _fold(call, fn, _conv_cost(call, m.weight))
-    if isinstance(m, (nn.modules.pooling._AvgPoolNd, nn.modules.pooling._AdaptiveAvgPoolNd)):
-        return _fold(call, m)
+    if isinstance(m, nn.modules.pooling._AdaptiveAvgPoolNd):
+        return _fold(call, m, adjoint=_adaptive_pool_adjoint(call, _spatial(type(m).__name__)))
+    if isinstance(m, nn.modules.pooling._AvgPoolNd):
+        params = [m.kernel_size, m.stride, m.padding, m.ceil_mode, m.count_include_pad,
+                  getattr(m, "divisor_override", None)]  # fmt: skip
+        adjoint = _avg_pool_adjoint(call, _spatial(type(m).__name__), *params)
+        return _fold(call, m, adjoint=adjoint)
     if isinstance(m, nn.modules.pooling._MaxPoolNd):
         if m.return_indices and call.element is None:
             return _general(call)
@@ -463,7 +468,53 @@ def _avg_pool(call: Call) -> Rule | None:
     if len(call.inputs) != 1 or not call.active(call.args[0]):
         return None
     target, rest, kwargs = call.target, call.args[1:], call.kwargs
-    return _fold(call, lambda t: target(t, *rest, **kwargs))
+    name = getattr(target, "__name__", str(target))
+    spatial = _spatial(name)
+    if "adaptive" in name:
+        adjoint = _adaptive_pool_adjoint(call, spatial)
+    else:
+        names = ["kernel_size", "stride", "padding", "ceil_mode", "count_include_pad",
+                 "divisor_override"]  # fmt: skip
+        defaults = [None, None, 0, False, True, None]
+        pairs = enumerate(zip(names, defaults, strict=True))
+        params = [call.arg(i + 1, p, d) for i, (p, d) in pairs]
+        adjoint = _avg_pool_adjoint(call, spatial, *params)
+    return _fold(call, lambda t: target(t, *rest, **kwargs), adjoint=adjoint)
+
+
+def _tuple(v, n: int) -> list[int]:
+    return list(v) if isinstance(v, (list, tuple)) else [v] * n
+
+
+def _avg_pool_adjoint(call: Call, spatial, kernel, stride, padding, ceil, count_pad, divisor):
+    """The transpose of a 2-d or 3-d average pool (``aten.avg_pool{n}d_backward``; the input it
+    takes is only read for its shape: an expanded zero); None for 1-d pools."""
+    if spatial == 1:
+        return None
+    backward = {2: aten.avg_pool2d_backward, 3: aten.avg_pool3d_backward}[spatial]
+    kernel = _tuple(kernel, spatial)
+    stride = kernel if stride is None or stride == [] else _tuple(stride, spatial)
+    padding = _tuple(padding, spatial)
+    shape = call.inputs[0].shape[1:]
+
+    def adjoint(u: Tensor) -> tuple[Tensor]:
+        zero = u.new_zeros(()).expand(u.shape[0], *shape)
+        return (backward(u, zero, kernel, stride, padding, ceil, count_pad, divisor),)
+
+    return adjoint
+
+
+def _adaptive_pool_adjoint(call: Call, spatial: int):
+    """The transpose of a 2-d or 3-d adaptive average pool; None for 1-d pools."""
+    if spatial == 1:
+        return None
+    backward = {2: aten._adaptive_avg_pool2d_backward, 3: aten._adaptive_avg_pool3d_backward}
+    shape = call.inputs[0].shape[1:]
+
+    def adjoint(u: Tensor) -> tuple[Tensor]:
+        return (backward[spatial](u, u.new_zeros(()).expand(u.shape[0], *shape)),)
+
+    return adjoint
 
 
 def _max_pool(call: Call, spatial: int, kernel, stride, padding, dilation, ceil_mode) -> Rule:
@@ -571,14 +622,16 @@ def _permute(call: Call) -> Rule | None:
         dims = dims[0]
     if len(call.inputs) != 1 or _dims(dims[0], call.ndim) != [0]:
         return None
-    return _fold(call, lambda t: t.permute(*dims))
+    order = [d % call.ndim for d in dims]
+    inverse = [order.index(i) for i in range(len(order))]
+    return _fold(call, lambda t: t.permute(*order), adjoint=lambda u: (u.permute(*inverse),))
 
 
 def _transpose(call: Call) -> Rule | None:
     d0, d1 = call.arg(1, "dim0"), call.arg(2, "dim1")
     if len(call.inputs) != 1 or not _keeps_batch(call, d0, d1):
         return None
-    return _fold(call, lambda t: t.transpose(d0, d1))
+    return _fold(call, lambda t: t.transpose(d0, d1), adjoint=lambda u: (u.transpose(d0, d1),))
 
 
 def _movedim(call: Call) -> Rule | None:

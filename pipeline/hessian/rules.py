@@ -134,10 +134,13 @@ class Fold(Rule):
     Attributes:
         fn: the map on (B', *s_in) for any B' (several inputs for a concatenation).
         cost: multiply-adds per sample of one application.
+        adjoint: its transpose on (B', *s_out), one tensor per input, where known in closed form
+            (else ``torch.func.vjp`` of ``fn`` at zero gives it).
     """
 
     fn: Callable[..., Tensor] = None
     cost: int = 0
+    adjoint: Callable[[Tensor], tuple[Tensor, ...]] | None = None
 
     @property
     def macs(self) -> int:
@@ -152,7 +155,10 @@ class Fold(Rule):
 
     def vjp(self, u):
         lead = tuple(u.shape[:2])
-        zeros = [u.new_zeros(lead[0] * lead[1], *s) for s in self.shapes_in]
+        if self.adjoint is not None:
+            return [unfold(v, lead) for v in self.adjoint(fold(u))]
+        zero = u.new_zeros(())
+        zeros = [zero.expand(lead[0] * lead[1], *s) for s in self.shapes_in]
         _, pullback = vjp(self.fn, *zeros)
         return [unfold(v, lead) for v in pullback(fold(u))]
 
