@@ -60,6 +60,7 @@ CASES = [
     OpCase("in_place_relu_then_square", lambda m, x: m.out(F.relu(m.fc(x), inplace=True) ** 2)),
     OpCase("iadd_residual", lambda m, x: m.out(_iadd(m.fc(x), torch.tanh(m.fc(x))))),
     OpCase("cat_split_chunk", lambda m, x: m.out(_cat_split(m.fc2(m.fc(x))))),
+    OpCase("pieces_of_a_middle_axis", lambda m, x: m.out(_pieces(m, x))),
     OpCase("stack_mean_sum", lambda m, x: m.out(torch.stack(
         [m.fc(x).tanh(), m.fc(x).sigmoid()], dim=1).mean(1) + m.fc(x).sum(-1, keepdim=True))),
     OpCase("getitem_slices", lambda m, x: m.out(torch.tanh(m.fc(x))[:, [4, 0, 1, 2, 3]] +
@@ -92,6 +93,14 @@ def _cat_split(h: Tensor) -> Tensor:
     a, b = h.split([2, 3], dim=1)
     c, d = torch.tanh(b).chunk(2, dim=1)  # sizes 2 and 1
     return torch.cat([a.sigmoid(), d, c], dim=1)
+
+
+def _pieces(m: Fn, x: Tensor) -> Tensor:
+    z = torch.stack([m.fc(x), torch.tanh(m.fc2(m.fc(x)))], dim=1)  # (N, 2, 5)
+    a = z.narrow(2, 1, 3).sum(1)  # (N, 3)
+    b = z.select(1, 1)  # (N, 5)
+    c = z.chunk(2, dim=1)[0].squeeze(1)  # (N, 5)
+    return torch.cat([a, b[:, :2]], 1) * torch.sigmoid(c)
 
 
 def _iadd(a: Tensor, b: Tensor) -> Tensor:

@@ -681,7 +681,9 @@ def _positional(call: Call, name: str) -> Rule | None:
         return None
     if not _keeps_batch(call, dim):
         return None
-    return _fold(call, _rebound(call))
+    fn = _rebound(call)
+    adjoint = _piece_adjoint(call, dim, fn) if name in ("narrow", "select") else None
+    return _fold(call, fn, adjoint=adjoint)
 
 
 _STACKS = {_packet(torch.stack), _packet(aten.stack)}
@@ -714,13 +716,42 @@ def _split(call: Call) -> Rule | None:
     dim = call.arg(at + 1, "dim", 0)
     if not _keeps_batch(call, dim):
         return None
-    return _fold(call, _rebound(call))
+    fn = _rebound(call)
+    return _fold(call, fn, adjoint=_piece_adjoint(call, dim, fn))
 
 
 def _slice(call: Call) -> Rule | None:
-    if len(call.inputs) != 1 or not _keeps_batch(call, call.arg(1, "dim", 0)):
+    dim = call.arg(1, "dim", 0)
+    if len(call.inputs) != 1 or not _keeps_batch(call, dim):
         return None
-    return _fold(call, _rebound(call))
+    fn = _rebound(call)
+    return _fold(call, fn, adjoint=_piece_adjoint(call, dim, fn))
+
+
+def _piece_adjoint(call: Call, dim: int, fn: Callable[[Tensor], Tensor]):
+    """The transpose of taking a contiguous piece along ``dim`` (split, chunk, narrow, select,
+    slice): zero padding around it. Where the piece is found by applying ``fn`` to positions
+    along the axis (on the host), it must be contiguous; else None (torch.func's vjp)."""
+    shape = tuple(call.inputs[0].shape[1:])
+    ax = dim % (len(shape) + 1)
+    size = shape[ax - 1]
+    view = [size if i == ax else 1 for i in range(len(shape) + 1)]
+    positions = torch.arange(size, dtype=torch.float64).reshape(view).expand(1, *shape)
+    piece = fn(positions)
+    removed = piece.dim() == positions.dim() - 1
+    along = piece.unsqueeze(ax) if removed else piece
+    line = along[0].movedim(ax - 1, 0)  # the positions along the axis, first
+    index = line.reshape(line.shape[0], -1)[:, 0]
+    start, length = int(index[0]), index.shape[0]
+    if not torch.equal(index, torch.arange(start, start + length, dtype=torch.float64)):
+        return None
+    after = len(shape) - ax  # axes after ``ax``: F.pad counts from the last one
+    pads = [0, 0] * after + [start, size - start - length]
+
+    def adjoint(u: Tensor) -> tuple[Tensor]:
+        return (F.pad(u.unsqueeze(ax) if removed else u, pads),)
+
+    return adjoint
 
 
 def _pad(call: Call) -> Rule | None:

@@ -196,14 +196,28 @@ def _reverse(tape: Tape, stop: int, slot: int, m: Curvature, rows: Rows) -> Tens
 def symmetric_product(u: Tensor, w: Tensor) -> Tensor:
     """H = U W for U (..., D, F) and W (F, D) when H is known to be symmetric.
 
-    NOTE [symmetric product]: computing only the blocks on and above the diagonal halves the
-    arithmetic, but every way of doing it costs either one operation per block (a storm of small
-    kernels on a GPU) or gathers and scatters of U and H that cost more than they save: on the
-    2-core CPU one GEMM (B = 16 matrices of D = 784, F = 256) took 4.3 ms a matrix against 5.7-6.7
-    ms for a triangle of 2-3 recursive halvings and 22 ms for a 16 x 16 block loop. So it is one
-    product; the name keeps the place where a symmetric kernel would go.
+    NOTE [symmetric product]: on a CPU with few matrices (at most 16: the number is a
+    measurement) two halvings skip most of the lower triangle: rows [0, D/2) times all columns,
+    rows [D/2, 3D/4) times columns [D/2, D), the last quarter times itself, and the skipped blocks
+    are copied from their transposes: 3 products and 2 copies whatever D is (a fixed number of
+    operations, not one per block). Single-threaded CPU time a matrix (``thread_time``), D = 784,
+    F = 256: 2.2-2.4 ms against 3.0-3.3 ms for one product with 1-8 matrices, and the same
+    (3.8 ms, bound by writing the output) with 64. On a GPU: one product, one kernel
+    (``benchmarks/plans.py --device cuda`` times both).
 
     Returns:
         (..., D, D).
     """
-    return u @ w
+    d = w.shape[1]
+    if u.device.type != "cpu" or u.shape[:-2].numel() > 16 or d < 256:
+        return u @ w
+    out = u.new_empty(*u.shape[:-2], d, d)
+    lo = 0
+    for level in range(3):
+        hi = d if level == 2 else lo + (d - lo) // 2
+        top = u[..., lo:hi, :] @ w[:, lo:]  # rows [lo, hi), columns [lo, D)
+        out[..., lo:hi, lo:] = top
+        if hi < d:
+            out[..., hi:, lo:hi] = top[..., hi - lo :].mT
+        lo = hi
+    return out
