@@ -23,7 +23,7 @@ from compare_methods import make_model  # noqa: E402
 import pipeline  # noqa: E402
 from pipeline.hessian.graph import capture, record  # noqa: E402
 from pipeline.hessian.planner import REVERSE, TANGENT, Plan, head_kind, make_plan  # noqa: E402
-from pipeline.hessian.propagate import gradients, hessian_rows  # noqa: E402
+from pipeline.hessian.propagate import gradients, hessian_rows, triangle_product  # noqa: E402
 from pipeline.hessian.rows import Rows  # noqa: E402
 from tests.model_zoo import ZOO_BY_NAME  # noqa: E402
 
@@ -38,12 +38,40 @@ def build(name: str, device: str):
     return entry.factory().to(device).eval(), entry.shape, [2]
 
 
+def time_symmetric_product(device: str, repeats: int) -> None:
+    """One product against the triangle (NOTE [symmetric product]) on this device."""
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    print(f"\nsymmetric product on {device}: ms a matrix, U (B, D, 256) W (256, D)")
+    for d, b in ((784, 1), (784, 16), (784, 256), (3072, 1), (3072, 32)):
+        w = torch.randn(256, d, device=device)
+        m = torch.randn(b, 256, 256, device=device)
+        u = w.T @ (m + m.mT)
+        res = {}
+        products = {"one product": torch.matmul, "triangle": triangle_product}
+        for name, product in products.items():
+
+            def fn(product=product, u=u, w=w):
+                return product(u, w)
+
+            fn()
+            ts = []
+            for _ in range(repeats):
+                sync()
+                t0 = time.perf_counter()
+                fn()
+                sync()
+                ts.append((time.perf_counter() - t0) / b * 1e3)
+            res[name] = statistics.median(ts)
+        print(f"  D={d:>5} B={b:>4}: " + ", ".join(f"{k} {v:.4f}" for k, v in res.items()))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=["mlp784", "lenet5", "tabular_mlp"])
     p.add_argument("--samples", type=int, default=8)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--symmetric", action="store_true", help="also time the symmetric product")
     args = p.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
@@ -89,6 +117,8 @@ def main() -> None:
         )
         for key, ms in sorted(times.items()):
             print(f"  cut at step {key[0]:>2} {key[1]:<8} {ms:10.4f} ms/sample")
+    if args.symmetric:
+        time_symmetric_product(args.device, args.repeats)
 
 
 if __name__ == "__main__":
