@@ -191,6 +191,11 @@ DERIVATIVES: dict[str, Derivatives] = {
 PIECEWISE_LINEAR = frozenset({"relu", "leaky_relu", "prelu", "hardtanh", "relu6", "abs"})
 
 
+# Non-decreasing everywhere (leaky_relu and elu only for the default non-negative parameters:
+# the rule checks the sign of s' instead where it matters).
+NON_DECREASING = frozenset({"tanh", "sigmoid", "softplus", "relu", "hardtanh", "relu6", "exp",
+                            "log_sigmoid", "softsign", "sqrt", "log"})  # fmt: skip
+
 # Functions whose derivatives follow from their output s(a) without computing it again.
 FROM_OUTPUT = frozenset({"tanh", "sigmoid"})
 

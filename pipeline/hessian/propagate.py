@@ -13,7 +13,7 @@ from .curvature import DENSE, ZERO, Curvature, is_fast, rows_of, through
 from .graph import Tape
 from .planner import REVERSE, Plan, Segment
 from .rows import Rows
-from .rules import Dense
+from .rules import Dense, Elementwise
 
 
 def gradients(tape: Tape, g_top: Tensor) -> dict[int, Tensor]:
@@ -128,7 +128,12 @@ def sweep(
     for s in reversed(steps):
         u = adj.pop(s.out, None)
         parts: list[Tensor | None] = [None] * len(s.inputs)
-        if u is not None:
+        fused = u is not None and s.rule.curved and isinstance(s.rule, Elementwise)
+        if fused:  # the linear part and the second-order term in two passes
+            t = tangents[s.inputs[0]]
+            t = t.dense(tape.values[bottom]) if isinstance(t, _Basis) else t
+            parts = [s.rule.second_adjoint(u, g[s.out], t)]
+        elif u is not None:
             n = u.shape[0]
             if (full_rows and s.inputs == [bottom] and isinstance(s.rule, Dense) and s.rule.flat
                     and _only_consumer(steps, bottom)):  # fmt: skip
@@ -137,7 +142,7 @@ def sweep(
                 flat = u.reshape(n, k * r, *u.shape[3:])
                 parts = [None if p is None else p.reshape(n, k, r, *p.shape[2:])
                          for p in s.rule.vjp(flat)]  # fmt: skip
-        if s.rule.curved:
+        if s.rule.curved and not fused:
             ts = [tangents.get(v) for v in s.inputs]
             like = tape.values[bottom]
             ts = [t.dense(like) if isinstance(t, _Basis) else t for t in ts]

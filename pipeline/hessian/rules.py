@@ -270,6 +270,15 @@ class Elementwise(Rule):
     def second(self, g, ts):
         return [outer(self.curvature(g), ts[0])]
 
+    def non_decreasing(self) -> bool:
+        """Whether s never decreases (then a max pool after it may go before it)."""
+        return self.name in elementwise.NON_DECREASING
+
+    def second_adjoint(self, u: Tensor, g: Tensor, t: Tensor) -> Tensor:
+        """s' U + (s'' g) t in two passes: U (N, K, R, *s), g (N, K, *s), t (B, R, *s)."""
+        d1 = self.d1[:, None, None]
+        return (u * d1).addcmul_(self.curvature(g).unsqueeze(2), t.unsqueeze(1))
+
 
 @dataclass
 class Product(Rule):
