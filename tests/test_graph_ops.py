@@ -76,6 +76,8 @@ CASES = [
     OpCase("pad_and_transposed_conv", lambda m, x: m.out(torch.tanh(F.conv_transpose2d(
         F.pad(_image(m, x), (1, 0, 0, 1)), m.w.transpose(0, 1))).flatten(1)[:, 2:7])),
     OpCase("layer_norm_functional", lambda m, x: m.out(F.layer_norm(m.fc(x), (5,)) * 2)),
+    OpCase("layer_norm_as_the_head", lambda m, x: F.layer_norm(m.out(torch.tanh(m.fc(x))), (4,),
+                                                               m.out.bias)),
     OpCase("softmax_attention", lambda m, x: m.out(_attention(m.fc(x)))),
     OpCase("log_softmax_head", lambda m, x: F.log_softmax(m.out(torch.tanh(m.fc(x))), dim=1)),
     OpCase("normalize_by_torch_func", lambda m, x: m.out(F.normalize(m.fc(x), dim=1)),
