@@ -23,7 +23,8 @@ from compare_methods import make_model  # noqa: E402
 import pipeline  # noqa: E402
 from pipeline.hessian.graph import capture, record  # noqa: E402
 from pipeline.hessian.planner import REVERSE, TANGENT, Plan, head_kind, make_plan  # noqa: E402
-from pipeline.hessian.propagate import gradients, hessian_rows, triangle_product  # noqa: E402
+from pipeline.hessian.products import triangle_product  # noqa: E402
+from pipeline.hessian.propagate import gradients, hessian_rows  # noqa: E402
 from pipeline.hessian.rows import Rows  # noqa: E402
 from tests.model_zoo import ZOO_BY_NAME  # noqa: E402
 

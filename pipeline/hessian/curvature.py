@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .products import symmetric_product
 from .rules import ELEMENTWISE_MACS, Dense, Elementwise, LayerNorm, Reshape, Rule, Scale
 
 ZERO, DIAG, DENSE = "zero", "diag", "dense"
@@ -102,8 +103,8 @@ def through(rule: Rule, m: Curvature, g: Tensor | None) -> Curvature:
         return Curvature(DENSE, _layer_norm(rule, m, g))
     w = rule.weight  # Dense
     if m.kind == DIAG:
-        return Curvature(DENSE, (m.value.unsqueeze(-1) * w).mT @ w)
-    return Curvature(DENSE, (m.value @ w).mT @ w)  # M symmetric: (M W)^T W = W^T M W
+        return Curvature(DENSE, symmetric_product((m.value.unsqueeze(-1) * w).mT, w))
+    return Curvature(DENSE, symmetric_product((m.value @ w).mT, w))  # (M W)^T W = W^T M W
 
 
 def rows_of(m: Curvature, rows: Tensor, like: Tensor) -> Tensor | None:
