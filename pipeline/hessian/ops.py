@@ -728,23 +728,26 @@ def _slice(call: Call) -> Rule | None:
     return _fold(call, fn, adjoint=_piece_adjoint(call, dim, fn))
 
 
+# (call, argument values, per-sample shape, element) -> (start, length, removed) or None.
+_PIECES: dict[tuple, tuple[int, int, bool] | None] = {}
+
+
 def _piece_adjoint(call: Call, dim: int, fn: Callable[[Tensor], Tensor]):
     """The transpose of taking a contiguous piece along ``dim`` (split, chunk, narrow, select,
-    slice): zero padding around it. Where the piece is found by applying ``fn`` to positions
-    along the axis (on the host), it must be contiguous; else None (torch.func's vjp)."""
+    slice): zero padding around it. The piece is found once per call site and shape by applying
+    ``fn`` to positions along the axis (on the host, then cached: later calls dispatch nothing);
+    where it is not contiguous, None (torch.func's vjp)."""
     shape = tuple(call.inputs[0].shape[1:])
     ax = dim % (len(shape) + 1)
     size = shape[ax - 1]
-    view = [size if i == ax else 1 for i in range(len(shape) + 1)]
-    positions = torch.arange(size, dtype=torch.float64).reshape(view).expand(1, *shape)
-    piece = fn(positions)
-    removed = piece.dim() == positions.dim() - 1
-    along = piece.unsqueeze(ax) if removed else piece
-    line = along[0].movedim(ax - 1, 0)  # the positions along the axis, first
-    index = line.reshape(line.shape[0], -1)[:, 0]
-    start, length = int(index[0]), index.shape[0]
-    if not torch.equal(index, torch.arange(start, start + length, dtype=torch.float64)):
+    target = call.target if call.kind != "call_module" else id(call.target)
+    key = (call.kind, target, repr(call.args[1:]), repr(call.kwargs), shape, call.element)
+    if key not in _PIECES:
+        _PIECES[key] = _find_piece(fn, shape, ax)
+    found = _PIECES[key]
+    if found is None:
         return None
+    start, length, removed = found
     after = len(shape) - ax  # axes after ``ax``: F.pad counts from the last one
     pads = [0, 0] * after + [start, size - start - length]
 
@@ -752,6 +755,21 @@ def _piece_adjoint(call: Call, dim: int, fn: Callable[[Tensor], Tensor]):
         return (F.pad(u.unsqueeze(ax) if removed else u, pads),)
 
     return adjoint
+
+
+def _find_piece(fn, shape: tuple[int, ...], ax: int) -> tuple[int, int, bool] | None:
+    size = shape[ax - 1]
+    view = [size if i == ax else 1 for i in range(len(shape) + 1)]
+    positions = torch.arange(size, dtype=torch.float64).reshape(view).expand(1, *shape)
+    piece = fn(positions)
+    removed = piece.dim() == positions.dim() - 1
+    along = piece.unsqueeze(ax) if removed else piece
+    line = along[0].movedim(ax - 1, 0)  # the positions along the axis, first
+    index = line.reshape(line.shape[0], -1)[:, 0].tolist()
+    start, length = int(index[0]), len(index)
+    if index != list(range(start, start + length)):
+        return None
+    return start, length, removed
 
 
 def _pad(call: Call) -> Rule | None:
