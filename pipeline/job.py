@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from torch import Tensor, nn
 from .data import Dataset, load_data
 from .errors import PipelineError
 from .fingerprint import code_fingerprint, data_fingerprint, weights_fingerprint
+from .hessian.errors import ArgumentError
 from .hessian.methods import Method, resolve_method, zero_hessian_reason
 from .hessian.targets import Target, make_target
 from .models import build_model
@@ -87,12 +89,28 @@ def build_job(cfg: dict[str, Any]) -> Job:
     _check_differentiable(model, data.x[:1])
     tcfg = cfg["target"]
     spec = tcfg["indices"] if tcfg["name"] == "indices" else tcfg["name"]
-    target = make_target(spec, outputs, data.labels, tcfg.get("loss", "cross_entropy"))
-    method = resolve_method(cfg["method"]["name"], model, target)
-    reason = zero_hessian_reason(model, target)
+    with config_keys():
+        target = make_target(spec, outputs, data.labels, tcfg.get("loss", "cross_entropy"))
+        method = resolve_method(cfg["method"]["name"], model, target, data.x)
+    log.info("method %s", method.name)
+    reason = zero_hessian_reason(model, target, data.x)
     if reason:
         log.warning("Hessians will be zero almost everywhere: %s", reason)
     return Job(cfg, model, data, outputs, target, method, dtype)
+
+
+# The config key of each argument of ``hessian()`` that an ``ArgumentError`` can name.
+CONFIG_KEYS = {"outputs": "target.indices", "labels": "data.labels_path", "loss": "target.loss",
+               "method": "method.name", "model": "model.net", "x": "data"}  # fmt: skip
+
+
+@contextlib.contextmanager
+def config_keys():
+    """Turn the math package's ``ArgumentError`` into a ``PipelineError`` naming the config key."""
+    try:
+        yield
+    except ArgumentError as err:
+        raise PipelineError(err.message, CONFIG_KEYS.get(err.argument)) from err
 
 
 # Words of torch's errors about shapes: such an error means the inputs do not fit the model.

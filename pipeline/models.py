@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .errors import PipelineError
-from .hessian.structure import training_layers
+from .hessian.support import training_layers
 
 CHECKPOINTS = Path(__file__).parent / "checkpoints"
 ACTIVATIONS = {

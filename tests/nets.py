@@ -52,6 +52,24 @@ class TokenModel(nn.Module):
         return self.head(self.emb(x.abs().long().clamp(max=15).flatten(1)).mean(1))
 
 
+class Branching(nn.Module):
+    """An MLP whose forward branches on a tensor value: torch.fx cannot capture its graph."""
+
+    def __init__(self, d: int = 64):
+        super().__init__()
+        self.net = mlp(d)
+
+    def forward(self, x):
+        if x.sum() > 0:
+            return self.net(x)
+        return self.net(-x)
+
+
+def linear(d: int = 64, out: int = 10) -> nn.Module:
+    """An affine model: every Hessian is exactly zero."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(d, out))
+
+
 class NotVmappable(nn.Module):
     """A net whose forward leaves torch (``.numpy()``): runs on plain tensors, fails under vmap."""
 

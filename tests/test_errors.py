@@ -213,7 +213,7 @@ CASES = [
     ),
     Case(
         "a method that does not support the model",
-        lambda t: ["method=structured", "model=custom", "+model.net._target_=tests.nets.Slow"],
+        lambda t: ["method=structured", "model=custom", "+model.net._target_=tests.nets.Branching"],
         "method.name",
         r"method 'structured' does not support this model",
     ),

@@ -9,8 +9,9 @@ import torch
 from torch import nn
 
 import pipeline
-from pipeline import PipelineError, make_target
+from pipeline import make_target
 from pipeline.hessian import generic
+from pipeline.hessian.errors import ArgumentError
 from pipeline.models import digits_mlp
 from tests.zoo import (
     MODEL_BY_NAME,
@@ -177,31 +178,43 @@ def test_training_mode_is_restored_and_result_is_eval_mode():
     assert_rel_close(h, pipeline.hessian(model, x, [0]), 0.0)
 
 
+# (arguments of hessian(), the argument the error names): library terms, not config keys (the
+# command line maps them: tests/test_errors.py).
 ERRORS = {
-    "index_out_of_range": (dict(outputs=[10]), "target.indices"),
-    "no_index": (dict(outputs=[]), "target.indices"),
-    "unknown_name": (dict(outputs="largest"), "target"),
-    "loss_without_labels": (dict(outputs="loss"), "data.labels_path"),
-    "label_out_of_range": (
-        dict(outputs="loss", labels=torch.tensor([0, 1, 10])),
-        "data.labels_path",
-    ),
+    "index_out_of_range": (dict(outputs=[10]), "outputs"),
+    "no_index": (dict(outputs=[]), "outputs"),
+    "unknown_name": (dict(outputs="largest"), "outputs"),
+    "loss_without_labels": (dict(outputs="loss"), "labels"),
+    "label_out_of_range": (dict(outputs="loss", labels=torch.tensor([0, 1, 10])), "labels"),
     "mse_label_out_of_range": (
         dict(outputs="loss", labels=torch.tensor([0, 1, 10]), loss="mse"),
-        "data.labels_path",
+        "labels",
     ),
-    "negative_label": (dict(outputs="loss", labels=torch.tensor([0, -1, 1])), "data.labels_path"),
-    "unknown_loss": (dict(outputs="loss", labels=torch.zeros(3).long(), loss="l1"), "target.loss"),
+    "negative_label": (dict(outputs="loss", labels=torch.tensor([0, -1, 1])), "labels"),
+    "unknown_loss": (dict(outputs="loss", labels=torch.zeros(3).long(), loss="l1"), "loss"),
     "row_out_of_range": (dict(outputs=[0], rows=[64]), "rows"),
-    "unknown_method": (dict(outputs=[0], method="newton"), "method.name"),
+    "unknown_method": (dict(outputs=[0], method="newton"), "method"),
 }
 
 
-@pytest.mark.parametrize("kwargs, key", ERRORS.values(), ids=ERRORS.keys())
-def test_user_errors_name_the_config_key(kwargs, key):
+@pytest.mark.parametrize("kwargs, argument", ERRORS.values(), ids=ERRORS.keys())
+def test_user_errors_name_the_argument(kwargs, argument):
     model, x, _, _, _ = cached_case("digits_mlp", "index")
-    with pytest.raises(PipelineError, match=rf"\(config key: {key}\)$"):
+    with pytest.raises(ArgumentError, match=rf"\(argument: {argument}\)$") as caught:
         pipeline.hessian(model, x, **kwargs)
+    assert isinstance(caught.value, ValueError) and caught.value.argument == argument
+    assert "config key" not in str(caught.value) and "target." not in str(caught.value)
+
+
+def test_an_unbatched_input_is_refused_in_one_line():
+    """Issue 11, item 16: one sample without its batch axis gave a raw matmul shape error."""
+    model, x, _, _, _ = cached_case("layernorm_gelu", "index")
+    with pytest.raises(ArgumentError, match="batch") as caught:
+        pipeline.hessian(model, x[0, 0], [0])
+    assert caught.value.argument == "x"
+    with pytest.raises(ArgumentError, match="fails on x of shape") as caught:
+        pipeline.hessian(model, x[0], [0])  # (3, 4): read as 3 samples of 4 features
+    assert caught.value.argument == "x"
 
 
 def test_mse_regression_targets_of_shape_n_for_one_output():
@@ -223,3 +236,20 @@ def test_an_exported_program_module_works_directly():
     got = pipeline.hessian(program.module(), x, [1])
     want = pipeline.hessian(net, x, [1])
     assert torch.allclose(got, want, rtol=1e-5, atol=1e-6), (got - want).abs().max()
+
+
+def test_a_forward_that_branches_on_values_falls_back_in_one_line(caplog):
+    """torch.fx cannot capture data-dependent control flow and vmap over samples cannot follow
+    it: auto says why in one line and the generic method goes sample by sample."""
+    from tests.nets import Branching
+
+    torch.manual_seed(3)
+    model = Branching(6).double().eval()
+    x = torch.randn(3, 6, dtype=torch.float64)
+    with caplog.at_level("WARNING", logger="pipeline.hessian.methods"):
+        h = pipeline.hessian(model, x, [1])
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and "forward_over_reverse" in lines[0] and "torch.fx" in lines[0]
+    for n in range(3):
+        ref = torch.autograd.functional.hessian(lambda v: model(v[None])[0, 1], x[n])
+        assert_rel_close(h[n, 0], ref, REL)

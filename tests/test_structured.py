@@ -10,10 +10,14 @@ import torch
 from torch import Tensor, nn
 
 from pipeline import hessian, make_target
-from pipeline.hessian import structured
+from pipeline.hessian.graph import capture, record
 from pipeline.hessian.methods import resolve_method
-from pipeline.hessian.structured import build_chain, plan_split, structured_hessian
+from pipeline.hessian.planner import make_plan
+from pipeline.hessian.propagate import gradients, hessian_rows
+from pipeline.hessian.rows import Rows
+from pipeline.hessian.support import analyze
 from tests.zoo import assert_close_to_max as assert_close
+from tests.zoo import every_plan
 
 pytestmark = [
     pytest.mark.usefixtures("float64_default"),  # every case runs in float64
@@ -236,19 +240,19 @@ def _setup(case: Case):
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
-def test_every_cut_matches_autograd(case: Case):
+def test_every_plan_matches_autograd(case: Case):
+    """Every cut of the graph and every bottom schedule, not only the one the planner picks."""
     model, x, _, target, rows = _setup(case)
     h_ref, g_ref = reference(model, x, target, rows)
+    full = case.rows is None
     with torch.no_grad():
-        ops, inputs, z = build_chain(model, x)
-        lowest = plan_split(ops, len(rows), target.n_outputs, "zero")[0]
-        sparse = max((i + 1 for i, op in enumerate(ops) if not getattr(op, "dense", True)),
-                     default=0)  # fmt: skip
-        assert lowest >= sparse
-        for cut in range(sparse, len(ops) + 1):
-            h, g = structured_hessian(ops, inputs, z, target, rows, cut)
-            assert_close(h, h_ref, what=f"{case.name} hessian, cut {cut}")
-            assert_close(g, g_ref, what=f"{case.name} gradient, cut {cut}")
+        tape, best, plans = every_plan(model, x, target, len(rows))
+        g_top, head = target.derivatives(tape.values[tape.output])
+        g = gradients(tape, g_top)
+        assert_close(g[0].reshape(g_ref.shape), g_ref, what=f"{case.name} gradient")
+        for plan in plans:
+            h = hessian_rows(tape, plan, head, g, Rows(rows, full), target.n_outputs)
+            assert_close(h, h_ref, what=f"{case.name} hessian, cut {plan.cut} {plan.bottom}")
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
@@ -286,18 +290,44 @@ def test_sample_chunks_keep_their_max_positions():
     assert_close(whole, hessian(model, x, [0, 2], method="reverse_over_reverse"), what="whole")
 
 
-def test_activation_derivatives_match_autograd():
-    from pipeline.hessian.structured import activation_derivatives
+ELEMENTWISE = [
+    ("tanh", {}), ("sigmoid", {}), ("softplus", {"beta": 2.0, "threshold": 3.0}), ("gelu", {}),
+    ("gelu", {"approximate": "tanh"}), ("silu", {}), ("elu", {"alpha": 1.3}), ("relu", {}),
+    ("leaky_relu", {"negative_slope": 0.1}), ("hardtanh", {"min_val": -0.5, "max_val": 2.0}),
+    ("relu6", {}), ("abs", {}), ("exp", {}), ("sin", {}), ("cos", {}), ("square", {}),
+    ("log_sigmoid", {}), ("softsign", {}), ("mish", {}),
+]  # fmt: skip
+POSITIVE = [("log", {}), ("sqrt", {}), ("rsqrt", {}), ("reciprocal", {}),
+            ("pow", {"exponent": 2.5}), ("pow", {"exponent": -1.5})]  # fmt: skip
+FUNCTIONS = {"tanh": torch.tanh, "sigmoid": torch.sigmoid, "softplus": torch.nn.functional.softplus,
+             "gelu": torch.nn.functional.gelu, "silu": torch.nn.functional.silu,
+             "elu": torch.nn.functional.elu, "relu": torch.relu,
+             "leaky_relu": torch.nn.functional.leaky_relu,
+             "hardtanh": torch.nn.functional.hardtanh, "relu6": torch.nn.functional.relu6,
+             "abs": torch.abs, "exp": torch.exp, "sin": torch.sin, "cos": torch.cos,
+             "square": torch.square, "log_sigmoid": torch.nn.functional.logsigmoid,
+             "softsign": torch.nn.functional.softsign, "mish": torch.nn.functional.mish,
+             "log": torch.log, "sqrt": torch.sqrt, "rsqrt": torch.rsqrt,
+             "reciprocal": torch.reciprocal, "pow": torch.pow}  # fmt: skip
 
-    a = torch.linspace(-4, 4, 101)
-    acts = [nn.Tanh(), nn.Sigmoid(), nn.Softplus(2.0, 3.0), nn.GELU(), nn.GELU("tanh"), nn.SiLU(),
-            nn.ELU(1.3), nn.ReLU(), nn.LeakyReLU(0.1), nn.PReLU(init=-0.3)]  # fmt: skip
-    for act in acts:
-        d1, d2 = activation_derivatives(act, a)
-        g = torch.func.vmap(torch.func.grad(lambda t, act=act: act(t)))(a)
-        gg = torch.func.vmap(torch.func.grad(torch.func.grad(lambda t, act=act: act(t))))(a)
-        assert_close(d1, g, what=f"{act} s'")
-        assert_close(d2, gg, rtol=1e-12, what=f"{act} s''")
+
+_IDS = [f"{n}{i}" for i, (n, _) in enumerate(ELEMENTWISE + POSITIVE)]
+
+
+@pytest.mark.parametrize(("name", "params"), ELEMENTWISE + POSITIVE, ids=_IDS)
+def test_elementwise_derivatives_match_autograd(name, params):
+    from pipeline.hessian.elementwise import derivatives
+
+    a = torch.linspace(-4, 4, 101) if (name, params) in ELEMENTWISE else torch.linspace(0.1, 4, 101)
+    a = a + 1e-3  # away from the kinks at 0
+
+    def f(t):
+        return FUNCTIONS[name](t, **params)
+
+    d1, d2 = derivatives(name, a, **params)
+    assert_close(d1, torch.func.vmap(torch.func.grad(f))(a), what=f"{name} s'")
+    assert_close(d2, torch.func.vmap(torch.func.grad(torch.func.grad(f)))(a), rtol=1e-12,
+                 what=f"{name} s''")  # fmt: skip
 
 
 def seq(*layers: nn.Module) -> nn.Sequential:
@@ -309,33 +339,63 @@ class ScaledLinear(nn.Linear):
         return 2 * super().forward(x)
 
 
+class Branching(nn.Module):
+    """Control flow on a tensor value: torch.fx cannot trace it."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.sum() > 0:
+            return self.fc(x)
+        return self.fc(-x)
+
+
+class BatchCentred(nn.Module):
+    """Subtracts the batch mean: a sample's output depends on the other samples."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.tanh(self.fc(x - x.mean(0, keepdim=True)))
+
+
+class BatchRolled(nn.Module):
+    """Mixes samples without changing any shape: only a numerical check can see it."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.tanh(x + 0.5 * torch.roll(x, 1, 0))
+
+
+class RandomDropout(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.nn.functional.dropout(torch.tanh(x), 0.5)  # training=True by default
+
+
 # (id, model, the method auto picks, a phrase of structured's reason when it refuses the model)
 AUTO_CASES = [
     ("tanh_mlp", seq(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)), "structured", None),
-    ("gelu_cnn", seq(nn.Conv2d(1, 2, 3), nn.GELU(), nn.Flatten(), nn.Linear(8, 2)), "structured",
-     None),
     ("relu_mlp", seq(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)), "piecewise", None),
-    ("hardswish", seq(nn.Linear(4, 3), nn.Hardswish(), nn.Linear(3, 2)), "forward_over_reverse",
-     "Hardswish is not a supported layer"),
-    ("same_padding", seq(nn.Conv2d(1, 2, 2, padding="same"), nn.Tanh()), "structured", None),
-    ("conv1d_3d", seq(nn.Conv1d(1, 2, 3), nn.Tanh(), nn.Conv3d(2, 1, 1)), "structured", None),
-    ("reflect_padding", seq(nn.Conv2d(1, 2, 3, padding_mode="reflect"), nn.Tanh()),
-     "forward_over_reverse", "padding_mode='reflect'"),
-    ("avg_pools", pool2d_net(), "structured", None),
-    ("max_pool_tanh", seq(nn.Conv2d(1, 2, 3), nn.Tanh(), nn.MaxPool2d(2)), "structured", None),
-    ("max_pool_indices", seq(nn.Tanh(), nn.MaxPool1d(2, return_indices=True)),
-     "forward_over_reverse", "return_indices=True"),
-    ("own_forward", seq(ScaledLinear(4, 3), nn.Tanh()), "forward_over_reverse",
-     "a Linear subclass with its own forward"),
-    ("prelu_tanh", seq(nn.Linear(4, 3), nn.PReLU(), nn.Linear(3, 3), nn.Tanh()), "structured",
-     None),
-    ("global_pool", seq(nn.Tanh(), nn.AdaptiveAvgPool2d(1)), "structured", None),
-    ("adaptive_pool_2", seq(nn.Tanh(), nn.AdaptiveAvgPool2d(2)), "forward_over_reverse",
-     "only sizes 1 and None"),
-    ("ceil_mode", seq(nn.Tanh(), nn.AvgPool2d(2, ceil_mode=True)), "forward_over_reverse",
-     "ceil_mode=True"),
-    ("pad_not_counted", seq(nn.Tanh(), nn.AvgPool1d(3, padding=1, count_include_pad=False)),
-     "forward_over_reverse", "count_include_pad=False"),
+    ("hardswish_by_torch_func", seq(nn.Linear(4, 3), nn.Hardswish(), nn.Linear(3, 2)),
+     "structured", None),
+    ("reflect_padding", seq(nn.Unflatten(1, (1, 2, 2)), nn.Conv2d(1, 2, 3, padding=1,
+                            padding_mode="reflect"), nn.Tanh(), nn.Flatten()), "structured", None),
+    ("own_forward", seq(ScaledLinear(4, 3), nn.Tanh()), "structured", None),
+    ("prelu_tanh", seq(nn.Linear(4, 3), nn.PReLU(), nn.Linear(3, 3), nn.Tanh()), "piecewise",
+     None),  # a piecewise-linear body under a smooth head
+    ("adaptive_pool_2", seq(nn.Unflatten(1, (1, 2, 2)), nn.Tanh(), nn.AdaptiveAvgPool2d(1),
+                            nn.Flatten()), "structured", None),
+    ("ceil_mode", seq(nn.Unflatten(1, (1, 2, 2)), nn.Tanh(), nn.AvgPool2d(3, ceil_mode=True),
+                      nn.Flatten()), "structured", None),
+    ("control_flow", Branching(), "forward_over_reverse", "cannot be traced"),
+    ("batch_mean", BatchCentred(), "forward_over_reverse", "mixes the samples"),
+    ("batch_roll", BatchRolled(), "forward_over_reverse", "other samples"),
+    ("batch_statistics", seq(nn.Linear(4, 3), nn.BatchNorm1d(3, track_running_stats=False),
+                             nn.Tanh()), "forward_over_reverse", "batch statistics"),
+    ("random_dropout", RandomDropout(), "forward_over_reverse", "dropout is active"),
 ]  # fmt: skip
 
 
@@ -343,11 +403,15 @@ AUTO_CASES = [
     ("model", "expected", "refusal"), [pytest.param(*c[1:], id=c[0]) for c in AUTO_CASES]
 )
 def test_auto_picks(model, expected, refusal):
-    target = make_target([0], torch.zeros(1, 2))
-    assert resolve_method("auto", model, target).name == expected
-    reason = structured.unsupported(model, target)
+    model.double().eval()
+    x = torch.randn(3, 4)
+    target = make_target([0], model(x).detach())
+    assert resolve_method("auto", model, target, x).name == expected
+    reason = analyze(model, x, target).structured
     if refusal is None:
         assert reason is None, reason
+        h = hessian(model, x, [0], method=expected)
+        assert_close(h, reference(model, x, target, torch.arange(4))[0], what=expected)
     else:
         assert refusal in (reason or "supported"), reason
 
@@ -377,14 +441,29 @@ def tanh_mlp(d: int) -> nn.Sequential:
         ("mlp784 ten logits", tanh_mlp(784), (784,), list(range(10)), 1),
         # Narrow input: forward tangents through the first hidden layer.
         ("mlp64 one logit", tanh_mlp(64), (64,), [2], 3),
-        # Convolutions stay in the tangent part: the cut is above the last one (op 2).
-        ("cnn", conv_net(), (1, 5, 5), [0], "above op 2"),
+        # Wide convolutions stay in the tangent part: the cut is above the second one (step 2).
+        (
+            "cnn",
+            seq(
+                nn.Conv2d(1, 16, 3, stride=2, padding=1),
+                nn.Tanh(),
+                nn.Conv2d(16, 32, 3, stride=2, padding=1),
+                nn.Tanh(),
+                nn.Flatten(),
+                nn.Linear(32 * 7 * 7, 64),
+                nn.Tanh(),
+                nn.Linear(64, 10),
+            ),
+            (1, 28, 28),
+            [0],
+            "above step 2",
+        ),
     ],
 )
-def test_plan_split_picks(name, model, shape, outputs, expected):
+def test_plan_picks(name, model, shape, outputs, expected):
     model = model.to(torch.float64).eval()
-    ops, _, z = build_chain(model, torch.zeros(1, *shape))
+    tape = record(capture(model), torch.zeros(2, *shape))
     d = torch.Size(shape).numel()
-    cut = plan_split(ops, d, len(outputs), "zero")[0]
-    ok = cut > 2 if expected == "above op 2" else cut == expected
-    assert ok, f"{name}: cut {cut}, expected {expected}"
+    plan = make_plan(tape, d, len(outputs), "zero")
+    ok = plan.cut_step > 2 if expected == "above step 2" else plan.cut_step == expected
+    assert ok, f"{name}: cut at step {plan.cut_step}, expected {expected}"

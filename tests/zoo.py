@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pipeline.hessian.graph import capture, record
+from pipeline.hessian.planner import REVERSE, TANGENT, Plan, head_kind, make_plan
 from pipeline.models import digits_cnn, digits_mlp
 
 N_SAMPLES = 3
@@ -258,3 +260,18 @@ def assert_close_to_max(
             f"{what}: max |error| {err.max():.3e} (relative {err.max() / scale:.3e} > {rtol:g}) "
             f"at index {idx}: got {actual[idx]:.6e}, expected {expected[idx]:.6e}"
         )
+
+
+def every_plan(model: nn.Module, x: Tensor, target, rows: int):
+    """The recorded graph and every admissible (cut, schedule) plan for it."""
+    tape = record(capture(model), x)
+    best = make_plan(tape, rows, target.n_outputs, head_kind(target.kind))
+    curved = [s.rule.curved for s in tape.steps]
+    plans = []
+    for cut in range(len(best.segments) + 1):
+        stop = best.segments[cut].start if cut < len(best.segments) else len(tape.steps)
+        for bottom in (TANGENT, REVERSE):
+            if bottom == REVERSE and any(curved[:stop]):
+                continue
+            plans.append(Plan(best.segments, cut, bottom, 0, best.zero))
+    return tape, best, plans

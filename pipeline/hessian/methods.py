@@ -10,17 +10,19 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..errors import PipelineError
-from . import generic
-from .structure import is_piecewise_linear, training_layers
+from . import generic, piecewise, structured
+from .errors import ArgumentError
+from .rows import Rows, select_rows
+from .support import Support, analyze, training_layers
 from .targets import Target, make_target
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes of working memory for one vectorized call
 
-# (model, x (N,*S), target, rows (R,), memory budget in bytes) -> (hessian (N,K,R,D), grad (N,K,D))
-ComputeFn = Callable[[nn.Module, Tensor, Target, Tensor, int], tuple[Tensor, Tensor]]
+# (model, x (N,*S), target, rows, memory budget in bytes) -> (hessian (N,K,R,D), grad (N,K,D))
+# rows: a Rows, a slice, or (R,) indices (see ``rows.select_rows``).
+ComputeFn = Callable[[nn.Module, Tensor, Target, Rows | slice | Tensor, int], tuple[Tensor, Tensor]]
 
 
 @dataclass(frozen=True)
@@ -30,12 +32,13 @@ class Method:
     Attributes:
         name: the value of ``method=`` that selects it.
         compute: computes a block of rows, see ``ComputeFn``.
-        unsupported: (model, target) -> None when the method applies, else the reason it does not.
+        unsupported: (support of the model and target) -> None when the method applies, else the
+            reason it does not.
     """
 
     name: str
     compute: ComputeFn
-    unsupported: Callable[[nn.Module, Target], str | None]
+    unsupported: Callable[[Support], str | None]
 
 
 def _directions(model: nn.Module, x: Tensor, k: int, budget: int) -> int:
@@ -60,7 +63,8 @@ def _directions(model: nn.Module, x: Tensor, k: int, budget: int) -> int:
 
 def _generic(fn) -> ComputeFn:
     def compute(model, x, target, rows, budget):
-        return fn(model, x, target, rows, _directions(model, x, target.n_outputs, budget))
+        index = select_rows(rows, x.shape[1:].numel(), x.device).index
+        return fn(model, x, target, index, _directions(model, x, target.n_outputs, budget))
 
     return compute
 
@@ -76,74 +80,65 @@ def _forward_over_reverse(model, x, target, rows, budget):
         return _generic(generic.reverse_over_reverse)(model, x, target, rows, budget)
 
 
-def _always(_model, _target):
+def _always(_support: Support) -> None:
     return None
 
 
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
+        Method("piecewise", piecewise.compute, lambda s: s.piecewise),
+        Method("structured", structured.compute, lambda s: s.structured),
         Method("forward_over_reverse", _forward_over_reverse, _always),
         Method("reverse_over_reverse", _generic(generic.reverse_over_reverse), _always),
     )
 }
 
 # Tried in order by ``auto``; the first that supports the model wins. The generic method is last.
-AUTO_ORDER: list[str] = ["forward_over_reverse"]
+AUTO_ORDER: list[str] = ["piecewise", "structured", "forward_over_reverse"]
 
 
-def register(method: Method, auto_rank: int | None = None) -> None:
-    """Add a method; with ``auto_rank`` it is also tried by ``auto`` at that position."""
-    METHODS[method.name] = method
-    if auto_rank is not None and method.name not in AUTO_ORDER:
-        AUTO_ORDER.insert(auto_rank, method.name)
+def resolve_method(name: str, model: nn.Module, target: Target, x: Tensor) -> Method:
+    """The method called ``name`` (or the one ``auto`` picks) for the model on inputs like x.
 
-
-def resolve_method(name: str, model: nn.Module, target: Target) -> Method:
-    """The method called ``name`` (or the one ``auto`` picks), checked against the model."""
+    When ``auto`` cannot take the graph path it logs why, in one line (a WARNING).
+    """
+    if name != "auto" and name not in METHODS:
+        raise ArgumentError(
+            f"unknown method {name!r}: choose one of {['auto', *METHODS]}", "method"
+        )
+    support = analyze(model, x, target)
     if name == "auto":
         for candidate in AUTO_ORDER:
-            if METHODS[candidate].unsupported(model, target) is None:
-                return METHODS[candidate]
-    if name not in METHODS:
-        raise PipelineError(
-            f"unknown method {name!r}: choose one of {['auto', *METHODS]}", "method.name"
-        )
+            if METHODS[candidate].unsupported(support) is None:
+                break
+        if candidate == "forward_over_reverse":  # the graph path cannot take the model: say why
+            log.warning("method=auto uses forward_over_reverse: %s", support.structured)
+        return METHODS[candidate]
     method = METHODS[name]
-    reason = method.unsupported(model, target)
+    reason = method.unsupported(support)
     if reason is not None:
-        raise PipelineError(
-            f"method {name!r} does not support this model: {reason}; use method=auto",
-            "method.name",
+        raise ArgumentError(
+            f"method {name!r} does not support this model: {reason}; use method='auto'", "method"
         )
     return method
 
 
-def zero_hessian_reason(model: nn.Module, target: Target) -> str | None:
-    """Why logit Hessians of this model are zero almost everywhere, or None if they need not be."""
-    if target.kind == "index" and is_piecewise_linear(model):
+def zero_hessian_reason(model: nn.Module, target: Target, x: Tensor) -> str | None:
+    """Why the Hessians of the target are zero (almost everywhere), from the graph; None when
+    they need not be."""
+    support = analyze(model, x, target)
+    if support.linear:
         return (
-            "the network is piecewise linear (ReLU/max-pool/affine layers), so the Hessian of a "
+            "the selected outputs are linear in the input (no nonlinear step in the graph), so "
+            "their Hessians are exactly zero"
+        )
+    if support.zero:
+        return (
+            "the network is piecewise linear (ReLU/max-pool/affine steps), so the Hessian of a "
             "logit is zero almost everywhere; use target=loss or a smooth activation (tanh, GELU)"
         )
     return None
-
-
-def _nonzero_somewhere(hess: Tensor) -> bool:
-    """A cheap look at one row of each (sample, output): enough to skip a full scan."""
-    return bool(torch.any(hess[..., 0, :]))
-
-
-def explain_zeros(model: nn.Module, target: Target, hess: Tensor) -> None:
-    """Warn when a computed Hessian is exactly zero, saying why."""
-    if hess.numel() == 0 or _nonzero_somewhere(hess):
-        return
-    if not torch.any(hess):
-        reason = zero_hessian_reason(model, target) or (
-            "the selected outputs are linear in the input (or do not depend on it), "
-            "so their Hessians are exactly zero"
-        )
-        warnings.warn(f"all Hessian entries are zero: {reason}", stacklevel=3)
 
 
 def hessian(
@@ -164,7 +159,7 @@ def hessian(
 
     Args:
         model: maps a batch (B, *S) to outputs (B, C). Run in eval mode for the call.
-        x: inputs (N, *S); their dtype and device are used.
+        x: inputs (N, *S), a batch (N >= 1); their dtype and device are used.
         outputs: output indices (a list), ``"all"``, ``"predicted"`` (each sample's argmax)
             or ``"loss"`` (with ``labels``).
         rows: which Hessian rows (of D = prod(S)); all by default.
@@ -176,22 +171,46 @@ def hessian(
 
     Returns:
         hessian (N, K, R, D), and the gradient (N, K, D) when ``return_gradient``.
+
+    Raises:
+        ArgumentError (a ValueError): a bad argument, named in ``.argument``.
+
+    With index outputs, rows None or a slice, and ``auto``, ``structured`` or ``piecewise``, the
+    call queues its work on the device without waiting for it (no host synchronisation) once the
+    model has been analysed (the first call per model, shape and target kind).
     """
+    if not isinstance(x, Tensor) or x.dim() < 2:
+        raise ArgumentError(
+            "x must be a batch (N, *S) of inputs; for one sample use x.unsqueeze(0)", "x"
+        )
     was_training = model.training
     _set_training(model, False)
     try:
-        with torch.no_grad():
-            z = model(x)
+        z = _outputs(model, x)
         target = make_target(outputs, z, labels, loss)
-        chosen = resolve_method(method, model, target)
-        row_index = select_rows(rows, x[0].numel(), x.device)
+        chosen = resolve_method(method, model, target, x)
+        row_index = select_rows(rows, x.shape[1:].numel(), x.device)
         hess, grad = chosen.compute(model, x, target, row_index, memory_budget)
+        reason = zero_hessian_reason(model, target, x)
     finally:
         _set_training(model, was_training)
     if was_training and training_layers(model):
         warnings.warn("model was in training mode: computed in eval mode", stacklevel=2)
-    explain_zeros(model, target, hess)
+    if reason:
+        warnings.warn(f"all Hessian entries are zero: {reason}", stacklevel=2)
     return (hess, grad) if return_gradient else hess
+
+
+def _outputs(model: nn.Module, x: Tensor) -> Tensor:
+    """The model's outputs z (N, C) for x; a model that refuses x is a bad ``x``."""
+    try:
+        with torch.no_grad():
+            return model(x)
+    except (RuntimeError, ValueError, TypeError, IndexError) as err:
+        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise ArgumentError(
+            f"the model fails on x of shape {tuple(x.shape)} (a batch (N, *S)): {first}", "x"
+        ) from err
 
 
 def _set_training(model: nn.Module, mode: bool) -> None:
@@ -200,23 +219,3 @@ def _set_training(model: nn.Module, mode: bool) -> None:
         model.train(mode)
     except NotImplementedError:
         pass
-
-
-def select_rows(rows, dim: int, device) -> Tensor:
-    """(R,) long row indices from None (all), a slice, or a sequence/tensor of indices."""
-    if rows is None:
-        return torch.arange(dim, device=device)
-    if isinstance(rows, slice):
-        return torch.arange(dim, device=device)[rows]
-    idx = torch.as_tensor(rows, dtype=torch.long, device=device).reshape(-1)
-    if idx.numel() and (idx.min() < -dim or idx.max() >= dim):
-        raise PipelineError(f"row index out of range for D = {dim}", "rows")
-    return idx % dim
-
-
-# Specialised exact methods, tried by ``auto`` before the generic one (registered last so that
-# they can import the helpers above without a cycle).
-from . import piecewise, structured  # noqa: E402
-
-register(Method("piecewise", piecewise.compute, piecewise.unsupported), auto_rank=0)
-register(Method("structured", structured.compute, structured.unsupported), auto_rank=1)

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..errors import PipelineError
+from .curvature import DENSE, DIAG, Curvature
+from .errors import ArgumentError
 
 LOSSES = ("cross_entropy", "mse")
 
@@ -51,6 +52,24 @@ class Target:
         oi = self.output_index
         return Target(self.kind, self.aux[start:stop], oi[start:stop] if oi.ndim == 2 else oi)
 
+    def derivatives(self, z: Tensor) -> tuple[Tensor, Curvature]:
+        """Gradient g (N, K, C) and Hessian A of the K scalars with respect to the output z (N, C).
+
+        Logits by index: A = 0. Cross-entropy: A = diag(p) - p p^T, dense (N, 1, C, C).
+        MSE: A = 2/C I, diagonal (N, 1, C).
+        """
+        c = z.shape[-1]
+        classes = torch.arange(c, device=z.device)
+        if self.kind == "index":
+            return (self.aux.unsqueeze(-1) == classes).to(z.dtype), Curvature.zero()
+        if self.kind == "cross_entropy":
+            p = torch.softmax(z, -1)
+            g = p - (self.aux.unsqueeze(-1) == classes).to(z.dtype)
+            a = torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)
+            return g.unsqueeze(1), Curvature(DENSE, a.unsqueeze(1))
+        g = 2 * (z - self.aux) / c
+        return g.unsqueeze(1), Curvature(DIAG, torch.full_like(g, 2 / c).unsqueeze(1))
+
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Target:
         aux = self.aux.to(device)
         if dtype is not None and aux.is_floating_point():
@@ -75,65 +94,61 @@ def make_target(
     """
     n, c = z.shape[0], z.shape[-1]
     if z.ndim != 2:
-        raise PipelineError(
+        raise ArgumentError(
             "the model must return one output vector per sample, shape (N, C); "
             f"got {tuple(z.shape)}",
-            "model.net",
+            "model",
         )
     if isinstance(outputs, str):
         if outputs == "all":
-            idx = torch.arange(c).expand(n, c)
-            return Target("index", idx.to(z.device), np.arange(c))
+            idx = torch.arange(c, device=z.device).expand(n, c)
+            return Target("index", idx, np.arange(c))
         if outputs == "predicted":
             idx = z.argmax(-1, keepdim=True)
             return Target("index", idx, idx.cpu().numpy())
         if outputs == "loss":
             return _loss_target(z, labels, loss)
-        raise PipelineError(
+        raise ArgumentError(
             f"unknown target {outputs!r}: use a list of indices, 'all', 'predicted' or 'loss'",
-            "target",
+            "outputs",
         )
-    idx = torch.as_tensor(outputs, dtype=torch.long).cpu()
+    if isinstance(outputs, Tensor):
+        outputs = outputs.cpu().numpy()
+    idx = np.asarray(outputs, dtype=np.int64)  # checked on the host: no device operation
     if idx.ndim == 0:
         idx = idx.reshape(1)
-    if idx.numel() == 0:
-        raise PipelineError("no outputs selected: give at least one index", "target.indices")
+    if idx.size == 0:
+        raise ArgumentError("no outputs selected: give at least one index", "outputs")
     bad = idx[(idx < -c) | (idx >= c)]
-    if bad.numel():
-        raise PipelineError(
-            f"output index {bad[0].item()} is out of range for a model with {c} outputs "
+    if bad.size:
+        raise ArgumentError(
+            f"output index {bad.flat[0]} is out of range for a model with {c} outputs "
             f"(valid: 0..{c - 1})",
-            "target.indices",
+            "outputs",
         )
     idx = idx % c
-    if idx.ndim == 1:
-        return Target("index", idx.expand(n, -1).to(z.device), idx.numpy())
-    if idx.shape[0] != n:
-        raise PipelineError(f"per-sample indices must have {n} rows", "target.indices")
-    return Target("index", idx.to(z.device), idx.numpy())
+    if idx.ndim == 2 and idx.shape[0] != n:
+        raise ArgumentError(f"per-sample indices must have {n} rows", "outputs")
+    aux = torch.from_numpy(idx).to(z.device, non_blocking=True)
+    return Target("index", aux.expand(n, -1) if idx.ndim == 1 else aux, idx)
 
 
 def _loss_target(z: Tensor, labels: Tensor | None, loss: str) -> Target:
     n, c = z.shape
     if labels is None:
-        raise PipelineError(
-            "target=loss needs labels, and the data has none: give data.labels_path "
-            "(or data.labels_dataset), or choose target=indices",
-            "data.labels_path",
+        raise ArgumentError(
+            "outputs='loss' needs labels: (N,) class indices, or (N, C) targets for mse",
+            "labels",
         )
     if loss not in LOSSES:
-        raise PipelineError(f"unknown loss {loss!r}: choose one of {list(LOSSES)}", "target.loss")
+        raise ArgumentError(f"unknown loss {loss!r}: choose one of {list(LOSSES)}", "loss")
     labels = torch.as_tensor(labels).to(z.device)
     if len(labels) != n:
-        raise PipelineError(f"{len(labels)} labels for {n} samples", "data.labels_path")
+        raise ArgumentError(f"{len(labels)} labels for {n} samples", "labels")
     if loss == "cross_entropy" and (labels.is_floating_point() or labels.ndim != 1):
-        raise PipelineError(
-            "cross_entropy needs integer class labels of shape (N,)", "data.labels_path"
-        )
+        raise ArgumentError("cross_entropy needs integer class labels of shape (N,)", "labels")
     if not labels.is_floating_point() and (labels.min() < 0 or labels.max() >= c):
-        raise PipelineError(
-            f"labels must lie in 0..{c - 1} for a model with {c} outputs", "data.labels_path"
-        )
+        raise ArgumentError(f"labels must lie in 0..{c - 1} for a model with {c} outputs", "labels")
     if loss == "cross_entropy":
         aux = labels.long()
     else:
@@ -141,6 +156,6 @@ def _loss_target(z: Tensor, labels: Tensor | None, loss: str) -> Target:
         if c == 1 and aux.shape == (n,):  # regression targets (N,) for a model with one output
             aux = aux[:, None]
         if aux.shape != (n, c):
-            raise PipelineError(f"mse needs targets of shape (N, {c})", "data.labels_path")
+            raise ArgumentError(f"mse needs targets of shape (N, {c})", "labels")
         aux = aux.to(z.dtype)
     return Target(loss, aux, np.full(1, -1))

@@ -1,0 +1,157 @@
+"""The model zoo (class-style models with their own ``forward``): ``auto`` against torch.func.
+
+For each model of ``tests/model_zoo.py`` at its real size, in one process and interleaved
+(repeat r runs every method once before repeat r + 1): ``pipeline.hessian`` with ``auto`` (the
+method it picks is printed), ``vmap(torch.func.hessian)`` and ``vmap(jacrev(jacrev))`` over
+samples, and the generic ``forward_over_reverse`` for reference. The table gives the median time a
+sample, and ``auto``'s ratio to the best torch.func variant; each result is checked against
+torch.func.
+
+    python benchmarks/zoo.py                     # every model, CPU
+    python benchmarks/zoo.py --models lenet5 tabular_mlp --repeats 5
+    python benchmarks/zoo.py --device cuda --json zoo.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, jacrev, vmap
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import pipeline  # noqa: E402
+from pipeline.hessian.methods import resolve_method  # noqa: E402
+from tests.model_zoo import ZOO, ZOO_BY_NAME  # noqa: E402
+
+# Samples per timed call on the CPU, by model (the MNIST nets take seconds a sample).
+SAMPLES = {"mnist_relu": 4, "mnist_tanh": 1, "lenet5": 4, "tabular_mlp": 16,
+           "resnet_relu_loss": 4, "resnet_gelu": 2, "transformer": 8}  # fmt: skip
+
+
+def scalar_fn(model: nn.Module, shape, outputs, label: Tensor | None):
+    """One sample's selected outputs (K,) as a function of its flat input (D,)."""
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    buffers = dict(model.named_buffers())
+
+    def f(xf: Tensor, y: Tensor) -> Tensor:
+        z = functional_call(model, (params, buffers), (xf.view(shape).unsqueeze(0),))[0]
+        if outputs == "loss":
+            return F.cross_entropy(z[None], y[None])[None]
+        return z[outputs]
+
+    return f
+
+
+def torch_func(transform):
+    def run(model, x, outputs, labels):
+        f = scalar_fn(model, x.shape[1:], outputs, labels)
+        return vmap(transform(f))(x.reshape(x.shape[0], -1), labels)
+
+    return run
+
+
+def ours(method: str):
+    def run(model, x, outputs, labels):
+        with torch.no_grad():
+            return pipeline.hessian(model, x, outputs, method=method, labels=labels)
+
+    return run
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def bench(name: str, args) -> dict:
+    entry = ZOO_BY_NAME[name]
+    torch.manual_seed(0)
+    model = entry.factory().to(args.device).eval()
+    n = args.samples or SAMPLES[name]
+    x = torch.randn(n, *entry.shape, device=args.device)
+    labels = torch.randint(10, (n,), device=args.device)
+    methods = {
+        "auto": ours("auto"),
+        "vmap(torch.func.hessian)": torch_func(torch.func.hessian),
+        "vmap(jacrev(jacrev))": torch_func(lambda f: jacrev(jacrev(f))),
+        "forward_over_reverse": ours("forward_over_reverse"),
+    }
+    target = pipeline.make_target(entry.outputs, model(x).detach(), labels)
+    picked = resolve_method("auto", model, target, x).name
+    results = {}
+    for k, fn in list(methods.items()):  # warm-up; a method that runs out of memory is dropped
+        try:
+            results[k] = fn(model, x, entry.outputs, labels)
+        except torch.OutOfMemoryError:
+            print(f"{name}: {k} runs out of memory with {n} samples", flush=True)
+            del methods[k]
+            torch.cuda.empty_cache()
+    ref = next(results[k] for k in ("vmap(torch.func.hessian)", "vmap(jacrev(jacrev))", "auto")
+               if k in results).reshape(n, -1)  # fmt: skip
+    errors = {
+        k: float((v.reshape(n, -1) - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+        for k, v in results.items()
+    }
+    del results
+    times: dict[str, list[float]] = {k: [] for k in methods}
+    for _ in range(args.repeats):
+        for k, fn in methods.items():
+            _sync(args.device)
+            t0 = time.perf_counter()
+            fn(model, x, entry.outputs, labels)
+            _sync(args.device)
+            times[k].append((time.perf_counter() - t0) / n)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    nan = float("nan")
+    for k in ("vmap(torch.func.hessian)", "vmap(jacrev(jacrev))", "forward_over_reverse"):
+        med.setdefault(k, nan)
+    best = min(med["vmap(torch.func.hessian)"], med["vmap(jacrev(jacrev))"])
+    ms = {k: 1e3 * v for k, v in med.items()}
+    return {"model": name, "samples": n, "auto_method": picked, "ms": ms,
+            "auto_vs_best_torch_func": med["auto"] / best, "errors": errors}  # fmt: skip
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="+", default=[z.name for z in ZOO], choices=list(ZOO_BY_NAME))
+    p.add_argument("--samples", type=int, default=None, help="samples per call (default: table)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    print(f"torch {torch.__version__}, {args.device}, {torch.get_num_threads()} threads, float32, "
+          f"{platform.processor() or platform.machine()}")  # fmt: skip
+    head = ["auto", "vmap(torch.func.hessian)", "vmap(jacrev(jacrev))", "forward_over_reverse"]
+    print(
+        f"\n| model | n | auto picks | {' | '.join(h + ' ms' for h in head)} | auto / best "
+        "torch.func | max rel. error |"
+    )
+    print("|" + "---|" * (len(head) + 5))
+    rows = []
+    for name in args.models:
+        r = bench(name, args)
+        rows.append(r)
+        ms = " | ".join(f"{r['ms'][h]:.3f}" for h in head)
+        print(f"| {name} | {r['samples']} | {r['auto_method']} | {ms} | "
+              f"{r['auto_vs_best_torch_func']:.2f}x | {max(r['errors'].values()):.1e} |",
+              flush=True)  # fmt: skip
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"torch": torch.__version__, "device": args.device, "rows": rows}, fh,
+                      indent=1)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,319 @@
+"""Capture a model's graph with ``torch.fx`` and record it on a batch as steps with local rules.
+
+NOTE [capture]: we trace with ``torch.fx.symbolic_trace`` rather than ``torch.export``:
+* the user's own size arithmetic (``x.view(x.size(0), -1)``) stays in the graph as calls, so one
+  capture serves every batch size (an exported graph holds the example's batch size unless the
+  batch axis was exported as dynamic);
+* torch's layer modules stay whole (``call_module``), with their weights at hand for the rules,
+  while the user's modules, functional calls and tensor methods become nodes;
+* it needs no example input and takes milliseconds.
+A ``torch.export`` program (``model=exported``) is already a graph of ATen ops; tracing its module
+gives those ops as nodes, and ``ops`` has rules for the common ones. A model whose ``forward``
+branches on tensor values cannot be traced: ``capture`` says why and the caller falls back to
+``forward_over_reverse``.
+
+A ``Tape`` is the graph run on a batch x (N, *S): the values of every tensor that depends on x
+(its "slots"), and the steps between them in topological order, each with its ``Rule``.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, fx, nn
+from torch.fx.node import map_aggregate, map_arg
+
+from .ops import ALIAS, Call, Unsupported, rule_for
+from .rules import Elementwise, Rule, Select
+
+_CACHE: weakref.WeakKeyDictionary[nn.Module, fx.GraphModule | str] = weakref.WeakKeyDictionary()
+
+# Calls whose result depends on a tensor's shape or type only, never on its values.
+_SHAPE_METHODS = {"size", "dim", "numel", "type", "new_zeros", "new_ones", "new_empty",
+                  "new_full", "new_tensor", "get_device", "nelement", "ndimension",
+                  "detach"}  # fmt: skip
+_SHAPE_FUNCS = {torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like,
+                torch.rand_like, torch.randn_like, torch.numel, torch.Tensor.size,
+                torch.Tensor.dim, torch.detach}  # fmt: skip
+_SHAPE_ATTRS = {"shape", "dtype", "device", "ndim", "is_cuda", "requires_grad", "layout"}
+
+
+def capture(model: nn.Module) -> fx.GraphModule:
+    """The model's graph (cached per model object); raises ``Unsupported`` when it cannot be
+    traced (see NOTE [capture])."""
+    cached = _CACHE.get(model)
+    if cached is None:
+        try:
+            cached = fx.symbolic_trace(model)
+        except Exception as err:  # noqa: BLE001 - any tracing failure means "not capturable"
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            cached = f"its forward cannot be traced by torch.fx ({first[:160]})"
+        _CACHE[model] = cached
+    if isinstance(cached, str):
+        raise Unsupported(cached)
+    return cached
+
+
+@dataclass
+class Step:
+    """y = f(inputs): slot ``out`` from slots ``inputs``, with the rule of f."""
+
+    name: str
+    rule: Rule
+    inputs: list[int]
+    out: int
+
+
+@dataclass
+class Tape:
+    """A captured graph run on a batch.
+
+    Attributes:
+        values: the value (N, *s) of each slot; slot 0 is the input x.
+        steps: in topological order.
+        output: the slot of the model's output z (N, C).
+    """
+
+    values: list[Tensor]
+    steps: list[Step]
+    output: int
+
+    @property
+    def n(self) -> int:
+        return self.values[0].shape[0]
+
+    def width(self, slot: int) -> int:
+        """F: the flat per-sample size of a slot."""
+        return math.prod(self.values[slot].shape[1:])
+
+
+class _Active:
+    """Stands for the i-th active argument of a call while its function is built."""
+
+    def __init__(self, i: int):
+        self.i = i
+
+
+@torch.no_grad()
+def record(gm: fx.GraphModule, x: Tensor) -> Tape:
+    """Run the captured graph on x (N, *S) and describe it as steps (see module doc); no
+    autograd graph is kept.
+
+    Raises:
+        Unsupported: a step mixes the samples of the batch, or is random, or the model does not
+            return one tensor.
+    """
+    env: dict[fx.Node, Any] = {}
+    slot: dict[fx.Node, int] = {}
+    tuples: dict[fx.Node, tuple] = {}  # active calls with tuple outputs: their Call parts
+    values: list[Tensor] = []
+    steps: list[Step] = []
+    placeholders = 0
+    output = None
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            if placeholders == 0:
+                env[node] = x
+                slot[node] = len(values)
+                values.append(x)
+            elif node.args:
+                env[node] = node.args[0]  # a default value
+            else:
+                raise Unsupported("its forward takes more than one required input")
+            placeholders += 1
+            continue
+        if node.op == "get_attr":
+            env[node] = _fetch(gm, node.target)
+            continue
+        if node.op == "output":
+            result = node.args[0]
+            if not isinstance(result, fx.Node) or result not in slot:
+                raise Unsupported("its forward does not return one tensor computed from the input")
+            output = slot[result]
+            break
+        if (
+            node.op == "call_function"
+            and node.target is operator.getitem
+            and node.args[0] in tuples
+        ):
+            _record_element(node, tuples[node.args[0]], env, slot, values, steps)
+            continue
+        active = [n for n in node.all_input_nodes if n in slot or n in tuples]
+        if not active or _shape_only(node):
+            env[node] = _run(gm, node, map_arg(node.args, env.__getitem__),
+                             map_arg(node.kwargs, env.__getitem__))  # fmt: skip
+            continue
+        _record_call(gm, node, env, slot, tuples, values, steps)
+    if output is None:
+        raise Unsupported("its graph has no output")
+    return Tape(values, _pool_first(_live(steps, output), values), output)
+
+
+def _fetch(gm: fx.GraphModule, target: str) -> Any:
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _shape_only(node: fx.Node) -> bool:
+    if node.op == "call_method":
+        return node.target in _SHAPE_METHODS
+    if node.op == "call_function":
+        if node.target is getattr:
+            return node.args[1] in _SHAPE_ATTRS
+        return node.target in _SHAPE_FUNCS or getattr(node.target, "__name__", "") in (
+            "sym_size", "sym_numel", "sym_stride", "_assert_tensor_metadata",
+        )  # fmt: skip
+    if node.op == "call_module":
+        return node.target == "_guards_fn"  # an exported program's input checks
+    return False
+
+
+def _in_place(node: fx.Node, module: nn.Module | None, kwargs: dict) -> bool:
+    if kwargs.get("inplace"):
+        return True
+    if node.op == "call_method" and node.target.endswith("_"):
+        return True
+    return module is not None and bool(getattr(module, "inplace", False))
+
+
+def _run(gm: fx.GraphModule, node: fx.Node, args: tuple, kwargs: dict) -> Any:
+    if node.op == "call_module":
+        return gm.get_submodule(node.target)(*args, **kwargs)
+    if node.op == "call_method":
+        return getattr(args[0], node.target)(*args[1:], **kwargs)
+    return node.target(*args, **kwargs)
+
+
+def _record_call(gm, node, env, slot, tuples, values, steps) -> None:
+    module = gm.get_submodule(node.target) if node.op == "call_module" else None
+    inputs: list[Tensor] = []
+    ids: list[int] = []
+
+    def mark(n: fx.Node):
+        if n in slot:
+            inputs.append(env[n])
+            ids.append(slot[n])
+            return _Active(len(inputs) - 1)
+        return env[n]
+
+    marked_args = map_arg(node.args, mark)
+    marked_kwargs = map_arg(node.kwargs, mark)
+    if any(n in tuples for n in node.all_input_nodes):
+        raise Unsupported(f"{node.name} takes a whole tuple of intermediate tensors")
+    in_place = _in_place(node, module, node.kwargs)
+
+    def bind(ins):
+        def put(a):
+            return ins[a.i] if isinstance(a, _Active) else a
+
+        return map_aggregate(marked_args, put), map_aggregate(marked_kwargs, put)
+
+    def fn(*ins):
+        a, k = bind(ins)
+        return _run(gm, node, a, k)
+
+    args, kwargs = bind([t.clone() for t in inputs] if in_place else inputs)
+    out = _run(gm, node, args, kwargs)
+    args, kwargs = bind(inputs)  # the rules look at the recorded inputs, not at the clones
+    target = module if module is not None else node.target
+    call = Call(node.op, target, args, kwargs, inputs, out, fn)
+    if isinstance(out, (tuple, list)):
+        tuples[node] = (call, ids)
+        env[node] = out
+        return
+    env[node] = out
+    if not (isinstance(out, Tensor) and out.is_floating_point()):
+        return  # an integer or boolean result (argmax, a mask): no derivative
+    _add_step(node.name, call, ids, slot, node, values, steps)
+
+
+def _record_element(node, parts, env, slot, values, steps) -> None:
+    call, ids = parts
+    i = node.args[1]
+    out = call.out[i]
+    env[node] = out
+    if not (isinstance(out, Tensor) and out.is_floating_point()):
+        return
+    whole = call.fn
+    element = Call(call.kind, call.target, call.args, call.kwargs, call.inputs, out,
+                   lambda *ins: whole(*ins)[i], element=i)  # fmt: skip
+    _add_step(node.name, element, ids, slot, node, values, steps)
+
+
+def _add_step(name, call: Call, ids, slot, node, values, steps) -> None:
+    n = call.inputs[0].shape[0]
+    out = call.out
+    if out.dim() == 0 or out.shape[0] != n or any(t.shape[:1] != (n,) for t in call.inputs):
+        raise Unsupported(f"{name} ({_describe(call)}) mixes the samples of a batch")
+    rule = rule_for(call)
+    if rule == ALIAS:
+        slot[node] = ids[0]
+        return
+    slot[node] = len(values)
+    values.append(out)
+    steps.append(Step(name, rule, list(ids), slot[node]))
+
+
+def _describe(call: Call) -> str:
+    if call.kind == "call_module":
+        return type(call.target).__name__
+    if call.kind == "call_method":
+        return f".{call.target}()"
+    return getattr(call.target, "__name__", str(call.target))
+
+
+def _pool_first(steps: list[Step], values: list[Tensor]) -> list[Step]:
+    """Max pools moved below the non-decreasing elementwise step that feeds them.
+
+    NOTE [pool first]: for s non-decreasing, maxpool(s(a)) = s(maxpool(a)) with the same
+    selected positions, so s', s'' are only needed at the maxima: the elementwise work on
+    tangents and adjoints shrinks by the pool's factor (4x for a 2 x 2 pool). Where s is flat on a
+    window (ReLU below 0), the positions may differ but s' is zero at both.
+    """
+    consumers: dict[int, int] = {}
+    for step in steps:
+        for v in step.inputs:
+            consumers[v] = consumers.get(v, 0) + 1
+    producer = {step.out: i for i, step in enumerate(steps)}
+    out = list(steps)
+    for j, step in enumerate(steps):
+        i = producer.get(step.inputs[0]) if isinstance(step.rule, Select) else None
+        if i is None:
+            continue
+        act = steps[i].rule
+        if (
+            not (isinstance(act, Elementwise) and act.non_decreasing())
+            or consumers[steps[i].out] > 1
+        ):
+            continue
+        pool = step.rule
+
+        def at_maxima(t: Tensor, pool: Select = pool) -> Tensor:  # (N, *s_in) -> (N, *s_out)
+            return pool.jvp([t.unsqueeze(1)])[:, 0]
+
+        values[steps[i].out] = at_maxima(values[steps[i].inputs[0]])  # now: the pooled a
+        d1, d2 = at_maxima(act.d1), at_maxima(act.d2)
+        shape = pool.shape_out
+        out[i] = Step(step.name, Select([act.shapes_in[0]], shape, index=pool.index),
+                      steps[i].inputs, steps[i].out)  # fmt: skip
+        out[j] = Step(steps[i].name, Elementwise([shape], shape, name=act.name, d1=d1, d2=d2),
+                      [steps[i].out], step.out)  # fmt: skip
+    return out
+
+
+def _live(steps: list[Step], output: int) -> list[Step]:
+    """The steps the output depends on."""
+    needed = {output}
+    kept = []
+    for step in reversed(steps):
+        if step.out in needed:
+            kept.append(step)
+            needed.update(step.inputs)
+    return kept[::-1]

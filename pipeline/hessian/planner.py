@@ -1,0 +1,182 @@
+"""Where to cut the graph, and how to compute each part, by counted multiply-adds.
+
+The Hessian of the K outputs at x is H = sum over steps of J_v^T C_v J_v plus the head's
+J_z^T A J_z (C_v: a step's second-order term, J_v = dv/dx). Three schedules evaluate it:
+
+* backward (M-propagation): M = d^2y/dv^2 carried down from the output through the cut points of
+  the graph (tensors every path from x to z passes through), segment by segment: fast steps by
+  their closed form (``curvature``), other segments by tangent-adjoint with the identity as seed
+  (their Jacobian times M, plus their own second-order terms). Cost independent of the rows R.
+* tangent-adjoint (below the lowest cut L): forward tangents J e_r of the R rows through the steps
+  below L, the join U_L = J_L M_L, and one adjoint sweep of the second-order adjoints down to x.
+  Cost ~ R x (cost of the steps), shared by the K outputs in the forward part; handles any DAG.
+* reverse Jacobian (below L, when no step there has a second-order term: a piecewise-linear
+  body): J_L = dv_L/dx by F_L adjoint sweeps, then H[rows] = J_L[:, rows]^T M_L J_L.
+
+``make_plan`` counts every admissible cut and schedule and takes the cheapest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .curvature import DENSE, DIAG, ZERO, is_fast, transition
+from .graph import Tape
+from .rules import ELEMENTWISE_MACS, Dense
+
+TANGENT, REVERSE = "tangent", "reverse"
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Steps [start, stop) between the cut slots ``bottom`` and ``top``."""
+
+    start: int
+    stop: int
+    bottom: int
+    top: int
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The schedule of one graph: M-propagation through ``segments[cut:]``, then ``bottom``
+    (``TANGENT`` or ``REVERSE``) through the steps below ``segments[cut].start``.
+
+    Attributes:
+        segments: between consecutive cut points, from x up to the output.
+        cut: index of the lowest segment that M-propagation passes through
+            (``len(segments)``: none; M stays at the output).
+        bottom: the schedule below the cut.
+        cost: multiply-adds per sample.
+        zero: whether the Hessian is identically zero (no second-order term anywhere).
+    """
+
+    segments: tuple[Segment, ...]
+    cut: int
+    bottom: str
+    cost: int
+    zero: bool
+
+    @property
+    def cut_step(self) -> int:
+        """Index of the first step above the cut (the steps below it are [0, cut_step))."""
+        return self.segments[self.cut].start if self.cut < len(self.segments) else self.n_steps
+
+    @property
+    def cut_slot(self) -> int:
+        return self.segments[self.cut].bottom if self.cut < len(self.segments) else self.top
+
+    @property
+    def n_steps(self) -> int:
+        return self.segments[-1].stop if self.segments else 0
+
+    @property
+    def top(self) -> int:
+        return self.segments[-1].top if self.segments else 0
+
+
+def segments(tape: Tape) -> tuple[Segment, ...]:
+    """The graph cut at every tensor that all paths from x to the output pass through."""
+    last_use: dict[int, int] = {}
+    for i, step in enumerate(tape.steps):
+        for v in step.inputs:
+            last_use[v] = i
+    cuts = [(0, 0)]  # (index of the next step, slot)
+    reach = last_use.get(0, -1)  # the last use of any slot produced so far but the newest
+    for i, step in enumerate(tape.steps):
+        if reach <= i:
+            cuts.append((i + 1, step.out))
+        reach = max(reach, last_use.get(step.out, -1))
+    return tuple(
+        Segment(a, b, bottom, top) for (a, bottom), (b, top) in zip(cuts, cuts[1:], strict=False)
+    )
+
+
+def head_kind(target_kind: str) -> str:
+    """The kind of A = d^2 y / dz^2 of a target: logits (zero), mse (diagonal), cross-entropy."""
+    return {"index": ZERO, "mse": DIAG}.get(target_kind, DENSE)
+
+
+def make_plan(
+    tape: Tape, rows: int, k: int, top: str, schedules: tuple[str, ...] = (TANGENT, REVERSE)
+) -> Plan:
+    """The cheapest admissible plan for R = ``rows`` rows and K = ``k`` outputs.
+
+    Args:
+        tape: the recorded graph.
+        rows, k: R and K.
+        top: the kind of A at the output (``head_kind``).
+        schedules: the bottom schedules allowed (``piecewise`` allows ``REVERSE`` only).
+
+    Raises:
+        ValueError: no allowed schedule applies (``REVERSE`` needs a cut below which no step
+            has a second-order term).
+    """
+    segs = segments(tape)
+    curved = [step.rule.curved for step in tape.steps]
+    zero = top == ZERO and not any(curved)
+    best: Plan | None = None
+    kind, above = top, 0  # M's kind at the bottom of segs[cut:], and its cost
+    for cut in range(len(segs), -1, -1):
+        if cut < len(segs):
+            kind, cost = _segment_m(tape, segs[cut], kind, k)
+            above += cost
+        stop = segs[cut].start if cut < len(segs) else len(tape.steps)
+        slot = segs[cut].bottom if cut < len(segs) else tape.output
+        options = []
+        if TANGENT in schedules:
+            options.append((TANGENT, _tangent_cost(tape, 0, stop, 0, slot, rows, k, kind, True)))
+        if REVERSE in schedules and not any(curved[:stop]):
+            options.append((REVERSE, _reverse_cost(tape, stop, slot, rows, k, kind)))
+        for bottom, cost in options:
+            if best is None or above + cost < best.cost:
+                best = Plan(segs, cut, bottom, above + cost, zero)
+    if best is None:
+        raise ValueError("no schedule applies: a step below every cut has a second-order term")
+    return best
+
+
+def _segment_m(tape: Tape, seg: Segment, kind: str, k: int) -> tuple[str, int]:
+    """M's kind below a segment and the cost of carrying it through."""
+    if seg.stop - seg.start == 1 and is_fast(tape.steps[seg.start].rule):
+        return transition(tape.steps[seg.start].rule, kind, k)
+    width = tape.width(seg.bottom)
+    cost = _tangent_cost(tape, seg.start, seg.stop, seg.bottom, seg.top, width, k, kind, False)
+    curved = any(tape.steps[i].rule.curved for i in range(seg.start, seg.stop))
+    return (ZERO if kind == ZERO and not curved else DENSE), cost
+
+
+def _tangent_cost(
+    tape: Tape, start: int, stop: int, bottom: int, top: int, r: int, k: int, kind: str,
+    basis: bool,
+) -> int:  # fmt: skip
+    """Tangent-adjoint through steps [start, stop) with R tangents, joined with M of ``kind``."""
+    cost = 0
+    for i in range(start, stop):
+        rule = tape.steps[i].rule
+        first = basis and isinstance(rule, Dense) and rule.flat and tape.steps[i].inputs == [bottom]
+        cost += 0 if first else r * rule.macs
+    width = tape.width(top)
+    if kind == DENSE:
+        cost += k * r * width * width
+    elif kind == DIAG:
+        cost += k * r * width * ELEMENTWISE_MACS
+    live = kind != ZERO
+    for i in reversed(range(start, stop)):
+        rule = tape.steps[i].rule
+        if rule.curved:
+            live = True
+            cost += 2 * k * r * rule.macs
+        if live:
+            cost += k * r * rule.macs
+    return cost
+
+
+def _reverse_cost(tape: Tape, stop: int, slot: int, r: int, k: int, kind: str) -> int:
+    """J_L by F_L adjoint sweeps through steps [0, stop), then J[:, rows]^T M J."""
+    if kind == ZERO:
+        return 0
+    width, dim = tape.width(slot), tape.width(0)
+    sweeps = width * sum(tape.steps[i].rule.macs for i in range(stop))
+    products = k * r * width * (width if kind == DENSE else 1) + k * r * width * dim
+    return sweeps + products

@@ -1,0 +1,234 @@
+"""Execute a plan on a recorded tape: gradients, M-propagation, and the bottom schedule.
+
+All functions are pure tensor code with no host synchronisation (no ``.item()``, boolean masks or
+``nonzero``): on a GPU the work is queued without waiting, a few batched products per step.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .curvature import DENSE, ZERO, Curvature, is_fast, rows_of, through
+from .graph import Tape
+from .planner import REVERSE, Plan, Segment
+from .rows import Rows
+from .rules import Dense, Elementwise
+
+
+def gradients(tape: Tape, g_top: Tensor) -> dict[int, Tensor]:
+    """g = dy/dv (N, K, *s) at every slot, by one adjoint sweep from g_top (N, K, C)."""
+    g = {tape.output: g_top.reshape(*g_top.shape[:2], *tape.values[tape.output].shape[1:])}
+    for step in reversed(tape.steps):
+        u = g.get(step.out)
+        if u is None:
+            continue
+        for v, c in zip(step.inputs, step.rule.vjp(u), strict=True):
+            if c is not None:
+                g[v] = c if v not in g else g[v] + c
+    return g
+
+
+def hessian_rows(
+    tape: Tape, plan: Plan, head: Curvature, g: dict[int, Tensor], rows: Rows, k: int
+) -> Tensor:
+    """H[:, :, rows] (N, K, R, D) of the K outputs by ``plan``.
+
+    Args:
+        tape: the graph on this batch; plan: from ``planner.make_plan`` (same graph).
+        head: A = d^2 y / dz^2 at the output; g: from ``gradients``; rows: the rows.
+    """
+    n, d = tape.n, tape.width(0)
+    like = tape.values[0]
+    if plan.zero:
+        return like.new_zeros(n, k, len(rows), d)
+    m = head
+    for seg in reversed(plan.segments[plan.cut :]):
+        m = _segment(tape, seg, m, g)
+    if plan.cut_step == 0:  # M-propagation down to x
+        h = rows_of(m, rows.index, like)
+    elif plan.bottom == REVERSE:
+        h = _reverse(tape, plan.cut_step, plan.cut_slot, m, rows)
+    else:
+        seed = _Basis(rows, tuple(like.shape[1:]))
+        h = sweep(tape, 0, plan.cut_step, 0, plan.cut_slot, seed, m, g, k, rows.full)
+    if h is None:
+        return like.new_zeros(n, k, len(rows), d)
+    return h.reshape(h.shape[0], k, len(rows), d).expand(n, k, len(rows), d)
+
+
+def _segment(tape: Tape, seg: Segment, m: Curvature, g: dict[int, Tensor]) -> Curvature:
+    """M at the bottom of a segment from M at its top."""
+    if seg.stop - seg.start == 1 and is_fast(tape.steps[seg.start].rule):
+        step = tape.steps[seg.start]
+        return through(step.rule, m, g.get(step.out))
+    width = tape.width(seg.bottom)
+    like = tape.values[seg.bottom]
+    eye = torch.eye(width, dtype=like.dtype, device=like.device)
+    seed = eye.reshape(1, width, *like.shape[1:])
+    k = next(iter(g.values())).shape[1]
+    u = sweep(tape, seg.start, seg.stop, seg.bottom, seg.top, seed, m, g, k, False)
+    if u is None:
+        return Curvature.zero()
+    return Curvature(DENSE, u.reshape(u.shape[0], k, width, width))
+
+
+class _Basis:
+    """The tangents e_r of the selected rows at x, built only where a step needs them dense."""
+
+    def __init__(self, rows: Rows, shape: tuple[int, ...]):
+        self.rows, self.shape = rows, shape
+
+    def dense(self, like: Tensor) -> Tensor:
+        """(1, R, *S) one-hot rows."""
+        d = like[0].numel()
+        eye = self.rows.index.unsqueeze(-1) == torch.arange(d, device=like.device)
+        return eye.to(like.dtype).reshape(1, len(self.rows), *self.shape)
+
+    def through_dense(self, w: Tensor) -> Tensor:
+        """W e_r for a Dense first step: columns of W, (1, R, F_out)."""
+        cols = w.T if self.rows.full else w.T.index_select(0, self.rows.index)
+        return cols.unsqueeze(0)
+
+
+def sweep(
+    tape: Tape, start: int, stop: int, bottom: int, top: int, seed: Tensor | _Basis,
+    m: Curvature, g: dict[int, Tensor], k: int, full_rows: bool,
+) -> Tensor | None:  # fmt: skip
+    """Tangent-adjoint through steps [start, stop): forward tangents from ``seed`` at ``bottom``,
+    the join U = J M at ``top``, and second-order adjoints down to ``bottom``.
+
+    Returns:
+        U at ``bottom``: (N, K, R, *s_bottom), or None when it is zero.
+    """
+    steps = tape.steps[start:stop]
+    curved_inputs = {v for s in steps if s.rule.curved for v in s.inputs}
+    consumers: dict[int, int] = {}
+    for s in steps:
+        for v in s.inputs:
+            consumers[v] = consumers.get(v, 0) + 1
+    tangents: dict[int, Tensor | _Basis] = {bottom: seed}
+    for s in steps:
+        ts = [tangents.get(v) for v in s.inputs]
+        if all(t is None for t in ts):
+            continue
+        if isinstance(ts[0], _Basis) and len(ts) == 1 and isinstance(s.rule, Dense) and s.rule.flat:
+            tangents[s.out] = ts[0].through_dense(s.rule.weight)
+        else:
+            like = tape.values[bottom]
+            ts = [t.dense(like) if isinstance(t, _Basis) else t for t in ts]
+            tangents[s.out] = s.rule.jvp(ts)
+        for v in s.inputs:  # drop tangents nothing needs any more
+            consumers[v] -= 1
+            if consumers[v] == 0 and v not in curved_inputs and v != top:
+                tangents.pop(v, None)
+    u_top = _join(tangents.get(top), m, tape.values[top])
+    adj: dict[int, Tensor] = {} if u_top is None else {top: u_top}
+    r = _count(seed)
+    for s in reversed(steps):
+        u = adj.pop(s.out, None)
+        parts: list[Tensor | None] = [None] * len(s.inputs)
+        fused = u is not None and s.rule.curved and isinstance(s.rule, Elementwise)
+        if fused:  # the linear part and the second-order term in two passes
+            t = tangents[s.inputs[0]]
+            t = t.dense(tape.values[bottom]) if isinstance(t, _Basis) else t
+            parts = [s.rule.second_adjoint(u, g[s.out], t)]
+        elif u is not None:
+            n = u.shape[0]
+            if (full_rows and s.inputs == [bottom] and isinstance(s.rule, Dense) and s.rule.flat
+                    and _only_consumer(steps, bottom)):  # fmt: skip
+                parts = [symmetric_product(u, s.rule.weight)]
+            else:
+                flat = u.reshape(n, k * r, *u.shape[3:])
+                parts = [None if p is None else p.reshape(n, k, r, *p.shape[2:])
+                         for p in s.rule.vjp(flat)]  # fmt: skip
+        if s.rule.curved and not fused:
+            ts = [tangents.get(v) for v in s.inputs]
+            like = tape.values[bottom]
+            ts = [t.dense(like) if isinstance(t, _Basis) else t for t in ts]
+            for i, term in enumerate(s.rule.second(g[s.out], ts)):
+                if term is not None:
+                    parts[i] = term if parts[i] is None else parts[i] + term
+        for v, p in zip(s.inputs, parts, strict=True):
+            if p is not None:
+                adj[v] = p if v not in adj else adj[v] + p
+    return adj.get(bottom)
+
+
+def _only_consumer(steps, slot: int) -> bool:
+    return sum(slot in s.inputs for s in steps) == 1
+
+
+def _count(seed: Tensor | _Basis) -> int:
+    return len(seed.rows) if isinstance(seed, _Basis) else seed.shape[1]
+
+
+def _join(t: Tensor | _Basis | None, m: Curvature, value: Tensor) -> Tensor | None:
+    """U = J M at the top of a sweep: (N, K, R, *s) from tangents (B, R, *s)."""
+    if m.kind == ZERO or t is None:
+        return None
+    if isinstance(t, _Basis):
+        t = t.dense(value)
+    j = t.reshape(*t.shape[:2], -1).unsqueeze(1)  # (B, 1, R, F)
+    u = j @ m.value if m.kind == DENSE else j * m.value.unsqueeze(2)
+    return u.reshape(*u.shape[:3], *value.shape[1:])
+
+
+def _reverse(tape: Tape, stop: int, slot: int, m: Curvature, rows: Rows) -> Tensor | None:
+    """H[rows] = J[:, rows]^T M J with J = dv/dx (N, F, D) by adjoint sweeps (no curvature below
+    ``slot``)."""
+    if m.kind == ZERO:
+        return None
+    value = tape.values[slot]
+    n, width = value.shape[0], value[0].numel()
+    eye = torch.eye(width, dtype=value.dtype, device=value.device)
+    adj = {slot: eye.reshape(1, width, *value.shape[1:]).expand(n, width, *value.shape[1:])}
+    for s in reversed(tape.steps[:stop]):
+        u = adj.pop(s.out, None)
+        if u is None:
+            continue
+        for v, p in zip(s.inputs, s.rule.vjp(u), strict=True):
+            if p is not None:
+                adj[v] = p if v not in adj else adj[v] + p
+    if 0 not in adj:
+        return None
+    jac = adj[0].reshape(n, width, -1)  # (N, F, D)
+    jr = jac.index_select(-1, rows.index).mT.unsqueeze(1)  # (N, 1, R, F)
+    left = jr @ m.value if m.kind == DENSE else jr * m.value.unsqueeze(2)  # (N, K, R, F)
+    return left @ jac.unsqueeze(1)
+
+
+def symmetric_product(u: Tensor, w: Tensor) -> Tensor:
+    """H = U W for U (..., D, F) and W (F, D) when H is known to be symmetric.
+
+    NOTE [symmetric product]: on a CPU with few matrices (at most 16: the number is a
+    measurement) two halvings skip most of the lower triangle: rows [0, D/2) times all columns,
+    rows [D/2, 3D/4) times columns [D/2, D), the last quarter times itself, and the skipped blocks
+    are copied from their transposes: 3 products and 2 copies whatever D is (a fixed number of
+    operations, not one per block). Single-threaded CPU time a matrix (``thread_time``), D = 784,
+    F = 256: 2.2-2.4 ms against 3.0-3.3 ms for one product with 1-8 matrices, and the same
+    (3.8 ms, bound by writing the output) with 64. On a GPU: one product, one kernel
+    (``benchmarks/plans.py --device cuda`` times both).
+
+    Returns:
+        (..., D, D).
+    """
+    if u.device.type != "cpu" or u.shape[:-2].numel() > 16 or w.shape[1] < 256:
+        return u @ w
+    return triangle_product(u, w)
+
+
+def triangle_product(u: Tensor, w: Tensor) -> Tensor:
+    """U W (..., D, D) computing about 5/8 of it and mirroring the rest (NOTE [symmetric
+    product])."""
+    d = w.shape[1]
+    out = u.new_empty(*u.shape[:-2], d, d)
+    lo = 0
+    for level in range(3):
+        hi = d if level == 2 else lo + (d - lo) // 2
+        top = u[..., lo:hi, :] @ w[:, lo:]  # rows [lo, hi), columns [lo, D)
+        out[..., lo:hi, lo:] = top
+        if hi < d:
+            out[..., hi:, lo:hi] = top[..., hi - lo :].mT
+        lo = hi
+    return out

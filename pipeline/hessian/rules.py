@@ -1,0 +1,645 @@
+"""Local derivatives of one step y = f(v_1, ..., v_m) of a captured graph.
+
+Tensors that carry derivatives have one extra axis after the batch axis (NOTE [layout]):
+
+* tangents t = dv/dx e_r: (B, E, *s) for E directions, B = 1 while they are the same for every
+  sample (below the first nonlinear step), else N;
+* adjoints u: (N, E, *s) for E cotangents (the K outputs, or K x R second-order adjoints).
+
+A rule gives the linear part of the step (``jvp``: t_y = sum_i df/dv_i t_i; ``vjp``:
+u_i = (df/dv_i)^T u_y) and, when f is nonlinear, its second-order term (``second``): the
+contribution sum_j d^2 <g, f> / dv_i dv_j t_j to the second-order adjoint of each input, with
+g = dy_k/dy the first-order adjoint of the output, for K outputs and R tangents at once:
+(N, K, *s_out) and (B, R, *s_in) -> (N, K, R, *s_in).
+
+NOTE [layout]: the extra axis sits at position 1, so that per-sample constants (N, *s) broadcast
+against it with one ``unsqueeze(1)``, and ops that act per sample run on the folded batch
+(B * E, *s) when their arguments do not name the batch size (``Fold``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+from torch.func import jvp, vjp, vmap
+
+from . import elementwise
+
+# What one elementwise multiply (or add) over an element costs, in multiply-adds of a matrix
+# product: it moves memory and does one operation (fitted on the tanh MLP; see planner).
+ELEMENTWISE_MACS = 32
+# Cost factor of a step whose derivatives come from torch.func (several passes and vmap).
+GENERAL_FACTOR = 8
+
+
+def fold(t: Tensor) -> Tensor:
+    """(B, E, *s) -> (B * E, *s)."""
+    return t.reshape(-1, *t.shape[2:])
+
+
+def unfold(t: Tensor, lead: tuple[int, int]) -> Tensor:
+    """(B * E, *s) -> (B, E, *s)."""
+    return t.reshape(*lead, *t.shape[1:])
+
+
+def lift(c: Tensor | float, ndim: int) -> Tensor | float:
+    """A constant that broadcasts against a primal of ``ndim`` axes, made to broadcast against
+    (B, E, *s): one axis inserted after the batch axis when it has one."""
+    if isinstance(c, Tensor) and c.dim() == ndim:
+        return c.unsqueeze(1)
+    return c
+
+
+def outer(c: Tensor, t: Tensor) -> Tensor:
+    """c (N, K, *s) times t (B, R, *s) -> (N, K, R, *s)."""
+    return c.unsqueeze(2) * t.unsqueeze(1)
+
+
+@dataclass
+class Rule:
+    """Derivatives of a step; subclasses say how it acts.
+
+    Attributes:
+        n_inputs: number of active inputs.
+        shapes_in: per-sample shape of each active input; shape_out: of the output.
+    """
+
+    shapes_in: list[tuple[int, ...]]
+    shape_out: tuple[int, ...]
+
+    # "linear" (no second-order term), "elementwise" (a diagonal one), "product", "general".
+    kind = "linear"
+    # True for nonlinear steps whose second derivative is zero almost everywhere (ReLU, max).
+    piecewise = False
+
+    @property
+    def f_in(self) -> int:
+        return math.prod(self.shapes_in[0])
+
+    @property
+    def f_out(self) -> int:
+        return math.prod(self.shape_out)
+
+    @property
+    def curved(self) -> bool:
+        """Whether the step has a second-order term."""
+        return self.kind != "linear" and not self.piecewise
+
+    @property
+    def macs(self) -> int:
+        """Multiply-adds of one tangent (or one adjoint) through the step, per sample."""
+        return (sum(math.prod(s) for s in self.shapes_in) + self.f_out) * ELEMENTWISE_MACS
+
+    def jvp(self, ts: list[Tensor | None]) -> Tensor | None:
+        raise NotImplementedError
+
+    def vjp(self, u: Tensor) -> list[Tensor | None]:
+        raise NotImplementedError
+
+    def second(self, g: Tensor, ts: list[Tensor | None]) -> list[Tensor | None]:
+        """Second-order terms (N, K, R, *s_i) for g (N, K, *s_out), ts (B, R, *s_i)."""
+        return [None] * len(ts)
+
+
+@dataclass
+class Dense(Rule):
+    """y = v W^T (+ b) over the last axis; W (F_out, F_in) a constant (Linear, matmul)."""
+
+    weight: Tensor = None
+
+    @property
+    def macs(self) -> int:
+        return self.f_out * self.weight.shape[1]
+
+    @property
+    def flat(self) -> bool:
+        """Whether the per-sample input is a vector (then W is the whole map)."""
+        return len(self.shapes_in[0]) == 1
+
+    def jvp(self, ts):
+        return torch.nn.functional.linear(ts[0], self.weight)
+
+    def vjp(self, u):
+        return [u @ self.weight]
+
+
+@dataclass
+class Fold(Rule):
+    """A linear map that acts on each sample alike, applied to the folded batch (NOTE [layout]).
+
+    Attributes:
+        fn: the map on (B', *s_in) for any B' (several inputs for a concatenation).
+        cost: multiply-adds per sample of one application.
+        adjoint: its transpose on (B', *s_out), one tensor per input, where known in closed form
+            (else ``torch.func.vjp`` of ``fn`` at zero gives it).
+    """
+
+    fn: Callable[..., Tensor] = None
+    cost: int = 0
+    adjoint: Callable[[Tensor], tuple[Tensor, ...]] | None = None
+
+    @property
+    def macs(self) -> int:
+        return self.cost or self.f_out * ELEMENTWISE_MACS
+
+    def jvp(self, ts):
+        if any(t is None for t in ts):
+            ts = [self._zeros(i, ts) if t is None else t for i, t in enumerate(ts)]
+        lead = _lead(ts)
+        ts = [t.expand(*lead, *t.shape[2:]) for t in ts]
+        return unfold(self.fn(*[fold(t) for t in ts]), lead)
+
+    def vjp(self, u):
+        lead = tuple(u.shape[:2])
+        if self.adjoint is not None:
+            return [unfold(v, lead) for v in self.adjoint(fold(u))]
+        zero = u.new_zeros(())
+        zeros = [zero.expand(lead[0] * lead[1], *s) for s in self.shapes_in]
+        _, pullback = vjp(self.fn, *zeros)
+        return [unfold(v, lead) for v in pullback(fold(u))]
+
+    def _zeros(self, i: int, ts: list[Tensor | None]) -> Tensor:
+        like = next(t for t in ts if t is not None)
+        return like.new_zeros(*like.shape[:2], *self.shapes_in[i])
+
+
+def _lead(ts: list[Tensor]) -> tuple[int, int]:
+    return max(t.shape[0] for t in ts), ts[0].shape[1]
+
+
+@dataclass
+class Reshape(Rule):
+    """A per-sample reshape (view, flatten, squeeze, ...): the identity on flat features."""
+
+    def jvp(self, ts):
+        t = ts[0]
+        return t.reshape(*t.shape[:2], *self.shape_out)
+
+    def vjp(self, u):
+        return [u.reshape(*u.shape[:2], *self.shapes_in[0])]
+
+
+@dataclass
+class Scale(Rule):
+    """y = c * v (+ constant): a constant factor (BatchNorm in eval, products and quotients with
+    constants, negation); ``factor`` broadcasts against the primal (N, *s)."""
+
+    factor: Tensor | float | None = None  # None: the identity (an added constant)
+
+    def _c(self) -> Tensor | float:
+        return lift(self.factor, len(self.shape_out) + 1)
+
+    def jvp(self, ts):
+        return ts[0] if self.factor is None else ts[0] * self._c()
+
+    def vjp(self, u):
+        return [unbroadcast(u if self.factor is None else u * self._c(), self.shapes_in[0])]
+
+    def flat_factor(self, like: Tensor) -> Tensor | None:
+        """The factor as (N or 1, F): the diagonal of the map on flat features (None: 1)."""
+        if self.factor is None:
+            return None
+        c = torch.as_tensor(self.factor, dtype=like.dtype, device=like.device)
+        ndim = len(self.shape_out) + 1
+        if c.dim() < ndim:
+            c = c.reshape(*[1] * (ndim - c.dim()), *c.shape)
+        return c.expand(c.shape[0], *self.shape_out).reshape(c.shape[0], -1)
+
+
+def unbroadcast(u: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """Sum u (B, E, *s_out) over the per-sample axes where ``shape`` (same rank) broadcast."""
+    axes = [2 + i for i, (a, b) in enumerate(zip(shape, u.shape[2:], strict=True)) if a != b]
+    return u.sum(axes, keepdim=True) if axes else u
+
+
+@dataclass
+class Add(Rule):
+    """y = sum_i sign_i v_i (+ constant); inputs of the output's rank, broadcasting."""
+
+    signs: tuple[float, ...] = ()
+
+    def jvp(self, ts):
+        out = None
+        for s, t in zip(self.signs, ts, strict=True):
+            if t is not None:
+                term = t if s == 1 else s * t
+                out = term if out is None else out + term
+        return out
+
+    def vjp(self, u):
+        return [unbroadcast(u if s == 1 else s * u, shape)
+                for s, shape in zip(self.signs, self.shapes_in, strict=True)]  # fmt: skip
+
+
+@dataclass
+class Elementwise(Rule):
+    """y = s(v) elementwise, with closed-form s' and s'' (``elementwise.DERIVATIVES``).
+
+    Attributes:
+        d1, d2: s'(v), s''(v) at the recorded input, (N, *s).
+    """
+
+    name: str = ""
+    d1: Tensor = None
+    d2: Tensor = None
+
+    kind = "elementwise"
+
+    @property
+    def piecewise(self) -> bool:
+        return self.name in elementwise.PIECEWISE_LINEAR
+
+    @property
+    def macs(self) -> int:
+        return self.f_out * ELEMENTWISE_MACS
+
+    def jvp(self, ts):
+        return self.d1.unsqueeze(1) * ts[0]
+
+    def vjp(self, u):
+        return [self.d1.unsqueeze(1) * u]
+
+    def curvature(self, g: Tensor) -> Tensor:
+        """c = s''(v) g: (N, K, *s) for g (N, K, *s)."""
+        return self.d2.unsqueeze(1) * g
+
+    def second(self, g, ts):
+        return [outer(self.curvature(g), ts[0])]
+
+    def non_decreasing(self) -> bool:
+        """Whether s never decreases (then a max pool after it may go before it)."""
+        return self.name in elementwise.NON_DECREASING
+
+    def second_adjoint(self, u: Tensor, g: Tensor, t: Tensor) -> Tensor:
+        """s' U + (s'' g) t in two passes: U (N, K, R, *s), g (N, K, *s), t (B, R, *s)."""
+        d1 = self.d1[:, None, None]
+        return (u * d1).addcmul_(self.curvature(g).unsqueeze(2), t.unsqueeze(1))
+
+
+@dataclass
+class Product(Rule):
+    """y = a * b of two inputs of the output's shape: J_y = b J_a + a J_b, and the second-order
+    terms g J_b (to a) and g J_a (to b)."""
+
+    a: Tensor = None
+    b: Tensor = None
+
+    kind = "product"
+
+    def jvp(self, ts):
+        ta, tb = ts
+        out = None if ta is None else self.b.unsqueeze(1) * ta
+        if tb is not None:
+            term = self.a.unsqueeze(1) * tb
+            out = term if out is None else out + term
+        return out
+
+    def vjp(self, u):
+        return [self.b.unsqueeze(1) * u, self.a.unsqueeze(1) * u]
+
+    def second(self, g, ts):
+        ta, tb = ts
+        return [None if tb is None else outer(g, tb), None if ta is None else outer(g, ta)]
+
+
+@dataclass
+class Select(Rule):
+    """A max pool: y_j = v_{index_j}, linear wherever the maxima stay where they are.
+
+    Attributes:
+        index: (N, F_out) position of each output's maximum in the sample's flat input.
+    """
+
+    index: Tensor = None
+
+    kind = "select"
+    piecewise = True
+
+    def _index(self, t: Tensor) -> Tensor:
+        return self.index.unsqueeze(1).expand(self.index.shape[0], t.shape[1], -1)
+
+    def jvp(self, ts):
+        t = ts[0].reshape(*ts[0].shape[:2], -1)
+        if t.shape[0] != self.index.shape[0]:
+            t = t.expand(self.index.shape[0], *t.shape[1:])
+        out = torch.gather(t, -1, self._index(t))
+        return out.reshape(*out.shape[:2], *self.shape_out)
+
+    def vjp(self, u):
+        flat = u.reshape(*u.shape[:2], -1)
+        out = flat.new_zeros(*flat.shape[:2], self.f_in)
+        out.scatter_add_(-1, self._index(flat), flat)
+        return [out.reshape(*u.shape[:2], *self.shapes_in[0])]
+
+
+@dataclass
+class General(Rule):
+    """Any differentiable step: derivatives from ``torch.func`` for this step only.
+
+    Attributes:
+        fn: the step as a function of its active inputs (constants bound), on (N, *s).
+        primals: the recorded inputs.
+    """
+
+    fn: Callable[..., Tensor] = None
+    primals: tuple[Tensor, ...] = ()
+    _pullback: Callable | None = field(default=None, repr=False)
+    _out_zero: Tensor | None = field(default=None, repr=False)
+
+    kind = "general"
+
+    @property
+    def macs(self) -> int:
+        return super().macs * GENERAL_FACTOR
+
+    def _expanded(self, ts: list[Tensor | None], e: int) -> list[Tensor]:
+        return [
+            p.new_zeros(p.shape[0], e, *p.shape[1:])
+            if t is None
+            else t.expand(p.shape[0], *t.shape[1:])
+            for p, t in zip(self.primals, ts, strict=True)
+        ]
+
+    def jvp(self, ts):
+        e = next(t for t in ts if t is not None).shape[1]
+        tangents = self._expanded(ts, e)
+
+        def push(*tt):
+            return jvp(self.fn, self.primals, tt)[1]
+
+        try:
+            return vmap(push, in_dims=1, out_dims=1)(*tangents)
+        except (RuntimeError, NotImplementedError) as err:
+            if not _missing_forward_ad(err):
+                raise
+        # J t as the transpose of u -> J^T u (linear), where forward-mode AD is missing.
+        pullback = self._pullback_fn()
+        zero = self.primals_out_zero()
+
+        def pull_t(*tt):
+            return vjp(lambda u: pullback(u), zero)[1](tuple(tt))[0]
+
+        return vmap(pull_t, in_dims=1, out_dims=1)(*tangents)
+
+    def primals_out_zero(self) -> Tensor:
+        if getattr(self, "_out_zero", None) is None:
+            with torch.no_grad():
+                self._out_zero = torch.zeros_like(self.fn(*self.primals))
+        return self._out_zero
+
+    def _pullback_fn(self):
+        if self._pullback is None:
+            self._pullback = vjp(self.fn, *self.primals)[1]
+        return self._pullback
+
+    def vjp(self, u):
+        return list(vmap(self._pullback_fn(), in_dims=1, out_dims=1)(u))
+
+    def second(self, g, ts):
+        n, k = g.shape[:2]
+        r = next(t for t in ts if t is not None).shape[1]
+        tangents = [t.unsqueeze(1).expand(n, k, *t.shape[1:]).reshape(n, k * r, *t.shape[2:])
+                    for t in self._expanded(ts, r)]  # fmt: skip
+        cot = g.unsqueeze(2).expand(n, k, r, *g.shape[2:]).reshape(n, k * r, *g.shape[2:])
+
+        def term(gg, *tt):
+            return jvp(lambda *v: vjp(self.fn, *v)[1](gg), self.primals, tt)[1]
+
+        def term_reverse(gg, *tt):  # C t = d/dv <d<g, f>/dv, t>, where forward AD is missing
+            def inner(*v):
+                grads = vjp(self.fn, *v)[1](gg)
+                return sum((a * b).sum() for a, b in zip(grads, tt, strict=True))
+
+            return torch.func.grad(inner, argnums=tuple(range(len(tt))))(*self.primals)
+
+        try:
+            out = vmap(term, in_dims=1, out_dims=1)(cot, *tangents)
+        except (RuntimeError, NotImplementedError) as err:
+            if not _missing_forward_ad(err):
+                raise
+            out = vmap(term_reverse, in_dims=1, out_dims=1)(cot, *tangents)
+        return [o.reshape(n, k, r, *o.shape[2:]) for o in out]
+
+
+def _missing_forward_ad(err: Exception) -> bool:
+    msg = str(err).lower()
+    return any(s in msg for s in ("forward ad", "forward-mode", "forward mode", "jvp"))
+
+
+def _axis(dim: int, ndim: int, extra: int) -> int:
+    """Axis ``dim`` of a primal with ``ndim`` axes, in a tensor with ``extra`` axes after the
+    batch axis (non-negative: the batch axis is never one)."""
+    return dim % ndim + extra
+
+
+@dataclass
+class LayerNorm(Rule):
+    """y = gamma * (v - mean) / sigma + beta over the last ``m`` axes (E elements per group).
+
+    With x^ = (v - mean) / sigma, P the centering projector and f = <gamma g, x^>, per group:
+    J t = gamma / sigma (P t - x^ <x^, t> / E), and with a = P (gamma g), s = <a, x^>:
+    d^2 f = (-(a x^T + x^ a^T) - s P + 3 s x^ x^T / E) / (E sigma^2).
+
+    Attributes:
+        xhat: (N, *s) normalized input; inv: 1 / sigma (N, *lead, 1, ..., 1); weight: gamma or
+        None; m: number of normalized axes.
+    """
+
+    xhat: Tensor = None
+    inv: Tensor = None
+    weight: Tensor | None = None
+    m: int = 1
+
+    kind = "general"
+
+    @property
+    def macs(self) -> int:
+        return 8 * self.f_out * ELEMENTWISE_MACS
+
+    @property
+    def e(self) -> int:
+        return math.prod(self.shape_out[len(self.shape_out) - self.m :])
+
+    def _mean(self, t: Tensor) -> Tensor:
+        return t.mean(dim=tuple(range(-self.m, 0)), keepdim=True)
+
+    def _project(self, t: Tensor, xhat: Tensor) -> Tensor:
+        """(P - x^ x^T / E) t per group."""
+        return t - self._mean(t) - xhat * self._mean(xhat * t)
+
+    def _gamma(self, u: Tensor) -> Tensor:
+        return u if self.weight is None else u * self.weight
+
+    def jvp(self, ts):
+        xhat, inv = self.xhat.unsqueeze(1), self.inv.unsqueeze(1)
+        return self._gamma(self._project(ts[0], xhat) * inv)
+
+    def vjp(self, u):
+        xhat, inv = self.xhat.unsqueeze(1), self.inv.unsqueeze(1)
+        return [self._project(self._gamma(u), xhat) * inv]
+
+    def second(self, g, ts):
+        t = ts[0].unsqueeze(1)  # (B, 1, R, *s)
+        gt = self._gamma(g)
+        a = (gt - self._mean(gt)).unsqueeze(2)  # (N, K, 1, *s)
+        xhat = self.xhat[:, None, None]
+        s = self._mean(a * xhat)  # <a, x^> / E
+        xt = self._mean(xhat * t)  # <x^, t> / E
+        at = self._mean(a * t)
+        inv2 = (self.inv * self.inv)[:, None, None]
+        # (1 / (E sigma^2)) (-a <x^,t> - x^ <a,t> - s (t - mean t)) + 3 s x^ <x^,t> / (E^2 sigma^2)
+        out = -a * xt - xhat * at - s * (t - self._mean(t)) + 3 * s * xhat * xt
+        return [out * inv2]
+
+
+@dataclass
+class Softmax(Rule):
+    """p = softmax(v) along ``dim``: J t = p (t - <p, t>); with w = p (g - <p, g>),
+    d^2 <g, p> t = w t - w <p, t> - p <w, t>."""
+
+    p: Tensor = None
+    dim: int = -1
+
+    kind = "general"
+
+    @property
+    def macs(self) -> int:
+        return 4 * self.f_out * ELEMENTWISE_MACS
+
+    def _sum(self, t: Tensor, extra: int) -> Tensor:
+        return t.sum(_axis(self.dim, self.p.dim(), extra), keepdim=True)
+
+    def jvp(self, ts):
+        p = self.p.unsqueeze(1)
+        return p * (ts[0] - self._sum(p * ts[0], 1))
+
+    def vjp(self, u):
+        p = self.p.unsqueeze(1)
+        return [p * (u - self._sum(p * u, 1))]
+
+    def second(self, g, ts):
+        p = self.p.unsqueeze(1)
+        w = (p * (g - self._sum(p * g, 1))).unsqueeze(2)  # (N, K, 1, *s)
+        t = ts[0].unsqueeze(1)
+        p = p.unsqueeze(2)
+        return [w * t - w * self._sum(p * t, 2) - p * self._sum(w * t, 2)]
+
+
+@dataclass
+class LogSoftmax(Rule):
+    """y = log_softmax(v) along ``dim``, p = exp(y): J t = t - <p, t>;
+    d^2 <g, y> = -(sum g) (diag(p) - p p^T)."""
+
+    p: Tensor = None
+    dim: int = -1
+
+    kind = "general"
+
+    @property
+    def macs(self) -> int:
+        return 3 * self.f_out * ELEMENTWISE_MACS
+
+    def _sum(self, t: Tensor, extra: int) -> Tensor:
+        return t.sum(_axis(self.dim, self.p.dim(), extra), keepdim=True)
+
+    def jvp(self, ts):
+        return ts[0] - self._sum(self.p.unsqueeze(1) * ts[0], 1)
+
+    def vjp(self, u):
+        return [u - self.p.unsqueeze(1) * self._sum(u, 1)]
+
+    def second(self, g, ts):
+        total = self._sum(g, 1).unsqueeze(2)  # (N, K, 1, ...)
+        p, t = self.p[:, None, None], ts[0].unsqueeze(1)
+        return [-total * (p * t - p * self._sum(p * t, 2))]
+
+
+@dataclass
+class Bilinear(Rule):
+    """y = a @ b of two inputs with the same batch axes: J = (t_a) b + a (t_b); the
+    second-order terms g (t_b)^T (to a) and (t_a)^T g (to b)."""
+
+    a: Tensor = None
+    b: Tensor = None
+
+    kind = "product"
+
+    @property
+    def macs(self) -> int:
+        n, k = self.a.shape[-2:]
+        m = self.b.shape[-1]
+        return 2 * math.prod(self.a.shape[1:-2]) * n * k * m
+
+    def jvp(self, ts):
+        ta, tb = ts
+        out = None if ta is None else ta @ self.b.unsqueeze(1)
+        if tb is not None:
+            term = self.a.unsqueeze(1) @ tb
+            out = term if out is None else out + term
+        return out
+
+    def vjp(self, u):
+        return [u @ self.b.unsqueeze(1).mT, self.a.unsqueeze(1).mT @ u]
+
+    def second(self, g, ts):
+        ta, tb = ts
+        g = g.unsqueeze(2)
+        return [
+            None if tb is None else g @ tb.unsqueeze(1).mT,
+            None if ta is None else ta.unsqueeze(1).mT @ g,
+        ]
+
+
+_CONV = {1: torch.nn.functional.conv1d, 2: torch.nn.functional.conv2d,
+         3: torch.nn.functional.conv3d}  # fmt: skip
+_CONV_INPUT = {1: torch.nn.grad.conv1d_input, 2: torch.nn.grad.conv2d_input,
+               3: torch.nn.grad.conv3d_input}  # fmt: skip
+
+
+@dataclass
+class Conv(Fold):
+    """A zero-padded convolution without its bias: W t is ``F.conv{n}d``, W^T u its adjoint
+    ``nn.grad.conv{n}d_input`` (the input gradient alone, never the weight's).
+
+    Attributes:
+        weight: (C_out, C_in / groups, *kernel), detached; stride, dilation: per spatial axis;
+        padding: per spatial axis, or "same" / "valid"; groups: as in ``F.conv2d``.
+    """
+
+    weight: Tensor = None
+    stride: tuple[int, ...] = ()
+    padding: tuple[int, ...] | str = ()
+    dilation: tuple[int, ...] = ()
+    groups: int = 1
+
+    def __post_init__(self):
+        spatial = self.weight.dim() - 2
+        conv, args = _CONV[spatial], (self.stride, self.padding, self.dilation, self.groups)
+        self.fn = lambda t: conv(t, self.weight, None, *args)
+        self._numeric = _numeric_padding(self.padding, self.weight, self.dilation)
+
+    def vjp(self, u):
+        if self._numeric is None:  # "same" with an odd total: more zeros after than before
+            return super().vjp(u)
+        lead = tuple(u.shape[:2])
+        size = [lead[0] * lead[1], *self.shapes_in[0]]
+        adjoint = _CONV_INPUT[self.weight.dim() - 2]
+        out = adjoint(size, self.weight, fold(u), self.stride, self._numeric, self.dilation,
+                      self.groups)  # fmt: skip
+        return [unfold(out, lead)]
+
+
+def _numeric_padding(padding, weight: Tensor, dilation) -> tuple[int, ...] | None:
+    """Padding as numbers per spatial axis; None where "same" pads more after than before."""
+    spatial = weight.dim() - 2
+    if padding == "valid":
+        return (0,) * spatial
+    if padding == "same":
+        dil = dilation if isinstance(dilation, (tuple, list)) else (dilation,) * spatial
+        total = [d * (k - 1) for d, k in zip(dil, weight.shape[2:], strict=True)]
+        return None if any(t % 2 for t in total) else tuple(t // 2 for t in total)
+    return tuple(padding) if isinstance(padding, (tuple, list)) else (padding,) * spatial
