@@ -9,6 +9,8 @@ import contextlib
 import json
 import logging
 import os
+import signal
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -211,7 +213,7 @@ def dask_client(backend: dict[str, Any]) -> Iterator[Any]:
         with connect(backend, scheduler_address(backend)) as client:
             yield client
         return
-    with keep_malloc_defaults():
+    with keep_malloc_defaults(), _workers_ignore_ctrl_c():
         cluster = _start_cluster(name, backend, threads, dashboard)
     with cluster, Client(cluster) as client:
         if dashboard:
@@ -281,6 +283,21 @@ def keep_malloc_defaults() -> Iterator[None]:
         os.environ.pop(_DASK_TRIM)
     with dask.config.set({f"distributed.nanny.pre-spawn-environ.{_DASK_TRIM}": None}):
         yield
+
+
+@contextlib.contextmanager
+def _workers_ignore_ctrl_c() -> Iterator[None]:
+    """Start the cluster's processes with SIGINT ignored (they inherit it): Ctrl-C reaches the
+    whole process group, and the run, not each worker with its traceback, handles it (it closes
+    the cluster and says how to resume)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _start_cluster(name: str, backend: dict[str, Any], threads: int, dashboard: str | None):

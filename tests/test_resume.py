@@ -93,12 +93,14 @@ def test_sigkill_then_resume_gives_identical_result(tmp_path, reference, backend
     np.testing.assert_array_equal(read_hessian(path), reference)
 
 
-def test_ctrl_c_says_how_many_blocks_are_kept_and_how_to_resume(tmp_path, reference):
-    """Issue 11 item 11: Ctrl-C printed 110 lines of traceback and no word about resuming."""
+@pytest.mark.parametrize("backend", [("backend=local",), ("backend=dask", "backend.n_workers=2")])
+def test_ctrl_c_says_how_many_blocks_are_kept_and_how_to_resume(tmp_path, reference, backend):
+    """Issue 11 item 11: Ctrl-C printed 110 lines of traceback and no word about resuming (and
+    each Dask worker its own traceback)."""
     path, shards = tmp_path / "h.h5", tmp_path / "h.h5.shards"
-    proc = start_cli(*JOB, f"storage.path={path}")
+    proc = start_cli(*JOB, *backend, f"storage.path={path}")
     wait_for_shards(shards, 3, proc)
-    os.kill(proc.pid, signal.SIGINT)  # what Ctrl-C sends
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C sends: to every process of the run
     out = proc.communicate(timeout=60)[0].decode()
     assert proc.returncode == 130, out
     assert "Traceback" not in out
@@ -114,7 +116,7 @@ def test_ctrl_c_says_how_many_blocks_are_kept_and_how_to_resume(tmp_path, refere
     command = shlex.split(found.group(2))
     assert command[:3] == ["python", "-m", "pipeline"]
     assert command[-2:] == ["storage.mode=resume", f"storage.path={path}"]
-    assert set(JOB) <= set(command)
+    assert set(JOB) | set(backend) <= set(command)
     done = subprocess.run(
         [sys.executable, *command[1:], f"hydra.run.dir={tmp_path / 'run'}"],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
