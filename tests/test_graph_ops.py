@@ -166,3 +166,31 @@ def test_exported_program_graph_of_aten_ops():
     h = pipeline.hessian(program, x, [1], method="structured")
     h_ref, _ = reference(net, x, TargetCase("one", [1]), None)
     assert_rel_close(h, h_ref, 1e-9)
+
+
+class Attention(nn.Module):
+    """torch's own attention modules: nn.MultiheadAttention and nn.TransformerEncoderLayer stay
+    whole (leaf modules) and get their derivatives from torch.func; their fused attention
+    kernels have neither forward-mode AD nor a double backward, the math kernel has both."""
+
+    def __init__(self):
+        super().__init__()
+        self.att = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.enc = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h, _ = self.att(x, x, x)
+        return self.head(self.enc(h + x).mean(1))
+
+
+def test_torch_attention_modules():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    torch.manual_seed(4)
+    model = Attention().eval()
+    x = torch.randn(2, 4, 8)
+    h = pipeline.hessian(model, x, [1], method="structured")
+    with sdpa_kernel([SDPBackend.MATH]):  # the reference needs a double backward too
+        h_ref, _ = plain_reference(model, x, [1])
+    assert_rel_close(h, h_ref.reshape(h.shape), 1e-9)

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev, jvp, vjp, vmap
 
+from .rules import differentiable_twice
 from .targets import Target
 
 
@@ -25,7 +26,7 @@ def _flat_fn(model: nn.Module, target: Target, shape: torch.Size):
         z = functional_call(model, (params, buffers), (xf.view(shape).unsqueeze(0),))
         return target.select(z.squeeze(0), aux)
 
-    return f
+    return differentiable_twice(f)
 
 
 def _basis(rows: Tensor, dim: int, like: Tensor) -> Tensor:

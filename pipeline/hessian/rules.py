@@ -350,6 +350,9 @@ class General(Rule):
     _pullback: Callable | None = field(default=None, repr=False)
     _out_zero: Tensor | None = field(default=None, repr=False)
 
+    def __post_init__(self):
+        self.fn = differentiable_twice(self.fn)
+
     kind = "general"
 
     @property
@@ -428,6 +431,19 @@ class General(Rule):
 def _missing_forward_ad(err: Exception) -> bool:
     msg = str(err).lower()
     return any(s in msg for s in ("forward ad", "forward-mode", "forward mode", "jvp"))
+
+
+def differentiable_twice(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """``fn`` with scaled dot-product attention on its math backend: the fused kernels (flash,
+    memory-efficient) have no forward-mode AD and no double backward, the math one is made of
+    matmuls and a softmax."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def wrapped(*args, **kwargs):
+        with sdpa_kernel([SDPBackend.MATH]):
+            return fn(*args, **kwargs)
+
+    return wrapped
 
 
 def _axis(dim: int, ndim: int, extra: int) -> int:
