@@ -22,10 +22,10 @@ from omegaconf import DictConfig
 
 from . import __version__
 from .backends import compute_device, execute
-from .config import fingerprint, to_plain
+from .config import fingerprint
 from .errors import PipelineError
-from .job import Job, build_job
-from .plan import Plan, make_plan
+from .job import Job
+from .plan import Plan
 from .precision import tf32_report
 from .storage import (
     DirectFile,
@@ -35,6 +35,7 @@ from .storage import (
     Syncer,
     compression_options,
 )
+from .validate import Checked, complete_config, validate
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ def run(
 ) -> RunResult:
     """Compute the Hessians a config describes and write them to ``storage.path``."""
     t0 = time.perf_counter()
-    cfg = to_plain(cfg)
+    cfg = complete_config(cfg)
     path = output_path(cfg, output_dir)
     mode = cfg["storage"]["mode"]
     if mode == "create" and path.exists():
@@ -94,13 +95,13 @@ def run(
             "storage.path",
             "storage.mode",
         )
+    checked = validate(cfg, path)  # see NOTE: [validation before anything exists]
     _check_writable(path)
-    compression_options(cfg["storage"].get("compression"))  # fail before computing
     with RunLock(path):
-        return _locked_run(cfg, path, mode, overrides, t0)
+        return _locked_run(cfg, path, mode, overrides, t0, checked)
 
 
-def _locked_run(cfg, path: Path, mode: str, overrides, t0: float) -> RunResult:
+def _locked_run(cfg, path: Path, mode: str, overrides, t0: float, checked: Checked) -> RunResult:
     shards = ShardStore(shard_dir(path), fsync=cfg["storage"].get("fsync", True))
     if mode == "create" and shards.manifest() is not None:
         raise PipelineError(
@@ -108,12 +109,12 @@ def _locked_run(cfg, path: Path, mode: str, overrides, t0: float) -> RunResult:
             "finish it or storage.mode=overwrite to start afresh",
             "storage.mode",
         )
-    job = build_job(cfg)
+    job, plan = checked.job, checked.plan
     n, k, d = len(job.data.x), job.target.n_outputs, job.dim
     itemsize = job.data.x.element_size()
     st = cfg["storage"]
-    plan = make_plan(n, k, d, itemsize, st.get("block_rows"), st.get("block_mb", 64))
-    fp = fingerprint(cfg, job.model_fingerprint, job.data_fingerprint())
+    code = job.code_fingerprint or os.urandom(16).hex()  # unreadable code: never reusable
+    fp = fingerprint(cfg, job.model_fingerprint, code, job.data_fingerprint())
     if mode == "resume" and path.exists():
         return _already_complete(path, fp, shards, job, plan, t0)
     layout, compression = st.get("layout", "copy"), st.get("compression")
@@ -260,7 +261,9 @@ def _metadata(job: Job, cfg: dict[str, Any], overrides: list[str], plan: Plan, f
         "dtype": cfg["dtype"],
         "target": job.target.kind,
         "model_fingerprint": job.model_fingerprint,
+        "code_fingerprint": job.code_fingerprint or "unreadable",
         "fingerprint": fp,
+        "cwd": os.getcwd(),  # relative paths in the config are relative to it
         "input_shape": list(job.data.x.shape[1:]),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
@@ -371,3 +374,32 @@ def _check_free_space(
 
 def _gb(n: int) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+def run_overrides(
+    overrides: list[str] | tuple[str, ...] = (), output_dir: str | os.PathLike | None = None
+) -> RunResult:
+    """Run the job that ``python -m pipeline OVERRIDES`` runs, from Python.
+
+    The config is composed from the package's ``conf/`` with Hydra's compose API, exactly as the
+    command line composes it, e.g. ``run_overrides(["model=cnn", "data.stop=4"])``.
+
+    Args:
+        overrides: Hydra overrides, as on the command line.
+        output_dir: where ``hessians.h5`` goes unless ``storage.path`` is given (default: the
+            current directory; the command line uses a new ``outputs/<date>/<time>/``).
+
+    Returns:
+        The :class:`RunResult`.
+
+    Raises:
+        PipelineError: a bad override or input, naming the config key.
+    """
+    from .config import compose
+    from .validate import config_error
+
+    try:
+        cfg = compose(list(overrides))
+    except Exception as err:
+        raise config_error(err) from err
+    return run(cfg, Path(output_dir) if output_dir is not None else None, list(overrides))
