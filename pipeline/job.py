@@ -89,7 +89,7 @@ def build_job(cfg: dict[str, Any]) -> Job:
     _check_differentiable(model, data.x[:1])
     tcfg = cfg["target"]
     spec = tcfg["indices"] if tcfg["name"] == "indices" else tcfg["name"]
-    with config_keys():
+    with config_keys(cfg):
         target = make_target(spec, outputs, data.labels, tcfg.get("loss", "cross_entropy"))
         method = resolve_method(cfg["method"]["name"], model, target, data.x)
     log.info("method %s", method.name)
@@ -105,12 +105,16 @@ CONFIG_KEYS = {"outputs": "target.indices", "labels": "data.labels_path", "loss"
 
 
 @contextlib.contextmanager
-def config_keys():
-    """Turn the math package's ``ArgumentError`` into a ``PipelineError`` naming the config key."""
+def config_keys(cfg: dict[str, Any]):
+    """Turn the math package's ``ArgumentError`` into a ``PipelineError`` naming the config key
+    (the model of ``model=exported`` is ``model.path``)."""
     try:
         yield
     except ArgumentError as err:
-        raise PipelineError(err.message, CONFIG_KEYS.get(err.argument)) from err
+        key = CONFIG_KEYS.get(err.argument)
+        if err.argument == "model" and cfg["model"].get("name") == "exported":
+            key = "model.path"
+        raise PipelineError(err.message, key) from err
 
 
 # Words of torch's errors about shapes: such an error means the inputs do not fit the model.
