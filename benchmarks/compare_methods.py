@@ -168,6 +168,49 @@ def jax_hessian(model, x, outputs):
     return run
 
 
+def plain_chain(model: nn.Sequential, x: Tensor, outputs: list[int]) -> Tensor:
+    """The reference algebra written plainly for a Linear/Tanh chain (one logit at a time, all
+    rows, batched over samples, no planner): g and M = d^2 y / dh^2 carried down layer by layer,
+    N = diag(s') M diag(s') + diag(s'' g), M <- W^T N W; H = M at the input (N, K, D, D)."""
+    layers = [m for m in model if isinstance(m, (nn.Linear, nn.Tanh))]
+    hs = [x.reshape(x.shape[0], -1)]
+    for m in layers:
+        hs.append(m(hs[-1]))
+    out = []
+    for k in outputs:
+        g = layers[-1].weight[k].expand(x.shape[0], -1)  # dy/dh below the last Linear
+        m_ = None
+        for i in range(len(layers) - 2, -1, -1):
+            layer = layers[i]
+            if isinstance(layer, nn.Tanh):
+                t = hs[i + 1]
+                d1 = 1 - t * t
+                c = -2 * t * d1 * g
+                m_ = torch.diag_embed(c) if m_ is None else d1[:, :, None] * m_ * d1[:, None, :]
+                if m_ is not None and i != len(layers) - 2:
+                    m_ = m_ + torch.diag_embed(c)
+                g = d1 * g
+            else:
+                w = layer.weight
+                m_ = w.T @ m_ @ w
+                g = g @ w
+        out.append(m_)
+    return torch.stack(out, 1)
+
+
+def count_aten_ops(fn: Callable[[], object]) -> int:
+    """aten operations that one call of ``fn`` dispatches (top level: not those an op calls)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    names = [e for e in prof.events() if e.name.startswith("aten::")]
+    return sum(
+        1 for e in names if e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")
+    )
+
+
 def ours(name: str, allow_tf32: bool = False):
     def run(model, x, outputs):
         with tf32(allow_tf32):
@@ -195,6 +238,8 @@ def bench_case(case: str, outputs: list[int], args) -> list[dict]:
         "vmap(torch.func.hessian)": (lambda m, v, o: func_hessian(m, v, o, args.chunk), x),
         "vmap(jacrev(jacrev))": (lambda m, v, o: func_jacrev2(m, v, o, args.chunk), x),
     }
+    if kind == "mlp":
+        methods["plain batched chain (same algebra)"] = (plain_chain, x)
     jax_run = jax_hessian(model, x, outputs) if args.jax else None
     if jax_run is not None:
         methods["jax jit(vmap(hessian)) f32 highest"] = (jax_run, x)
@@ -215,7 +260,7 @@ def bench_case(case: str, outputs: list[int], args) -> list[dict]:
     reference = func_hessian(model, x, outputs, args.chunk).detach()
     errors = {}
     for name, (fn, inp) in methods.items():  # warm-up and accuracy check
-        with torch.no_grad() if "pipeline" in name else torch.enable_grad():
+        with torch.no_grad() if ("pipeline" in name or "plain" in name) else torch.enable_grad():
             out = fn(model, inp, outputs)
         if not isinstance(out, Tensor):  # a JAX array
             out = torch.tensor(np.asarray(out), device=args.device)
@@ -230,6 +275,11 @@ def bench_case(case: str, outputs: list[int], args) -> list[dict]:
             _sync(args.device)
             times[name].append((time.perf_counter() - t0) / inp.shape[0])
     base = statistics.median(times["vmap(torch.func.hessian)"])
+    with torch.no_grad():
+        ops = {"pipeline auto": count_aten_ops(lambda: pipeline.hessian(model, x, outputs))}
+        if kind == "mlp":
+            ops["plain batched chain"] = count_aten_ops(lambda: plain_chain(model, x, outputs))
+    print(f"aten operations per call: {ops}")
     rows = []
     for name, ts in times.items():
         med = statistics.median(ts)

@@ -4,5 +4,23 @@ from .errors import PipelineError
 from .hessian import METHODS, Target, hessian, make_target
 from .reader import read
 
-__all__ = ["METHODS", "PipelineError", "Target", "hessian", "make_target", "read"]
+__all__ = [
+    "METHODS",
+    "PipelineError",
+    "RunResult",
+    "Target",
+    "hessian",
+    "make_target",
+    "read",
+    "run_overrides",
+]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    """``run_overrides`` and ``RunResult`` (from ``pipeline.run``) import Dask when first used."""
+    if name in ("run_overrides", "RunResult"):
+        from .run import RunResult, run_overrides
+
+        return {"run_overrides": run_overrides, "RunResult": RunResult}[name]
+    raise AttributeError(f"module 'pipeline' has no attribute {name!r}")

@@ -1,15 +1,17 @@
 """``python -m pipeline [overrides]``: the Hydra command line around :func:`pipeline.run.run`.
 
-Errors a user can cause (a bad override, a missing file, an index out of range) end the run with
-one line ``error: ... (config key: KEY)`` on stderr and exit code 1; ``HYDRA_FULL_ERROR=1`` shows
-the full traceback instead.
+Every failure ends with one line on stderr: ``error: ... (config key: KEY)`` for what a user can
+fix, ``internal error: ...; HYDRA_FULL_ERROR=1 shows the traceback`` otherwise; exit code 1.
+Ctrl-C says how many blocks are committed and how to resume; exit code 130.
+``HYDRA_FULL_ERROR=1`` shows the full traceback instead.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
-import re
+import shlex
 import sys
 from pathlib import Path
 
@@ -18,9 +20,10 @@ import hydra._internal.utils as hydra_utils
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from .config import register
+from .config import config_dir, register, to_plain
 from .errors import PipelineError
-from .run import run
+from .run import output_path, run
+from .validate import config_error
 
 log = logging.getLogger("pipeline")
 register()
@@ -28,27 +31,12 @@ register()
 
 def one_line(err: BaseException) -> str:
     """A Hydra/OmegaConf error or a PipelineError condensed to one line naming the config key."""
-    if isinstance(err, PipelineError):
-        return str(err)
-    parts, cause = [], err
-    while cause is not None and len(parts) < 2:
-        if "$VALUE" not in str(cause):
-            parts.append(str(cause))
-        cause = cause.__cause__ or cause.__context__
-    text = "\n".join(dict.fromkeys(parts))
-    key = re.search(r"full_key: (\S+)", text)
-    lines = [
-        line.strip()
-        for line in text.splitlines()
-        if line.strip()
-        and not re.match(r"(full_key|object_type|reference_type|provider)=?:?", line.strip())
-        and not line.startswith("Config search path")
-        and "HYDRA_FULL_ERROR" not in line
-    ]
-    msg = "; ".join(lines).replace(":;", ":").replace("Available options", "available options")
-    if key and "config key" not in msg:
-        msg += f" (config key: {key.group(1)})"
-    return msg or type(err).__name__
+    return str(config_error(err))
+
+
+def internal_error(err: BaseException) -> str:
+    first = (str(err).strip().splitlines() or [""])[0][:300]
+    return f"internal error: {type(err).__name__}: {first}; HYDRA_FULL_ERROR=1 shows the traceback"
 
 
 def _report(func):
@@ -57,6 +45,9 @@ def _report(func):
         return _hydra_report(func)
     try:
         return func()
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
     except Exception as err:
         print(f"error: {one_line(err)}", file=sys.stderr)
         sys.exit(1)
@@ -66,15 +57,56 @@ _hydra_report = hydra_utils.run_and_report
 hydra_utils.run_and_report = _report
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def interrupted(cfg: DictConfig, output_dir: Path, overrides: list[str]) -> str:
+    """The line for Ctrl-C: how many blocks are committed, and the command that resumes."""
+    from .store import ResultNames
+
+    path = output_path(to_plain(cfg), output_dir)
+    names = ResultNames(path)
+    done = len(names.markers().keys() | names.shard_files().keys())
+    try:
+        total = json.loads(names.manifest.read_text())["n_blocks"]
+    except (OSError, ValueError, KeyError):
+        total = "?"
+    if path.is_file() and not done:
+        return f"interrupted after the result was written: {path}"
+    if not done:
+        return "interrupted before any block was committed: nothing to resume"
+    keep = [o for o in overrides if o.split("=")[0].lstrip("+~") not in _RESUME_KEYS]
+    command = shlex.join(
+        ["python", "-m", "pipeline", *keep, "storage.mode=resume", f"storage.path={path}"]
+    )
+    return (
+        f"interrupted: {done} of {total} blocks are committed in {names.shards}; "
+        f"resume with: {command}"
+    )
+
+
+_RESUME_KEYS = {"storage.mode", "storage.path"}
+
+
+@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")
 def main(cfg: DictConfig) -> None:
     hc = HydraConfig.get()
+    overrides = list(hc.overrides.task)
+    output_dir = Path(hc.runtime.output_dir)
+    full = os.environ.get("HYDRA_FULL_ERROR") == "1"
     try:
-        result = run(cfg, Path(hc.runtime.output_dir), list(hc.overrides.task))
+        result = run(cfg, output_dir, overrides)
+    except KeyboardInterrupt:
+        if full:
+            raise
+        print(interrupted(cfg, output_dir, overrides), file=sys.stderr)
+        sys.exit(130)
     except PipelineError as err:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        if full:
             raise
         print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
+    except Exception as err:
+        if full:
+            raise
+        print(internal_error(err), file=sys.stderr)
         sys.exit(1)
     n, k, d, _ = result.shape
     took = f"{result.seconds:.2f} s"

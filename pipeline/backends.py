@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import logging
 import os
 import queue
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,12 +25,13 @@ from distributed.diagnostics.plugin import WorkerPlugin
 from torch import Tensor, nn
 
 from .errors import PipelineError
+from .fingerprint import code_fingerprint, weights_fingerprint
 from .hessian.methods import METHODS
 from .hessian.targets import Target
-from .job import Job, torch_dtype
-from .models import build_model
+from .job import Job, make_model
 from .plan import Block
 from .precision import tf32
+from .validate import idle_workers
 
 log = logging.getLogger(__name__)
 
@@ -183,16 +187,40 @@ def compute_device(backend: dict[str, Any]) -> torch.device:
 _WORKER_MODELS: dict[str, nn.Module] = {}  # per worker process: model key -> model
 
 
-def _worker_model(key: str, model_cfg: dict, dtype: str, device: str, threads: int) -> nn.Module:
-    """The worker's copy of the model, built from the resolved config on first use."""
+def _worker_model(
+    key: str, cfg: dict, device: str, threads: int, identity: tuple[str, str | None]
+) -> nn.Module:
+    """The worker's copy of the model, built on first use exactly as the driver built it
+    (``pipeline.job.make_model``: seed, dtype, eval mode), and refused unless its weights and
+    code have the driver's fingerprints ``identity``."""
     if key not in _WORKER_MODELS:
         torch.set_num_threads(max(1, threads))
         dev = device
         if device.startswith("cuda") and torch.cuda.is_available():
             dev = "cuda"  # dask-cuda pins one GPU per worker via CUDA_VISIBLE_DEVICES
         _WORKER_MODELS.clear()
-        _WORKER_MODELS[key] = build_model(model_cfg, torch_dtype(dtype), dev)
+        model = make_model(cfg, dev)
+        built = (weights_fingerprint(model), code_fingerprint(model, cfg["model"]))
+        if built != tuple(identity):
+            what = "weights" if built[0] != identity[0] else "code"
+            raise PipelineError(
+                f"the model that Dask worker {_worker_name()} built differs from the driver's "
+                f"({what} fingerprint {str(built[0 if what == 'weights' else 1])[:12]} against "
+                f"{str(identity[0 if what == 'weights' else 1])[:12]}): the workers must see the "
+                "same model files, code and package versions as the driver",
+                "backend",
+            )
+        _WORKER_MODELS[key] = model
     return _WORKER_MODELS[key]
+
+
+def _worker_name() -> str:
+    try:
+        from distributed import get_worker
+
+        return str(get_worker().address)
+    except (ImportError, ValueError):
+        return f"pid {os.getpid()}"
 
 
 class ModelPlugin(WorkerPlugin):
@@ -200,15 +228,16 @@ class ModelPlugin(WorkerPlugin):
 
     name = "pipeline-model"
 
-    def __init__(
-        self, key: str, model_cfg: dict, dtype: str, device: str, threads: int, warm_up=None
-    ):
-        self.args = (key, model_cfg, dtype, device, threads)
+    def __init__(self, *model_args, warm_up=None):
+        self.args = model_args  # see _worker_model
         self.warm_up = warm_up  # (method, x of one sample, target kind, aux, output_index)
 
     def setup(self, worker) -> None:
         _mallopt(1 << 30, 2 << 30)  # for the worker's life (see NOTE: [malloc in Dask workers])
-        model = _worker_model(*self.args)
+        try:
+            model = _worker_model(*self.args)
+        except PipelineError:  # every task raises it again, and the run reports it once (a
+            return  # raise here would be logged with a traceback by each worker)
         if self.warm_up is not None:  # first torch.func calls in a process take ~1-2 s
             method, x, kind, aux, oi = self.warm_up
             device = next(iter(model.parameters()), torch.empty(0)).device
@@ -251,29 +280,60 @@ def dask_client(backend: dict[str, Any]) -> Iterator[Any]:
     threads = backend.get("threads_per_worker", 1)
     dashboard = ":0" if _has_bokeh() else None
     if name == "address":
-        address, sched_file = backend.get("address"), backend.get("scheduler_file")
-        if not address and not sched_file:
-            raise PipelineError(
-                "backend=address needs backend.address=tcp://host:8786 or backend.scheduler_file",
-                "backend.address",
-            )
-        timeout = backend.get("connect_timeout_s", 20)
-        try:
-            client = Client(address, scheduler_file=sched_file, timeout=f"{timeout}s")
-        except (OSError, TimeoutError) as err:
-            raise PipelineError(
-                f"cannot reach the Dask scheduler at {address or sched_file} within {timeout} s "
-                f"({type(err).__name__})",
-                "backend.address",
-            ) from err
-        with client:
+        with connect(backend, scheduler_address(backend)) as client:
             yield client
         return
-    with keep_malloc_defaults():
+    with keep_malloc_defaults(), _workers_ignore_ctrl_c():
         cluster = _start_cluster(name, backend, threads, dashboard)
     with cluster, Client(cluster) as client:
         if dashboard:
             log.info("Dask dashboard: %s", client.dashboard_link)
+        yield client
+
+
+def scheduler_address(backend: dict[str, Any]) -> str:
+    """``backend.address``, or the address in ``backend.scheduler_file`` (read here: Dask's own
+    reading waits for a missing file without end)."""
+    if backend.get("address"):
+        return backend["address"]
+    path = backend.get("scheduler_file")
+    if not path:
+        raise PipelineError(
+            "backend=address needs backend.address=tcp://host:8786 or backend.scheduler_file",
+            "backend.address",
+        )
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise PipelineError(f"scheduler file {path!r} not found", "backend.scheduler_file")
+    try:
+        address = json.loads(p.read_text())["address"]
+        if not isinstance(address, str):
+            raise TypeError(f"its address is {address!r}")
+    except (ValueError, KeyError, TypeError, OSError) as err:
+        why = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
+        raise PipelineError(
+            f"{path!r} is not a Dask scheduler file (JSON with an 'address'): {why}",
+            "backend.scheduler_file",
+        ) from err
+    return address
+
+
+@contextlib.contextmanager
+def connect(backend: dict[str, Any], address: str) -> Iterator[Any]:
+    """A client of the scheduler at ``address``, connected within ``backend.connect_timeout_s``."""
+    from distributed import Client
+
+    timeout = backend.get("connect_timeout_s", 20)
+    key = "backend.address" if backend.get("address") else "backend.scheduler_file"
+    try:
+        client = Client(address, timeout=f"{timeout}s")
+    except (OSError, TimeoutError, ValueError, TypeError) as err:
+        raise PipelineError(
+            f"cannot reach the Dask scheduler at {address} within {timeout} s "
+            f"({type(err).__name__})",
+            key,
+        ) from err
+    with client:
         yield client
 
 
@@ -322,6 +382,21 @@ def keep_malloc_defaults() -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def _workers_ignore_ctrl_c() -> Iterator[None]:
+    """Start the cluster's processes with SIGINT ignored (they inherit it): Ctrl-C reaches the
+    whole process group, and the run, not each worker with its traceback, handles it (it closes
+    the cluster and says how to resume)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _start_cluster(name: str, backend: dict[str, Any], threads: int, dashboard: str | None):
     from distributed import LocalCluster
 
@@ -344,8 +419,15 @@ def _start_cluster(name: str, backend: dict[str, Any], threads: int, dashboard: 
             processes=True,
             dashboard_address=dashboard,
             env=env,
-            silence_logs=logging.WARNING,
+            silence_logs=_worker_log_level(),
         )
+
+
+def _worker_log_level() -> int:
+    """Workers log a failed task with its traceback at ERROR ("Compute Failed"); the run reports
+    it once, in one line, so the workers of our clusters log only what is worse, unless
+    ``HYDRA_FULL_ERROR=1`` asks for everything."""
+    return logging.WARNING if os.environ.get("HYDRA_FULL_ERROR") == "1" else logging.CRITICAL
 
 
 def _has_bokeh() -> bool:
@@ -361,13 +443,14 @@ def run_dask(client, job: Job, blocks: list[Block], sink, on_written) -> float:
     from distributed import as_completed
 
     backend = job.cfg["backend"]
+    identity = (job.model_fingerprint, job.code_fingerprint)
     key = job.model_fingerprint[:16] + job.cfg["dtype"]
     model_args = (
         key,
-        job.cfg["model"],
-        job.cfg["dtype"],
+        {name: job.cfg[name] for name in ("model", "dtype", "seed")},
         backend.get("device", "cpu"),
         backend.get("threads_per_worker", 1),
+        identity,
     )
     oi = job.target.output_index
     warm_up = (
@@ -377,9 +460,11 @@ def run_dask(client, job: Job, blocks: list[Block], sink, on_written) -> float:
         job.target.aux[:1].cpu().numpy(),
         oi[:1] if oi.ndim == 2 else oi,
     )
-    client.register_plugin(ModelPlugin(*model_args, warm_up), name=f"pipeline-model-{key}")
+    client.register_plugin(ModelPlugin(*model_args, warm_up=warm_up), name=f"pipeline-model-{key}")
     n_workers = max(1, len(client.scheduler_info().get("workers", {})))
     log.info("Dask cluster ready: %d workers, each with the model", n_workers)
+    if backend["name"] != "dask":  # (a LocalCluster's count was checked before the run)
+        idle_workers(len(blocks), n_workers)
     in_flight = backend.get("max_in_flight") or 2 * n_workers
     x = job.data.x.cpu().numpy()
     aux = job.target.aux.cpu().numpy()

@@ -1,7 +1,10 @@
-"""Config schemas (typos and bad values fail when the config is composed) and their registration.
+"""Config schemas (typos, keys of another option and bad values fail when the config is composed)
+and their registration.
 
-One dataclass per config group; ``conf/<group>/*.yaml`` fill them in. ``conf/config.yaml`` picks
-the defaults. A schema field that a group option does not use stays at its default.
+One dataclass per option of each config group (``backend=local`` has no ``n_workers``);
+``conf/<group>/<option>.yaml`` names its schema in its defaults list and fills it in, and
+``conf/config.yaml`` picks the defaults. Ranges (``block_rows >= 1``) are declared on the fields
+(``metadata={"min": ...}``) and checked by ``pipeline.validate`` before a run creates anything.
 """
 
 from __future__ import annotations
@@ -10,10 +13,11 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 
 class _StrEnum(str, Enum):
@@ -39,65 +43,175 @@ class Layout(_StrEnum):
     virtual = "virtual"  # an HDF5 virtual dataset over the kept shard files
 
 
+class Loss(_StrEnum):
+    cross_entropy = "cross_entropy"
+    mse = "mse"
+
+
+def at_least(n: int, default: Any) -> Any:
+    """A field whose value (when not None) must be at least ``n``."""
+    return field(default=default, metadata={"min": n})
+
+
+# ---- model ---------------------------------------------------------------------------------
+
+
 @dataclass
 class ModelConf:
+    """Base of the ``model`` options."""
+
     name: str = "custom"
-    net: Any = None  # Hydra instantiate node: _target_ and the factory's arguments
+
+
+@dataclass
+class NetModel(ModelConf):
+    """``mlp``, ``cnn``, ``custom``: a Hydra instantiate node and an optional checkpoint."""
+
+    net: Any = None  # _target_ and the factory's arguments
     checkpoint: str | None = None  # a state_dict file loaded into the net
-    path: str | None = None  # a torch.export program (model=exported)
+
+
+@dataclass
+class ExportedModel(ModelConf):
+    """``exported``: a ``torch.export`` program file. Loading one unpickles parts of it, which
+    can run code: ``trust`` says the user trusts the file."""
+
+    path: str = MISSING
+    trust: bool = False
+
+
+# ---- data ----------------------------------------------------------------------------------
 
 
 @dataclass
 class DataConf:
+    """Base of the ``data`` options: the slice."""
+
     name: str = "digits"
-    start: int = 0
-    stop: int | None = None
+    start: int = at_least(0, 0)
+    stop: int | None = at_least(0, None)
     indices: list[int] | None = None  # explicit source indices; overrides start/stop
-    path: str | None = None  # npy/npz/hdf5 file
-    key: str | None = None  # array name inside an .npz
-    labels_path: str | None = None
-    labels_key: str | None = None
-    dataset: str | None = None  # hdf5: inputs dataset
-    labels_dataset: str | None = None  # hdf5: labels dataset
-    shape: list[int] | None = None  # synthetic: input shape S
-    n_samples: int = 16  # synthetic
-    n_classes: int | None = None  # synthetic: draw random labels
+
+
+@dataclass
+class DigitsData(DataConf):
+    pass
+
+
+@dataclass
+class SyntheticData(DataConf):
+    shape: list[int] = field(default_factory=lambda: [64])  # input shape S
+    n_samples: int = at_least(1, 16)
+    n_classes: int | None = at_least(1, 10)  # random labels (null: none)
     seed: int = 0
 
 
 @dataclass
+class NpyData(DataConf):
+    path: str = MISSING  # .npy or .npz
+    key: str | None = None  # array name inside an .npz
+    labels_path: str | None = None
+    labels_key: str | None = None
+
+
+@dataclass
+class Hdf5Data(DataConf):
+    path: str = MISSING
+    dataset: str = "x"  # inputs dataset
+    labels_dataset: str | None = None
+
+
+# ---- target --------------------------------------------------------------------------------
+
+
+@dataclass
 class TargetConf:
-    name: str = "indices"  # indices | all | predicted | loss
+    """Base of the ``target`` options (``all``, ``predicted``: nothing else)."""
+
+    name: str = "indices"
+
+
+@dataclass
+class AllTarget(TargetConf):
+    pass
+
+
+@dataclass
+class PredictedTarget(TargetConf):
+    pass
+
+
+@dataclass
+class IndicesTarget(TargetConf):
     indices: list[int] = field(default_factory=lambda: [2])
-    loss: str = "cross_entropy"  # cross_entropy | mse (target=loss)
+
+
+@dataclass
+class LossTarget(TargetConf):
+    loss: Loss = Loss.cross_entropy
+
+
+# ---- method --------------------------------------------------------------------------------
 
 
 @dataclass
 class MethodConf:
     name: str = "auto"
-    memory_budget_mb: int = 1024  # working memory of one vectorized call
+    memory_budget_mb: int = at_least(1, 1024)  # working memory of one vectorized call
     tf32: bool = False  # opt-in reduced-precision matmuls on GPU
+
+
+# ---- backend -------------------------------------------------------------------------------
 
 
 @dataclass
 class BackendConf:
-    name: str = "local"  # local | dask | dask_cuda | address
+    """Base of the ``backend`` options."""
+
+    name: str = "local"
     device: str = "cpu"  # local: cpu | cuda | cuda:N
-    n_workers: int = 2  # dask: worker processes
-    threads_per_worker: int = 1  # dask: torch threads in each worker
-    address: str | None = None  # address: tcp://host:8786
-    scheduler_file: str | None = None  # address: a scheduler file instead of an address
-    max_in_flight: int | None = None  # blocks submitted at once (default 2 x workers)
-    retries: int = 2  # dask: resubmissions of a block whose worker died
-    connect_timeout_s: int = 20  # address: give up connecting after this
+
+
+@dataclass
+class LocalBackend(BackendConf):
+    pass
+
+
+@dataclass
+class DaskOptions(BackendConf):
+    """What every Dask backend takes."""
+
+    threads_per_worker: int = at_least(1, 1)  # torch threads in each worker
+    max_in_flight: int | None = at_least(1, None)  # blocks submitted at once (2 x workers)
+    retries: int = at_least(0, 2)  # re-runs of a block whose computation raised
+
+
+@dataclass
+class DaskBackend(DaskOptions):
+    n_workers: int = at_least(1, 2)  # worker processes of the LocalCluster
+
+
+@dataclass
+class DaskCudaBackend(DaskOptions):
+    pass
+
+
+@dataclass
+class AddressBackend(DaskOptions):
+    address: str | None = None  # tcp://host:8786
+    scheduler_file: str | None = None  # a scheduler file instead of an address
+    connect_timeout_s: int = at_least(1, 20)  # give up connecting after this
+
+
+# ---- storage -------------------------------------------------------------------------------
 
 
 @dataclass
 class StorageConf:
     path: str | None = None  # default: hessians.h5 in the Hydra run directory
     mode: Mode = Mode.create
-    block_rows: int | None = None  # rows per block; default from block_mb
-    block_mb: int = 64  # size of one block of Hessian rows, when block_rows is not set
+    block_rows: int | None = at_least(1, None)  # rows per block; default from block_mb
+    block_mb: int = at_least(1, 64)  # size of one block of Hessian rows, when block_rows is unset
     compression: str | None = None  # none | lzf | gzip
     layout: Layout = Layout.copy
     keep_shards: bool = False
@@ -133,9 +247,55 @@ class Config:
     report: ReportConf = field(default_factory=ReportConf)  # what the plots show
 
 
+# group -> option -> schema. Each conf/<group>/<option>.yaml starts with
+# ``defaults: [/schema/<group>/<option>@_here_, _self_]``.
+OPTIONS: dict[str, dict[str, type]] = {
+    "model": {"mlp": NetModel, "cnn": NetModel, "custom": NetModel, "exported": ExportedModel},
+    "data": {"digits": DigitsData, "synthetic": SyntheticData, "npy": NpyData, "hdf5": Hdf5Data},
+    "target": {"indices": IndicesTarget, "all": AllTarget, "predicted": PredictedTarget,
+               "loss": LossTarget},
+    "method": {name: MethodConf for name in ("auto", "forward_over_reverse",
+                                              "reverse_over_reverse", "piecewise", "structured")},
+    "backend": {"local": LocalBackend, "dask": DaskBackend, "dask_cuda": DaskCudaBackend,
+                "address": AddressBackend},
+    "storage": {"default": StorageConf},
+}  # fmt: skip
+
+
 def register() -> None:
-    """Put the schema into Hydra's ConfigStore (``conf/config.yaml`` lists it first)."""
-    ConfigStore.instance().store(name="schema", node=Config)
+    """Put the schemas into Hydra's ConfigStore (``conf/config.yaml`` lists ``schema`` first)."""
+    cs = ConfigStore.instance()
+    cs.store(name="schema", node=Config)
+    for group, options in OPTIONS.items():
+        for option, schema in options.items():
+            cs.store(group=f"schema/{group}", name=option, node=schema)
+
+
+def config_dir() -> Path:
+    """The ``conf/`` directory: inside the installed package (``pipeline/conf``, shipped there at
+    build time), else the repository's ``conf/`` beside the package (a source checkout)."""
+    here = Path(__file__).resolve().parent
+    shipped = here / "conf"
+    return shipped if (shipped / "config.yaml").is_file() else here.parent / "conf"
+
+
+def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """The config that ``python -m pipeline OVERRIDES`` runs, composed with Hydra's compose API
+    from :func:`config_dir` (Hydra's global state is restored afterwards, so this also works
+    inside a running Hydra app)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.initialize import get_gh_backup, restore_gh_from_backup
+
+    register()
+    backup = get_gh_backup()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+            return hydra_compose("config", overrides=list(overrides))
+    finally:
+        restore_gh_from_backup(backup)
 
 
 def to_plain(cfg: DictConfig | dict) -> dict[str, Any]:
@@ -151,10 +311,14 @@ _STORAGE_EXECUTION_KEYS = {"mode", "keep_shards", "layout", "compression", "path
 
 
 def fingerprint(cfg: dict[str, Any], *extra: str) -> str:
-    """SHA-256 of everything that determines the result: the config minus execution settings."""
+    """SHA-256 of everything that determines the result: the config minus execution settings
+    (so the seeds ``seed`` and ``data.seed`` too), and ``extra`` (the fingerprints of the weights,
+    the model's code, the inputs and the labels: see ``pipeline.job.Job``)."""
     numeric = {k: v for k, v in cfg.items() if k not in _EXECUTION_KEYS}
     numeric["storage"] = {
         k: v for k, v in cfg.get("storage", {}).items() if k not in _STORAGE_EXECUTION_KEYS
     }
+    model = cfg.get("model", {})
+    numeric["model"] = {k: v for k, v in model.items() if k != "trust"}  # consent, not a number
     blob = json.dumps(numeric, sort_keys=True, default=str) + "".join(extra)
     return hashlib.sha256(blob.encode()).hexdigest()

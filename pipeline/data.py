@@ -80,6 +80,12 @@ def _array(path: str | None, cfg_key: str, name: str | None, name_key: str):
                 raise PipelineError(
                     f"{path!r} has no dataset {name!r} (it has {list(f)})", name_key
                 )
+            if not isinstance(f[name], h5py.Dataset):
+                raise PipelineError(
+                    f"{name!r} in {path!r} is an HDF5 group, not a dataset (it holds "
+                    f"{list(f[name])[:5]})",
+                    name_key,
+                )
             return f[name]
         arr = np.load(p, mmap_mode="r", allow_pickle=False)
         if isinstance(arr, np.lib.npyio.NpzFile):
@@ -107,6 +113,7 @@ def load_data(cfg: dict[str, Any], dtype: torch.dtype) -> Dataset:
     """Load the slice described by the resolved ``data`` config, as ``dtype`` inputs."""
     kind = cfg.get("name")
     labels_src = None
+    labels_key = "data.labels_dataset" if kind == "hdf5" else "data.labels_path"
     if kind == "digits":
         x_src, labels_src = load_digits_arrays()
     elif kind == "synthetic":
@@ -130,10 +137,16 @@ def load_data(cfg: dict[str, Any], dtype: torch.dtype) -> Dataset:
             )
     else:
         raise PipelineError(f"unknown data option {kind!r}", "data")
+    shape_key = "data.shape" if kind == "synthetic" else "data.path"
     if x_src.ndim < 2:
         raise PipelineError(
             f"inputs must have shape (N, *S) with a sample axis first; got {x_src.shape}",
-            "data.path",
+            shape_key,
+        )
+    if 0 in x_src.shape[1:]:
+        raise PipelineError(
+            f"the inputs have no entries: shape {tuple(x_src.shape[1:])} per sample (D = 0)",
+            shape_key,
         )
     idx = select(len(x_src), cfg)
     x = _take(x_src, idx, kind == "hdf5")
@@ -153,9 +166,30 @@ def load_data(cfg: dict[str, Any], dtype: torch.dtype) -> Dataset:
         )
     labels = None
     if labels_src is not None:
-        if len(labels_src) != len(x_src):
-            raise PipelineError(
-                f"{len(labels_src)} labels for {len(x_src)} samples", "data.labels_path"
-            )
-        labels = torch.as_tensor(_take(labels_src, idx, kind == "hdf5"))
+        labels = torch.as_tensor(_labels(labels_src, len(x_src), idx, kind == "hdf5", labels_key))
     return Dataset(torch.as_tensor(x).to(dtype), labels, idx)
+
+
+def _labels(src, n: int, idx: np.ndarray, hdf5: bool, key: str) -> np.ndarray:
+    """The labels of the slice: (N,) class indices or (N, C) float targets, all finite."""
+    if src.ndim == 0:
+        raise PipelineError(
+            "the labels are a single value (a 0-d array): give one label per sample, shape (N,) "
+            "or (N, C)",
+            key,
+        )
+    if len(src) != n:
+        raise PipelineError(f"{len(src)} labels for {n} samples", key)
+    labels = _take(src, idx, hdf5)
+    if not (np.issubdtype(labels.dtype, np.number) or labels.dtype == np.bool_):
+        raise PipelineError(f"the labels have dtype {labels.dtype}, not numbers", key)
+    if np.issubdtype(labels.dtype, np.floating):
+        bad = np.flatnonzero(~np.isfinite(labels.reshape(len(labels), -1)).all(axis=1))
+        if bad.size:
+            names = ", ".join(str(i) for i in idx[bad[:5]])
+            raise PipelineError(
+                f"the labels (targets) of {bad.size} sample(s) contain NaN or inf (source "
+                f"indices {names}{', ...' if bad.size > 5 else ''}); drop them with data.indices",
+                key,
+            )
+    return labels

@@ -11,4 +11,8 @@ class PipelineError(Exception):
 
     def __init__(self, message: str, key: str | None = None):
         self.key = key
+        self.message = message
         super().__init__(f"{message} (config key: {key})" if key else message)
+
+    def __reduce__(self):  # keeps the key when a Dask worker sends the error back
+        return type(self), (self.message, self.key)

@@ -9,6 +9,7 @@ from ``/hessian`` in row panels, see NOTE: [row panels] in ``pipeline.stats``).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,7 +21,7 @@ from .errors import PipelineError
 from .reader import Result, read
 from .stats import DEFAULT_MEMORY_MB, matrix_stats, stored_stats
 from .store import ResultNames
-from .verify import ALL_ROWS_BELOW, check
+from .verify import ALL_ROWS_BELOW, check, rebuild_config, untrusted_code
 
 MAX_TABLE_LINES = 64
 
@@ -29,12 +30,19 @@ VERIFY_HELP = f"""\
 every gradient entry; the symmetry of every entry pair H[i,j], H[j,i] (so any changed
 off-diagonal entry is caught); two products H p with random +-1 vectors p against exact
 Hessian-vector products (a single changed entry (i,j), diagonal included, shifts row i of H p by
-exactly the change, so it is caught; several changes in one row cancel with probability <= 1/4);
+exactly the change, so it is caught; several changes in one row cancel only by chance: at most
+1/2 per probe, 1/4 for both);
 and --rows random rows per sample recomputed with the stored method (every row when
 N * D <= {ALL_ROWS_BELOW}, so small files are compared entry by entry). Tolerance: rtol 1e-4
 (float32) or 1e-9 (float64) relative to the row norm (times sqrt(D) for the probes), plus
 rtol * ||H||_F / sqrt(D). Smaller changes look like rounding and are not reported.
-Exit status 1 names the sample, output and row that disagree."""
+Exit status 1 names the sample, output and row that disagree.
+
+Trust: the model is rebuilt only when this package's own factories build it; a file whose config
+names other code (a _target_ of yours or someone else's) or an exported program is not rebuilt
+(verify: SKIPPED, exit 0) unless --trust-file is given, which prints what it will import first.
+A run that cannot be rebuilt here (a data file that moved) is SKIPPED too, with the reason.
+Relative paths in the stored config are resolved against the run's working directory."""
 
 
 def disk_size(result: Result) -> int:
@@ -58,7 +66,10 @@ def describe(result: Result) -> list[str]:
     cfg, a, f = result.config, result.attrs, result.file
     n, k, d, _ = result.shape
     h = f["hessian"]
-    chunks = h.chunks if h.chunks else f"virtual over {len(h.virtual_sources())} shard files"
+    if h.is_virtual:
+        chunks = f"virtual over {len(h.virtual_sources())} shard files"
+    else:
+        chunks = h.chunks or "none (contiguous)"
     data = cfg.get("data", {})
     sl = (
         f"indices {list(data.indices)}"
@@ -162,6 +173,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "the statistics stored in the file",
     )
     parser.add_argument(
+        "--trust-file",
+        action="store_true",
+        help="let --verify import the code the file's config names (its _target_s) or load the "
+        "exported program it names; only for files you trust (see below)",
+    )
+    parser.add_argument(
         "--memory-mb",
         type=int,
         default=DEFAULT_MEMORY_MB,
@@ -180,16 +197,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.verify:
             return 0
         print()
+        if args.trust_file:
+            for what in untrusted_code(rebuild_config(result, True)):
+                print(f"--trust-file: verify {what}", flush=True)
         report = check(
-            result, rows=args.rows, seed=args.seed, memory_mb=args.memory_mb, rtol=args.rtol,
+            result,
+            rows=args.rows,
+            seed=args.seed,
+            memory_mb=args.memory_mb,
+            rtol=args.rtol,
+            trust_file=args.trust_file,
             pairs=not args.no_pairs,
-        )  # fmt: skip
+        )
         for m in report.mismatches:
             print(f"mismatch ({m.check}): {m.message}")
         print(report.summary())
         return 0 if report.ok else 1
 
 
+def _main() -> int:
+    """``main`` with stdout closed early (``| head``) ending quietly, like other Unix tools."""
+    try:
+        status = main()
+        sys.stdout.flush()
+        return status
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # Python's flush at exit must not fail again
+        return 141  # 128 + SIGPIPE, as a shell reports a process killed by the broken pipe
+
+
 if __name__ == "__main__":
     np.set_printoptions(precision=5)
-    sys.exit(main())
+    sys.exit(_main())

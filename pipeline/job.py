@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
+import re
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from .data import Dataset, load_data
 from .errors import PipelineError
+from .fingerprint import code_fingerprint, data_fingerprint, weights_fingerprint
 from .hessian.errors import ArgumentError
 from .hessian.methods import Method, resolve_method, zero_hessian_reason
 from .hessian.targets import Target, make_target
@@ -48,16 +49,16 @@ class Job:
     @cached_property
     def model_fingerprint(self) -> str:
         """SHA-256 over the model's class, parameter and buffer values (hashed once per job)."""
-        h = hashlib.sha256(type(self.model).__name__.encode())
-        for name, t in sorted(self.model.state_dict().items()):
-            h.update(name.encode())
-            h.update(t.detach().cpu().contiguous().numpy().tobytes())
-        return h.hexdigest()
+        return weights_fingerprint(self.model)
+
+    @cached_property
+    def code_fingerprint(self) -> str | None:
+        """SHA-256 of the model's code (see ``pipeline.fingerprint``); None: not provable."""
+        return code_fingerprint(self.model, self.cfg["model"])
 
     def data_fingerprint(self) -> str:
-        h = hashlib.sha256(self.data.x.cpu().numpy().tobytes())
-        h.update(self.data.sample_index.tobytes())
-        return h.hexdigest()
+        """SHA-256 of the inputs, their source indices and the labels."""
+        return data_fingerprint(self.data.x, self.data.sample_index, self.data.labels)
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -66,17 +67,29 @@ def torch_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
+def make_model(cfg: dict[str, Any], device: str = "cpu") -> nn.Module:
+    """The model of a resolved config, built the same way in every process (the driver and each
+    Dask worker): torch seeded with ``seed``, in ``dtype``, in eval mode."""
+    torch.manual_seed(cfg.get("seed", 0))
+    return build_model(cfg["model"], torch_dtype(cfg["dtype"]), device)
+
+
+def model_key(cfg: dict[str, Any]) -> str:
+    """The config key that names the model: ``model.path`` (exported) or ``model.net``."""
+    return "model.path" if cfg["model"].get("path") else "model.net"
+
+
 def build_job(cfg: dict[str, Any]) -> Job:
     """Build model, data, target and method from a resolved config, checking that they fit."""
     dtype = torch_dtype(cfg["dtype"])
-    torch.manual_seed(cfg.get("seed", 0))
-    model = build_model(cfg["model"], dtype)
+    model = make_model(cfg)
+    _check_finite_weights(model, cfg)
     data = load_data(cfg["data"], dtype)
     outputs = forward(model, data.x, cfg)
     _check_differentiable(model, data.x[:1])
     tcfg = cfg["target"]
     spec = tcfg["indices"] if tcfg["name"] == "indices" else tcfg["name"]
-    with config_keys():
+    with config_keys(cfg):
         target = make_target(spec, outputs, data.labels, tcfg.get("loss", "cross_entropy"))
         method = resolve_method(cfg["method"]["name"], model, target, data.x)
     log.info("method %s", method.name)
@@ -92,37 +105,80 @@ CONFIG_KEYS = {"outputs": "target.indices", "labels": "data.labels_path", "loss"
 
 
 @contextlib.contextmanager
-def config_keys():
-    """Turn the math package's ``ArgumentError`` into a ``PipelineError`` naming the config key."""
+def config_keys(cfg: dict[str, Any]):
+    """Turn the math package's ``ArgumentError`` into a ``PipelineError`` naming the config key
+    (the model of ``model=exported`` is ``model.path``)."""
     try:
         yield
     except ArgumentError as err:
-        raise PipelineError(err.message, CONFIG_KEYS.get(err.argument)) from err
+        key = CONFIG_KEYS.get(err.argument)
+        if err.argument == "model" and cfg["model"].get("name") == "exported":
+            key = "model.path"
+        raise PipelineError(err.message, key) from err
+
+
+# Words of torch's errors about shapes: such an error means the inputs do not fit the model.
+_SHAPE_ERROR = re.compile(
+    r"shape|size of tensor|sizes? mismatch|dimension|mat1|mat2|channels|expected input|"
+    r"must match|cannot be multiplied|to have \d+ channels",
+    re.IGNORECASE,
+)
 
 
 def forward(model: nn.Module, x: Tensor, cfg: dict[str, Any]) -> Tensor:
-    """The model's outputs (N, C); a shape mismatch becomes a one-line error."""
+    """The model's outputs (N, C); a shape mismatch or an error in ``forward`` becomes one line."""
     try:
         with torch.no_grad():
             z = model(x[: min(len(x), 1024)])
             if len(x) > 1024:
                 z = torch.cat([z] + [model(x[i : i + 1024]) for i in range(1024, len(x), 1024)])
-    except (RuntimeError, ValueError, TypeError, IndexError) as err:
-        msg = str(err).strip().splitlines()[0][:240]
+    except PipelineError:
+        raise
+    except Exception as err:
+        msg = (str(err).strip().splitlines() or [""])[0][:240]
+        if isinstance(err, (RuntimeError, ValueError)) and _SHAPE_ERROR.search(msg):
+            raise PipelineError(
+                f"the model does not accept inputs of shape {tuple(x.shape[1:])} (per sample)"
+                f"{_expected_input(model)}: {msg}",
+                "data",
+            ) from err
         raise PipelineError(
-            f"the model does not accept inputs of shape {tuple(x.shape[1:])} (per sample)"
-            f"{_expected_input(model)}: {msg}",
-            "data",
+            f"the model's forward raised {type(err).__name__} on inputs of shape "
+            f"{tuple(x.shape[1:])} (per sample): {msg}",
+            model_key(cfg),
         ) from err
     if not isinstance(z, Tensor) or z.ndim != 2 or z.shape[0] != len(x):
         shape = tuple(z.shape) if isinstance(z, Tensor) else type(z).__name__
         raise PipelineError(
-            f"the model must return (N, C) outputs for (N, *S) inputs; got {shape}", "model.net"
+            f"the model must return (N, C) outputs for (N, *S) inputs; got {shape}", model_key(cfg)
+        )
+    if z.shape[1] == 0:
+        raise PipelineError(
+            "the model returns 0 outputs per sample (shape (N, 0)): there is nothing to "
+            "differentiate",
+            model_key(cfg),
         )
     if not torch.isfinite(z).all():
         bad = np.flatnonzero(~torch.isfinite(z).all(-1).numpy())[:5]
-        raise PipelineError(f"the model's outputs are not finite for samples {list(bad)}", "data")
+        raise PipelineError(
+            f"the model's outputs are not finite for samples {[int(b) for b in bad]} (the "
+            "inputs and weights are finite: the model overflows on them); drop them with "
+            "data.indices",
+            "data.indices",
+        )
     return z
+
+
+def _check_finite_weights(model: nn.Module, cfg: dict[str, Any]) -> None:
+    """Refuse a model whose parameters or buffers hold NaN or inf (blamed on the model)."""
+    for name, t in model.state_dict().items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            source = cfg["model"].get("checkpoint")
+            raise PipelineError(
+                f"the model's weights are not finite: {name} holds NaN or inf"
+                + (f" (loaded from {source!r})" if source else ""),
+                "model.checkpoint" if source else model_key(cfg),
+            )
 
 
 def _expected_input(model: nn.Module) -> str:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -96,7 +98,7 @@ def build_model(model_cfg: dict[str, Any], dtype: torch.dtype, device: str = "cp
     from hydra.utils import instantiate
 
     if model_cfg.get("path"):
-        net = _load_exported(model_cfg["path"])
+        net = _load_exported(model_cfg["path"], bool(model_cfg.get("trust")))
     else:
         net_cfg = model_cfg.get("net")
         if not net_cfg or not net_cfg.get("_target_"):
@@ -160,15 +162,53 @@ class ExportedModel(nn.Module):
             ) from err
 
 
-def _load_exported(path: str) -> nn.Module:
+def _load_exported(path: str, trust: bool) -> nn.Module:
+    """A ``torch.export.save``d program; ``trust``: the user trusts the file (see README, Trust:
+    ``torch.export.load`` unpickles parts of the archive, which can run code)."""
     if not Path(path).is_file():
         raise PipelineError(f"exported program {path!r} not found", "model.path")
+    if not zipfile.is_zipfile(path):
+        raise PipelineError(
+            f"{path!r} is not a torch.export program (not a zip archive)", "model.path"
+        )
+    if not trust:
+        raise PipelineError(
+            f"loading the exported program {path!r} unpickles parts of it, which can run any "
+            "code the file contains: set model.trust=true if you trust this file",
+            "model.trust",
+        )
+    # torch logs a traceback for a bad archive, then raises an error that points at it: the
+    # logged error is caught here and reported once, in the one line
+    caught = _Caught()
+    names = {"torch.export", "torch._export", *logging.Logger.manager.loggerDict}
+    loggers = [
+        logging.getLogger(n) for n in names if n.startswith(("torch.export", "torch._export"))
+    ]
+    saved = [(lg.handlers, lg.propagate) for lg in loggers]
+    for lg in loggers:
+        lg.handlers, lg.propagate = [caught], False
     try:
         return ExportedModel(torch.export.load(path).module(), path)
     except Exception as err:
+        cause = caught.error if caught.error and "above" in str(err) else err  # "see above"
         raise PipelineError(
-            f"cannot load exported program {path!r}: {_root_cause(err)}", "model.path"
+            f"cannot load exported program {path!r}: {_root_cause(cause)}", "model.path"
         ) from err
+    finally:
+        for lg, (handlers, propagate) in zip(loggers, saved, strict=True):
+            lg.handlers, lg.propagate = handlers, propagate
+
+
+class _Caught(logging.Handler):
+    """Keeps the first exception that a logger reports (instead of printing its traceback)."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.error: BaseException | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.error is None and record.exc_info and record.exc_info[1] is not None:
+            self.error = record.exc_info[1]
 
 
 def _load_checkpoint(net: nn.Module, path: str) -> None:

@@ -46,6 +46,19 @@ class Plan:
         return out
 
 
+def chunk_rows_for(block_rows: int, most: int) -> int:
+    """Rows of a chunk for blocks of ``block_rows`` rows: at most ``most`` (chunks of about
+    ``CHUNK_BYTES``), a divisor of ``block_rows`` when one is at least ``most / 4`` (blocks keep
+    the size asked for), else ``most`` (blocks are rounded up to whole chunks; the run says so).
+    """
+    if block_rows <= most:
+        return block_rows
+    for rows in range(most, max(1, most // 4) - 1, -1):
+        if block_rows % rows == 0:
+            return rows
+    return most
+
+
 def make_plan(
     n: int, k: int, d: int, itemsize: int, block_rows: int | None = None, block_mb: int = 64
 ) -> Plan:
@@ -54,7 +67,7 @@ def make_plan(
     chunk_rows = max(1, min(d, CHUNK_BYTES // row))
     if block_rows is not None:
         block_rows = max(1, min(d, block_rows))
-        chunk_rows = min(chunk_rows, block_rows)
+        chunk_rows = chunk_rows_for(block_rows, chunk_rows)
         block_rows = min(d, -(-block_rows // chunk_rows) * chunk_rows)
         per_sample = k * block_rows * row
         block_samples = 1 if block_rows < d else max(1, (block_mb << 20) // per_sample)

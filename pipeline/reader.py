@@ -22,6 +22,8 @@ from omegaconf import DictConfig, OmegaConf
 from .errors import PipelineError
 
 DATASETS = ("hessian", "gradient", "inputs", "outputs", "sample_index", "output_index")
+CONTIGUOUS_PANEL_BYTES = 8 << 20  # dask chunks of a contiguous /hessian
+ATTRS = ("config", "status", "method", "dtype")  # root attributes every result has
 
 
 @dataclass
@@ -121,12 +123,11 @@ def read(path: str | os.PathLike) -> Result:
     except OSError as err:
         raise PipelineError(f"{path} is not an HDF5 file ({err})") from err
     try:
-        missing = [name for name in DATASETS if name not in f]
-        if missing or "config" not in f.attrs:
-            raise PipelineError(
-                f"{path} is not a pipeline result: it lacks "
-                f"{', '.join('/' + m for m in missing) or 'the config attribute'}"
-            )
+        missing = [name for name in DATASETS if not isinstance(f.get(name), h5py.Dataset)]
+        missing_attrs = [a for a in ATTRS if a not in f.attrs]
+        if missing or missing_attrs:
+            lacks = [f"/{m}" for m in missing] + [f"the {a} attribute" for a in missing_attrs]
+            raise PipelineError(f"{path} is not a pipeline result: it lacks {', '.join(lacks)}")
         attrs = {key: _plain(value) for key, value in f.attrs.items()}
         if attrs.get("status") != "complete":
             raise PipelineError(
@@ -134,14 +135,46 @@ def read(path: str | os.PathLike) -> Result:
                 "storage.mode=resume",
                 "storage.mode",
             )
+        config = _check_layout(path, f, attrs)
         if f["hessian"].is_virtual:
             _check_sources(path, f["hessian"])
         arrays = {name: _dask(f[name]) for name in DATASETS}
-        config = OmegaConf.create(yaml.safe_load(attrs["config"]))
     except BaseException:
         f.close()
         raise
     return Result(path=path, file=f, config=config, attrs=attrs, **arrays)  # type: ignore[arg-type]
+
+
+def _check_layout(path: Path, f: h5py.File, attrs: dict[str, Any]) -> DictConfig:
+    """The stored config; PipelineError unless the datasets have the shapes of a result."""
+
+    def refuse(why: str) -> PipelineError:
+        return PipelineError(f"{path} is not a pipeline result: {why}")
+
+    shapes = {name: tuple(f[name].shape) for name in DATASETS}
+    if len(shapes["hessian"]) != 4 or shapes["hessian"][2] != shapes["hessian"][3]:
+        raise refuse(f"/hessian has shape {shapes['hessian']}, not (N, K, D, D)")
+    n, k, d, _ = shapes["hessian"]
+    inputs = shapes["inputs"]
+    expected = {
+        "gradient": shapes["gradient"] == (n, k, d),
+        "inputs": len(inputs) >= 2 and inputs[0] == n and int(np.prod(inputs[1:])) == d,
+        "outputs": len(shapes["outputs"]) == 2 and shapes["outputs"][0] == n,
+        "sample_index": shapes["sample_index"] == (n,),
+        "output_index": shapes["output_index"] in ((k,), (n, k)),
+    }
+    for name, fits in expected.items():
+        if not fits:
+            raise refuse(
+                f"/{name} has shape {shapes[name]}, which does not fit /hessian {(n, k, d, d)}"
+            )
+    try:
+        config = yaml.safe_load(str(attrs["config"]))
+    except yaml.YAMLError as err:
+        raise refuse(f"its config attribute is not YAML ({type(err).__name__})") from err
+    if not isinstance(config, dict):
+        raise refuse("its config attribute is not a mapping")
+    return OmegaConf.create(config)
 
 
 def _plain(value: Any) -> Any:
@@ -187,6 +220,14 @@ def chunk_grid(dset: h5py.Dataset) -> tuple[tuple[int, ...], ...]:
         return tuple(grid)
     if dset.chunks is not None:
         return da.core.normalize_chunks(dset.chunks, dset.shape)
+    if dset.ndim == 4:  # a contiguous /hessian (rewritten by another tool): panels of rows
+        rows = max(
+            1,
+            min(
+                dset.shape[2], CONTIGUOUS_PANEL_BYTES // max(1, dset.shape[3] * dset.dtype.itemsize)
+            ),
+        )
+        return da.core.normalize_chunks((1, 1, rows, dset.shape[3]), dset.shape)
     return tuple((s,) if s else (0,) for s in dset.shape)
 
 

@@ -8,6 +8,7 @@ Storage (locks, resume rules, commits, the file) belongs to ``pipeline.store``; 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,12 +20,13 @@ from omegaconf import DictConfig
 
 from . import __version__
 from .backends import compute_device, copies_can_overlap, execute, workers_may_be_remote
-from .config import fingerprint, to_plain
-from .job import Job, build_job
-from .plan import Plan, make_plan
+from .config import fingerprint
+from .job import Job
+from .plan import Plan
 from .precision import tf32_report
 from .progress import progress
 from .store import Metadata, ResultWriter, check_destination
+from .validate import complete_config, validate
 
 log = logging.getLogger(__name__)
 
@@ -73,11 +75,11 @@ def run(
 ) -> RunResult:
     """Compute the Hessians a config describes and write them to ``storage.path``."""
     t0 = time.perf_counter()
-    cfg = to_plain(cfg)
+    cfg = complete_config(cfg)
     path = output_path(cfg, output_dir)
-    check_destination(path, cfg["storage"])  # before anything exists on disk
-    job = build_job(cfg)
-    plan = plan_of(job)
+    check_destination(path, cfg["storage"])  # the mode's rules, before building anything
+    checked = validate(cfg, path)  # see NOTE: [validation before anything exists]
+    job, plan = checked.job, checked.plan
     if cfg.get("plots"):
         _check_report_options(cfg, plan)
     meta = metadata(job, overrides or [], plan)
@@ -121,17 +123,10 @@ def run(
     return result
 
 
-def plan_of(job: Job) -> Plan:
-    """The blocks of a job, from its sizes and the storage settings."""
-    st = job.cfg["storage"]
-    itemsize = job.data.x.element_size()
-    n, k, d = len(job.data.x), job.target.n_outputs, job.dim
-    return make_plan(n, k, d, itemsize, st.get("block_rows"), st.get("block_mb", 64))
-
-
 def metadata(job: Job, overrides: list[str], plan: Plan) -> Metadata:
     """Everything in the file besides the blocks' values: inputs, outputs, indices, provenance."""
     cfg = job.cfg
+    code = job.code_fingerprint or os.urandom(16).hex()  # unreadable code: never reusable
     attrs = {
         "config": yaml.safe_dump(cfg, sort_keys=False),
         "overrides": yaml.safe_dump(list(overrides)),
@@ -140,7 +135,9 @@ def metadata(job: Job, overrides: list[str], plan: Plan) -> Metadata:
         "dtype": cfg["dtype"],
         "target": job.target.kind,
         "model_fingerprint": job.model_fingerprint,
-        "fingerprint": fingerprint(cfg, job.model_fingerprint, job.data_fingerprint()),
+        "code_fingerprint": job.code_fingerprint or "unreadable",
+        "fingerprint": fingerprint(cfg, job.model_fingerprint, code, job.data_fingerprint()),
+        "cwd": os.getcwd(),  # relative paths in the config are relative to it
         "input_shape": list(job.data.x.shape[1:]),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
@@ -176,3 +173,32 @@ def _after_run_reports(path: Path, cfg: dict[str, Any], output_dir: Path | None)
     except Exception as err:  # the result is complete; a failed plot must not hide that
         log.warning("plots not written: %s: %s", type(err).__name__, err)
         return []
+
+
+def run_overrides(
+    overrides: list[str] | tuple[str, ...] = (), output_dir: str | os.PathLike | None = None
+) -> RunResult:
+    """Run the job that ``python -m pipeline OVERRIDES`` runs, from Python.
+
+    The config is composed from the package's ``conf/`` with Hydra's compose API, exactly as the
+    command line composes it, e.g. ``run_overrides(["model=cnn", "data.stop=4"])``.
+
+    Args:
+        overrides: Hydra overrides, as on the command line.
+        output_dir: where ``hessians.h5`` goes unless ``storage.path`` is given (default: the
+            current directory; the command line uses a new ``outputs/<date>/<time>/``).
+
+    Returns:
+        The :class:`RunResult`.
+
+    Raises:
+        PipelineError: a bad override or input, naming the config key.
+    """
+    from .config import compose
+    from .validate import config_error
+
+    try:
+        cfg = compose(list(overrides))
+    except Exception as err:
+        raise config_error(err) from err
+    return run(cfg, Path(output_dir) if output_dir is not None else None, list(overrides))

@@ -15,11 +15,23 @@ atol = rtol * ||H||_F / sqrt(D); rtol = 1e-4 for float32 and 1e-9 for float64).
    recomputed with the stored method and compared entry by entry; on small files this checks
    every entry directly, at the row tolerance rtol * ||H_r|| + atol.
 A change smaller than the tolerance is indistinguishable from rounding and is not reported.
+
+NOTE: [verify and trust] The stored config names the code that builds the model (``_target_``s,
+an exported program). Rebuilding it from a file someone sent runs their code, so by default
+``verify`` rebuilds only models built by this package's own factories (``BUILTIN_FACTORIES``,
+every ``_target_`` in the config checked, nested ones included); any other is a skipped check
+whose reason names what it would import, unless the caller passes ``trust_file=True``
+(``--trust-file``). Paths stored as typed (relative) are resolved against the working directory
+the run recorded (``attrs["cwd"]``). A run that cannot be rebuilt here (a data file that moved) is
+a skipped check, not a failure; a rebuilt model or data that differ from the file's are failures.
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,6 +40,7 @@ from torch.func import jacrev, jvp, vjp, vmap
 
 from .config import to_plain
 from .errors import PipelineError
+from .fingerprint import instantiate_targets
 from .hessian.generic import is_missing_forward_ad
 from .hessian.methods import DEFAULT_MEMORY_BUDGET, METHODS
 from .hessian.targets import Target
@@ -38,6 +51,13 @@ from .stats import DEFAULT_MEMORY_MB, matrix_stats
 RTOL = {"float32": 1e-4, "float64": 1e-9}
 ALL_ROWS_BELOW = 4096  # recompute every row when N * D is at most this
 N_PROBES = 2
+# Factories whose code is this package's: rebuilding a model with them runs no code of the file's.
+BUILTIN_FACTORIES = {
+    "pipeline.models.digits_mlp",
+    "pipeline.models.digits_cnn",
+    "pipeline.models.mlp",
+}
+PATH_KEYS = (("model", "checkpoint"), ("model", "path"), ("data", "path"), ("data", "labels_path"))
 
 
 @dataclass
@@ -57,6 +77,7 @@ class VerifyReport:
     probes_checked: int = 0
     pairs_checked: int = 0
     mismatches: list[Mismatch] = field(default_factory=list)
+    skipped: str | None = None  # why nothing was recomputed (see NOTE: [verify and trust])
     pairs: bool = True  # whether every entry pair was compared (check 2)
 
     @property
@@ -64,6 +85,8 @@ class VerifyReport:
         return not self.mismatches
 
     def summary(self) -> str:
+        if self.skipped is not None and self.ok:
+            return f"verify: SKIPPED: {self.skipped}"
         state = "OK" if self.ok else f"FAILED ({len(self.mismatches)} mismatches)"
         return (
             f"verify: {state}: {self.pairs_checked} (sample, output) Hessians checked "
@@ -80,10 +103,11 @@ def verify(
     memory_mb: int = DEFAULT_MEMORY_MB,
     max_mismatches: int = 10,
     rtol: float | None = None,
+    trust_file: bool = False,
     pairs: bool = True,
 ) -> VerifyReport:
     """Recompute parts of a result from its stored config and compare; see NOTE: [what verify
-    guarantees].
+    guarantees] and NOTE: [verify and trust].
 
     Args:
         result: an open result (:func:`pipeline.read`).
@@ -93,11 +117,13 @@ def verify(
         memory_mb: bound on the Hessian panels held in memory at once.
         max_mismatches: stop after this many mismatches.
         rtol: relative tolerance; default 1e-4 for float32 and 1e-9 for float64 files.
+        trust_file: rebuild the model even when that imports code the file names.
         pairs: compare every pair H[i, j], H[j, i] (check 2). Without, each Hessian is read once
             (for matrices far larger than ``memory_mb``, where the pairs take many passes).
 
     Returns:
-        The report; ``report.ok`` is False when anything disagrees.
+        The report; ``report.ok`` is False when anything disagrees; ``report.skipped`` says why
+        nothing was recomputed (code the file names and ``trust_file`` is False).
 
     Raises:
         PipelineError: the stored config cannot be rebuilt (e.g. a model file that moved).
@@ -105,7 +131,15 @@ def verify(
     dtype = str(result.attrs.get("dtype", "float32"))
     rtol = rtol if rtol is not None else RTOL.get(dtype, 1e-4)
     report = VerifyReport(rtol, pairs=pairs)
-    job = build_job(to_plain(result.config))
+    cfg = rebuild_config(result, trust_file)
+    untrusted = untrusted_code(cfg)
+    if untrusted and not trust_file:
+        report.skipped = (
+            f"rebuilding the model would run code that the file names ({'; '.join(untrusted)}); "
+            "pass --trust-file (trust_file=True) if you trust the file"
+        )
+        return report
+    job = build_job(cfg)
     f = result.file
     n_samples, n_out, d, _ = result.shape
     if job.model_fingerprint != result.attrs.get("model_fingerprint"):
@@ -264,11 +298,44 @@ def _hvp(model: torch.nn.Module, x: Tensor, target: Target, v: Tensor) -> Tensor
     return vmap(lambda u: vmap(lambda e: pullback(e[:, None] * u[None, :])[0])(eye))(v).detach()
 
 
+def rebuild_config(result: Result, trust_file: bool = False) -> dict[str, Any]:
+    """The stored config, with relative paths resolved against the run's working directory.
+
+    With ``trust_file``, an exported program may be loaded (``model.trust``) and the run's
+    directory is importable (as it was for ``python -m pipeline`` started there).
+    """
+    cfg = to_plain(result.config)
+    cwd = result.attrs.get("cwd")
+    base = Path(cwd) if cwd else result.path.parent
+    for group, key in PATH_KEYS:
+        value = cfg.get(group, {}).get(key)
+        if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
+            cfg[group][key] = str(base / value)
+    if trust_file:
+        if cfg.get("model", {}).get("path"):
+            cfg["model"]["trust"] = True
+        if cwd and cwd not in sys.path:
+            sys.path.append(cwd)
+    return cfg
+
+
+def untrusted_code(cfg: dict[str, Any]) -> list[str]:
+    """What rebuilding the model of ``cfg`` would run that is not this package's code."""
+    found = [
+        f"imports and calls {t!r}" for t in instantiate_targets(cfg) if t not in BUILTIN_FACTORIES
+    ]
+    path = cfg.get("model", {}).get("path")
+    if path:
+        found.append(f"unpickles parts of the exported program {path!r}")
+    return found
+
+
 def check(result: Result, **kwargs) -> VerifyReport:
-    """:func:`verify`, with a PipelineError from rebuilding the job turned into a mismatch."""
+    """:func:`verify`, where a run that cannot be rebuilt here (a file that moved, a stored
+    config this version refuses) is a skipped check with the reason, not a failure."""
     try:
         return verify(result, **kwargs)
     except PipelineError as err:
         report = VerifyReport(RTOL.get(str(result.attrs.get("dtype")), 1e-4))
-        report.mismatches.append(Mismatch("config", f"cannot rebuild the run: {err}"))
+        report.skipped = f"cannot rebuild the run here: {err}"
         return report

@@ -76,3 +76,37 @@ class Branching(nn.Module):
         if x.sum() > 0:
             return self.net(x)
         return self.net(-x)
+
+
+def linear(d: int = 64, out: int = 10) -> nn.Module:
+    """An affine model: every Hessian is exactly zero."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(d, out))
+
+
+class NotVmappable(nn.Module):
+    """A net whose forward leaves torch (``.numpy()``): runs on plain tensors, fails under vmap."""
+
+    def __init__(self, d: int = 64):
+        super().__init__()
+        self.net = mlp(d)
+
+    def forward(self, x):
+        return self.net(torch.from_numpy(x.detach().numpy()))
+
+
+class Raises(nn.Module):
+    """A net whose forward raises an error of its own (not a shape mismatch)."""
+
+    def __init__(self, d: int = 64):
+        super().__init__()
+        self.net = mlp(d)
+
+    def forward(self, x):
+        raise ValueError("this model refuses to run")
+
+
+def drawn_per_process(d: int = 64) -> nn.Module:
+    """An MLP whose weights depend on the process that builds it (not on torch's seed): a Dask
+    worker builds a different model than the driver."""
+    torch.manual_seed(os.getpid())
+    return nn.Sequential(nn.Flatten(), nn.Linear(d, 8), nn.Tanh(), nn.Linear(8, 3))

@@ -82,7 +82,7 @@ def fill(group: str, option: str, files: dict[str, Path]) -> list[str]:
     """Overrides that fill the required values of one option (and keep it small)."""
     return {
         ("model", "custom"): [f"model.net._target_={USERMOD}.make_net", "+model.net.hidden=4"],
-        ("model", "exported"): [f"model.path={files['net.pt2']}"],
+        ("model", "exported"): [f"model.path={files['net.pt2']}", "model.trust=true"],
         ("data", "npy"): [f"data.path={files['x.npy']}", f"data.labels_path={files['y.npy']}"],
         ("data", "hdf5"): [f"data.path={files['xy.h5']}", "data.labels_dataset=y"],
     }.get((group, option), [])
@@ -139,7 +139,9 @@ def test_every_option_composes_builds_and_loads(hydra_compose, files, group, opt
 
 
 def test_exported_model_matches_its_source(hydra_compose, files):
-    cfg = to_plain(hydra_compose(["model=exported", f"model.path={files['net.pt2']}"]))
+    cfg = to_plain(
+        hydra_compose(["model=exported", f"model.path={files['net.pt2']}", "model.trust=true"])
+    )
     exported = build_model(cfg["model"], torch.float64)
     source = nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.Tanh(), nn.Linear(8, 10))
     source.load_state_dict(torch.load(files["net_state.pt"]))
@@ -252,7 +254,9 @@ def test_user_errors_name_the_config_key(hydra_compose, files, overrides, call, 
 
 
 def test_static_batch_export_says_how_to_export(hydra_compose, files):
-    cfg = to_plain(hydra_compose(["model=exported", f"model.path={files['static.pt2']}"]))
+    cfg = to_plain(
+        hydra_compose(["model=exported", f"model.path={files['static.pt2']}", "model.trust=true"])
+    )
     model = build_model(cfg["model"], torch.float64)
     with pytest.raises(PipelineError, match=r"dynamic.*\(config key: model.path\)$"):
         pipeline.hessian(model, torch.rand(3, 1, 8, 8, dtype=torch.float64), [0])

@@ -6,22 +6,24 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
 import warnings
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 import torch
 
 from pipeline.errors import PipelineError
-from pipeline.models import digits_cnn
+from pipeline.models import digits_cnn, digits_mlp
 from pipeline.run import run
-from pipeline.store import ResultNames
 
 from .configs import config
 
@@ -62,6 +64,53 @@ def other_architecture(tmp):
 def under_a_file(tmp):
     (tmp / "file").write_text("")
     return [f"storage.path={tmp / 'file' / 'h.h5'}"]
+
+
+def a_directory(tmp):
+    (tmp / "results").mkdir()
+    return [f"storage.path={tmp / 'results'}", "storage.mode=overwrite"]
+
+
+def with_labels(tmp, labels, *extra):
+    x = np.random.default_rng(0).random((4, 1, 8, 8)).astype(np.float32)
+    return ["data=npy", f"data.path={npy(tmp, 'x.npy', x)}",
+            f"data.labels_path={npy(tmp, 'y.npy', labels)}", *extra]  # fmt: skip
+
+
+def nan_targets(tmp):
+    y = np.random.default_rng(0).random((4, 10)).astype(np.float32)
+    y[3, 1] = np.nan
+    return with_labels(tmp, y, "target=loss", "target.loss=mse")
+
+
+def nan_weights(tmp):
+    state = digits_mlp().state_dict()
+    state["3.weight"][2, 5] = np.nan
+    torch.save(state, tmp / "w.pt")
+    return [f"model.checkpoint={tmp / 'w.pt'}"]
+
+
+def hdf5_group(tmp):
+    with h5py.File(tmp / "d.h5", "w") as f:
+        f["x/a"] = np.ones((3, 4), np.float32)
+    return ["data=hdf5", f"data.path={tmp / 'd.h5'}"]
+
+
+def scheduler_file(tmp, text):
+    (tmp / "scheduler.json").write_text(text)
+    return ["backend=address", f"backend.scheduler_file={tmp / 'scheduler.json'}"]
+
+
+def zip_but_not_a_program(tmp):
+    with zipfile.ZipFile(tmp / "m.pt2", "w") as z:
+        z.writestr("m/archive_format", "pt2")
+    return ["model=exported", f"model.path={tmp / 'm.pt2'}", "model.trust=true"]
+
+
+def a_program(tmp):
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+    torch.export.save(torch.export.export(net, (torch.rand(2, 1, 8, 8),)), tmp / "m.pt2")
+    return ["model=exported", f"model.path={tmp / 'm.pt2'}"]
 
 
 CASES = [
@@ -183,20 +232,155 @@ CASES = [
     Case(
         "output directory that cannot be written", under_a_file, "storage.path", r"cannot write to"
     ),
+    Case(
+        "storage.path is a directory",
+        a_directory,
+        "storage.path",
+        r"is a directory: give a file name",
+    ),
+    # ranges of the config (issue 11 items 2, 12)
+    *[
+        Case(f"{key}={value}", lambda t, o=f"{key}={value}", e=extra: [*e, o], key, "at least")
+        for key, value, extra in [
+            ("storage.block_rows", 0, []),
+            ("storage.block_mb", 0, []),
+            ("method.memory_budget_mb", 0, []),
+            ("backend.n_workers", 0, ["backend=dask"]),
+            ("backend.threads_per_worker", 0, ["backend=dask"]),
+            ("backend.max_in_flight", -1, ["backend=dask"]),
+        ]
+    ],
+    # the environment (item 8, 9)
+    Case(
+        "CUDA device on a machine without one",
+        lambda t: ["backend.device=cuda"],
+        "backend.device",
+        r"no CUDA device is available",
+    ),
+    Case(
+        "missing scheduler file",
+        lambda t: ["backend=address", f"backend.scheduler_file={t / 'nope.json'}"],
+        "backend.scheduler_file",
+        r"scheduler file .* not found",
+    ),
+    Case(
+        "scheduler file that is not JSON",
+        lambda t: scheduler_file(t, "tcp://127.0.0.1:8786"),
+        "backend.scheduler_file",
+        r"is not a Dask scheduler file",
+    ),
+    Case(
+        "unreachable scheduler",
+        lambda t: [
+            "backend=address",
+            "backend.address=tcp://127.0.0.1:9",
+            "backend.connect_timeout_s=2",
+        ],  # fmt: skip
+        "backend.address",
+        r"cannot reach the Dask scheduler at tcp://127.0.0.1:9 within 2 s",
+    ),
+    # data, labels, model (items 4, 10)
+    Case(
+        "non-finite float targets (target.loss=mse)",
+        nan_targets,
+        "data.labels_path",
+        r"labels \(targets\) of 1 sample\(s\) contain NaN or inf \(source indices 3\)",
+    ),
+    Case(
+        "labels that are one value (0-d)",
+        lambda t: with_labels(t, np.array(3), "target=loss"),
+        "data.labels_path",
+        r"0-d array",
+    ),
+    Case("an HDF5 group as data.dataset", hdf5_group, "data.dataset", r"is an HDF5 group"),
+    Case(
+        "inputs without entries (D = 0)",
+        lambda t: ["data=npy", f"data.path={npy(t, 'x.npy', np.ones((3, 0), np.float32))}"],
+        "data.path",
+        r"no entries: shape \(0,\) per sample",
+    ),
+    Case(
+        "a model with 0 outputs",
+        lambda t: ["model=custom", "+model.net._target_=tests.nets.mlp", "+model.net.out=0"],
+        "model.net",
+        r"returns 0 outputs",
+    ),
+    Case(
+        "an error raised in the model's forward",
+        lambda t: ["model=custom", "+model.net._target_=tests.nets.Raises"],
+        "model.net",
+        r"forward raised ValueError .*: this model refuses to run",
+    ),
+    Case(
+        "NaN weights in the checkpoint",
+        nan_weights,
+        "model.checkpoint",
+        r"weights are not finite: 3.weight holds NaN",
+    ),
+    Case(
+        "a model that torch.func cannot transform (vmap)",
+        lambda t: ["model=custom", "+model.net._target_=tests.nets.NotVmappable"],
+        "model.net",
+        r"method 'forward_over_reverse' fails on this model \(sample 0\)",
+    ),
+    Case(
+        "an exported program without model.trust",
+        a_program,
+        "model.trust",
+        r"unpickles parts of it.*set model.trust=true",
+    ),
+    Case(
+        "a zip archive that is not an exported program",
+        zip_but_not_a_program,
+        "model.path",
+        r"cannot load exported program",
+    ),
+    Case(
+        "no output selected",
+        lambda t: ["target.indices=[]"],
+        "target.indices",
+        r"no outputs selected",
+    ),
 ]
+
+
+def snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    """Every file and directory under ``root`` with its size and modification time."""
+    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")}
+
+
+def overrides_of(case: Case, tmp: Path) -> list[str]:
+    """The case's overrides, with ``storage.path`` in a directory that does not exist yet."""
+    given = case.setup(tmp)
+    if any(o.startswith("storage.path=") for o in given):
+        return given
+    return [f"storage.path={tmp / 'out' / 'h.h5'}", *given]
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.what for c in CASES])
 def test_bad_input_is_one_clear_error(tmp_path, case):
-    out = tmp_path / "out" / "h.h5"
-    overrides = [f"storage.path={out}", *case.setup(tmp_path)]
+    overrides = overrides_of(case, tmp_path)
+    before = snapshot(tmp_path)
     with pytest.raises(PipelineError) as info:
         run(config(*overrides))
     msg = str(info.value)
     assert "\n" not in msg
     assert info.value.key == case.key, msg
     assert re.search(case.pattern, msg), msg
-    assert not out.exists() and not ResultNames(out).shards.exists()
+    assert snapshot(tmp_path) == before, "a refused run created, changed or removed files"
+
+
+def test_a_corrected_rerun_is_not_taken_for_an_interrupted_run(tmp_path):
+    """Issue 11 item 8: a model failing under vmap was found after the run had started, left
+    <path>.shards/ behind, and the corrected rerun was refused as an interrupted run."""
+    path = tmp_path / "h.h5"
+    bad = ["model=custom", "+model.net._target_=tests.nets.NotVmappable", "+model.net.d=64"]
+    with pytest.raises(PipelineError, match="fails on this model"):
+        run(config(*bad, "data.stop=3", f"storage.path={path}"))
+    assert list(tmp_path.iterdir()) == []
+    good = ["model=custom", "+model.net._target_=tests.nets.mlp", "+model.net.d=64"]
+    run(config(*good, "data.stop=3", f"storage.path={path}"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["h.h5"]
 
 
 def test_existing_output_is_left_untouched(tmp_path):
@@ -210,39 +394,70 @@ def test_existing_output_is_left_untouched(tmp_path):
 
 # On the command line: composition errors and run errors alike are one line, exit code 1.
 CLI_CASES = [
-    ("unknown config key", "storage.pathh=x", r"Key 'pathh' not in .*config key: storage.pathh"),
+    ("unknown config key", "storage.pathh=x",
+     r"unknown key storage.pathh: storage takes path, mode, .*config key: storage.pathh"),
     ("unknown option of a group", "model=foo", r"Could not find 'model/foo'; available options"),
     ("unknown dtype", "dtype=float16", r"Invalid value 'float16'.*config key: dtype"),
     ("unknown storage mode", "storage.mode=append", r"expected one of \[create, resume, overwrite"),
     ("value of the wrong type", "data.stop=ten", r"could not be converted to Integer.*data.stop"),
+    ("a key of another backend", "backend.n_workers=4",
+     r"backend=local takes name, device; n_workers belongs to backend=dask .*backend.n_workers"),
+    ("a key of another target", "target=all target.indices=[3]",
+     r"target=all takes name; indices belongs to target=indices .*target.indices"),
+    ("a key of another data option", "data.path=x.npy",
+     r"data=digits takes .*; path belongs to data=npy and data=hdf5 .*config key: data.path"),
     ("output index out of range", "target.indices=[42]", r"config key: target.indices"),
-]
+]  # fmt: skip
+
+
+def pipeline_cli(tmp: Path, *overrides: str, env: dict | None = None, **kwargs):
+    """``python -m pipeline OVERRIDES`` with its output under ``tmp``."""
+    cmd = [sys.executable, "-m", "pipeline", *overrides, "plots=false",
+           f"hydra.run.dir={tmp / 'run'}"]  # fmt: skip
+    environ = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**environ, **(env or {})}, **kwargs)  # fmt: skip
+
+
+def one_error_line(proc) -> str:
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 1, proc.stderr
+    assert len(lines) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    return lines[0]
 
 
 @pytest.mark.parametrize("what,override,pattern", CLI_CASES, ids=[c[0] for c in CLI_CASES])
 def test_command_line_errors_are_one_line(tmp_path, what, override, pattern):
+    out = tmp_path / "out" / "h.h5"
+    line = one_error_line(pipeline_cli(tmp_path, *override.split(), f"storage.path={out}"))
+    assert line.startswith("error: ") and re.search(pattern, line), line
+    assert not (tmp_path / "out").exists()  # (Hydra's run directory holds its log)
+
+
+def test_unexpected_errors_are_one_line_internal_error(tmp_path):
+    """A bug of ours (simulated: the free-space check raises ZeroDivisionError) is one line that
+    says how to see the traceback, not Hydra's "Error executing job" and a raw message."""
+    script = (
+        "import sys, pipeline.store.writer as w, pipeline.__main__ as m\n"
+        "def boom(*a, **k): return 1 / 0\n"
+        "w.ResultWriter._check_free_space = boom\n"
+        "sys.argv = ['pipeline', *sys.argv[1:]]\n"
+        "m.main()\n"
+    )
     out = tmp_path / "h.h5"
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pipeline",
-            override,
-            f"storage.path={out}",
-            "plots=false",
-            f"hydra.run.dir={tmp_path / 'run'}",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert proc.returncode == 1
-    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
-    assert "Traceback" not in proc.stderr + proc.stdout
-    assert re.search(pattern, lines[0]), lines[0]
+        [sys.executable, "-c", script, f"storage.path={out}", "plots=false", "progress=false",
+         f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    line = one_error_line(proc)
+    assert line == (
+        "internal error: ZeroDivisionError: division by zero; HYDRA_FULL_ERROR=1 shows the "
+        "traceback"
+    ), line
     assert not out.exists()
+    assert "Error executing job" not in proc.stderr + proc.stdout
 
 
 def test_training_mode_layers_run_in_eval_with_a_warning(tmp_path):
@@ -264,16 +479,12 @@ if __name__ == "__main__":  # print the README table
     for c in CASES:
         with tempfile.TemporaryDirectory() as d:
             try:
-                run(config(f"storage.path={d}/out/h.h5", *c.setup(Path(d))))
+                run(config(*overrides_of(c, Path(d))))
                 msg = "(no error!)"
             except PipelineError as err:
                 msg = str(err).replace(d, "...")
         print(f"| {c.what} | `error: {msg}` |")
-    for what, override, _ in CLI_CASES[:5]:
-        p = subprocess.run(
-            [sys.executable, "-m", "pipeline", override, "storage.path=/tmp/x.h5"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-        )
+    for what, override, _ in CLI_CASES[:-1]:
+        with tempfile.TemporaryDirectory() as d:
+            p = pipeline_cli(Path(d), *override.split(), f"storage.path={d}/h.h5")
         print(f"| {what} (`{override}`) | `{p.stderr.strip()}` |")

@@ -12,10 +12,13 @@ import torch
 
 from pipeline import hessian, make_target
 from pipeline.hessian.methods import METHODS
+from pipeline.hessian.support import analyze
 from pipeline.run import run
 
 from .configs import config, read_hessian
+from .model_zoo import ZOO, ZooModel
 from .nets import mlp
+from .test_no_sync import CASES as NO_SYNC_CASES
 from .zoo import assert_close_to_max
 
 pytestmark = [
@@ -54,11 +57,37 @@ def test_every_method_on_cuda_matches_the_cpu_float64_result(method):
     torch.manual_seed(0)
     net, x = mlp(64).eval(), torch.randn(4, 64)
     target = make_target([0, 3], net(x).detach())
-    if method != "auto" and METHODS[method].unsupported(net, target) is not None:
+    if method != "auto" and METHODS[method].unsupported(analyze(net, x, target)) is not None:
         pytest.skip(f"{method} does not support the net")
     ref = hessian(net.double(), x.double(), [0, 3])
     got = hessian(net.float().cuda(), x.cuda(), [0, 3], method=method)
     assert_close_to_max(got.cpu().double(), ref, 1e-4, what=f"{method} on cuda")
+
+
+@pytest.mark.parametrize("entry", ZOO, ids=[z.name for z in ZOO])
+def test_zoo_on_cuda_matches_the_cpu_float64_result(entry: ZooModel):
+    torch.manual_seed(0)
+    net, x = entry.small().eval(), torch.randn(3, *entry.small_shape)
+    kw = {"labels": torch.tensor([0, 3, 1])} if entry.outputs == "loss" else {}
+    ref = hessian(net.double(), x.double(), entry.outputs, **kw)
+    kw = {k: v.cuda() for k, v in kw.items()}
+    got = hessian(net.float().cuda(), x.cuda(), entry.outputs, **kw)
+    assert_close_to_max(got.cpu().double(), ref, 1e-4, what=f"{entry.name} on cuda")
+
+
+@pytest.mark.parametrize("name", NO_SYNC_CASES)
+def test_no_host_synchronisation_inside_hessian(name):
+    """torch.cuda.set_sync_debug_mode('error') raises at any synchronising call."""
+    factory, shape, outputs = NO_SYNC_CASES[name]
+    torch.manual_seed(0)
+    model, x = factory().eval().cuda(), torch.randn(4, *shape, device="cuda")
+    hessian(model, x, outputs)  # the first call analyses the model
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        hessian(model, x, outputs)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
 
 
 def test_local_backend_on_cuda_equals_cpu(tmp_path, cpu_result, cpu_file):

@@ -60,6 +60,7 @@ CASES = [
     OpCase("in_place_relu_then_square", lambda m, x: m.out(F.relu(m.fc(x), inplace=True) ** 2)),
     OpCase("iadd_residual", lambda m, x: m.out(_iadd(m.fc(x), torch.tanh(m.fc(x))))),
     OpCase("cat_split_chunk", lambda m, x: m.out(_cat_split(m.fc2(m.fc(x))))),
+    OpCase("pieces_of_a_middle_axis", lambda m, x: m.out(_pieces(m, x))),
     OpCase("stack_mean_sum", lambda m, x: m.out(torch.stack(
         [m.fc(x).tanh(), m.fc(x).sigmoid()], dim=1).mean(1) + m.fc(x).sum(-1, keepdim=True))),
     OpCase("getitem_slices", lambda m, x: m.out(torch.tanh(m.fc(x))[:, [4, 0, 1, 2, 3]] +
@@ -75,6 +76,8 @@ CASES = [
     OpCase("pad_and_transposed_conv", lambda m, x: m.out(torch.tanh(F.conv_transpose2d(
         F.pad(_image(m, x), (1, 0, 0, 1)), m.w.transpose(0, 1))).flatten(1)[:, 2:7])),
     OpCase("layer_norm_functional", lambda m, x: m.out(F.layer_norm(m.fc(x), (5,)) * 2)),
+    OpCase("layer_norm_as_the_head", lambda m, x: F.layer_norm(m.out(torch.tanh(m.fc(x))), (4,),
+                                                               m.out.bias)),
     OpCase("softmax_attention", lambda m, x: m.out(_attention(m.fc(x)))),
     OpCase("log_softmax_head", lambda m, x: F.log_softmax(m.out(torch.tanh(m.fc(x))), dim=1)),
     OpCase("normalize_by_torch_func", lambda m, x: m.out(F.normalize(m.fc(x), dim=1)),
@@ -92,6 +95,14 @@ def _cat_split(h: Tensor) -> Tensor:
     a, b = h.split([2, 3], dim=1)
     c, d = torch.tanh(b).chunk(2, dim=1)  # sizes 2 and 1
     return torch.cat([a.sigmoid(), d, c], dim=1)
+
+
+def _pieces(m: Fn, x: Tensor) -> Tensor:
+    z = torch.stack([m.fc(x), torch.tanh(m.fc2(m.fc(x)))], dim=1)  # (N, 2, 5)
+    a = z.narrow(2, 1, 3).sum(1)  # (N, 3)
+    b = z.select(1, 1)  # (N, 5)
+    c = z.chunk(2, dim=1)[0].squeeze(1)  # (N, 5)
+    return torch.cat([a, b[:, :2]], 1) * torch.sigmoid(c)
 
 
 def _iadd(a: Tensor, b: Tensor) -> Tensor:
@@ -155,3 +166,31 @@ def test_exported_program_graph_of_aten_ops():
     h = pipeline.hessian(program, x, [1], method="structured")
     h_ref, _ = reference(net, x, TargetCase("one", [1]), None)
     assert_rel_close(h, h_ref, 1e-9)
+
+
+class Attention(nn.Module):
+    """torch's own attention modules: nn.MultiheadAttention and nn.TransformerEncoderLayer stay
+    whole (leaf modules) and get their derivatives from torch.func; their fused attention
+    kernels have neither forward-mode AD nor a double backward, the math kernel has both."""
+
+    def __init__(self):
+        super().__init__()
+        self.att = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.enc = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h, _ = self.att(x, x, x)
+        return self.head(self.enc(h + x).mean(1))
+
+
+def test_torch_attention_modules():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    torch.manual_seed(4)
+    model = Attention().eval()
+    x = torch.randn(2, 4, 8)
+    h = pipeline.hessian(model, x, [1], method="structured")
+    with sdpa_kernel([SDPBackend.MATH]):  # the reference needs a double backward too
+        h_ref, _ = plain_reference(model, x, [1])
+    assert_rel_close(h, h_ref.reshape(h.shape), 1e-9)

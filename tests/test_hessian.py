@@ -236,3 +236,20 @@ def test_an_exported_program_module_works_directly():
     got = pipeline.hessian(program.module(), x, [1])
     want = pipeline.hessian(net, x, [1])
     assert torch.allclose(got, want, rtol=1e-5, atol=1e-6), (got - want).abs().max()
+
+
+def test_a_forward_that_branches_on_values_falls_back_in_one_line(caplog):
+    """torch.fx cannot capture data-dependent control flow and vmap over samples cannot follow
+    it: auto says why in one line and the generic method goes sample by sample."""
+    from tests.nets import Branching
+
+    torch.manual_seed(3)
+    model = Branching(6).double().eval()
+    x = torch.randn(3, 6, dtype=torch.float64)
+    with caplog.at_level("WARNING", logger="pipeline.hessian.methods"):
+        h = pipeline.hessian(model, x, [1])
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and "forward_over_reverse" in lines[0] and "torch.fx" in lines[0]
+    for n in range(3):
+        ref = torch.autograd.functional.hessian(lambda v: model(v[None])[0, 1], x[n])
+        assert_rel_close(h[n, 0], ref, REL)

@@ -10,6 +10,7 @@ import h5py
 import numpy as np
 import pytest
 
+from pipeline.errors import PipelineError
 from pipeline.inspect import main, stats_table
 from pipeline.reader import read
 from pipeline.stats import matrix_stats
@@ -132,3 +133,52 @@ def test_table_of_stored_statistics_equals_the_streamed_one(tmp_path_factory):
         assert a[:3] == b[:3] and a[-1] == b[-1] == "0"
         np.testing.assert_allclose(np.float64(a[3:5]), np.float64(b[3:5]), rtol=1e-4)
         np.testing.assert_allclose(float(a[5]), float(b[5]), rtol=1e-2, atol=1e-9)
+
+
+def test_a_contiguous_hessian_is_read_and_inspected(tmp_path_factory, tmp_path):
+    """A result rewritten without chunks (h5repack -l CONTI, or h5py by hand) crashed inspect."""
+    src = result_file(tmp_path_factory, "copy")
+    dst = tmp_path / "contiguous.h5"
+    with h5py.File(src, "r") as f, h5py.File(dst, "w") as g:
+        for name, dset in f.items():
+            g.create_dataset(name, data=dset[()])  # contiguous
+        g.attrs.update(f.attrs)
+    out = _inspect(dst)
+    assert out.returncode == 0, out.stderr
+    assert "chunks none (contiguous)" in out.stdout
+    with read(dst) as r, read(src) as s:
+        assert set(r.hessian.chunks[0]) == {1} and set(r.hessian.chunks[1]) == {1}
+        np.testing.assert_array_equal(r.hessian.compute(), s.hessian.compute())
+
+
+@pytest.mark.parametrize("drop", ["attr:method", "attr:status", "dataset:inputs", "shape"])
+def test_a_result_like_foreign_file_is_refused_in_one_line(tmp_path_factory, tmp_path, drop):
+    src = result_file(tmp_path_factory, "copy")
+    dst = tmp_path / "foreign.h5"
+    shutil.copy(src, dst)
+    with h5py.File(dst, "r+") as f:
+        kind, _, name = drop.partition(":")
+        if kind == "attr":
+            del f.attrs[name]
+        elif kind == "dataset":
+            del f[name]
+        else:
+            del f["gradient"]
+            f["gradient"] = np.zeros((3, 2, 5), np.float32)
+    with pytest.raises(PipelineError, match="is not a pipeline result|incomplete"):
+        read(dst)
+    out = _inspect(dst)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.strip().count("\n") == 0 and out.stderr.startswith("error: ")
+
+
+def test_inspect_into_a_closed_pipe_ends_quietly(tmp_path_factory):
+    """``inspect F | head`` ended in a BrokenPipeError traceback; here the reader (``true``)
+    exits before inspect writes anything, so every write meets a closed pipe."""
+    path = result_file(tmp_path_factory, "copy")
+    proc = subprocess.run(
+        f"{sys.executable} -m pipeline.inspect {path} | true; echo ${{PIPESTATUS[0]}}",
+        shell=True, executable="/bin/bash", capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.stderr == "", proc.stderr
+    assert proc.stdout.strip() == "141"  # as a Unix tool killed by SIGPIPE

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import h5py
 import numpy as np
+import pytest
 import torch
 
 from pipeline.hessian.methods import METHODS
@@ -26,13 +27,24 @@ def test_tf32_switch_is_scoped():
     assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before
 
 
-def test_tf32_error_is_zero_on_the_cpu():
-    """The CPU has no TF32: both computations are the same float32 matmuls, bit for bit."""
+def test_tf32_error_compares_the_method_with_and_without_tf32():
+    """tf32_error runs the method once with TF32 allowed and once without, and measures the
+    relative difference: here a method that shifts its result by 1e-3 of its largest entry when
+    TF32 is on (what a GPU's TF32 matmuls do, which a CPU cannot show)."""
     torch.manual_seed(0)
     net, x = mlp(16).eval(), torch.randn(2, 16)
     target = make_target([1], net(x).detach())
-    err = tf32_error(METHODS["structured"].compute, net, x, target, torch.arange(16), 1 << 26)
-    assert err == 0.0
+    exact = METHODS["structured"].compute
+
+    def with_tf32_error(model, x, target, rows, budget):
+        h, g = exact(model, x, target, rows, budget)
+        if torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32:
+            h = h + 1e-3 * h.abs().max()
+        return h, g
+
+    err = tf32_error(with_tf32_error, net, x, target, torch.arange(16), 1 << 26)
+    assert err == pytest.approx(1e-3, rel=1e-3)
+    assert tf32_error(exact, net, x, target, torch.arange(16), 1 << 26) == 0.0
 
 
 def test_tf32_on_the_cpu_is_recorded_as_ignored(tmp_path):

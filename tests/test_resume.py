@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -92,6 +94,40 @@ def test_sigkill_then_resume_gives_identical_result(tmp_path, reference, backend
     for name, ino in committed.items():  # finished blocks were not redone
         assert (shards / name).stat().st_ino == ino
     np.testing.assert_array_equal(read_hessian(path), reference)
+
+
+@pytest.mark.parametrize("backend", [("backend=local",), ("backend=dask", "backend.n_workers=2")])
+def test_ctrl_c_says_how_many_blocks_are_kept_and_how_to_resume(tmp_path, reference, backend):
+    """Issue 11 item 11: Ctrl-C printed 110 lines of traceback and no word about resuming (and
+    each Dask worker its own traceback)."""
+    path = tmp_path / "h.h5"
+    shards = ResultNames(path).shards
+    proc = start_cli(*JOB, *backend, f"storage.path={path}")
+    wait_for_blocks(path, 3, proc)
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C sends: to every process of the run
+    out = proc.communicate(timeout=60)[0].decode()
+    assert proc.returncode == 130, out
+    assert "Traceback" not in out
+    last = out.strip().splitlines()[-1]
+    found = re.fullmatch(
+        rf"interrupted: (\d+) of 64 blocks are committed in {re.escape(str(shards))}; "
+        r"resume with: (.*)",
+        last,
+    )
+    assert found, last
+    kept = int(found.group(1))
+    assert kept == len(committed_blocks(path)) >= 3
+    command = shlex.split(found.group(2))
+    assert command[:3] == ["python", "-m", "pipeline"]
+    assert command[-2:] == ["storage.mode=resume", f"storage.path={path}"]
+    assert set(JOB) | set(backend) <= set(command)
+    done = subprocess.run(
+        [sys.executable, *command[1:], f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    np.testing.assert_array_equal(read_hessian(path), reference)
+    assert re.search(rf"{64 - kept} blocks computed, {kept} reused", done.stderr + done.stdout)
 
 
 def test_resume_with_a_changed_config_is_refused(tmp_path):

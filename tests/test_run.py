@@ -47,3 +47,14 @@ def test_run_every_target_option(tmp_path, overrides, case, output_index):
         else:
             expected = output_index or case.outputs
         np.testing.assert_array_equal(f["output_index"][:], expected)
+
+
+def test_a_linear_model_says_why_its_hessians_are_zero(tmp_path, caplog):
+    """Issue 11, item 13: a linear model from the command line gave zeros and said nothing."""
+    cfg = compose_config("model=custom", "+model.net._target_=tests.nets.linear", *SMALL)
+    with caplog.at_level("WARNING"):
+        result = run(cfg, tmp_path)
+    said = [r.getMessage() for r in caplog.records if "zero" in r.getMessage()]
+    assert any("linear in the input" in m for m in said), said
+    with h5py.File(result.path, "r") as f:
+        assert not np.any(f["hessian"][:])

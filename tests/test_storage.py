@@ -4,7 +4,7 @@ batched commits, and runs that fail or are refused leaving nothing behind."""
 from __future__ import annotations
 
 import logging
-import math
+import threading
 
 import h5py
 import numpy as np
@@ -298,7 +298,8 @@ def test_leaving_the_writer_without_finishing_is_an_error(tmp_path, monkeypatch)
     monkeypatch.setattr(ResultWriter, "finish", lambda self: None)
     with pytest.raises(RuntimeError, match="without finish"):
         run(config(*SMALL, f"storage.path={tmp_path / 'h.h5'}"))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["h.h5.shards"]  # blocks kept
+    kept = ResultNames(tmp_path / "h.h5").shards
+    assert list(tmp_path.iterdir()) == [kept] and committed_blocks(tmp_path / "h.h5")
 
 
 def test_a_block_is_never_written_with_another_files_offsets(tmp_path):
@@ -318,22 +319,28 @@ def test_a_block_is_never_written_with_another_files_offsets(tmp_path):
         moved.write(plan.blocks[0], block, np.zeros((1, 1, 32), np.float32))
 
 
-def test_blocks_are_committed_in_batches(tmp_path, monkeypatch):
-    """One flush per batch of blocks (here 3 blocks' bytes), not one per block."""
-    import pipeline.store.writer as writer
+def test_blocks_written_during_a_flush_are_committed_together(tmp_path, monkeypatch):
+    """Group commit: the first flush is held until every block is written; then one more flush
+    commits the 15 blocks that arrived meanwhile, and every block is committed once."""
+    written = threading.Event()
+    commits, groups = [], []
+    real_commit, real_now = ResultWriter.commit, ResultWriter._commit_now
 
-    block_bytes = 8 * 32 * 4
-    monkeypatch.setattr(writer, "BATCH_BYTES", 3 * block_bytes)
-    monkeypatch.setattr(writer, "BATCH_SECONDS", math.inf)
-    batches = []
-    real = ResultWriter._commit_now
+    def commit(self, index):
+        real_commit(self, index)
+        commits.append(index)
+        if len(commits) == 16:
+            written.set()
 
-    def counted(self, indices):
-        batches.append(list(indices))
-        real(self, indices)
+    def commit_now(self, indices):
+        assert written.wait(60)
+        groups.append(list(indices))
+        real_now(self, indices)
 
-    monkeypatch.setattr(ResultWriter, "_commit_now", counted)
+    monkeypatch.setattr(ResultWriter, "commit", commit)
+    monkeypatch.setattr(ResultWriter, "_commit_now", commit_now)
     path = tmp_path / "h.h5"
-    run(config(*SMALL, f"storage.path={path}"))
-    assert [len(b) for b in batches] == [3] * 5 + [1]
-    assert sorted(i for b in batches for i in b) == list(range(16))
+    run(config(*SMALL, "storage.keep_shards=true", f"storage.path={path}"))
+    assert [len(g) for g in groups] == [1, 15]
+    assert sorted(i for g in groups for i in g) == list(range(16))
+    assert len(committed_blocks(path)) == 16

@@ -11,6 +11,9 @@ Fast steps (one step between two cuts) and their rules, for y = f(v) and M = M_y
 * constant scale:  M_v = diag(c) M diag(c)
 * reshape:         M_v = M (the identity on flat features)
 * dense W:         M_v = W^T M W
+* LayerNorm over the whole sample: M_v = J^T M J + C with J = diag(gamma) Q / sigma,
+  Q = I - (1 1^T + x^ x^T) / E, and C its curvature (``rules.LayerNorm``), as double centering
+  and a few rank-one updates of M (no identity-seeded sweep)
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .rules import ELEMENTWISE_MACS, Dense, Elementwise, Reshape, Rule, Scale
+from .products import symmetric_product
+from .rules import ELEMENTWISE_MACS, Dense, Elementwise, LayerNorm, Reshape, Rule, Scale
 
 ZERO, DIAG, DENSE = "zero", "diag", "dense"
 
@@ -41,6 +45,8 @@ def is_fast(rule: Rule) -> bool:
     """Whether M passes through this step by a closed-form rule (see module doc)."""
     if isinstance(rule, (Elementwise, Scale, Reshape)):
         return len(rule.shapes_in) == 1 and rule.shapes_in[0] == rule.shape_out
+    if isinstance(rule, LayerNorm):
+        return rule.m == len(rule.shape_out)  # one group: the whole sample
     return isinstance(rule, Dense) and rule.flat
 
 
@@ -57,6 +63,8 @@ def transition(rule: Rule, kind: str, k: int) -> tuple[str, int]:
         if kind == ZERO or rule.factor is None:
             return kind, 0
         return kind, k * f * (f if kind == DENSE else 1) * ELEMENTWISE_MACS
+    if isinstance(rule, LayerNorm):
+        return DENSE, k * f * f * ELEMENTWISE_MACS * (3 if kind == ZERO else 8)
     # Dense W (F_out, F_in)
     f_in = rule.f_in
     if kind == ZERO:
@@ -91,10 +99,12 @@ def through(rule: Rule, m: Curvature, g: Tensor | None) -> Curvature:
         if m.kind == DIAG:
             return Curvature(DIAG, c * c * m.value)
         return Curvature(DENSE, c.unsqueeze(-1) * m.value * c.unsqueeze(-2))
+    if isinstance(rule, LayerNorm):
+        return Curvature(DENSE, _layer_norm(rule, m, g))
     w = rule.weight  # Dense
     if m.kind == DIAG:
-        return Curvature(DENSE, (m.value.unsqueeze(-1) * w).mT @ w)
-    return Curvature(DENSE, (m.value @ w).mT @ w)  # M symmetric: (M W)^T W = W^T M W
+        return Curvature(DENSE, symmetric_product((m.value.unsqueeze(-1) * w).mT, w))
+    return Curvature(DENSE, symmetric_product((m.value @ w).mT, w))  # (M W)^T W = W^T M W
 
 
 def rows_of(m: Curvature, rows: Tensor, like: Tensor) -> Tensor | None:
@@ -105,3 +115,36 @@ def rows_of(m: Curvature, rows: Tensor, like: Tensor) -> Tensor | None:
         return m.value.index_select(-2, rows)
     eye = (rows.unsqueeze(-1) == torch.arange(m.value.shape[-1], device=rows.device)).to(like)
     return eye * m.value.unsqueeze(2)
+
+
+def _layer_norm(rule: LayerNorm, m: Curvature, g: Tensor) -> Tensor:
+    """J^T M J + C of a LayerNorm over the whole sample (see ``rules.LayerNorm``): (N, K, F, F)."""
+    n, k = g.shape[:2]
+    xhat = rule.xhat.reshape(n, 1, -1)  # (N, 1, F)
+    e = xhat.shape[-1]
+    inv2 = (rule.inv * rule.inv).reshape(n, 1, 1, 1)
+    gamma = None if rule.weight is None else rule.weight.reshape(-1)
+    gg = g.reshape(n, k, e) if gamma is None else g.reshape(n, k, e) * gamma
+    a = gg - gg.mean(-1, keepdim=True)  # P (gamma g)
+    s = (a * xhat).sum(-1, keepdim=True)  # <a, x^>
+    ones = torch.ones_like(a)
+    xb = xhat.expand(n, k, e)
+    # C = (-(a x^T + x^ a^T) + 3 s x^ x^T / E - s I + s 1 1^T / E) / (E sigma^2)
+    left = torch.stack([a, xb, ones], -1)  # (N, K, F, 3)
+    right = torch.stack([-xb, -a + 3 * s * xb / e, s * ones / e], -1)
+    out = left @ right.mT
+    out.diagonal(dim1=-2, dim2=-1).sub_(s)
+    out = out / e
+    if m.kind != ZERO:
+        a_m = m.value if m.kind == DENSE else torch.diag_embed(m.value)
+        if gamma is not None:
+            a_m = gamma[:, None] * a_m * gamma
+        # B = P A P (double centering), then Q A Q = B - (w x^T + x^ w'^T) / E with w = B x^,
+        # w' = w - <x^, w> x^ / E
+        b = a_m - a_m.mean(-1, keepdim=True)
+        b = b - b.mean(-2, keepdim=True)
+        w = (b @ xhat.unsqueeze(-1)).squeeze(-1)  # (N, K, F)
+        w2 = w - (xhat * w).sum(-1, keepdim=True) * xhat / e
+        qaq = b - torch.stack([w, xb], -1) @ torch.stack([xb, w2], -1).mT / e
+        out = out + qaq
+    return out * inv2

@@ -17,14 +17,14 @@ from torch import Tensor
 Derivatives = Callable[..., tuple[Tensor, Tensor]]
 
 
-def _tanh(a: Tensor) -> tuple[Tensor, Tensor]:
-    t = torch.tanh(a)
+def _tanh(a: Tensor, out: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    t = torch.tanh(a) if out is None else out
     d1 = 1 - t * t
     return d1, -2 * t * d1
 
 
-def _sigmoid(a: Tensor) -> tuple[Tensor, Tensor]:
-    p = torch.sigmoid(a)
+def _sigmoid(a: Tensor, out: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    p = torch.sigmoid(a) if out is None else out
     d1 = p * (1 - p)
     return d1, d1 * (1 - 2 * p)
 
@@ -191,6 +191,18 @@ DERIVATIVES: dict[str, Derivatives] = {
 PIECEWISE_LINEAR = frozenset({"relu", "leaky_relu", "prelu", "hardtanh", "relu6", "abs"})
 
 
-def derivatives(name: str, a: Tensor, **params) -> tuple[Tensor, Tensor]:
-    """(s'(a), s''(a)) of the elementwise function ``name`` with its parameters."""
+# Non-decreasing everywhere (leaky_relu and elu only for the default non-negative parameters:
+# the rule checks the sign of s' instead where it matters).
+NON_DECREASING = frozenset({"tanh", "sigmoid", "softplus", "relu", "hardtanh", "relu6", "exp",
+                            "log_sigmoid", "softsign", "sqrt", "log"})  # fmt: skip
+
+# Functions whose derivatives follow from their output s(a) without computing it again.
+FROM_OUTPUT = frozenset({"tanh", "sigmoid"})
+
+
+def derivatives(name: str, a: Tensor, out: Tensor | None = None, **params) -> tuple[Tensor, Tensor]:
+    """(s'(a), s''(a)) of the elementwise function ``name`` with its parameters; ``out`` = s(a),
+    when known, saves computing it again (``FROM_OUTPUT``)."""
+    if name in FROM_OUTPUT and out is not None:
+        return DERIVATIVES[name](a, out=out)
     return DERIVATIVES[name](a, **params)

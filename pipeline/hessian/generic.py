@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev, jvp, vjp, vmap
 
+from .rules import differentiable_twice
 from .targets import Target
 
 
@@ -25,7 +26,7 @@ def _flat_fn(model: nn.Module, target: Target, shape: torch.Size):
         z = functional_call(model, (params, buffers), (xf.view(shape).unsqueeze(0),))
         return target.select(z.squeeze(0), aux)
 
-    return f
+    return differentiable_twice(f)
 
 
 def _basis(rows: Tensor, dim: int, like: Tensor) -> Tensor:
@@ -91,19 +92,15 @@ def _batched(one_sample, x: Tensor, target: Target, basis: Tensor, max_direction
     n, r = x.shape[0], basis.shape[0]
     xf = x.reshape(n, -1)
     max_directions = max(1, int(max_directions))
+    if r <= max_directions:
+        try:
+            return _samples_at_once(one_sample, xf, target, basis, max(1, max_directions // r))
+        except RuntimeError as err:
+            if "control flow" not in str(err):
+                raise
+            # The forward branches on the values of its input: vmap over samples cannot
+            # follow that, so samples go one at a time below (only the rows are vmapped).
     grads, hess = [], []
-    if r <= max_directions:  # several whole samples per call
-        step = max(1, max_directions // r)
-        # The basis is batched over samples too (an expanded view, no copy): with an unbatched
-        # cotangent, the double backward of some ops (layer_norm) adds a per-sample tensor in
-        # place into a shared one, which vmap refuses.
-        fn = vmap(one_sample)
-        for s in range(0, n, step):
-            xs = xf[s : s + step]
-            g, h = fn(xs, target.aux[s : s + step], basis.expand(len(xs), *basis.shape))
-            grads.append(g)
-            hess.append(h)
-        return torch.cat(hess), torch.cat(grads)
     for s in range(n):  # one sample, rows in chunks
         parts = [
             one_sample(xf[s], target.aux[s], basis[c : c + max_directions])
@@ -112,6 +109,21 @@ def _batched(one_sample, x: Tensor, target: Target, basis: Tensor, max_direction
         grads.append(parts[0][0])
         hess.append(torch.cat([h for _, h in parts], dim=1))
     return torch.stack(hess), torch.stack(grads)
+
+
+def _samples_at_once(one_sample, xf: Tensor, target: Target, basis: Tensor, step: int):
+    """Several whole samples per vectorized call."""
+    grads, hess = [], []
+    # The basis is batched over samples too (an expanded view, no copy): with an unbatched
+    # cotangent, the double backward of some ops (layer_norm) adds a per-sample tensor in place
+    # into a shared one, which vmap refuses.
+    fn = vmap(one_sample)
+    for s in range(0, xf.shape[0], step):
+        xs = xf[s : s + step]
+        g, h = fn(xs, target.aux[s : s + step], basis.expand(len(xs), *basis.shape))
+        grads.append(g)
+        hess.append(h)
+    return torch.cat(hess), torch.cat(grads)
 
 
 def is_missing_forward_ad(err: Exception) -> bool:

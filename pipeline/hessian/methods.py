@@ -63,7 +63,7 @@ def _directions(model: nn.Module, x: Tensor, k: int, budget: int) -> int:
 
 def _generic(fn) -> ComputeFn:
     def compute(model, x, target, rows, budget):
-        index = select_rows(rows, x[0].numel(), x.device).index
+        index = select_rows(rows, x.shape[1:].numel(), x.device).index
         return fn(model, x, target, index, _directions(model, x, target.n_outputs, budget))
 
     return compute
@@ -101,7 +101,7 @@ AUTO_ORDER: list[str] = ["piecewise", "structured", "forward_over_reverse"]
 def resolve_method(name: str, model: nn.Module, target: Target, x: Tensor) -> Method:
     """The method called ``name`` (or the one ``auto`` picks) for the model on inputs like x.
 
-    ``auto`` logs, at INFO, why each faster method it passed over does not apply.
+    When ``auto`` cannot take the graph path it logs why, in one line (a WARNING).
     """
     if name != "auto" and name not in METHODS:
         raise ArgumentError(
@@ -110,10 +110,11 @@ def resolve_method(name: str, model: nn.Module, target: Target, x: Tensor) -> Me
     support = analyze(model, x, target)
     if name == "auto":
         for candidate in AUTO_ORDER:
-            reason = METHODS[candidate].unsupported(support)
-            if reason is None:
-                return METHODS[candidate]
-            log.info("method %s does not apply: %s", candidate, reason)
+            if METHODS[candidate].unsupported(support) is None:
+                break
+        if candidate == "forward_over_reverse":  # the graph path cannot take the model: say why
+            log.warning("method=auto uses forward_over_reverse: %s", support.structured)
+        return METHODS[candidate]
     method = METHODS[name]
     reason = method.unsupported(support)
     if reason is not None:
@@ -188,7 +189,7 @@ def hessian(
         z = _outputs(model, x)
         target = make_target(outputs, z, labels, loss)
         chosen = resolve_method(method, model, target, x)
-        row_index = select_rows(rows, x[0].numel(), x.device)
+        row_index = select_rows(rows, x.shape[1:].numel(), x.device)
         hess, grad = chosen.compute(model, x, target, row_index, memory_budget)
         reason = zero_hessian_reason(model, target, x)
     finally:

@@ -250,8 +250,8 @@ def _general(call: Call) -> General:
     return General(*_shapes(call), fn=call.fn, primals=tuple(call.inputs))
 
 
-def _fold(call: Call, fn: Callable[..., Tensor], cost: int = 0) -> Fold:
-    return Fold(*_shapes(call), fn=fn, cost=cost)
+def _fold(call: Call, fn: Callable[..., Tensor], cost: int = 0, adjoint=None) -> Fold:
+    return Fold(*_shapes(call), fn=fn, cost=cost, adjoint=adjoint)
 
 
 def _same_shapes(call: Call) -> bool:
@@ -291,8 +291,13 @@ def _module_rule(call: Call) -> Rule | str | None:
             w = m.weight.detach()
             fn = lambda t: m._conv_forward(t, w, None)  # noqa: E731
         return _fold(call, fn, _conv_cost(call, m.weight))
-    if isinstance(m, (nn.modules.pooling._AvgPoolNd, nn.modules.pooling._AdaptiveAvgPoolNd)):
-        return _fold(call, m)
+    if isinstance(m, nn.modules.pooling._AdaptiveAvgPoolNd):
+        return _fold(call, m, adjoint=_adaptive_pool_adjoint(call, _spatial(type(m).__name__)))
+    if isinstance(m, nn.modules.pooling._AvgPoolNd):
+        params = [m.kernel_size, m.stride, m.padding, m.ceil_mode, m.count_include_pad,
+                  getattr(m, "divisor_override", None)]  # fmt: skip
+        adjoint = _avg_pool_adjoint(call, _spatial(type(m).__name__), *params)
+        return _fold(call, m, adjoint=adjoint)
     if isinstance(m, nn.modules.pooling._MaxPoolNd):
         if m.return_indices and call.element is None:
             return _general(call)
@@ -308,7 +313,7 @@ def _module_rule(call: Call) -> Rule | str | None:
         return _layer_norm_rule(call, m.normalized_shape, m.weight, m.eps)
     if isinstance(m, (nn.Softmax, nn.LogSoftmax)) and m.dim is not None and m.dim % call.ndim:
         rule = Softmax if isinstance(m, nn.Softmax) else LogSoftmax
-        p = call.out.detach() if rule is Softmax else call.out.detach().exp()
+        p = call.out if rule is Softmax else call.out.exp()
         return rule(*_shapes(call), p=p, dim=m.dim)
     if isinstance(m, (nn.Flatten, nn.Unflatten)):
         return Reshape(*_shapes(call))
@@ -317,7 +322,7 @@ def _module_rule(call: Call) -> Rule | str | None:
 
 def _elementwise(call: Call, name: str, params: dict[str, Any]) -> Elementwise:
     a = call.inputs[0]
-    d1, d2 = elementwise.derivatives(name, a.detach(), **params)
+    d1, d2 = elementwise.derivatives(name, a, call.out, **params)
     return Elementwise(*_shapes(call), name=name, d1=d1, d2=d2)
 
 
@@ -352,17 +357,17 @@ def _matmul(call: Call) -> Rule | None:
         return Dense(*_shapes(call), weight=b.T)
     if len(call.inputs) == 2 and call.active(a) and call.active(b):
         if a.dim() == b.dim() >= 3 and a.shape[:-2] == b.shape[:-2]:
-            return Bilinear(*_shapes(call), a=a.detach(), b=b.detach())
+            return Bilinear(*_shapes(call), a=a, b=b)
     return None
 
 
 def _layer_norm_rule(call: Call, shape, weight, eps) -> Rule:
-    v = call.inputs[0].detach()
+    v = call.inputs[0]
     m = len(shape) if isinstance(shape, (list, tuple, torch.Size)) else 1
     dims = tuple(range(-m, 0))
     mean = v.mean(dims, keepdim=True)
     inv = torch.rsqrt(v.var(dims, unbiased=False, keepdim=True) + eps)
-    w = None if weight is None else weight.detach()
+    w = weight
     return LayerNorm(*_shapes(call), xhat=(v - mean) * inv, inv=inv, weight=w, m=m)
 
 
@@ -394,14 +399,14 @@ def _softmax_dim(call: Call) -> int | None:
 
 def _softmax(call: Call) -> Rule | None:
     dim = _softmax_dim(call)
-    return None if dim is None else Softmax(*_shapes(call), p=call.out.detach(), dim=dim)
+    return None if dim is None else Softmax(*_shapes(call), p=call.out, dim=dim)
 
 
 def _log_softmax(call: Call) -> Rule | None:
     dim = _softmax_dim(call)
     if dim is None:
         return None
-    return LogSoftmax(*_shapes(call), p=call.out.detach().exp(), dim=dim)
+    return LogSoftmax(*_shapes(call), p=call.out.exp(), dim=dim)
 
 
 def _addmm(call: Call) -> Rule | None:
@@ -463,12 +468,58 @@ def _avg_pool(call: Call) -> Rule | None:
     if len(call.inputs) != 1 or not call.active(call.args[0]):
         return None
     target, rest, kwargs = call.target, call.args[1:], call.kwargs
-    return _fold(call, lambda t: target(t, *rest, **kwargs))
+    name = getattr(target, "__name__", str(target))
+    spatial = _spatial(name)
+    if "adaptive" in name:
+        adjoint = _adaptive_pool_adjoint(call, spatial)
+    else:
+        names = ["kernel_size", "stride", "padding", "ceil_mode", "count_include_pad",
+                 "divisor_override"]  # fmt: skip
+        defaults = [None, None, 0, False, True, None]
+        pairs = enumerate(zip(names, defaults, strict=True))
+        params = [call.arg(i + 1, p, d) for i, (p, d) in pairs]
+        adjoint = _avg_pool_adjoint(call, spatial, *params)
+    return _fold(call, lambda t: target(t, *rest, **kwargs), adjoint=adjoint)
+
+
+def _tuple(v, n: int) -> list[int]:
+    return list(v) if isinstance(v, (list, tuple)) else [v] * n
+
+
+def _avg_pool_adjoint(call: Call, spatial, kernel, stride, padding, ceil, count_pad, divisor):
+    """The transpose of a 2-d or 3-d average pool (``aten.avg_pool{n}d_backward``; the input it
+    takes is only read for its shape: an expanded zero); None for 1-d pools."""
+    if spatial == 1:
+        return None
+    backward = {2: aten.avg_pool2d_backward, 3: aten.avg_pool3d_backward}[spatial]
+    kernel = _tuple(kernel, spatial)
+    stride = kernel if stride is None or stride == [] else _tuple(stride, spatial)
+    padding = _tuple(padding, spatial)
+    shape = call.inputs[0].shape[1:]
+
+    def adjoint(u: Tensor) -> tuple[Tensor]:
+        zero = u.new_zeros(()).expand(u.shape[0], *shape)
+        return (backward(u, zero, kernel, stride, padding, ceil, count_pad, divisor),)
+
+    return adjoint
+
+
+def _adaptive_pool_adjoint(call: Call, spatial: int):
+    """The transpose of a 2-d or 3-d adaptive average pool; None for 1-d pools."""
+    if spatial == 1:
+        return None
+    backward = {2: aten._adaptive_avg_pool2d_backward, 3: aten._adaptive_avg_pool3d_backward}
+    shape = call.inputs[0].shape[1:]
+
+    def adjoint(u: Tensor) -> tuple[Tensor]:
+        return (backward[spatial](u, u.new_zeros(()).expand(u.shape[0], *shape)),)
+
+    return adjoint
 
 
 def _max_pool(call: Call, spatial: int, kernel, stride, padding, dilation, ceil_mode) -> Rule:
     """A max pool over ``spatial`` axes as a selection of each sample's maxima."""
-    h = call.inputs[0].detach()
+    h = call.inputs[0]
     pool = (F.max_pool1d, F.max_pool2d, F.max_pool3d)[spatial - 1]
     _, index = pool(h, kernel, stride or None, padding, dilation, ceil_mode, return_indices=True)
     if h.dim() == spatial + 2:  # (N, C, *spatial): the pool's indices count within each channel
@@ -571,14 +622,16 @@ def _permute(call: Call) -> Rule | None:
         dims = dims[0]
     if len(call.inputs) != 1 or _dims(dims[0], call.ndim) != [0]:
         return None
-    return _fold(call, lambda t: t.permute(*dims))
+    order = [d % call.ndim for d in dims]
+    inverse = [order.index(i) for i in range(len(order))]
+    return _fold(call, lambda t: t.permute(*order), adjoint=lambda u: (u.permute(*inverse),))
 
 
 def _transpose(call: Call) -> Rule | None:
     d0, d1 = call.arg(1, "dim0"), call.arg(2, "dim1")
     if len(call.inputs) != 1 or not _keeps_batch(call, d0, d1):
         return None
-    return _fold(call, lambda t: t.transpose(d0, d1))
+    return _fold(call, lambda t: t.transpose(d0, d1), adjoint=lambda u: (u.transpose(d0, d1),))
 
 
 def _movedim(call: Call) -> Rule | None:
@@ -628,7 +681,9 @@ def _positional(call: Call, name: str) -> Rule | None:
         return None
     if not _keeps_batch(call, dim):
         return None
-    return _fold(call, _rebound(call))
+    fn = _rebound(call)
+    adjoint = _piece_adjoint(call, dim, fn) if name in ("narrow", "select") else None
+    return _fold(call, fn, adjoint=adjoint)
 
 
 _STACKS = {_packet(torch.stack), _packet(aten.stack)}
@@ -661,13 +716,60 @@ def _split(call: Call) -> Rule | None:
     dim = call.arg(at + 1, "dim", 0)
     if not _keeps_batch(call, dim):
         return None
-    return _fold(call, _rebound(call))
+    fn = _rebound(call)
+    return _fold(call, fn, adjoint=_piece_adjoint(call, dim, fn))
 
 
 def _slice(call: Call) -> Rule | None:
-    if len(call.inputs) != 1 or not _keeps_batch(call, call.arg(1, "dim", 0)):
+    dim = call.arg(1, "dim", 0)
+    if len(call.inputs) != 1 or not _keeps_batch(call, dim):
         return None
-    return _fold(call, _rebound(call))
+    fn = _rebound(call)
+    return _fold(call, fn, adjoint=_piece_adjoint(call, dim, fn))
+
+
+# (call, argument values, per-sample shape, element) -> (start, length, removed) or None.
+_PIECES: dict[tuple, tuple[int, int, bool] | None] = {}
+
+
+def _piece_adjoint(call: Call, dim: int, fn: Callable[[Tensor], Tensor]):
+    """The transpose of taking a contiguous piece along ``dim`` (split, chunk, narrow, select,
+    slice): zero padding around it. The piece is found once per call site and shape by applying
+    ``fn`` to positions along the axis (on the host, then cached: later calls dispatch nothing);
+    where it is not contiguous, None (torch.func's vjp)."""
+    shape = tuple(call.inputs[0].shape[1:])
+    ax = dim % (len(shape) + 1)
+    size = shape[ax - 1]
+    target = call.target if call.kind != "call_module" else id(call.target)
+    key = (call.kind, target, repr(call.args[1:]), repr(call.kwargs), shape, call.element)
+    if key not in _PIECES:
+        _PIECES[key] = _find_piece(fn, shape, ax)
+    found = _PIECES[key]
+    if found is None:
+        return None
+    start, length, removed = found
+    after = len(shape) - ax  # axes after ``ax``: F.pad counts from the last one
+    pads = [0, 0] * after + [start, size - start - length]
+
+    def adjoint(u: Tensor) -> tuple[Tensor]:
+        return (F.pad(u.unsqueeze(ax) if removed else u, pads),)
+
+    return adjoint
+
+
+def _find_piece(fn, shape: tuple[int, ...], ax: int) -> tuple[int, int, bool] | None:
+    size = shape[ax - 1]
+    view = [size if i == ax else 1 for i in range(len(shape) + 1)]
+    positions = torch.arange(size, dtype=torch.float64).reshape(view).expand(1, *shape)
+    piece = fn(positions)
+    removed = piece.dim() == positions.dim() - 1
+    along = piece.unsqueeze(ax) if removed else piece
+    line = along[0].movedim(ax - 1, 0)  # the positions along the axis, first
+    index = line.reshape(line.shape[0], -1)[:, 0].tolist()
+    start, length = int(index[0]), len(index)
+    if index != list(range(start, start + length)):
+        return None
+    return start, length, removed
 
 
 def _pad(call: Call) -> Rule | None:
@@ -721,7 +823,7 @@ def _mul(call: Call) -> Rule | None:
     if call.active(a) and call.active(b):
         if not _same_shapes(call):
             return None
-        return Product(*_shapes(call), a=a.detach(), b=b.detach())
+        return Product(*_shapes(call), a=a, b=b)
     if not _same_rank(call):
         return None
     c = b if call.active(a) else a

@@ -12,8 +12,9 @@ from torch import Tensor
 from .curvature import DENSE, ZERO, Curvature, is_fast, rows_of, through
 from .graph import Tape
 from .planner import REVERSE, Plan, Segment
+from .products import symmetric_product
 from .rows import Rows
-from .rules import Dense
+from .rules import Dense, Elementwise
 
 
 def gradients(tape: Tape, g_top: Tensor) -> dict[int, Tensor]:
@@ -128,7 +129,12 @@ def sweep(
     for s in reversed(steps):
         u = adj.pop(s.out, None)
         parts: list[Tensor | None] = [None] * len(s.inputs)
-        if u is not None:
+        fused = u is not None and s.rule.curved and isinstance(s.rule, Elementwise)
+        if fused:  # the linear part and the second-order term in two passes
+            t = tangents[s.inputs[0]]
+            t = t.dense(tape.values[bottom]) if isinstance(t, _Basis) else t
+            parts = [s.rule.second_adjoint(u, g[s.out], t)]
+        elif u is not None:
             n = u.shape[0]
             if (full_rows and s.inputs == [bottom] and isinstance(s.rule, Dense) and s.rule.flat
                     and _only_consumer(steps, bottom)):  # fmt: skip
@@ -137,7 +143,7 @@ def sweep(
                 flat = u.reshape(n, k * r, *u.shape[3:])
                 parts = [None if p is None else p.reshape(n, k, r, *p.shape[2:])
                          for p in s.rule.vjp(flat)]  # fmt: skip
-        if s.rule.curved:
+        if s.rule.curved and not fused:
             ts = [tangents.get(v) for v in s.inputs]
             like = tape.values[bottom]
             ts = [t.dense(like) if isinstance(t, _Basis) else t for t in ts]
@@ -191,19 +197,3 @@ def _reverse(tape: Tape, stop: int, slot: int, m: Curvature, rows: Rows) -> Tens
     jr = jac.index_select(-1, rows.index).mT.unsqueeze(1)  # (N, 1, R, F)
     left = jr @ m.value if m.kind == DENSE else jr * m.value.unsqueeze(2)  # (N, K, R, F)
     return left @ jac.unsqueeze(1)
-
-
-def symmetric_product(u: Tensor, w: Tensor) -> Tensor:
-    """H = U W for U (..., D, F) and W (F, D) when H is known to be symmetric.
-
-    NOTE [symmetric product]: computing only the blocks on and above the diagonal halves the
-    arithmetic, but every way of doing it costs either one operation per block (a storm of small
-    kernels on a GPU) or gathers and scatters of U and H that cost more than they save: on the
-    2-core CPU one GEMM (B = 16 matrices of D = 784, F = 256) took 4.3 ms a matrix against 5.7-6.7
-    ms for a triangle of 2-3 recursive halvings and 22 ms for a 16 x 16 block loop. So it is one
-    product; the name keeps the place where a symmetric kernel would go.
-
-    Returns:
-        (..., D, D).
-    """
-    return u @ w

@@ -134,10 +134,13 @@ class Fold(Rule):
     Attributes:
         fn: the map on (B', *s_in) for any B' (several inputs for a concatenation).
         cost: multiply-adds per sample of one application.
+        adjoint: its transpose on (B', *s_out), one tensor per input, where known in closed form
+            (else ``torch.func.vjp`` of ``fn`` at zero gives it).
     """
 
     fn: Callable[..., Tensor] = None
     cost: int = 0
+    adjoint: Callable[[Tensor], tuple[Tensor, ...]] | None = None
 
     @property
     def macs(self) -> int:
@@ -152,7 +155,10 @@ class Fold(Rule):
 
     def vjp(self, u):
         lead = tuple(u.shape[:2])
-        zeros = [u.new_zeros(lead[0] * lead[1], *s) for s in self.shapes_in]
+        if self.adjoint is not None:
+            return [unfold(v, lead) for v in self.adjoint(fold(u))]
+        zero = u.new_zeros(())
+        zeros = [zero.expand(lead[0] * lead[1], *s) for s in self.shapes_in]
         _, pullback = vjp(self.fn, *zeros)
         return [unfold(v, lead) for v in pullback(fold(u))]
 
@@ -264,6 +270,15 @@ class Elementwise(Rule):
     def second(self, g, ts):
         return [outer(self.curvature(g), ts[0])]
 
+    def non_decreasing(self) -> bool:
+        """Whether s never decreases (then a max pool after it may go before it)."""
+        return self.name in elementwise.NON_DECREASING
+
+    def second_adjoint(self, u: Tensor, g: Tensor, t: Tensor) -> Tensor:
+        """s' U + (s'' g) t in two passes: U (N, K, R, *s), g (N, K, *s), t (B, R, *s)."""
+        d1 = self.d1[:, None, None]
+        return (u * d1).addcmul_(self.curvature(g).unsqueeze(2), t.unsqueeze(1))
+
 
 @dataclass
 class Product(Rule):
@@ -334,6 +349,9 @@ class General(Rule):
     primals: tuple[Tensor, ...] = ()
     _pullback: Callable | None = field(default=None, repr=False)
     _out_zero: Tensor | None = field(default=None, repr=False)
+
+    def __post_init__(self):
+        self.fn = differentiable_twice(self.fn)
 
     kind = "general"
 
@@ -413,6 +431,19 @@ class General(Rule):
 def _missing_forward_ad(err: Exception) -> bool:
     msg = str(err).lower()
     return any(s in msg for s in ("forward ad", "forward-mode", "forward mode", "jvp"))
+
+
+def differentiable_twice(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """``fn`` with scaled dot-product attention on its math backend: the fused kernels (flash,
+    memory-efficient) have no forward-mode AD and no double backward, the math one is made of
+    matmuls and a softmax."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def wrapped(*args, **kwargs):
+        with sdpa_kernel([SDPBackend.MATH]):
+            return fn(*args, **kwargs)
+
+    return wrapped
 
 
 def _axis(dim: int, ndim: int, extra: int) -> int:

@@ -9,6 +9,8 @@ every schedule, ``method="piecewise"`` the reverse-Jacobian one only (``piecewis
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import Tensor, nn
 
@@ -32,26 +34,25 @@ def compute(
     Samples are processed in chunks of about ``memory_budget`` bytes, and rows in chunks where
     one sample needs more.
     """
-    n, d, k = x.shape[0], x[0].numel(), target.n_outputs
+    n, d, k = x.shape[0], x.shape[1:].numel(), target.n_outputs
     rows = select_rows(rows, d, x.device)
     r = len(rows)
     gm = capture(model)
     with torch.no_grad():
-        probe = record(gm, x[: min(n, 2)])
-        plan = make_plan(probe, r, k, head_kind(target.kind), schedules)
-        per_sample = bytes_per_sample(probe, plan, r, k)
+        plan, per_sample = _plan(gm, x, target, r, schedules)
         step = max(1, memory_budget // max(per_sample, 1))
         row_step = r if per_sample <= memory_budget else max(1, r * memory_budget // per_sample)
         hess = grads = None
         for s in range(0, n, step):
-            chunk = x[s : s + step]
-            tape = probe if s == 0 and len(chunk) == probe.n else record(gm, chunk)
-            sub = target.subset(s, s + tape.n)
+            whole = s == 0 and step >= n
+            tape = record(gm, x if whole else x[s : s + step])
+            sub = target if whole else target.subset(s, s + tape.n)
             g_top, head = sub.derivatives(tape.values[tape.output])
             g = gradients(tape, g_top)
             grad = _input_gradient(g, tape, k)
             for c in range(0, r, row_step):
-                h = hessian_rows(tape, plan, head, g, rows.chunk(c, c + row_step), k)
+                chunk = rows if row_step >= r else rows.chunk(c, c + row_step)
+                h = hessian_rows(tape, plan, head, g, chunk, k)
                 if step >= n and row_step >= r:
                     return h, grad
                 if hess is None:
@@ -60,6 +61,24 @@ def compute(
                 hess[s : s + tape.n, :, c : c + row_step] = h
             grads[s : s + tape.n] = grad
         return hess, grads
+
+
+_PLANS: weakref.WeakKeyDictionary[nn.Module, dict[tuple, tuple[Plan, int]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _plan(gm: nn.Module, x: Tensor, target: Target, r: int, schedules) -> tuple[Plan, int]:
+    """The plan and the bytes a sample needs, cached per graph, input shape, dtype, device,
+    target kind, K, R and schedules (the graph's structure does not depend on the values)."""
+    k = target.n_outputs
+    key = (tuple(x.shape[1:]), x.dtype, x.device, target.kind, k, r, schedules)
+    per_graph = _PLANS.setdefault(gm, {})
+    if key not in per_graph:
+        probe = record(gm, x[:2])
+        plan = make_plan(probe, r, k, head_kind(target.kind), schedules)
+        per_graph[key] = (plan, bytes_per_sample(probe, plan, r, k))
+    return per_graph[key]
 
 
 def _input_gradient(g: dict[int, Tensor], tape: Tape, k: int) -> Tensor:

@@ -112,24 +112,25 @@ def make_target(
             f"unknown target {outputs!r}: use a list of indices, 'all', 'predicted' or 'loss'",
             "outputs",
         )
-    idx = torch.as_tensor(outputs, dtype=torch.long).cpu()
+    if isinstance(outputs, Tensor):
+        outputs = outputs.cpu().numpy()
+    idx = np.asarray(outputs, dtype=np.int64)  # checked on the host: no device operation
     if idx.ndim == 0:
         idx = idx.reshape(1)
-    if idx.numel() == 0:
+    if idx.size == 0:
         raise ArgumentError("no outputs selected: give at least one index", "outputs")
     bad = idx[(idx < -c) | (idx >= c)]
-    if bad.numel():
+    if bad.size:
         raise ArgumentError(
-            f"output index {bad[0].item()} is out of range for a model with {c} outputs "
+            f"output index {bad.flat[0]} is out of range for a model with {c} outputs "
             f"(valid: 0..{c - 1})",
             "outputs",
         )
     idx = idx % c
-    if idx.ndim == 1:
-        return Target("index", idx.expand(n, -1).to(z.device, non_blocking=True), idx.numpy())
-    if idx.shape[0] != n:
+    if idx.ndim == 2 and idx.shape[0] != n:
         raise ArgumentError(f"per-sample indices must have {n} rows", "outputs")
-    return Target("index", idx.to(z.device, non_blocking=True), idx.numpy())
+    aux = torch.from_numpy(idx).to(z.device, non_blocking=True)
+    return Target("index", aux.expand(n, -1) if idx.ndim == 1 else aux, idx)
 
 
 def _loss_target(z: Tensor, labels: Tensor | None, loss: str) -> Target:

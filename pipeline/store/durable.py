@@ -5,9 +5,12 @@ NOTE: [commit guarantee] A block counts as committed when its commit record exis
 the block's bytes are written, and, with ``storage.fsync=true``, after they are flushed to the disk.
 So a killed process, and with fsync also a crash of the machine, loses at most the blocks whose
 records were not yet created; resume recomputes them. One ``fsync`` of the in-place file flushes
-every block written into it since the last one, whichever process wrote them (on one machine), so
-blocks are committed in batches (``BATCH_BYTES``) with one flush each: the same guarantee as a
-flush per block, with fewer flushes. Workers on other machines flush their own writes.
+every block written into it before the call, whichever process wrote them (on one machine), so
+blocks are committed in groups: a background thread flushes once for all the blocks that arrived
+while it flushed the previous group, then creates their markers. The same guarantee as a flush
+per block; a block waits for at most one flush; and the flushes adapt to the disk: one per block
+while the disk keeps up, fewer and larger groups when it does not. Workers on other machines
+flush their own writes.
 """
 
 from __future__ import annotations

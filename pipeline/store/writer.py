@@ -1,7 +1,8 @@
 """The result writer: one object owns a result on disk, from opening it to finishing it.
 
-``check_destination`` refuses a run before anything exists on disk (the path, its mode, a
-writable directory); ``ResultWriter`` then opens the result for a plan: it creates the parent
+``check_destination`` refuses what the storage mode forbids before anything exists on disk
+(``pipeline.validate`` checks the rest); ``ResultWriter`` then opens the result for a plan: it
+creates the parent
 directories, takes the run lock, applies the create/resume/overwrite rules (comparing
 fingerprints), checks the free space, deletes stale partial files, chooses the write strategy and
 lays out the file. The blocks in ``writer.missing`` are computed anywhere and written by
@@ -26,7 +27,6 @@ import logging
 import os
 import shutil
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -52,32 +52,24 @@ from .statistics import reduce_sums
 
 log = logging.getLogger(__name__)
 
-BATCH_BYTES = 256 << 20  # blocks written in place are flushed together, this many bytes at once
-BATCH_SECONDS = 1.0  # ... or when the oldest unflushed block is this old
-
 
 def check_destination(path: Path, storage: dict[str, Any]) -> None:
-    """Refuse a run whose result cannot be written, before anything is created.
+    """Refuse what ``storage.mode`` forbids at ``path``, before anything is created (the path's
+    directory and the compression are checked by ``pipeline.validate``).
 
     Raises:
-        PipelineError: the path exists (``create``) or is a directory, its directory cannot be
-            created or written, the compression is unknown, or (``create``) an interrupted
-            run's blocks are there.
+        PipelineError: the path exists (``create``), or an interrupted run's blocks are there
+            (``create``).
     """
-    mode = storage["mode"]
-    if path.is_dir():
-        raise PipelineError(
-            f"{path} is a directory: storage.path names the result file", "storage.path"
-        )
-    if mode == "create" and path.exists():
+    if storage["mode"] != "create":
+        return
+    if path.exists():
         raise PipelineError(
             f"{path} exists; use storage.mode=overwrite to replace it or choose another "
             "storage.path",
             "storage.mode",
         )
-    _check_writable(path.parent)
-    compression_options(storage.get("compression"))
-    if mode == "create" and ResultNames(path).manifest.is_file():
+    if ResultNames(path).manifest.is_file():
         raise _interrupted(ResultNames(path))
 
 
@@ -87,20 +79,6 @@ def _interrupted(names: ResultNames) -> PipelineError:
         "or storage.mode=overwrite to start afresh",
         "storage.mode",
     )
-
-
-def _check_writable(directory: Path) -> None:
-    """The nearest existing ancestor must be a directory this process may write into."""
-    existing = directory
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    why = None
-    if not existing.is_dir():
-        why = "a part of the path is a file, not a directory"
-    elif not os.access(existing, os.W_OK | os.X_OK):
-        why = "permission denied"
-    if why:
-        raise PipelineError(f"cannot write to {directory}: {why}", "storage.path")
 
 
 class RunLock:
@@ -189,8 +167,7 @@ class ResultWriter:
         self._lock = RunLock(path)
         self._bg = Background()
         self._pending: list[int] = []
-        self._pending_since = 0.0
-        self._pending_bytes = 0
+        self._group_scheduled = False
         self._pending_lock = threading.Lock()
         self._flush_fd: int | None = None
         self._final: _AssembledFile | None = None
@@ -370,7 +347,12 @@ class ResultWriter:
     # ---- committing --------------------------------------------------------------------------
 
     def commit(self, index: int) -> None:
-        """Commit a block written by the sink (from any thread of the driver)."""
+        """Commit a block written by the sink (from any thread of the driver).
+
+        Blocks written in place are committed in groups (see NOTE: [commit guarantee] in
+        ``durable``): the background thread flushes the file once for every block that arrived
+        while it was flushing the previous group, then creates their markers.
+        """
         if not self.in_place:
             self._committed_now += 1
             assert self._final is not None
@@ -380,19 +362,29 @@ class ResultWriter:
         if not self.fsync:
             self._commit_now([index])
             return
-        size = _block_bytes(self.plan, self._blocks[index], self.dtype.itemsize)
+        self._bg.raise_errors()
         with self._pending_lock:
-            if not self._pending:
-                self._pending_since, self._pending_bytes = time.monotonic(), 0
             self._pending.append(index)
-            self._pending_bytes += size
-            due = (
-                self._pending_bytes >= BATCH_BYTES
-                or time.monotonic() - self._pending_since >= BATCH_SECONDS
-            )
-            batch, self._pending = (self._pending, []) if due else ([], self._pending)
-        if batch:
-            self._bg.submit(self._commit_now, batch)
+            if self._group_scheduled:
+                return
+            self._group_scheduled = True
+        self._bg.submit(self._group_commit)
+
+    def _group_commit(self) -> None:
+        """On the background thread: commit what is pending, until nothing is."""
+        while True:
+            with self._pending_lock:
+                group, self._pending = self._pending, []
+                if not group:
+                    self._group_scheduled = False
+                    return
+            try:
+                self._commit_now(group)
+            except BaseException:
+                with self._pending_lock:
+                    self._pending = group + self._pending  # still uncommitted
+                    self._group_scheduled = False
+                raise
 
     def _commit_now(self, indices: list[int]) -> None:
         """Flush the file once (every block written so far), then create the blocks' markers."""
@@ -549,10 +541,6 @@ class ResultWriter:
                 "storage.path",
             )
         return err
-
-
-def _block_bytes(plan: Plan, b: Block, itemsize: int) -> int:
-    return (b.s1 - b.s0) * plan.n_outputs * (b.r1 - b.r0) * plan.dim * itemsize
 
 
 def _remove_tree(directory: Path) -> None:

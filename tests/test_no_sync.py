@@ -1,0 +1,44 @@
+"""No host synchronisation inside ``hessian()`` once a model has been analysed: on a GPU such a
+call queues its kernels without waiting. On the CPU the profile of a call must hold no operation
+that reads a device value back (``item``, ``is_nonzero``, ``nonzero``, ``_local_scalar_dense``).
+The GPU variant (``torch.cuda.set_sync_debug_mode``) is in ``tests/test_gpu.py``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.profiler import ProfilerActivity, profile
+
+import pipeline
+from tests.model_zoo import ZOO_BY_NAME
+
+SYNCING = {"aten::item", "aten::is_nonzero", "aten::nonzero", "aten::_local_scalar_dense"}
+
+
+def tanh_mlp(d: int) -> nn.Module:
+    return nn.Sequential(nn.Linear(d, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(),
+                         nn.Linear(32, 10))  # fmt: skip
+
+
+CASES = {
+    "tanh_mlp": (lambda: tanh_mlp(64), (64,), [2]),
+    "tanh_mlp_all_logits": (lambda: tanh_mlp(64), (64,), "all"),
+    "lenet5": (ZOO_BY_NAME["lenet5"].small, ZOO_BY_NAME["lenet5"].small_shape, [1]),
+    "mnist_relu_logit": (ZOO_BY_NAME["mnist_relu"].small, ZOO_BY_NAME["mnist_relu"].small_shape,
+                         [3]),
+    "transformer": (ZOO_BY_NAME["transformer"].small, ZOO_BY_NAME["transformer"].small_shape, [0]),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_a_call_reads_nothing_back_from_the_device(name):
+    factory, shape, outputs = CASES[name]
+    torch.manual_seed(0)
+    model, x = factory().eval(), torch.randn(4, *shape)
+    with torch.no_grad():
+        pipeline.hessian(model, x, outputs)  # the first call analyses the model
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            pipeline.hessian(model, x, outputs)
+    found = sorted({e.name for e in prof.events()} & SYNCING)
+    assert not found, f"host synchronisation inside hessian(): {found}"
