@@ -82,7 +82,7 @@ def run(
     job, plan = checked.job, checked.plan
     if cfg.get("plots"):
         _check_report_options(cfg, plan)
-    meta = metadata(job, overrides or [], plan)
+    meta = metadata(job, overrides or [])
     backend = cfg["backend"]
     writer = ResultWriter(
         path, plan, meta, cfg["storage"],
@@ -123,7 +123,7 @@ def run(
     return result
 
 
-def metadata(job: Job, overrides: list[str], plan: Plan) -> Metadata:
+def metadata(job: Job, overrides: list[str]) -> Metadata:
     """Everything in the file besides the blocks' values: inputs, outputs, indices, provenance."""
     cfg = job.cfg
     code = job.code_fingerprint or os.urandom(16).hex()  # unreadable code: never reusable
@@ -142,7 +142,6 @@ def metadata(job: Job, overrides: list[str], plan: Plan) -> Metadata:
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     attrs.update(tf32_report(job, compute_device(cfg["backend"])))
-    del plan
     return Metadata(
         inputs=job.data.x.numpy(),
         outputs=job.outputs.numpy(),
