@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Every GPU check in one go, for a lent GPU machine (about 8 minutes on an H100/H200):
-# the GPU tests, the method table on cuda (JAX included when installed), TF32's error, the model
-# zoo against torch.func, the planner's pick against every plan, and the pipeline's throughput
-# with backend=local backend.device=cuda and backend=dask_cuda.
+# the GPU tests, the pipeline's throughput with backend=local backend.device=cuda and
+# backend=dask_cuda against dd on the same disk, the method table on cuda (JAX included when
+# installed), TF32's error, the model zoo against torch.func, and the planner's pick against
+# every plan.
 #
 #   make wheels                      # here, once: the packages a bare GPU image lacks -> .whl/
 #   bash benchmarks/gpu_check.sh     # there (results under $OUT, or outputs/gpu-check)
@@ -22,6 +23,10 @@ python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_devic
 timeout 150 python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider -rs 2>&1 \
     | tee "$OUT/tests.log"
 
+# The pipeline's throughput (backend.device=cuda, backend=dask_cuda) against dd on the same
+# disk, before the method table.
+timeout 150 python3 benchmarks/scale.py gpu 2>&1 | tee "$OUT/throughput.txt"
+
 bench="timeout 120 python3 benchmarks/compare_methods.py --device cuda --outputs one --repeats 10"
 bench="$bench --skip gist functional --tf32"
 $bench --cases mlp784 --samples 256 2>&1 | tee "$OUT/methods.txt"
@@ -36,6 +41,3 @@ timeout 60 python3 benchmarks/plans.py --device cuda --samples 256 --models mlp7
     tabular_mlp --symmetric 2>&1 | tee "$OUT/plans.txt"
 timeout 40 python3 benchmarks/plans.py --device cuda --samples 32 --models mlp3072 2>&1 \
     | tee -a "$OUT/plans.txt"
-
-timeout 180 python3 benchmarks/scale.py gpu 2>&1 \
-    | tee "$OUT/throughput.txt"

@@ -8,6 +8,7 @@ Ctrl-C says how many blocks are committed and how to resume; exit code 130.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shlex
@@ -21,7 +22,7 @@ from omegaconf import DictConfig
 
 from .config import config_dir, register, to_plain
 from .errors import PipelineError
-from .run import output_path, run, shard_dir
+from .run import output_path, run
 from .validate import config_error
 
 log = logging.getLogger("pipeline")
@@ -58,12 +59,15 @@ hydra_utils.run_and_report = _report
 
 def interrupted(cfg: DictConfig, output_dir: Path, overrides: list[str]) -> str:
     """The line for Ctrl-C: how many blocks are committed, and the command that resumes."""
-    from .storage import ShardStore
+    from .store import ResultNames
 
     path = output_path(to_plain(cfg), output_dir)
-    shards = ShardStore(shard_dir(path))
-    done = len(shards.committed() | shards.marked())
-    total = (shards.manifest() or {}).get("n_blocks", "?")
+    names = ResultNames(path)
+    done = len(names.markers().keys() | names.shard_files().keys())
+    try:
+        total = json.loads(names.manifest.read_text())["n_blocks"]
+    except (OSError, ValueError, KeyError):
+        total = "?"
     if path.is_file() and not done:
         return f"interrupted after the result was written: {path}"
     if not done:
@@ -73,7 +77,7 @@ def interrupted(cfg: DictConfig, output_dir: Path, overrides: list[str]) -> str:
         ["python", "-m", "pipeline", *keep, "storage.mode=resume", f"storage.path={path}"]
     )
     return (
-        f"interrupted: {done} of {total} blocks are committed in {shards.directory}; "
+        f"interrupted: {done} of {total} blocks are committed in {names.shards}; "
         f"resume with: {command}"
     )
 

@@ -1,18 +1,21 @@
 """Where blocks run: in this process (``local``) or on Dask workers (``dask``, ``dask_cuda``,
-``address``). Every backend computes blocks with :func:`compute_block` and commits them to the
-shard store; none holds the full Hessian.
+``address``). Every backend computes blocks with :func:`compute_block` and hands each to the
+result writer's sink where it was computed (see ``pipeline.store.blocks``); none holds the full
+Hessian.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import logging
 import os
+import queue
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +31,6 @@ from .hessian.targets import Target
 from .job import Job, make_model
 from .plan import Block
 from .precision import tf32
-from .storage import ShardStore
 from .validate import idle_workers
 
 log = logging.getLogger(__name__)
@@ -36,27 +38,27 @@ log = logging.getLogger(__name__)
 
 def compute_block(
     model: nn.Module, method: str, x: Tensor, target: Target, block: Block, budget: int
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """Hessian rows [r0, r1) of samples [s0, s1): (S, K, R, D), and their gradients (S, K, D)."""
+) -> tuple[Tensor, Tensor | None]:
+    """Hessian rows [r0, r1) of samples [s0, s1): (S, K, R, D), and their gradients (S, K, D),
+    on the model's device."""
     rows = slice(block.r0, block.r1)  # a slice of all D rows lets a method use H's symmetry
     hess, grad = METHODS[method].compute(model, x, target, rows, budget)
-    return hess.cpu().numpy(), (grad.cpu().numpy() if block.r0 == 0 else None)
+    return hess, (grad if block.r0 == 0 else None)
 
 
-def execute(job: Job, blocks: list[Block], shards: ShardStore, on_block) -> float:
-    """Compute ``blocks``; ``on_block(block, hessian, gradient)`` is called for each, with the
-    arrays when they are in this process (it then commits them), else with None after a Dask
-    worker committed the block's shard.
+def execute(job: Job, blocks: list[Block], sink, on_written: Callable[[int], None]) -> float:
+    """Compute ``blocks``, each written by ``sink`` where it was computed; ``on_written(index)``
+    is called in this process for each written block (it commits it).
 
     Returns:
-        seconds spent computing and committing blocks (cluster start-up and shut-down excluded).
+        seconds spent computing and writing blocks (cluster start-up and shut-down excluded).
     """
     backend = job.cfg["backend"]
     if backend["name"] == "local":
-        return run_local(job, blocks, shards, on_block)
+        return run_local(job, blocks, sink, on_written)
     elif backend["name"] in ("dask", "dask_cuda", "address"):
         with dask_client(backend) as client:
-            return run_dask(client, job, blocks, shards, on_block)
+            return run_dask(client, job, blocks, sink, on_written)
     else:
         raise PipelineError(
             f"unknown backend {backend['name']!r}: choose local, dask, dask_cuda or address",
@@ -76,26 +78,95 @@ def _device(name: str) -> torch.device:
     return device
 
 
-def run_local(job: Job, blocks: list[Block], shards: ShardStore, on_block) -> float:
-    """One process, blocks in order, each handed to ``on_block`` (which commits it) as soon as
-    it is computed."""
+def run_local(job: Job, blocks: list[Block], sink, on_written) -> float:
+    """One process, blocks in order; each is written on a background thread while the next one
+    computes (see :class:`BlockWriter`)."""
     t0 = time.perf_counter()
     device = _device(job.cfg["backend"].get("device", "cpu"))
     model = job.model.to(device)
     x = job.data.x.to(device)
     target = job.target.to(device)
-    for b in blocks:
-        with tf32(_tf32(job.cfg)):
-            h, g = compute_block(
-                model,
-                job.method.name,
-                x[b.s0 : b.s1],
-                target.subset(b.s0, b.s1),
-                b,
-                job.memory_budget,
-            )
-        on_block(b, h, g)  # commits it
+    with reuse_large_buffers(), BlockWriter(sink, on_written, device) as writer:
+        for b in blocks:
+            with tf32(_tf32(job.cfg)):
+                h, g = compute_block(
+                    model,
+                    job.method.name,
+                    x[b.s0 : b.s1],
+                    target.subset(b.s0, b.s1),
+                    b,
+                    job.memory_budget,
+                )
+            writer.put(b, h, g)
     return time.perf_counter() - t0
+
+
+class BlockWriter:
+    """Writes computed blocks on one background thread, so that writing overlaps computing.
+
+    At most one block waits while one is written (its statistics are taken there too). On a GPU
+    the block is copied into one of two page-locked host buffers on a separate stream
+    (``non_blocking``): the copy overlaps the next block's compute, and the thread waits for the
+    copy's event before it writes. Errors of the thread are raised by the next ``put`` or
+    on leaving the ``with`` block.
+    """
+
+    def __init__(self, sink, on_written, device: torch.device):
+        self.sink, self.on_written = sink, on_written
+        self.cuda = device.type == "cuda"
+        self.queue: queue.Queue = queue.Queue(maxsize=1)
+        self.error: BaseException | None = None
+        self.buffers: queue.Queue = queue.Queue()
+        if self.cuda:
+            self.copy_stream = torch.cuda.Stream(device)
+            for _ in range(2):
+                self.buffers.put(None)  # pinned buffers, allocated on first use
+        self.thread = threading.Thread(target=self._loop, name="pipeline-writer", daemon=True)
+
+    def __enter__(self) -> BlockWriter:
+        self.thread.start()
+        return self
+
+    def put(self, b: Block, h: Tensor, g: Tensor | None) -> None:
+        if self.error is not None:
+            raise self.error
+        if not self.cuda:
+            self.queue.put((b, h, g, None, None))
+            return
+        buf = self.buffers.get()
+        if buf is None or buf.numel() < h.numel():
+            buf = torch.empty(h.numel(), dtype=h.dtype, pin_memory=True)
+        host = buf[: h.numel()].view(h.shape)
+        self.copy_stream.wait_stream(torch.cuda.current_stream(h.device))
+        with torch.cuda.stream(self.copy_stream):
+            host.copy_(h, non_blocking=True)
+            grad = g.to("cpu", non_blocking=True) if g is not None else None
+            done = torch.cuda.Event()
+            done.record(self.copy_stream)
+        h.record_stream(self.copy_stream)  # h's memory is not reused before the copy ends
+        if g is not None:
+            g.record_stream(self.copy_stream)
+        self.queue.put((b, host, grad, done, buf))
+
+    def _loop(self) -> None:
+        while (item := self.queue.get()) is not None:
+            b, h, g, done, buf = item
+            try:
+                if self.error is None:
+                    if done is not None:
+                        done.synchronize()
+                    self.on_written(self.sink.write(b, h, g))
+            except BaseException as err:  # raised in the computing thread
+                self.error = err
+            finally:
+                if self.cuda:
+                    self.buffers.put(buf)
+
+    def __exit__(self, *exc) -> None:
+        self.queue.put(None)  # the queued block is still written: one more block kept on error
+        self.thread.join()
+        if self.error is not None and exc[1] is None:
+            raise self.error
 
 
 def _tf32(cfg: dict[str, Any]) -> bool:
@@ -162,6 +233,7 @@ class ModelPlugin(WorkerPlugin):
         self.warm_up = warm_up  # (method, x of one sample, target kind, aux, output_index)
 
     def setup(self, worker) -> None:
+        _mallopt(1 << 30, 2 << 30)  # for the worker's life (see NOTE: [malloc in Dask workers])
         try:
             model = _worker_model(*self.args)
         except PipelineError:  # every task raises it again, and the run reports it once (a
@@ -185,20 +257,18 @@ def _dask_task(
     aux: np.ndarray,
     output_index: np.ndarray,
     block: Block,
-    shard_dir: str,
+    sink,
     budget: int,
-    fsync: bool = True,
     allow_tf32: bool = False,
 ) -> int:
-    """Run on a worker: compute one block and commit its shard. Idempotent."""
+    """Run on a worker: compute one block and write it with the sink. Idempotent."""
     model = _worker_model(*model_args)
     device = next(iter(model.parameters()), torch.empty(0)).device
     target = Target(kind, torch.as_tensor(aux), output_index).to(device)
     xt = torch.as_tensor(x).to(device)
     with tf32(allow_tf32):
         h, g = compute_block(model, method, xt, target, block, budget)
-    ShardStore(shard_dir, fsync).write(block, h, g)
-    return block.index
+    return sink.write(block, h, g)
 
 
 @contextlib.contextmanager
@@ -271,7 +341,34 @@ def connect(backend: dict[str, Any], address: str) -> Iterator[Any]:
 # Setting it disables glibc's dynamic mmap threshold, so every large tensor is mmap-ed and
 # page-faulted afresh: a measured 1.5x slowdown of the Hessian kernels (24 -> 38 ms a block), and
 # more when two workers fault pages at once. The clusters we start keep glibc's defaults.
+# Even glibc's dynamic threshold stops at 32 MiB, so 64 MiB blocks are mmap-ed and faulted afresh
+# every time (16,384 faults a block; a narrow MLP's 64 blocks of D = 4096 took 4.6-6.7 s instead
+# of 2.7 s). So blocks are computed with ``reuse_large_buffers``: allocations below 1 GiB come
+# from the heap and are reused, which bounds the memory kept to the run's peak.
 _DASK_TRIM = "MALLOC_TRIM_THRESHOLD_"
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+_GLIBC_DEFAULT = 128 * 1024
+
+
+def _mallopt(mmap_threshold: int, trim_threshold: int) -> bool:
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc
+        return False
+    ok = libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold)
+    return bool(ok and libc.mallopt(_M_TRIM_THRESHOLD, trim_threshold))
+
+
+@contextlib.contextmanager
+def reuse_large_buffers() -> Iterator[None]:
+    """Let glibc reuse freed blocks instead of mapping fresh pages (see the NOTE above); the
+    defaults come back on leaving."""
+    changed = _mallopt(1 << 30, 2 << 30)
+    try:
+        yield
+    finally:
+        if changed:
+            _mallopt(_GLIBC_DEFAULT, _GLIBC_DEFAULT)
 
 
 @contextlib.contextmanager
@@ -341,8 +438,8 @@ def _has_bokeh() -> bool:
     return True
 
 
-def run_dask(client, job: Job, blocks: list[Block], shards: ShardStore, on_block) -> float:
-    """Submit blocks with a bounded number in flight; each worker commits its own shards."""
+def run_dask(client, job: Job, blocks: list[Block], sink, on_written) -> float:
+    """Submit blocks with a bounded number in flight; each worker writes its own blocks."""
     from distributed import as_completed
 
     backend = job.cfg["backend"]
@@ -365,12 +462,12 @@ def run_dask(client, job: Job, blocks: list[Block], shards: ShardStore, on_block
     )
     client.register_plugin(ModelPlugin(*model_args, warm_up=warm_up), name=f"pipeline-model-{key}")
     n_workers = max(1, len(client.scheduler_info().get("workers", {})))
+    log.info("Dask cluster ready: %d workers, each with the model", n_workers)
     if backend["name"] != "dask":  # (a LocalCluster's count was checked before the run)
         idle_workers(len(blocks), n_workers)
     in_flight = backend.get("max_in_flight") or 2 * n_workers
     x = job.data.x.cpu().numpy()
     aux = job.target.aux.cpu().numpy()
-    shard_dir = str(shards.directory.resolve())
 
     def submit(b: Block):
         return client.submit(
@@ -382,9 +479,8 @@ def run_dask(client, job: Job, blocks: list[Block], shards: ShardStore, on_block
             aux[b.s0 : b.s1],
             oi[b.s0 : b.s1] if oi.ndim == 2 else oi,
             b,
-            shard_dir,
+            sink,
             job.memory_budget,
-            shards.fsync,
             _tf32(job.cfg),
             key=f"hessian-block-{key}-{b.index}",
             retries=backend.get("retries", 2),
@@ -393,14 +489,31 @@ def run_dask(client, job: Job, blocks: list[Block], shards: ShardStore, on_block
 
     t0 = time.perf_counter()
     pending: Iterator[Block] = iter(blocks)
-    by_index = {b.index: b for b in blocks}
     ac = as_completed([submit(b) for b in _take(pending, in_flight)])
     for fut in ac:
-        index = fut.result()  # re-raises a task's error here
-        on_block(by_index[index], None, None)
+        on_written(fut.result())  # re-raises a task's error here
         for b in _take(pending, 1):
             ac.add(submit(b))
     return time.perf_counter() - t0
+
+
+def copies_can_overlap(backend: dict[str, Any]) -> bool:
+    """Whether the driver has a core to spare for copying shards while the workers compute.
+
+    It has none when the run's own LocalCluster occupies every core: the copying then takes CPU
+    from the workers (2 workers on 2 cores: 1.26-1.39x faster than 1 instead of 1.78x) and is
+    better done after them.
+    """
+    if backend["name"] != "dask":
+        return True
+    busy = backend.get("n_workers", 2) * backend.get("threads_per_worker", 1)
+    return busy < (os.cpu_count() or 1)
+
+
+def workers_may_be_remote(backend: dict[str, Any]) -> bool:
+    """Whether blocks may be written on another machine (an existing cluster): such workers
+    flush their own writes, since the driver's flush covers only this machine's page cache."""
+    return backend["name"] == "address"
 
 
 def _take(it: Iterator[Block], n: int) -> list[Block]:

@@ -218,6 +218,20 @@ class StorageConf:
     fsync: bool = True  # flush each committed block to disk (survives a machine crash)
 
 
+class Spectrum(_StrEnum):
+    auto = "auto"  # every eigenvalue for D <= 2048, else Lanczos within report.budget_s
+    full = "full"  # Lanczos to convergence, and extreme eigenvalues of every sample in the CSV
+    off = "off"
+
+
+@dataclass
+class ReportConf:
+    sample: int = 0  # position of the sample the figures show
+    output: int = 0  # position k of the output they show
+    spectrum: Spectrum = Spectrum.auto
+    budget_s: float = 10.0  # seconds the spectrum of a large matrix may take (auto)
+
+
 @dataclass
 class Config:
     model: ModelConf = field(default_factory=ModelConf)
@@ -230,6 +244,7 @@ class Config:
     seed: int = 0
     progress: bool = True  # a progress bar on stderr
     plots: bool = True  # PNG plots and CSV statistics in the run directory
+    report: ReportConf = field(default_factory=ReportConf)  # what the plots show
 
 
 # group -> option -> schema. Each conf/<group>/<option>.yaml starts with
@@ -291,7 +306,7 @@ def to_plain(cfg: DictConfig | dict) -> dict[str, Any]:
 
 
 # Keys that change how a run executes, not the numbers it produces.
-_EXECUTION_KEYS = {"backend", "progress", "plots"}
+_EXECUTION_KEYS = {"backend", "progress", "plots", "report"}
 _STORAGE_EXECUTION_KEYS = {"mode", "keep_shards", "layout", "compression", "path", "fsync"}
 
 

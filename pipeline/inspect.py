@@ -1,8 +1,9 @@
 """``python -m pipeline.inspect PATH [--verify]``: summarise a result file, optionally re-check it.
 
 The summary lists shapes, dtype, method, the key config values, the size on disk and, per
-(sample, output), the Frobenius norm, trace and symmetry residual ||H - H^T||_F / ||H||_F of the
-stored Hessian, streamed in row panels (see NOTE: [row panels] in ``pipeline.stats``).
+(sample, output), the Frobenius norm, trace, symmetry residual ||H - H^T||_F / ||H||_F and count
+of non-finite entries: the statistics the run stored in the file (``--stream`` recomputes them
+from ``/hessian`` in row panels, see NOTE: [row panels] in ``pipeline.stats``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from omegaconf import OmegaConf
 
 from .errors import PipelineError
 from .reader import Result, read
-from .stats import DEFAULT_MEMORY_MB, matrix_stats
+from .stats import DEFAULT_MEMORY_MB, matrix_stats, stored_stats
+from .store import ResultNames
 from .verify import ALL_ROWS_BELOW, check, rebuild_config, untrusted_code
 
 MAX_TABLE_LINES = 64
@@ -47,8 +49,7 @@ def disk_size(result: Result) -> int:
     """Bytes of the file, plus its shard files for a virtual layout."""
     size = result.path.stat().st_size
     if result.layout == "virtual":
-        shards = result.path.with_name(result.path.name + ".shards")
-        size += sum(p.stat().st_size for p in shards.glob("*.h5"))
+        size += sum(p.stat().st_size for p in ResultNames(result.path).shard_files().values())
     return size
 
 
@@ -103,12 +104,17 @@ def describe(result: Result) -> list[str]:
     return lines
 
 
-def stats_table(result: Result, memory_mb: int = DEFAULT_MEMORY_MB) -> list[str]:
-    """Per (sample, output): Frobenius norm, trace and symmetry residual (at most 64 lines)."""
+def stats_table(
+    result: Result, memory_mb: int = DEFAULT_MEMORY_MB, stream: bool = False
+) -> list[str]:
+    """Per (sample, output): Frobenius norm, trace, symmetry residual and non-finite entries (at
+    most 64 lines), as stored in the file, or with ``stream`` recomputed from ``/hessian``."""
     n, k, _, _ = result.shape
     si = result.file["sample_index"][()]
+    table = None if stream else stored_stats(result)
     lines = [
-        f"{'sample':>6} {'index':>6} {'output':>6} {'frobenius':>12} {'trace':>12} {'symmetry':>10}"
+        f"{'sample':>6} {'index':>6} {'output':>6} {'frobenius':>12} {'trace':>12} "
+        f"{'symmetry':>10} {'nonfinite':>9}"
     ]
     for i in range(n):
         oi = result.output_index_of(i)
@@ -119,10 +125,15 @@ def stats_table(result: Result, memory_mb: int = DEFAULT_MEMORY_MB) -> list[str]
                     "python -m pipeline.plots)"
                 )
                 return lines
-            st = matrix_stats(result.file["hessian"], i, j, memory_mb=memory_mb)
+            if table is None:
+                st = matrix_stats(result.file["hessian"], i, j, memory_mb=memory_mb)
+                row = (st.frobenius, st.trace, st.symmetry, -1 if np.isnan(st.frobenius) else 0)
+            else:
+                row = tuple(table[name][i, j] for name in ("frobenius", "trace", "symmetry",
+                                                           "nonfinite"))  # fmt: skip
             lines.append(
-                f"{i:>6} {int(si[i]):>6} {int(oi[j]):>6} {st.frobenius:>12.5g} {st.trace:>12.5g} "
-                f"{st.symmetry:>10.2e}"
+                f"{i:>6} {int(si[i]):>6} {int(oi[j]):>6} {row[0]:>12.5g} {row[1]:>12.5g} "
+                f"{row[2]:>10.2e} {int(row[3]):>9}"
             )
     return lines
 
@@ -150,6 +161,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     )  # fmt: skip
     parser.add_argument("--seed", type=int, default=0, help="seed of the random rows and probes")
     parser.add_argument(
+        "--no-pairs",
+        action="store_true",
+        help="--verify without comparing every entry pair H[i,j], H[j,i]: each Hessian is read "
+        "once (for matrices far larger than --memory-mb, where the pairs take many passes)",
+    )
+    parser.add_argument(
+        "--stream",
+        action="store_true",
+        help="recompute the table from /hessian (exact symmetry residual) instead of reading "
+        "the statistics stored in the file",
+    )
+    parser.add_argument(
         "--trust-file",
         action="store_true",
         help="let --verify import the code the file's config names (its _target_s) or load the "
@@ -170,7 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with result:
         print("\n".join(describe(result)))
         print()
-        print("\n".join(stats_table(result, args.memory_mb)))
+        print("\n".join(stats_table(result, args.memory_mb, args.stream)))
         if not args.verify:
             return 0
         print()
@@ -184,6 +207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             memory_mb=args.memory_mb,
             rtol=args.rtol,
             trust_file=args.trust_file,
+            pairs=not args.no_pairs,
         )
         for m in report.mismatches:
             print(f"mismatch ({m.check}): {m.message}")

@@ -10,13 +10,18 @@ streamed (D, D) Hessian. With m >= D the Ritz values are all eigenvalues.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import numpy as np
 
 
 def lanczos(
-    matvec: Callable[[np.ndarray], np.ndarray], dim: int, steps: int, seed: int = 0
+    matvec: Callable[[np.ndarray], np.ndarray],
+    dim: int,
+    steps: int,
+    seed: int = 0,
+    deadline: float | None = None,
 ) -> np.ndarray:
     """Ritz values of a symmetric (dim, dim) operator after ``steps`` Lanczos steps.
 
@@ -25,6 +30,7 @@ def lanczos(
         dim: D.
         steps: Krylov dimension m (at most D); stops early on an invariant subspace.
         seed: seed of the random start vector.
+        deadline: ``time.monotonic()`` after which no further step starts (at least one runs).
 
     Returns:
         (m',) Ritz values in ascending order, m' <= m (float64).
@@ -43,7 +49,8 @@ def lanczos(
             w -= basis[: j + 1].T @ (basis[: j + 1] @ w)
         b = float(np.linalg.norm(w))
         scale = max(scale, abs(alpha[-1]), b)
-        if j + 1 == steps or b <= 1e-12 * max(scale, 1e-300):
+        late = deadline is not None and time.monotonic() > deadline
+        if j + 1 == steps or b <= 1e-12 * max(scale, 1e-300) or late:
             break
         beta.append(b)
         basis[j + 1] = w / b
@@ -57,6 +64,7 @@ def top_eigenvalues(
     k: int = 20,
     steps: int | None = None,
     seed: int = 0,
+    deadline: float | None = None,
 ) -> np.ndarray:
     """The ``k`` Ritz values of largest magnitude, descending by value.
 
@@ -66,11 +74,12 @@ def top_eigenvalues(
         k: how many eigenvalues.
         steps: Lanczos steps; default min(D, max(3k, k + 40)).
         seed: seed of the start vector.
+        deadline: see :func:`lanczos` (fewer steps: the largest converge first).
 
     Returns:
         (min(k, m),) eigenvalue estimates, sorted descending.
     """
     steps = steps or min(dim, max(3 * k, k + 40))
-    ritz = lanczos(matvec, dim, steps, seed)
+    ritz = lanczos(matvec, dim, steps, seed, deadline)
     top = ritz[np.argsort(-np.abs(ritz))[:k]]
     return np.sort(top)[::-1]

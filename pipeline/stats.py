@@ -60,11 +60,12 @@ def panel_rows(dset: h5py.Dataset, memory_mb: int = DEFAULT_MEMORY_MB) -> int:
 
 
 def row_panels(
-    dset: h5py.Dataset, n: int, k: int, rows: int
+    dset: h5py.Dataset, n: int, k: int, rows: int, step: int = 1
 ) -> Iterator[tuple[int, int, np.ndarray]]:
-    """(r0, r1, H[n, k, r0:r1, :]) for consecutive panels of ``rows`` rows, one at a time."""
+    """(r0, r1, H[n, k, r0:r1, :]) for consecutive panels of ``rows`` rows (every ``step``-th
+    panel), one at a time."""
     d = dset.shape[-1]
-    for r0 in range(0, d, rows):
+    for r0 in range(0, d, rows * step):
         r1 = min(d, r0 + rows)
         yield r0, r1, dset[n, k, r0:r1, :]
 
@@ -76,6 +77,7 @@ def matrix_stats(
     probes: np.ndarray | None = None,
     sym_rtol: float | None = None,
     memory_mb: int = DEFAULT_MEMORY_MB,
+    pairs: bool = True,
 ) -> MatrixStats:
     """Stream H = dset[n, k] (D, D) once per panel pair; see NOTE: [row panels].
 
@@ -87,6 +89,8 @@ def matrix_stats(
         sym_rtol: with it, also find the entry pair that violates |H_ij - H_ji| <=
             sym_rtol * max(||H_i||, ||H_j||) the most (see ``MatrixStats.worst_pair``).
         memory_mb: bound on the two panels held at once.
+        pairs: compare H[i, j] with H[j, i] (reads panel pairs); without, one pass over H, and
+            ``symmetry`` is NaN.
     """
     d = dset.shape[-1]
     b = panel_rows(dset, memory_mb)
@@ -104,6 +108,8 @@ def matrix_stats(
         if products is not None:
             products[r0:r1] = p @ probes
         # Pairs (I, J) with J >= I: the diagonal tile first, then the panels below.
+        if not pairs:
+            continue
         below = ((c0, c1, q.astype(np.float64)) for c0, c1, q in _panels_from(dset, n, k, r1, b))
         for c0, c1, q in itertools.chain([(r0, r1, p)], below):
             diff = p[:, c0:c1] - q[:, r0:r1].T  # H[I, J] - H[J, I]^T
@@ -118,6 +124,8 @@ def matrix_stats(
                     worst = (r0 + int(i), c0 + int(j), float(excess[i, j]))
     frob = float(np.sqrt(frob2))
     symmetry = float(np.sqrt(asym2)) / frob if frob > 0 else 0.0
+    if not pairs:
+        symmetry = float("nan")
     return MatrixStats(frob, trace, symmetry, diagonal, row_norms, products, worst)
 
 
@@ -157,8 +165,14 @@ def matvec_operator(
     return matvec
 
 
-def block_average(dset: h5py.Dataset, n: int, k: int, size: int = 256) -> tuple[np.ndarray, int]:
+def block_average(
+    dset: h5py.Dataset, n: int, k: int, size: int = 256, row_step: int = 1
+) -> tuple[np.ndarray, int]:
     """H = dset[n, k] averaged over f x f blocks so that it is at most (size, size).
+
+    Args:
+        row_step: read only every ``row_step``-th panel of rows (for matrices too large to read
+            within a time budget); a block then averages the rows that were read.
 
     Returns:
         The (ceil(D/f), ceil(D/f)) averaged matrix and the factor f (1 when D <= size); edge
@@ -168,13 +182,40 @@ def block_average(dset: h5py.Dataset, n: int, k: int, size: int = 256) -> tuple[
     f = max(1, -(-d // size))
     m = -(-d // f)
     out = np.zeros((m, m))
-    counts = np.zeros(m)
-    np.add.at(counts, np.arange(d) // f, 1)
+    row_counts = np.zeros(m)
+    col_counts = np.zeros(m)
+    np.add.at(col_counts, np.arange(d) // f, 1)
     rows = max(f, panel_rows(dset) // f * f)
-    for r0, r1, panel in row_panels(dset, n, k, rows):
+    for r0, r1, panel in row_panels(dset, n, k, rows, row_step):
         p = panel.astype(np.float64)
         pad = np.zeros((r1 - r0, m * f))
         pad[:, :d] = p
         colsum = pad.reshape(r1 - r0, m, f).sum(-1)  # (R, m)
         np.add.at(out, np.arange(r0, r1) // f, colsum)
-    return out / (counts[:, None] * counts[None, :]), f
+        np.add.at(row_counts, np.arange(r0, r1) // f, 1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return out / (row_counts[:, None] * col_counts[None, :]), f
+
+
+SUMMARY = ("trace", "frobenius", "symmetry", "nonfinite")
+
+
+def stored_stats(result) -> dict[str, np.ndarray]:
+    """(N, K) trace, frobenius, symmetry and nonfinite of a result, as stored in the file.
+
+    A file written before they were stored gets them by one streamed pass over each matrix
+    (exact symmetry residual; ``nonfinite`` is -1 where a norm is not finite).
+    """
+    f = result.file
+    if all(name in f for name in SUMMARY):
+        return {name: f[name][()] for name in SUMMARY}
+    n_samples, n_out = f["hessian"].shape[:2]
+    out = {name: np.zeros((n_samples, n_out)) for name in SUMMARY}
+    for n in range(n_samples):
+        for k in range(n_out):
+            st = matrix_stats(f["hessian"], n, k)
+            out["trace"][n, k], out["frobenius"][n, k] = st.trace, st.frobenius
+            out["symmetry"][n, k] = st.symmetry
+            out["nonfinite"][n, k] = 0 if np.isfinite(st.frobenius) else -1
+    out["nonfinite"] = out["nonfinite"].astype(np.int64)
+    return out

@@ -36,7 +36,7 @@ from .errors import PipelineError
 from .hessian.methods import METHODS
 from .job import Job, build_job, model_key
 from .plan import Plan, make_plan
-from .storage import compression_options
+from .store import compression_options
 
 log = logging.getLogger(__name__)
 GROUPS = ("model", "data", "target", "method", "backend", "storage")

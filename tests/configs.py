@@ -11,6 +11,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
 
 from pipeline.config import register, to_plain
+from pipeline.store import ResultNames
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -38,9 +39,8 @@ def read_hessian(path) -> np.ndarray:
         return f["hessian"][()]
 
 
-def committed_blocks(shards) -> list:
-    """The commit records of finished blocks in a shard directory: shard files (Dask, virtual
-    layout, compression) or markers of blocks written into ``direct.h5`` (``backend=local``)."""
-    if not shards.is_dir():
-        return []
-    return sorted([*shards.glob("block-*.h5"), *shards.glob("block-*.done")])
+def committed_blocks(path) -> list:
+    """The commit records of the finished blocks of the result at ``path``: markers of blocks
+    written into ``direct.h5`` or shard files (virtual layout, compression)."""
+    names = ResultNames(Path(path))
+    return sorted([*names.markers().values(), *names.shard_files().values()])

@@ -52,6 +52,19 @@ class TokenModel(nn.Module):
         return self.head(self.emb(x.abs().long().clamp(max=15).flatten(1)).mean(1))
 
 
+class Cusp(nn.Module):
+    """Finite outputs whose second derivative in x_0 is infinite where x_0 = 0 (sqrt(|x_0|))."""
+
+    def __init__(self, d: int = 8, out: int = 3):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(d, out)
+
+    def forward(self, x):
+        x = x.flatten(1)
+        return self.lin(torch.tanh(x)) + x[:, :1].abs().sqrt()
+
+
 class Branching(nn.Module):
     """An MLP whose forward branches on a tensor value: torch.fx cannot capture its graph."""
 

@@ -22,6 +22,7 @@ CASES: dict[str, list[str]] = {
         "storage.block_rows=16",
     ],
     "float64": ["data.stop=2", "dtype=float64"],
+    "zero": ["data.stop=2", "model.net.activation=relu"],  # a ReLU net's logit: H = 0
 }
 
 _made: dict[str, Path] = {}

@@ -12,8 +12,9 @@ import pytest
 from distributed import Client, LocalCluster
 
 from pipeline.run import run
+from pipeline.store import ResultNames
 
-from .configs import config, read_hessian
+from .configs import committed_blocks, config, read_hessian
 
 # A small smooth job with many blocks: 6 samples x 64 rows in blocks of 8 rows -> 48 blocks.
 JOB = (
@@ -47,7 +48,7 @@ def test_dask_backend_equals_local(tmp_path, local_result):
     res = run(config(*JOB, "backend=dask", "backend.n_workers=2", f"storage.path={path}"))
     assert res.blocks_computed == 48
     np.testing.assert_array_equal(read_hessian(path), local_result)
-    assert not (tmp_path / "h.h5.shards").exists()
+    assert not ResultNames(path).shards.exists()
 
 
 def test_address_backend_with_a_worker_killed_mid_run(tmp_path, local_result, cluster):
@@ -58,7 +59,6 @@ def test_address_backend_with_a_worker_killed_mid_run(tmp_path, local_result, cl
 
     assert dask.config.get("distributed.scheduler.allowed-failures") >= 1
     path = tmp_path / "h.h5"
-    shards = tmp_path / "h.h5.shards"
     with Client(cluster) as client:
         pids = list(client.run(os.getpid).values())
     killed = []
@@ -66,7 +66,7 @@ def test_address_backend_with_a_worker_killed_mid_run(tmp_path, local_result, cl
     def kill_one_worker():
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            if shards.is_dir() and len(list(shards.glob("block-*.h5"))) >= 3:
+            if len(committed_blocks(path)) >= 3:
                 os.kill(pids[0], signal.SIGKILL)
                 killed.append(pids[0])
                 return

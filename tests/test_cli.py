@@ -136,6 +136,9 @@ def test_default_job_writes_the_trained_mlps_hessians(jobs):
         assert shapes == {
             "hessian": (16, 1, 64, 64), "gradient": (16, 1, 64), "inputs": (16, 1, 8, 8),
             "outputs": (16, 10), "sample_index": (16,), "output_index": (1,),
+            "diagonal": (16, 1, 64), "row_norm": (16, 1, 64), "trace": (16, 1),
+            "frobenius": (16, 1), "symmetry": (16, 1), "nonfinite": (16, 1),
+            "block_sums": (1, 16, 1, 4),
         }  # fmt: skip
         h, x = torch.from_numpy(f["hessian"][:]), torch.from_numpy(f["inputs"][:])
         assert h.dtype == torch.float32

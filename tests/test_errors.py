@@ -439,9 +439,9 @@ def test_unexpected_errors_are_one_line_internal_error(tmp_path):
     """A bug of ours (simulated: the free-space check raises ZeroDivisionError) is one line that
     says how to see the traceback, not Hydra's "Error executing job" and a raw message."""
     script = (
-        "import sys, pipeline.run, pipeline.__main__ as m\n"
+        "import sys, pipeline.store.writer as w, pipeline.__main__ as m\n"
         "def boom(*a, **k): return 1 / 0\n"
-        "pipeline.run._check_free_space = boom\n"
+        "w.ResultWriter._check_free_space = boom\n"
         "sys.argv = ['pipeline', *sys.argv[1:]]\n"
         "m.main()\n"
     )

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from pipeline.run import run
+from pipeline.store import ResultNames
 
 from .configs import committed_blocks, config
 from .test_resume import JOB, start_cli
@@ -26,7 +27,7 @@ def kill_point(rng: random.Random) -> tuple[str, int]:
 def reached(point: tuple[str, int], path: Path) -> bool:
     kind, k = point
     if kind == "blocks":
-        return len(committed_blocks(path.with_name(path.name + ".shards"))) >= k
+        return len(committed_blocks(path)) >= k
     if kind == "assembling":
         return any(path.parent.glob(f".{path.name}.*.partial")) or path.exists()
     return path.exists()
@@ -51,9 +52,9 @@ def one_trial(tmp: Path, seed: int, reference: np.ndarray) -> dict:
         time.sleep(0.002)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    shards = committed_blocks(tmp / "h.h5.shards")
+    shards = committed_blocks(path)
     corrupt = [p.name for p in shards if p.suffix == ".h5" and not readable(p)]
-    direct = tmp / "h.h5.shards" / "direct.h5"  # backend=local writes blocks into it in place
+    direct = ResultNames(path).direct  # the final file, written in place
     if direct.exists() and not readable(direct):
         corrupt.append(direct.name)
     final_state = "absent"

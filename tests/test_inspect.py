@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from pipeline.errors import PipelineError
-from pipeline.inspect import main
+from pipeline.inspect import main, stats_table
 from pipeline.reader import read
 from pipeline.stats import matrix_stats
 from pipeline.verify import verify
@@ -107,6 +107,32 @@ def test_verify_catches_one_changed_entry(tmp_path_factory, tmp_path, dataset, i
                for m in report.mismatches if m.check == check)  # fmt: skip
     others = {m.message.split(",")[0] for m in report.mismatches}
     assert all(f"sample {n} " in o for o in others)  # nothing reported for untouched samples
+
+
+def test_verify_without_pairs_reads_each_matrix_once(tmp_path_factory, tmp_path, monkeypatch):
+    """--no-pairs skips the panel pairs; the probes still catch a changed off-diagonal entry."""
+    import pipeline.stats
+
+    monkeypatch.setattr(pipeline.stats, "_panels_from", lambda *a: pytest.fail("read a pair"))
+    good = result_file(tmp_path_factory, "copy")
+    with read(good) as r:
+        report = verify(r, rows=1, pairs=False)
+    assert report.ok and "entry pairs skipped" in report.summary()
+    bad = _tamper(good, tmp_path / "bad.h5", "hessian", (1, 0, 5, 40))
+    with read(bad) as r:
+        report = verify(r, rows=1, seed=1, pairs=False)
+    assert {m.check for m in report.mismatches} == {"probe"}
+
+
+def test_table_of_stored_statistics_equals_the_streamed_one(tmp_path_factory):
+    with read(result_file(tmp_path_factory, "copy")) as r:
+        stored = [line.split() for line in stats_table(r)[1:]]
+        streamed = [line.split() for line in stats_table(r, stream=True)[1:]]
+    assert len(stored) == len(streamed) == 6
+    for a, b in zip(stored, streamed, strict=True):
+        assert a[:3] == b[:3] and a[-1] == b[-1] == "0"
+        np.testing.assert_allclose(np.float64(a[3:5]), np.float64(b[3:5]), rtol=1e-4)
+        np.testing.assert_allclose(float(a[5]), float(b[5]), rtol=1e-2, atol=1e-9)
 
 
 def test_a_contiguous_hessian_is_read_and_inspected(tmp_path_factory, tmp_path):

@@ -13,10 +13,12 @@ from pipeline.lanczos import lanczos, top_eigenvalues
 from pipeline.reader import read
 from pipeline.stats import block_average, matrix_stats, matvec_operator
 
+from .configs import compose_config
 from .result_files import result_file
 
 PNG = b"\x89PNG\r\n\x1a\n"
-FIGURES = ["hessian_heatmap.png", "hessian_input_maps.png", "hessian_spectrum.png"]
+FIGURES = ["hessian_heatmap.png", "hessian_input_maps.png", "hessian_spectrum.png",
+           "hessian_summary.png"]  # fmt: skip
 
 
 def _assert_png(path):
@@ -29,11 +31,12 @@ def _read_csv(path):
         return list(csv.DictReader(fh))
 
 
-def test_run_writes_reports_beside_the_result(tmp_path_factory):
-    path = result_file(tmp_path_factory, "copy")  # run with plots=true
+def test_run_writes_reports_named_after_the_result(tmp_path_factory):
+    path = result_file(tmp_path_factory, "copy")  # run(cfg) with plots=true, no run directory
+    out = path.parent / "hessians_reports"
     for name in FIGURES:
-        _assert_png(path.parent / name)
-    rows = _read_csv(path.parent / "hessian_stats.csv")
+        _assert_png(out / name)
+    rows = _read_csv(out / "hessian_stats.csv")
     with h5py.File(path) as f:
         h = f["hessian"][()].astype(np.float64)
     assert len(rows) == h.shape[0] * h.shape[1]
@@ -51,22 +54,23 @@ def test_run_writes_reports_beside_the_result(tmp_path_factory):
         )
         sym = np.linalg.norm(m - m.T) / np.linalg.norm(m)
         np.testing.assert_allclose(float(row["symmetry_residual"]), sym, rtol=1e-3)
-        assert row["output_index"] in ("2", "5")
+        assert row["output_index"] in ("2", "5") and row["nonfinite"] == "0"
 
 
 def test_cli_and_lanczos_paths(tmp_path_factory, tmp_path, monkeypatch):
-    """The Lanczos paths (large D), forced on D = 64, agree with eigvalsh; --out is honoured."""
+    """The Lanczos paths (large D, spectrum=full), forced on D = 64, agree with eigvalsh; --out is
+    honoured."""
     monkeypatch.setattr(plots, "CSV_EIGVALSH_MAX_D", 16)
     monkeypatch.setattr(plots, "FULL_SPECTRUM_MAX_D", 16)
     monkeypatch.setattr(plots, "TOP_EIGENVALUES", 10)
     path = result_file(tmp_path_factory, "virtual")
-    assert plots.main([str(path), "--out", str(tmp_path / "rep")]) == 0
+    assert plots.main([str(path), "--out", str(tmp_path / "rep"), "--spectrum", "full"]) == 0
     for name in FIGURES:
         _assert_png(tmp_path / "rep" / name)
     rows = _read_csv(tmp_path / "rep" / "hessian_stats.csv")
     with read(path) as r:
         h = r.hessian.compute().astype(np.float64)
-        top, how = plots.spectrum(r)
+        top, how = plots.spectrum(r, mode="full")
     assert "Lanczos" in how
     for row in rows:
         ev = np.linalg.eigvalsh(h[int(row["sample"]), int(row["k"])])
@@ -162,3 +166,110 @@ def test_block_average(matrix_file, size, factor):
     ref = np.array([[m[i * f : (i + 1) * f, j * f : (j + 1) * f].mean() for j in range(nb)]
                     for i in range(nb)])  # fmt: skip
     np.testing.assert_allclose(got, ref, rtol=1e-12, atol=1e-12)
+
+
+# ---- What the reports read and say ----------------------------------------------------------
+
+
+@pytest.fixture
+def figures(monkeypatch):
+    """The figures the reports draw, kept open for inspection."""
+    kept, close = [], plots.plt.close
+    monkeypatch.setattr(plots.plt, "close", kept.append)
+    yield kept
+    for fig in kept:
+        close(fig)
+
+
+def _texts(fig) -> str:
+    parts = [fig.get_suptitle()]
+    for ax in fig.axes:
+        parts += [ax.get_title(), *(t.get_text() for t in ax.texts)]
+    return "\n".join(parts)
+
+
+def test_large_d_reports_read_no_matrix_per_sample(tmp_path_factory, tmp_path, monkeypatch):
+    """Above the eigvalsh sizes, the CSV and summary come from the stored datasets alone, and the
+    spectrum of the one drawn matrix stops at its time budget."""
+    monkeypatch.setattr(plots, "CSV_EIGVALSH_MAX_D", 16)
+    monkeypatch.setattr(plots, "FULL_SPECTRUM_MAX_D", 16)
+    monkeypatch.setattr(plots, "matrix_stats", lambda *a, **k: pytest.fail("a pass per sample"))
+    monkeypatch.setattr(plots, "lanczos", lambda *a, **k: pytest.fail("Lanczos per sample"))
+    path = result_file(tmp_path_factory, "copy")
+    written = plots.write_reports(path, tmp_path, {"budget_s": 0.0})
+    rows = _read_csv(tmp_path / "hessian_stats.csv")
+    assert {r["eig_source"] for r in rows} == {""} and {r["eig_min"] for r in rows} == {""}
+    with read(path) as r:
+        ev, how = plots.spectrum(r, budget_s=0.0)
+    assert "budget" in how and len(ev) < 10  # one Lanczos step or two, not 100 eigenvalues
+    assert sorted(p.name for p in written) == sorted([*FIGURES, "hessian_stats.csv"])
+
+
+def test_a_zero_hessian_says_so(tmp_path_factory, tmp_path, monkeypatch, figures):
+    monkeypatch.setattr(plots, "block_average", lambda *a, **k: pytest.fail("read a zero matrix"))
+    path = result_file(tmp_path_factory, "zero")
+    start = len(figures)
+    plots.write_reports(path, tmp_path)
+    text = "\n".join(_texts(f) for f in figures[start:])
+    assert "H = 0: all 64 x 64 entries are exactly zero" in text  # heatmap
+    assert "H = 0: every eigenvalue is 0" in text  # spectrum
+    assert "H = 0: every entry is zero" in text  # input maps
+    assert "0 for every sample (H = 0)" in text  # summary
+
+
+def test_the_sample_and_output_drawn_can_be_chosen(tmp_path_factory, tmp_path, figures, caplog):
+    path = result_file(tmp_path_factory, "copy")  # 3 samples, outputs [2, 5]
+    start = len(figures)  # the run that made the file may have drawn some
+    with caplog.at_level("INFO", logger="pipeline.plots"):
+        written = plots.write_reports(path, tmp_path, {"sample": 2, "output": 1})
+    heatmap = next(f for f in figures[start:] if "Input Hessian of" in f.axes[0].get_title())
+    assert "output 5, sample 2 (dataset index 2)" in heatmap.axes[0].get_title()
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert all(f"wrote {p}" in logged for p in written)
+    with pytest.raises(plots.PipelineError, match="report.sample=3 is out of range") as info:
+        plots.write_reports(path, tmp_path, {"sample": 3})
+    assert info.value.key == "report.sample"
+
+
+def test_a_report_option_out_of_range_is_refused_before_computing(tmp_path, monkeypatch):
+    import pipeline.run
+
+    monkeypatch.setattr(pipeline.run, "execute", lambda *a: pytest.fail("computed"))
+    cfg = compose_config("data.stop=3", "plots=true", "report.output=1", "progress=false",
+                         f"storage.path={tmp_path / 'h.h5'}")  # fmt: skip
+    with pytest.raises(plots.PipelineError, match="report.output=1 is out of range") as info:
+        pipeline.run.run(cfg)
+    assert info.value.key == "report.output" and list(tmp_path.iterdir()) == []
+
+
+def test_spectrum_keeps_every_eigenvalue_in_view_and_counts_clear_signs(
+    tmp_path_factory, tmp_path, figures
+):
+    path = result_file(tmp_path_factory, "copy")
+    with read(path) as r:
+        plots.plot_spectrum(r, tmp_path / "s.png")
+        ev, _ = plots.spectrum(r)
+        tol = plots.rounding_level(ev, 64, r.dtype)
+    ax = figures[-1].axes[0]
+    lo, hi = ax.get_ylim()
+    assert lo < ev.min() and hi > ev.max()  # nothing clipped at the edges
+    ticks = [t for t in ax.get_yticks() if lo <= t <= hi]
+    assert len(ticks) <= 9
+    pos, neg = int((ev > tol).sum()), int((ev < -tol).sum())
+    assert f"{pos} positive, {neg} negative, {64 - pos - neg} within rounding" in ax.get_title()
+
+
+def test_rounding_level_and_symlog_ticks():
+    ev = np.array([1.0, 1e-9, -1e-9, -0.5])
+    tol = plots.rounding_level(ev, 64, np.dtype(np.float32))
+    assert tol == pytest.approx(64 * np.finfo(np.float32).eps)
+    assert int((ev > tol).sum()) == 1 and int((ev < -tol).sum()) == 1
+    ticks = plots.symlog_ticks(1e-6, 3e4)  # 11 decades: every third one
+    assert ticks == sorted(ticks) and 0.0 in ticks and len(ticks) <= 9
+    assert max(ticks) <= 3e4 and min(ticks) >= -3e4
+
+
+def test_reports_of_two_results_in_one_directory_do_not_collide(tmp_path):
+    a, b = tmp_path / "a.h5", tmp_path / "b.h5"
+    assert plots.report_dir(a) != plots.report_dir(b)
+    assert plots.report_dir(a, tmp_path / "run") == tmp_path / "run"

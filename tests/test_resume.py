@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 from pipeline.errors import PipelineError
-from pipeline.run import RunLock, run
+from pipeline.run import run
+from pipeline.store import ResultNames, ResultWriter, RunLock
 
 from .configs import committed_blocks, config, read_hessian
 
@@ -56,14 +57,15 @@ def start_cli(*overrides: str) -> subprocess.Popen:
     )
 
 
-def wait_for_shards(shards: Path, n: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+def wait_for_blocks(path: Path, n: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    """Wait until ``n`` blocks of the result at ``path`` are committed."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if len(committed_blocks(shards)) >= n:
+        if len(committed_blocks(path)) >= n:
             return
         assert proc.poll() is None, proc.stdout.read().decode()
         time.sleep(0.005)
-    raise AssertionError("no shards appeared")
+    raise AssertionError("no blocks were committed")
 
 
 @pytest.fixture(scope="module")
@@ -75,13 +77,14 @@ def reference(tmp_path_factory):
 
 @pytest.mark.parametrize("backend", [("backend=local",), ("backend=dask", "backend.n_workers=2")])
 def test_sigkill_then_resume_gives_identical_result(tmp_path, reference, backend):
-    path, shards = tmp_path / "h.h5", tmp_path / "h.h5.shards"
+    path = tmp_path / "h.h5"
+    shards = ResultNames(path).shards
     proc = start_cli(*JOB, *backend, f"storage.path={path}")
-    wait_for_shards(shards, 5, proc)
+    wait_for_blocks(path, 5, proc)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not path.exists(), "a killed run left a file at storage.path"
-    committed = {p.name: p.stat().st_ino for p in committed_blocks(shards)}
+    committed = {p.name: p.stat().st_ino for p in committed_blocks(path)}
     assert 5 <= len(committed) < 64
     res = run(
         config(*JOB, "storage.mode=resume", "storage.keep_shards=true", f"storage.path={path}")
@@ -97,9 +100,10 @@ def test_sigkill_then_resume_gives_identical_result(tmp_path, reference, backend
 def test_ctrl_c_says_how_many_blocks_are_kept_and_how_to_resume(tmp_path, reference, backend):
     """Issue 11 item 11: Ctrl-C printed 110 lines of traceback and no word about resuming (and
     each Dask worker its own traceback)."""
-    path, shards = tmp_path / "h.h5", tmp_path / "h.h5.shards"
+    path = tmp_path / "h.h5"
+    shards = ResultNames(path).shards
     proc = start_cli(*JOB, *backend, f"storage.path={path}")
-    wait_for_shards(shards, 3, proc)
+    wait_for_blocks(path, 3, proc)
     os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C sends: to every process of the run
     out = proc.communicate(timeout=60)[0].decode()
     assert proc.returncode == 130, out
@@ -112,7 +116,7 @@ def test_ctrl_c_says_how_many_blocks_are_kept_and_how_to_resume(tmp_path, refere
     )
     assert found, last
     kept = int(found.group(1))
-    assert kept == len(committed_blocks(shards)) >= 3
+    assert kept == len(committed_blocks(path)) >= 3
     command = shlex.split(found.group(2))
     assert command[:3] == ["python", "-m", "pipeline"]
     assert command[-2:] == ["storage.mode=resume", f"storage.path={path}"]
@@ -127,9 +131,10 @@ def test_ctrl_c_says_how_many_blocks_are_kept_and_how_to_resume(tmp_path, refere
 
 
 def test_resume_with_a_changed_config_is_refused(tmp_path):
-    path, shards = tmp_path / "h.h5", tmp_path / "h.h5.shards"
+    path = tmp_path / "h.h5"
+    shards = ResultNames(path).shards
     proc = start_cli(*JOB, f"storage.path={path}")
-    wait_for_shards(shards, 2, proc)
+    wait_for_blocks(path, 2, proc)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     before = sorted(p.name for p in shards.iterdir())
@@ -177,19 +182,16 @@ def test_result_larger_than_free_disk_is_refused_before_computing(small_disk):
 
 def test_disk_filling_up_mid_run_keeps_committed_blocks(small_disk, monkeypatch):
     """The space check passes, then another process fills the disk: a clear error, blocks kept."""
-    import pipeline.run as run_module
-
-    monkeypatch.setattr(run_module, "_check_free_space", lambda *a, **k: None)
+    monkeypatch.setattr(ResultWriter, "_check_free_space", lambda *a, **k: None)
     filler = small_disk / "filler"
     filler.write_bytes(b"\0" * 560_000)  # leaves ~40 kB: less than the 66 kB result
     path = small_disk / "h.h5"
     with pytest.raises(PipelineError, match="disk full.*resume"):
         run(config(*JOB, f"storage.path={path}"))
     assert not path.exists()
-    shards = small_disk / "h.h5.shards"
-    kept = committed_blocks(shards)
+    kept = committed_blocks(path)
     assert kept, "committed blocks were lost"
-    files = [p for p in kept if p.suffix == ".h5"] or [shards / "direct.h5"]
+    files = [p for p in kept if p.suffix == ".h5"] or [ResultNames(path).direct]
     for file in files:  # shards, or the file that backend=local writes in place
         with h5py.File(file, "r") as f:
             assert f["hessian"].shape
@@ -218,7 +220,6 @@ def test_every_block_is_committed_by_the_end(tmp_path, reference, fsync):
     """With fsync the commits run on a background thread: all must be done when run returns."""
     path = tmp_path / "h.h5"
     run(config(*JOB, f"storage.path={path}", "storage.keep_shards=true", f"storage.fsync={fsync}"))
-    shards = path.with_name("h.h5.shards")
-    assert len(committed_blocks(shards)) == 64
-    assert list(shards.glob(".*")) == [], "a file kept its temporary name"
+    assert len(committed_blocks(path)) == 64
+    assert ResultNames(path).work_partials() == [], "a file kept its temporary name"
     np.testing.assert_array_equal(read_hessian(path), reference)

@@ -1,0 +1,240 @@
+"""Writing one computed block where the result is stored, from whichever process computed it.
+
+A sink is a small picklable object: the driver makes it, Dask ships it with each task, and the
+process that holds a block's values (a worker, or this process's writer thread) calls
+``sink.write``. It writes the values (the Hessian rows, the gradient, the block's statistics)
+and returns the block's index; the driver then commits the block (see NOTE: [commit guarantee] in
+``durable``).
+
+- ``InPlaceSink``: the block's bytes go to their offsets in the laid-out final file (see NOTE:
+  [direct writes] in ``layout``): one ``pwritev`` per run of adjacent chunks, straight from the
+  block's memory, no copy. One write per byte.
+- ``ShardSink``: the block becomes its own HDF5 file (temporary name, fsync, rename), for the
+  virtual layout and for compression, which an in-place write cannot do.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..plan import Block, Plan
+from .durable import commit
+from .layout import BLOCK_SUMS, FileMap
+from .names import temporary_name
+from .statistics import BlockStats, block_stats
+
+IOV_MAX = 1024  # buffers per pwritev call (Linux's limit)
+
+
+def host_array(
+    t: Tensor | np.ndarray, dtype: np.dtype | None = None, staged: bool = False
+) -> np.ndarray:
+    """A C-contiguous host array of ``t`` in ``dtype`` (default: its own; no copy when it is one
+    already). With ``staged``, a GPU tensor is copied into this process's page-locked buffer,
+    which the next staged copy overwrites."""
+    if isinstance(t, Tensor):
+        t = t.detach()
+        if t.device.type != "cpu":
+            t = _pinned_copy(t) if staged else t.cpu()
+        t = t.numpy()
+    return np.ascontiguousarray(t, dtype)
+
+
+_PINNED: dict[str, Tensor] = {}
+
+
+def _pinned_copy(t: Tensor) -> Tensor:
+    """``t`` copied into a page-locked host buffer reused across calls (fast DMA, no new pages)."""
+    key = str(t.dtype)
+    buf = _PINNED.get(key)
+    if buf is None or buf.numel() < t.numel():
+        buf = _PINNED[key] = torch.empty(t.numel(), dtype=t.dtype, pin_memory=True)
+    out = buf[: t.numel()].view(t.shape)
+    out.copy_(t, non_blocking=True)
+    torch.cuda.current_stream(t.device).synchronize()
+    return out
+
+
+@dataclass(frozen=True)
+class InPlaceSink:
+    """Writes blocks into the laid-out file ``path`` at their offsets.
+
+    Attributes:
+        path: the file (``<storage.path>.shards/direct.h5``).
+        identity: (st_dev, st_ino) of that file: a write into another file of the same name
+            (a later run's) is refused.
+        layout_id: the file's ``layout_id`` attribute (which byte offsets belong to it).
+        plan: the blocks and chunks.
+        dtype: the Hessian's dtype.
+        flush: fdatasync each block here (workers that may sit on other machines); otherwise
+            the driver flushes the file once per batch of blocks.
+    """
+
+    path: str
+    identity: tuple[int, int]
+    layout_id: str
+    plan: Plan
+    dtype: str
+    flush: bool = False
+
+    def write(
+        self, b: Block, h: Tensor | np.ndarray, g: Tensor | np.ndarray | None,
+        stats: BlockStats | None = None,
+    ) -> int:  # fmt: skip
+        """Write block ``b``: hessian (S, K, R, D), gradient (S, K, D) for blocks at row 0."""
+        dtype = np.dtype(self.dtype)
+        h = host_array(h, dtype, staged=True)
+        # the statistics are taken while the Hessian's bytes are written (the writes wait for
+        # the disk, the statistics for the CPU)
+        pending = _stats_pool().submit(block_stats, h, b.r0) if stats is None else None
+        fd = os.open(self.path, os.O_WRONLY)
+        try:
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) != tuple(self.identity):
+                raise RuntimeError(f"{self.path} was replaced by another run; block not written")
+            fmap = FileMap.of(Path(self.path), self.layout_id)
+            _write_runs(fd, self._hessian_pieces(b, h, fmap))
+            if pending is not None:
+                stats = pending.result()
+            _write_runs(fd, self._row_pieces(b, stats, g, dtype, fmap))
+            if self.flush:
+                os.fdatasync(fd)
+        finally:
+            if pending is not None:
+                pending.cancel() or pending.exception()  # never leave it running on h
+            os.close(fd)
+        return b.index
+
+    def _hessian_pieces(
+        self, b: Block, h: np.ndarray, fmap: FileMap
+    ) -> list[tuple[int, memoryview]]:
+        cs, _, cr, d = fmap.chunks
+        row = d * h.itemsize
+        pieces = []
+        for s in range(b.s0, b.s1):
+            c, within = divmod(s, cs)
+            for k in range(self.plan.n_outputs):
+                for r in range(b.r0, b.r1, cr):
+                    base = int(fmap.hessian[c, k, r // cr]) + within * cr * row
+                    part = h[s - b.s0, k, r - b.r0 : min(r + cr, b.r1) - b.r0]
+                    pieces.append((base, memoryview(part).cast("B")))
+        return pieces
+
+    def _row_pieces(self, b, stats, g, dtype, fmap) -> list[tuple[int, memoryview]]:
+        """The gradient rows (blocks at row 0), the block's sums, the diagonal and row norms."""
+        k, d = self.plan.n_outputs, self.plan.dim
+        item = dtype.itemsize
+        pieces = []
+        if b.r0 == 0:
+            grad = host_array(g, dtype)
+            pieces.append((fmap.contiguous["gradient"] + b.s0 * k * d * item, _bytes(grad)))
+        rb, n = b.r0 // self.plan.block_rows, self.plan.n_samples
+        sums = np.ascontiguousarray(stats.sums, np.float64)
+        pieces.append(
+            (fmap.contiguous[BLOCK_SUMS] + (rb * n + b.s0) * sums[0].nbytes, _bytes(sums))
+        )
+        for name, values in (("diagonal", stats.diagonal), ("row_norm", stats.row_norm)):
+            values = np.ascontiguousarray(values, dtype)
+            for s in range(b.s0, b.s1):
+                for o in range(k):
+                    at = fmap.contiguous[name] + ((s * k + o) * d + b.r0) * item
+                    pieces.append((at, _bytes(values[s - b.s0, o])))
+        return pieces
+
+
+_POOL: list[ThreadPoolExecutor] = []
+
+
+def _stats_pool() -> ThreadPoolExecutor:
+    """One thread per process for block statistics."""
+    if not _POOL:
+        _POOL.append(ThreadPoolExecutor(1, thread_name_prefix="pipeline-stats"))
+    return _POOL[0]
+
+
+def _bytes(a: np.ndarray) -> memoryview:
+    return memoryview(np.ascontiguousarray(a)).cast("B")
+
+
+def _write_runs(fd: int, pieces: list[tuple[int, memoryview]]) -> None:
+    """Write (offset, bytes) pieces, one ``pwritev`` per run of adjacent pieces."""
+    pieces.sort(key=lambda p: p[0])
+    i = 0
+    while i < len(pieces):
+        start, bufs, end = pieces[i][0], [pieces[i][1]], pieces[i][0] + pieces[i][1].nbytes
+        i += 1
+        while i < len(pieces) and pieces[i][0] == end and len(bufs) < IOV_MAX:
+            bufs.append(pieces[i][1])
+            end += pieces[i][1].nbytes
+            i += 1
+        if os.pwritev(fd, bufs, start) != end - start:  # a short write (rare): redo it plainly
+            _pwrite_all(fd, bufs, start)
+
+
+def _pwrite_all(fd: int, bufs: list[memoryview], at: int) -> None:
+    for buf in bufs:
+        while buf.nbytes:
+            n = os.pwrite(fd, buf, at)
+            buf, at = buf[n:], at + n
+
+
+@dataclass(frozen=True)
+class ShardSink:
+    """Writes each block as its own shard file in ``directory``; the shard's rename commits it."""
+
+    directory: str
+    fsync: bool = True
+
+    def write(
+        self, b: Block, h: Tensor | np.ndarray, g: Tensor | np.ndarray | None,
+        stats: BlockStats | None = None,
+    ) -> int:  # fmt: skip
+        """Commit block ``b``. Idempotent: a block written twice leaves one identical shard."""
+        h = host_array(h, staged=True)
+        if stats is None:
+            stats = block_stats(h, b.r0)
+        final = Path(self.directory) / f"block-{b.index:06d}.h5"
+        tmp = temporary_name(final)
+        try:
+            with h5py.File(tmp, "w") as f:
+                f.create_dataset("hessian", data=h)
+                if g is not None:
+                    f.create_dataset("gradient", data=host_array(g, h.dtype))
+                f.create_dataset("diagonal", data=stats.diagonal)
+                f.create_dataset("row_norm", data=stats.row_norm)
+                f.create_dataset("sums", data=stats.sums)
+                f.attrs.update(s0=b.s0, s1=b.s1, r0=b.r0, r1=b.r1)
+            commit(tmp, final, self.fsync)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return b.index
+
+
+def read_shard(
+    path: Path, hessian: bool = True
+) -> tuple[np.ndarray | None, np.ndarray | None, BlockStats]:
+    """A shard's hessian (unless ``hessian=False``), gradient (blocks at row 0) and statistics."""
+    with h5py.File(path, "r") as s:
+        h = s["hessian"][()] if hessian else None
+        g = s["gradient"][()] if "gradient" in s else None
+        stats = BlockStats(s["diagonal"][()], s["row_norm"][()], s["sums"][()])
+    return h, g, stats
+
+
+def shard_is_readable(path: Path, plan: Plan, b: Block) -> bool:
+    """Whether ``path`` is a complete shard of block ``b``."""
+    try:
+        with h5py.File(path, "r") as s:
+            shape = (b.s1 - b.s0, plan.n_outputs, b.r1 - b.r0, plan.dim)
+            return s["hessian"].shape == shape and "sums" in s
+    except (OSError, KeyError):
+        return False
