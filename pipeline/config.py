@@ -157,7 +157,8 @@ class LossTarget(TargetConf):
 @dataclass
 class MethodConf:
     name: str = "auto"
-    memory_budget_mb: int = at_least(1, 1024)  # working memory of one vectorized call
+    # working memory of one vectorized call; null: 1024 on a CPU, a quarter of a GPU's memory
+    memory_budget_mb: int | None = at_least(1, None)
     tf32: bool = False  # opt-in reduced-precision matmuls on GPU
 
 

@@ -38,9 +38,11 @@ class Job:
     dtype: torch.dtype
 
     @property
-    def memory_budget(self) -> int:
-        """Bytes of working memory for one vectorized call (``method.memory_budget_mb``)."""
-        return int(self.cfg["method"].get("memory_budget_mb", 1024)) << 20
+    def memory_budget(self) -> int | None:
+        """Bytes of working memory for one vectorized call (``method.memory_budget_mb``); None:
+        the device's default (``pipeline.hessian.methods.default_memory_budget``)."""
+        mb = self.cfg["method"].get("memory_budget_mb")
+        return None if mb is None else int(mb) << 20
 
     @property
     def dim(self) -> int:
