@@ -30,6 +30,7 @@ def default_memory_budget(device: torch.device | str) -> int:
         return torch.cuda.get_device_properties(device).total_memory // 4
     return DEFAULT_MEMORY_BUDGET
 
+
 # (model, x (N,*S), target, rows, memory budget in bytes or None for the device's default)
 #   -> (hessian (N,K,R,D), grad (N,K,D))
 # rows: a Rows, a slice, or (R,) indices (see ``rows.select_rows``).

@@ -513,9 +513,8 @@ class LayerNorm(Rule):
 
 
 @dataclass
-class Softmax(Rule):
-    """p = softmax(v) along ``dim``: J t = p (t - <p, t>); with w = p (g - <p, g>),
-    d^2 <g, p> t = w t - w <p, t> - p <w, t>."""
+class _Normalized(Rule):
+    """A step normalizing along the axis ``dim`` with the probabilities p (N, *s)."""
 
     p: Tensor = None
     dim: int = -1
@@ -527,7 +526,14 @@ class Softmax(Rule):
         return 4 * self.f_out * ELEMENTWISE_MACS
 
     def _sum(self, t: Tensor, extra: int) -> Tensor:
+        """Sum along ``dim`` of t with ``extra`` axes after the batch axis."""
         return t.sum(_axis(self.dim, self.p.dim(), extra), keepdim=True)
+
+
+@dataclass
+class Softmax(_Normalized):
+    """p = softmax(v) along ``dim``: J t = p (t - <p, t>); with w = p (g - <p, g>),
+    d^2 <g, p> t = w t - w <p, t> - p <w, t>."""
 
     def jvp(self, ts):
         p = self.p.unsqueeze(1)
@@ -546,21 +552,9 @@ class Softmax(Rule):
 
 
 @dataclass
-class LogSoftmax(Rule):
+class LogSoftmax(_Normalized):
     """y = log_softmax(v) along ``dim``, p = exp(y): J t = t - <p, t>;
     d^2 <g, y> = -(sum g) (diag(p) - p p^T)."""
-
-    p: Tensor = None
-    dim: int = -1
-
-    kind = "general"
-
-    @property
-    def macs(self) -> int:
-        return 3 * self.f_out * ELEMENTWISE_MACS
-
-    def _sum(self, t: Tensor, extra: int) -> Tensor:
-        return t.sum(_axis(self.dim, self.p.dim(), extra), keepdim=True)
 
     def jvp(self, ts):
         return ts[0] - self._sum(self.p.unsqueeze(1) * ts[0], 1)
