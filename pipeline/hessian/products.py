@@ -9,8 +9,9 @@ def symmetric_product(u: Tensor, w: Tensor) -> Tensor:
     """H = U W for U (..., D, F) and W (F, D) when H is known to be symmetric.
 
     NOTE [symmetric product]: on a CPU with few matrices (at most 16: the number is a
-    measurement) of D >= 512 two halvings skip most of the lower triangle: rows [0, D/2) times all columns,
-    rows [D/2, 3D/4) times columns [D/2, D), the last quarter times itself, and the skipped blocks
+    measurement) of D >= 512 two halvings skip most of the lower triangle: rows [0, D/2) times
+    all columns, rows [D/2, 3D/4) times columns [D/2, D), the last quarter times itself, and the
+    skipped blocks
     are copied from their transposes: 3 products and 2 copies whatever D is (a fixed number of
     operations, not one per block). Single-threaded CPU time a matrix (``thread_time``), D = 784,
     F = 256: 2.2-2.4 ms against 3.0-3.3 ms for one product with 1-8 matrices, and the same
