@@ -33,14 +33,16 @@ if [ "$PART" = 1 ] || [ "$PART" = all ]; then
     timeout 90 $bench --cases mlp784 --samples 256 2>&1 | tee "$OUT/methods.txt"
     timeout 90 $bench --cases mlp3072 --samples 32 2>&1 | tee -a "$OUT/methods.txt"
 fi
+if [ "$PART" = zoo ]; then  # the zoo alone
+    timeout 200 python3 benchmarks/zoo.py --device cuda --repeats 5 2>&1 | tee "$OUT/zoo.txt"
+fi
 if [ "$PART" = mlp ]; then  # the MLP tables again (after a change), into methods_mlp.txt
     timeout 90 $bench --cases mlp784 --samples 256 2>&1 | tee "$OUT/methods_mlp.txt"
     timeout 90 $bench --cases mlp3072 --samples 32 2>&1 | tee -a "$OUT/methods_mlp.txt"
 fi
 if [ "$PART" = 2 ] || [ "$PART" = all ]; then
     timeout 90 $bench --cases cnn784 --samples 256 2>&1 | tee "$OUT/methods_cnn.txt"
-    timeout 150 python3 benchmarks/zoo.py --device cuda --samples 16 --repeats 5 2>&1 \
-        | tee "$OUT/zoo.txt"
+    timeout 150 python3 benchmarks/zoo.py --device cuda --repeats 5 2>&1 | tee "$OUT/zoo.txt"
     timeout 60 python3 benchmarks/plans.py --device cuda --samples 256 --models mlp784 lenet5 \
         tabular_mlp --symmetric 2>&1 | tee "$OUT/plans.txt"
     timeout 30 python3 benchmarks/plans.py --device cuda --samples 32 --models mlp3072 2>&1 \

@@ -33,9 +33,13 @@ import pipeline  # noqa: E402
 from pipeline.hessian.methods import resolve_method  # noqa: E402
 from tests.model_zoo import ZOO, ZOO_BY_NAME  # noqa: E402
 
-# Samples per timed call on the CPU, by model (the MNIST nets take seconds a sample).
+# Samples per timed call, by model: on the CPU few (the MNIST nets take seconds a sample); on a
+# GPU enough that a call is not bound by its launches (a call's Python and kernel launches cost
+# milliseconds: with 16 samples that was up to half of the transformer's time on an H200).
 SAMPLES = {"mnist_relu": 4, "mnist_tanh": 1, "lenet5": 4, "tabular_mlp": 16,
            "resnet_relu_loss": 4, "resnet_gelu": 2, "transformer": 8}  # fmt: skip
+SAMPLES_GPU = {"mnist_relu": 64, "mnist_tanh": 32, "lenet5": 128, "tabular_mlp": 256,
+               "resnet_relu_loss": 64, "resnet_gelu": 64, "transformer": 256}  # fmt: skip
 
 
 def scalar_fn(model: nn.Module, shape, outputs, label: Tensor | None):
@@ -77,7 +81,7 @@ def bench(name: str, args) -> dict:
     entry = ZOO_BY_NAME[name]
     torch.manual_seed(0)
     model = entry.factory().to(args.device).eval()
-    n = args.samples or SAMPLES[name]
+    n = args.samples or (SAMPLES_GPU if args.device.startswith("cuda") else SAMPLES)[name]
     x = torch.randn(n, *entry.shape, device=args.device)
     labels = torch.randint(10, (n,), device=args.device)
     methods = {
@@ -124,7 +128,7 @@ def bench(name: str, args) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=[z.name for z in ZOO], choices=list(ZOO_BY_NAME))
-    p.add_argument("--samples", type=int, default=None, help="samples per call (default: table)")
+    p.add_argument("--samples", type=int, default=None, help="samples per call (default: by model)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", default=None)
