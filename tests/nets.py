@@ -18,6 +18,16 @@ def mlp(d: int = 64, hidden: int = 32, out: int = 10, seed: int = 0) -> nn.Modul
     )  # fmt: skip
 
 
+def pause(x: torch.Tensor) -> torch.Tensor:
+    """Sleeps ``$SLOW_NET_DELAY`` seconds and returns x; a call in a captured graph (``fx.wrap``),
+    so that it sleeps in every forward of the graph engine, not once while it traces."""
+    time.sleep(float(os.environ.get("SLOW_NET_DELAY", "0")))
+    return x
+
+
+torch.fx.wrap("pause")
+
+
 class Slow(nn.Module):
     """An MLP that sleeps ``$SLOW_NET_DELAY`` seconds in each forward (the config stays the same,
     so a slow run and a fast resume share a fingerprint): makes runs long enough to kill part way.
@@ -28,8 +38,7 @@ class Slow(nn.Module):
         self.net = mlp(d)
 
     def forward(self, x):
-        time.sleep(float(os.environ.get("SLOW_NET_DELAY", "0")))
-        return self.net(x)
+        return self.net(pause(x))
 
 
 def with_dropout_in_training(d: int = 64) -> nn.Module:
