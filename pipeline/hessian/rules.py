@@ -127,6 +127,26 @@ class Dense(Rule):
         return [u @ self.weight]
 
 
+@dataclass(frozen=True)
+class Sliding:
+    """A window op over the trailing spatial axes of (N, C, *sp), per spatial axis: kernel,
+    stride, zero padding and dilation; ``weight`` (C_out, C_in / groups, *kernel) for a
+    convolution (an average pool: a depthwise one), None for a max pool. The local schedule
+    applies it to patches (``windows``, NOTE [local] in ``local``)."""
+
+    kernel: tuple[int, ...]
+    stride: tuple[int, ...]
+    padding: tuple[int, ...]
+    dilation: tuple[int, ...]
+    weight: Tensor | None = None
+    groups: int = 1
+
+    @property
+    def reach(self) -> tuple[int, ...]:
+        """The extent of one window: dilation * (kernel - 1) + 1 per axis."""
+        return tuple(d * (k - 1) + 1 for d, k in zip(self.dilation, self.kernel, strict=True))
+
+
 @dataclass
 class Fold(Rule):
     """A linear map that acts on each sample alike, applied to the folded batch (NOTE [layout]).
@@ -136,11 +156,13 @@ class Fold(Rule):
         cost: multiply-adds per sample of one application.
         adjoint: its transpose on (B', *s_out), one tensor per input, where known in closed form
             (else ``torch.func.vjp`` of ``fn`` at zero gives it).
+        sliding: the map as a window op, where it is one (convolutions, average pools).
     """
 
     fn: Callable[..., Tensor] = None
     cost: int = 0
     adjoint: Callable[[Tensor], tuple[Tensor, ...]] | None = None
+    sliding: Sliding | None = None
 
     @property
     def macs(self) -> int:
@@ -312,9 +334,11 @@ class Select(Rule):
 
     Attributes:
         index: (N, F_out) position of each output's maximum in the sample's flat input.
+        sliding: the pool's windows (None for a pool over inputs without a channel axis).
     """
 
     index: Tensor = None
+    sliding: Sliding | None = None
 
     kind = "select"
     piecewise = True
@@ -631,6 +655,11 @@ class Conv(Fold):
         conv, args = _CONV[spatial], (self.stride, self.padding, self.dilation, self.groups)
         self.fn = lambda t: conv(t, self.weight, None, *args)
         self._numeric = _numeric_padding(self.padding, self.weight, self.dilation)
+        if self._numeric is not None and len(self.shapes_in[0]) == spatial + 1:
+            per_axis = [per_spatial_axis(v, spatial)
+                        for v in (self.stride, self._numeric, self.dilation)]  # fmt: skip
+            self.sliding = Sliding(tuple(self.weight.shape[2:]), *per_axis, self.weight,
+                                   self.groups)  # fmt: skip
 
     def vjp(self, u):
         if self._numeric is None:  # "same" with an odd total: more zeros after than before
@@ -641,6 +670,12 @@ class Conv(Fold):
         out = adjoint(size, self.weight, fold(u), self.stride, self._numeric, self.dilation,
                       self.groups)  # fmt: skip
         return [unfold(out, lead)]
+
+
+def per_spatial_axis(v, spatial: int) -> tuple[int, ...]:
+    """An int or a sequence (of one value, or one per axis) as one int per spatial axis."""
+    v = tuple(v) if isinstance(v, (tuple, list)) else (v,)
+    return tuple(int(a) for a in (v * spatial if len(v) == 1 else v))
 
 
 def _numeric_padding(padding, weight: Tensor, dilation) -> tuple[int, ...] | None:
