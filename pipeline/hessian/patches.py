@@ -1,0 +1,195 @@
+"""Steps of a captured graph on patches (``windows``): which steps can act on them, on which
+windows, and how.
+
+Tangents are (B, R, C, *size) and adjoints (N, K, R, C, *size), on the windows of ``windows``;
+a step acts on patches when it is
+
+* a window op (``rules.Sliding``): a convolution or an average pool (a depthwise convolution),
+  applied to the patch extended by the zeros its output window reads (a convolution with full
+  padding), its adjoint by the transposed convolution; or a max pool (``Select``), by the
+  positions of its maxima relative to the window;
+* elementwise, its factors gathered at the window;
+* a constant scale by channel (eval BatchNorm, a product with a scalar);
+* an add of inputs of the output's shape (residual adds), each patch placed on the union window.
+
+Anything else (a reshape into a dense layer, products of branches, a per-sample normalisation)
+is refused here (None) and the local schedule runs it densely.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .rules import ELEMENTWISE_MACS, Add, Elementwise, Fold, Rule, Scale, Select, Sliding
+from .windows import Blocks, Window, cells, embed, extent, pad
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+
+
+def _sliding(rule: Rule) -> Sliding | None:
+    if isinstance(rule, (Fold, Select)):
+        return rule.sliding
+    return None
+
+
+def _spatial(shape: tuple[int, ...], nsp: int) -> tuple[int, ...] | None:
+    """The map of a per-sample shape (C, *map) with ``nsp`` spatial axes."""
+    return tuple(shape[1:]) if len(shape) == nsp + 1 else None
+
+
+def _channel_factor(rule: Scale) -> bool:
+    """Whether a scale is a constant per channel (or a scalar, or none)."""
+    f = rule.factor
+    if not isinstance(f, Tensor):
+        return True
+    ndim = len(rule.shape_out)
+    return f.dim() <= ndim and all(n == 1 for n in f.shape[max(0, f.dim() - ndim + 1) :])
+
+
+def out_window(rule: Rule, ins: list[Window | None]) -> Window | None:
+    """The window of the step's output tangents from those of its inputs' (None: no tangent);
+    None where the step cannot act on these patches."""
+    given = [w for w in ins if w is not None]
+    if not given or len(given) != len(ins) and not isinstance(rule, Add):
+        return None
+    nsp = len(given[0].map)
+    out_map = _spatial(rule.shape_out, nsp)
+    if out_map is None or any(_spatial(s, nsp) is None for s in rule.shapes_in):
+        return None
+    op = _sliding(rule)
+    if op is not None:
+        return cells(given[0], op, out_map)
+    if isinstance(rule, Elementwise) or isinstance(rule, Scale) and _channel_factor(rule):
+        return given[0]
+    if isinstance(rule, Add) and all(s == rule.shape_out for s in rule.shapes_in):
+        out = given[0]
+        for w in given[1:]:
+            out = out.union(w) if out is not None else None
+        return out
+    return None
+
+
+def in_windows(rule: Rule, w: Window) -> list[Window] | None:
+    """The windows of the adjoints of a step's inputs from the window of its output's adjoint;
+    None where the step cannot act on these patches."""
+    nsp = len(w.map)
+    if any(_spatial(s, nsp) is None for s in rule.shapes_in):
+        return None
+    op = _sliding(rule)
+    if op is not None:
+        return [extent(w, op, _spatial(rule.shapes_in[0], nsp))]
+    if isinstance(rule, Elementwise) or isinstance(rule, Scale) and _channel_factor(rule):
+        return [w]
+    if isinstance(rule, Add) and all(s == rule.shape_out for s in rule.shapes_in):
+        return [w] * len(rule.shapes_in)
+    return None
+
+
+def macs(rule: Rule, w: Window) -> int:
+    """Multiply-adds per row of the step on patches whose output (tangent) or input (adjoint)
+    window is ``w``: ``w`` is the window the step's work is spread over."""
+    channels = rule.shape_out[0]
+    op = _sliding(rule)
+    if op is not None and op.weight is not None:
+        return w.area * op.weight.numel()
+    return channels * w.area * ELEMENTWISE_MACS * max(1, len(rule.shapes_in))
+
+
+def jvp(rule: Rule, ts: list[Tensor | None], ins: list[Window | None], out: Window,
+        blocks: Blocks) -> Tensor:  # fmt: skip
+    """The step's output tangents (B, R, C, *out.size) from the inputs' patches."""
+    op = _sliding(rule)
+    if isinstance(rule, Select):
+        return _select_jvp(rule, ts[0], ins[0], out, blocks)
+    if op is not None:
+        e = extent(out, op, ins[0].map)
+        t = ts[0]
+        y = _conv(rule, t.reshape(-1, *t.shape[2:]), ins[0], e, op)
+        return (y.reshape(*t.shape[:2], *y.shape[1:])) * blocks.mask(out, y)
+    if isinstance(rule, Elementwise):
+        return blocks.gather(rule.d1, out) * ts[0]
+    if isinstance(rule, Scale):
+        return ts[0] if rule.factor is None else ts[0] * rule.factor
+    total = None  # Add
+    for s, t, w in zip(rule.signs, ts, ins, strict=True):
+        if t is not None:
+            term = embed(t if s == 1 else s * t, w, out)
+            total = term if total is None else total + term
+    return total
+
+
+def vjp(rule: Rule, u: Tensor, w: Window, blocks: Blocks) -> list[tuple[Tensor, Window]]:
+    """The adjoints of the step's inputs (N, K, R, C, *size) with their windows
+    (``in_windows``) from the output's adjoint u on ``w``."""
+    op = _sliding(rule)
+    if isinstance(rule, Select):
+        return [_select_vjp(rule, u, w, blocks)]
+    if op is not None:
+        e = extent(w, op, _spatial(rule.shapes_in[0], len(w.map)))
+        nsp = len(w.size)
+        flat = u.reshape(-1, *u.shape[-nsp - 1 :])
+        conv_t = _CONV_T[nsp]
+        v = conv_t(flat, op.weight, None, op.stride, 0, 0, op.groups, op.dilation)
+        return [(v.reshape(*u.shape[:-nsp - 1], *v.shape[1:]) * blocks.mask(e, v), e)]
+    if isinstance(rule, Elementwise):
+        return [(blocks.gather(rule.d1, w).unsqueeze(1) * u, w)]
+    if isinstance(rule, Scale):
+        return [(u if rule.factor is None else u * rule.factor, w)]
+    return [(u if s == 1 else s * u, w) for s in rule.signs]  # Add
+
+
+def _conv(rule: Rule, t: Tensor, w: Window, e: Window, op: Sliding) -> Tensor:
+    """The window op on patches t (B', C, *w.size) extended to e, its output's window: the
+    convolution's own padding where the zeros before and after agree."""
+    lo = [a - b for a, b in zip(w.shift, e.shift, strict=True)]
+    hi = [z - a - s for z, a, s in zip(e.size, lo, w.size, strict=True)]
+    same = [max(0, min(a, b)) for a, b in zip(lo, hi, strict=True)]
+    t = pad(t, [a - s for a, s in zip(lo, same, strict=True)],
+            [b - s for b, s in zip(hi, same, strict=True)])  # fmt: skip
+    return _CONV[len(w.size)](t, op.weight, None, op.stride, same, op.dilation, op.groups)
+
+
+def _select_index(rule: Select, c: Window, e: Window, blocks: Blocks) -> Tensor:
+    """(N, R, C, prod c.size): where each output position of c takes its maximum from, as a
+    flat position in the window e of its inputs (clamped into e outside the map: masked)."""
+    key = (id(rule), c)
+    cache = blocks.cache
+    if key not in cache:
+        n, channels = rule.index.shape[0], rule.shapes_in[0][0]
+        in_map, out_map = tuple(rule.shapes_in[0][1:]), tuple(rule.shape_out[1:])
+        plane = math.prod(in_map)
+        pos = (rule.index % plane).reshape(n, channels, *out_map)
+        pos = blocks.gather(pos, c)  # (N, R, C, *c.size)
+        start = blocks.origin(e)  # (R, nsp)
+        flat = torch.zeros_like(pos)
+        stride = plane
+        for a, m in enumerate(in_map):
+            stride //= m
+            local = pos // stride % m - start[:, a].reshape(-1, 1, *[1] * len(in_map))
+            flat = flat * e.size[a] + local
+        cache[key] = flat.flatten(-len(in_map)).clamp_(0, e.area - 1)
+    return cache[key]
+
+
+def _select_jvp(rule: Select, t: Tensor, w: Window, out: Window, blocks: Blocks) -> Tensor:
+    e = extent(out, rule.sliding, w.map)
+    t = embed(t, w, e).flatten(-len(w.size))  # (B, R, C, prod e.size)
+    idx = _select_index(rule, out, e, blocks)
+    y = torch.gather(t.expand(idx.shape[0], *t.shape[1:]), -1, idx)
+    return y.unflatten(-1, out.size) * blocks.mask(out, y)
+
+
+def _select_vjp(rule: Select, u: Tensor, w: Window, blocks: Blocks) -> tuple[Tensor, Window]:
+    nsp = len(w.size)
+    e = extent(w, rule.sliding, _spatial(rule.shapes_in[0], nsp))
+    idx = _select_index(rule, w, e, blocks).unsqueeze(1)  # (N, 1, R, C, prod w.size)
+    flat = u.flatten(-nsp)
+    idx = idx.expand(*flat.shape)
+    out = flat.new_zeros(*flat.shape[:-1], e.area)
+    out.scatter_add_(-1, idx, flat)
+    return out.unflatten(-1, e.size), e
