@@ -37,7 +37,7 @@ from torch import Tensor
 from . import patches
 from .graph import Tape
 from .rules import ELEMENTWISE_MACS, Elementwise, outer
-from .windows import Blocks, Window, embed
+from .windows import Blocks, Window, offsets
 
 DENSE = "dense"
 # A window with at least this fraction of its map's positions is given up for the whole map.
@@ -181,31 +181,67 @@ def local_rows(tape: Tape, lay: Layout, g: dict[int, Tensor], rows, k: int) -> T
     steps = tape.steps[: lay.last + 1]
     tangents = _forward(steps, lay, blocks, blocks.seed(x.shape[1], x))
     r = len(rows)
-    adj: dict[int, Tensor] = {}
+    adj = _Adjoints(lay, blocks)
     for s in reversed(steps):
-        u = adj.pop(s.out, None)
-        parts: list[tuple[int, Tensor, Window | str]] = []
+        u = adj.pop(s.out)
         if s.rule.curved:
-            parts += _second(s, tangents, lay, g, blocks)
-        if u is not None:
-            wu = lay.adjoint[s.out]
-            if isinstance(wu, Window) and patches.in_windows(s.rule, wu) is not None:
-                pairs = patches.vjp(s.rule, u, wu, blocks)
-                parts += [(v, p, w) for v, (p, w) in zip(s.inputs, pairs, strict=True)]
-            else:
-                u = _dense(u, wu, blocks)
-                flat = u.reshape(u.shape[0], k * r, *u.shape[3:])
-                for v, p in zip(s.inputs, s.rule.vjp(flat), strict=True):
-                    if p is not None:
-                        parts.append((v, p.reshape(u.shape[0], k, r, *p.shape[2:]), DENSE))
-        for v, p, w in parts:
-            target = lay.adjoint[v]
-            p = _dense(p, w, blocks) if target == DENSE else embed(p, w, target)
-            adj[v] = p if v not in adj else adj[v] + p
-    if 0 not in adj:
+            for v, p, w in _second(s, tangents, lay, g, blocks):
+                adj.add(v, p, w, True)
+        if u is None:
+            continue
+        wu = lay.adjoint[s.out]
+        if isinstance(wu, Window) and patches.in_windows(s.rule, wu) is not None:
+            for v, (p, w) in zip(s.inputs, patches.vjp(s.rule, u, wu, blocks), strict=True):
+                adj.add(v, p, w, p is not u)
+        else:
+            u = _dense(u, wu, blocks)
+            flat = u.reshape(u.shape[0], k * r, *u.shape[3:])
+            for v, p in zip(s.inputs, s.rule.vjp(flat), strict=True):
+                if p is not None:
+                    adj.add(v, p.reshape(u.shape[0], k, r, *p.shape[2:]), DENSE, False)
+    h = adj.pop(0)
+    if h is None:
         return None
-    h = _dense(adj[0], lay.adjoint[0], blocks)
+    h = _dense(h, lay.adjoint[0], blocks)
     return h.reshape(h.shape[0], k, r, math.prod(x.shape[1:]))
+
+
+class _Adjoints:
+    """The second-order adjoints of the slots, each summed on its window of the layout (or
+    whole), in place where the sum is a tensor of its own."""
+
+    def __init__(self, lay: Layout, blocks: Blocks):
+        self.lay, self.blocks = lay, blocks
+        self.value: dict[int, Tensor] = {}
+        self.own: set[int] = set()
+
+    def pop(self, v: int) -> Tensor | None:
+        self.own.discard(v)
+        return self.value.pop(v, None)
+
+    def add(self, v: int, p: Tensor, w: Window | str, fresh: bool) -> None:
+        """Add the contribution p on ``w`` (``fresh``: no other tensor shares its memory)."""
+        target = self.lay.adjoint[v]
+        if target == DENSE and w != DENSE:
+            p, w, fresh = self.blocks.scatter(p, w), DENSE, True
+        a = self.value.get(v)
+        if w == target:
+            if a is None:
+                self.value[v] = p
+                if fresh:
+                    self.own.add(v)
+            else:
+                self.value[v] = a + p
+                self.own.add(v)
+            return
+        if a is None:
+            a = p.new_zeros(*p.shape[: -len(w.size)], *target.size)
+        elif v not in self.own:
+            a = a.clone()
+        lo, _ = offsets(w, target)
+        a[(..., *[slice(i, i + z) for i, z in zip(lo, w.size, strict=True)])] += p
+        self.value[v] = a
+        self.own.add(v)
 
 
 def _forward(steps, lay: Layout, blocks: Blocks, seed: Tensor) -> dict[int, Tensor]:

@@ -511,17 +511,17 @@ def _avg_pool_adjoint(call: Call, spatial, kernel, stride, padding, ceil, count_
 
 
 def _avg_sliding(call: Call, spatial, kernel, stride, padding, ceil, count_pad, divisor):
-    """An average pool over (N, C, *sp) as a depthwise convolution with weights 1 / divisor,
-    where it is one: without ``ceil_mode`` (partial windows at the end), and with its zero
-    padding counted; None otherwise."""
+    """An average pool over (N, C, *sp) as a window op (sums over ``divisor``), where it is
+    one: without ``ceil_mode`` (partial windows at the end), and with its zero padding counted;
+    None otherwise."""
     h = call.inputs[0]
     kernel = per_spatial_axis(kernel, spatial)
     stride = kernel if stride is None or stride == [] else per_spatial_axis(stride, spatial)
     padding = per_spatial_axis(padding, spatial)
     if h.dim() != spatial + 2 or ceil or (any(padding) and not count_pad):
         return None
-    weight = h.new_full((h.shape[1], 1, *kernel), 1.0 / (divisor or math.prod(kernel)))
-    return Sliding(kernel, stride, padding, (1,) * spatial, weight, h.shape[1])
+    divisor = int(divisor or math.prod(kernel))
+    return Sliding(kernel, stride, padding, (1,) * spatial, divisor=divisor)
 
 
 def _adaptive_pool_adjoint(call: Call, spatial: int):

@@ -27,6 +27,7 @@ from torch import Tensor
 from .rules import ELEMENTWISE_MACS, Add, Elementwise, Fold, Rule, Scale, Select, Sliding
 from .windows import Blocks, Window, cells, embed, extent, pad
 
+aten = torch.ops.aten
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
@@ -109,8 +110,8 @@ def jvp(rule: Rule, ts: list[Tensor | None], ins: list[Window | None], out: Wind
     if op is not None:
         e = extent(out, op, ins[0].map)
         t = ts[0]
-        y = _conv(rule, t.reshape(-1, *t.shape[2:]), ins[0], e, op)
-        return (y.reshape(*t.shape[:2], *y.shape[1:])) * blocks.mask(out, y)
+        y = _conv(t.reshape(-1, *t.shape[2:]), ins[0], e, op)
+        return y.reshape(*t.shape[:2], *y.shape[1:]).mul_(blocks.mask(out, y))
     if isinstance(rule, Elementwise):
         return blocks.gather(rule.d1, out) * ts[0]
     if isinstance(rule, Scale):
@@ -132,10 +133,8 @@ def vjp(rule: Rule, u: Tensor, w: Window, blocks: Blocks) -> list[tuple[Tensor, 
     if op is not None:
         e = extent(w, op, _spatial(rule.shapes_in[0], len(w.map)))
         nsp = len(w.size)
-        flat = u.reshape(-1, *u.shape[-nsp - 1 :])
-        conv_t = _CONV_T[nsp]
-        v = conv_t(flat, op.weight, None, op.stride, 0, 0, op.groups, op.dilation)
-        return [(v.reshape(*u.shape[:-nsp - 1], *v.shape[1:]) * blocks.mask(e, v), e)]
+        v = _conv_t(u.reshape(-1, *u.shape[-nsp - 1 :]), op, e.size)
+        return [(v.reshape(*u.shape[: -nsp - 1], *v.shape[1:]).mul_(blocks.mask(e, v)), e)]
     if isinstance(rule, Elementwise):
         return [(blocks.gather(rule.d1, w).unsqueeze(1) * u, w)]
     if isinstance(rule, Scale):
@@ -143,37 +142,67 @@ def vjp(rule: Rule, u: Tensor, w: Window, blocks: Blocks) -> list[tuple[Tensor, 
     return [(u if s == 1 else s * u, w) for s in rule.signs]  # Add
 
 
-def _conv(rule: Rule, t: Tensor, w: Window, e: Window, op: Sliding) -> Tensor:
-    """The window op on patches t (B', C, *w.size) extended to e, its output's window: the
+def _conv(t: Tensor, w: Window, e: Window, op: Sliding) -> Tensor:
+    """The window op on patches t (B', C, *w.size) extended to e, its output's window: a
     convolution's own padding where the zeros before and after agree."""
     lo = [a - b for a, b in zip(w.shift, e.shift, strict=True)]
     hi = [z - a - s for z, a, s in zip(e.size, lo, w.size, strict=True)]
+    nsp = len(w.size)
+    if op.weight is None:  # an average pool
+        t = pad(t, lo, hi)
+        if nsp == 1:  # avg_pool1d has no divisor: as a depthwise convolution
+            return _CONV[1](t, _box(op, t), None, op.stride, 0, 1, t.shape[1])
+        pool = F.avg_pool2d if nsp == 2 else F.avg_pool3d
+        return pool(t, op.kernel, op.stride, 0, False, True, op.divisor)
     same = [max(0, min(a, b)) for a, b in zip(lo, hi, strict=True)]
     t = pad(t, [a - s for a, s in zip(lo, same, strict=True)],
             [b - s for b, s in zip(hi, same, strict=True)])  # fmt: skip
-    return _CONV[len(w.size)](t, op.weight, None, op.stride, same, op.dilation, op.groups)
+    return _CONV[nsp](t, op.weight, None, op.stride, same, op.dilation, op.groups)
+
+
+def _conv_t(u: Tensor, op: Sliding, size: tuple[int, ...]) -> Tensor:
+    """The transpose of a window op (no padding) on (B', C, *cells): (B', C_in, *size)."""
+    nsp = len(size)
+    if op.weight is not None:
+        return _CONV_T[nsp](u, op.weight, None, op.stride, 0, 0, op.groups, op.dilation)
+    if nsp == 1:
+        return _CONV_T[1](u, _box(op, u), None, op.stride, 0, 0, u.shape[1])
+    backward = aten.avg_pool2d_backward if nsp == 2 else aten.avg_pool3d_backward
+    zero = u.new_zeros(()).expand(*u.shape[:2], *size)  # read for its shape only
+    return backward(u, zero, op.kernel, op.stride, [0] * nsp, False, True, op.divisor)
+
+
+def _box(op: Sliding, like: Tensor) -> Tensor:
+    """An average pool's depthwise weight (C, 1, *kernel): 1 / divisor."""
+    return like.new_full((like.shape[1], 1, *op.kernel), 1.0 / op.divisor)
 
 
 def _select_index(rule: Select, c: Window, e: Window, blocks: Blocks) -> Tensor:
     """(N, R, C, prod c.size): where each output position of c takes its maximum from, as a
-    flat position in the window e of its inputs (clamped into e outside the map: masked)."""
+    flat position in the window e of its inputs (``extent``).
+
+    Output position j of the window (per axis) reads e from j * stride on, so the flat
+    position is a static part, sum over axes of j * stride * (e's stride), plus that of the
+    maximum within the output position's own input window (``rel``), gathered once from the
+    map; at output positions outside the map it reads 0 (the result there is masked)."""
     key = (id(rule), c)
-    cache = blocks.cache
-    if key not in cache:
-        n, channels = rule.index.shape[0], rule.shapes_in[0][0]
+    if key not in blocks.cache:
+        op, n, channels = rule.sliding, rule.index.shape[0], rule.shapes_in[0][0]
         in_map, out_map = tuple(rule.shapes_in[0][1:]), tuple(rule.shape_out[1:])
-        plane = math.prod(in_map)
-        pos = (rule.index % plane).reshape(n, channels, *out_map)
-        pos = blocks.gather(pos, c)  # (N, R, C, *c.size)
-        start = blocks.origin(e)  # (R, nsp)
-        flat = torch.zeros_like(pos)
-        stride = plane
-        for a, m in enumerate(in_map):
+        pos = (rule.index % math.prod(in_map)).reshape(n, channels, *out_map)
+        rel, static, stride = None, None, math.prod(in_map)
+        for a, (m, s, p) in enumerate(zip(in_map, op.stride, op.padding, strict=True)):
             stride //= m
-            local = pos // stride % m - start[:, a].reshape(-1, 1, *[1] * len(in_map))
-            flat = flat * e.size[a] + local
-        cache[key] = flat.flatten(-len(in_map)).clamp_(0, e.area - 1)
-    return cache[key]
+            cell = torch.arange(out_map[a], device=pos.device) * s - p
+            coord = pos // stride % m - cell.reshape(-1, *[1] * (len(in_map) - a - 1))
+            step = math.prod(e.size[a + 1 :])
+            rel = coord * step if rel is None else rel + coord * step
+            j = torch.arange(c.size[a], device=pos.device) * s * step
+            j = j.reshape(-1, *[1] * (len(in_map) - a - 1))
+            static = j if static is None else static + j
+        idx = blocks.gather(rel, c) + static
+        blocks.cache[key] = idx.flatten(-len(in_map))
+    return blocks.cache[key]
 
 
 def _select_jvp(rule: Select, t: Tensor, w: Window, out: Window, blocks: Blocks) -> Tensor:

@@ -117,10 +117,20 @@ def make_plan(
         ValueError: no allowed schedule applies (``REVERSE`` needs a cut below which no step
             has a second-order term, ``LOCAL`` one with such a step and patches: ``layout``).
     """
+    plans = all_plans(tape, rows, k, top, schedules)
+    if not plans:
+        raise ValueError("no schedule applies: a step below every cut has a second-order term")
+    return min(plans, key=lambda p: p.cost)
+
+
+def all_plans(
+    tape: Tape, rows: int, k: int, top: str, schedules: tuple[str, ...] = SCHEDULES
+) -> list[Plan]:
+    """Every admissible plan with its counted cost, from the highest cut down (``make_plan``)."""
     segs = segments(tape)
     curved = [step.rule.curved for step in tape.steps]
     zero = top == ZERO and not any(curved)
-    best: Plan | None = None
+    plans: list[Plan] = []
     kind, above = top, 0  # M's kind at the bottom of segs[cut:], and its cost
     for cut in range(len(segs), -1, -1):
         if cut < len(segs):
@@ -137,12 +147,8 @@ def make_plan(
         if lay is not None:
             cost = _reverse_cost(tape, stop, slot, rows, k, kind)
             options.append((LOCAL, cost + lay.cost(rows, k, tape.width(0))))
-        for bottom, cost in options:
-            if best is None or above + cost < best.cost:
-                best = Plan(segs, cut, bottom, above + cost, zero)
-    if best is None:
-        raise ValueError("no schedule applies: a step below every cut has a second-order term")
-    return best
+        plans += [Plan(segs, cut, bottom, above + cost, zero) for bottom, cost in options]
+    return plans
 
 
 def _segment_m(tape: Tape, seg: Segment, kind: str, k: int) -> tuple[str, int]:

@@ -131,8 +131,9 @@ class Dense(Rule):
 class Sliding:
     """A window op over the trailing spatial axes of (N, C, *sp), per spatial axis: kernel,
     stride, zero padding and dilation; ``weight`` (C_out, C_in / groups, *kernel) for a
-    convolution (an average pool: a depthwise one), None for a max pool. The local schedule
-    applies it to patches (``windows``, NOTE [local] in ``local``)."""
+    convolution, ``divisor`` for an average pool (the sum of each window over it, zero padding
+    included), neither for a max pool. The local schedule applies it to patches (``windows``,
+    NOTE [local] in ``local``)."""
 
     kernel: tuple[int, ...]
     stride: tuple[int, ...]
@@ -140,6 +141,7 @@ class Sliding:
     dilation: tuple[int, ...]
     weight: Tensor | None = None
     groups: int = 1
+    divisor: int | None = None
 
     @property
     def reach(self) -> tuple[int, ...]:

@@ -79,7 +79,7 @@ def cells(w: Window, op: Sliding, out_map: tuple[int, ...]) -> Window | None:
         if c % s:
             return None
         delta = (s0 + p) % s  # extension down to the grid
-        lead = s * -(-(e - 1) // s)  # the reach before the first position, rounded up to s
+        lead = s * ((e - 1) // s)  # the first output position starts this far before
         scale.append(c // s)
         shift.append((s0 - delta + p - lead) // s)
         size.append((z + delta - 1) // s + lead // s + 1)
@@ -188,12 +188,32 @@ class Blocks:
         return self._mask[key]
 
     def gather(self, value: Tensor, w: Window) -> Tensor:
-        """A map (*lead, C, *map) at each row's window: (*lead, R, C, *size), zero outside."""
+        """A map (*lead, C, *map) at each row's window: (*lead, R, C, *size), zero outside.
+
+        The windows of all blocks are views of the padded map (``Tensor.unfold`` with the
+        window's scale as step), copied once as (*lead, blocks, C * area); each row then copies
+        its block's window whole (``index_select`` of contiguous rows)."""
         lo, hi = w.margins()
-        flat = pad(value, list(lo), list(hi)).flatten(-self.nsp)
-        out = flat.index_select(-1, self.index(w).reshape(-1))
-        out = out.unflatten(-1, (self.r, *w.size))
-        return out.transpose(-self.nsp - 2, -self.nsp - 1)
+        t = pad(value, list(lo), list(hi))
+        t = t[(..., *[slice(s + a, None) for s, a in zip(w.shift, lo, strict=True)])]
+        for z, c in zip(w.size, w.scale, strict=True):
+            t = t.unfold(-self.nsp, z, c)  # (*lead, C, *blocks, *size) once all are done
+        nsp = self.nsp
+        lead = value.shape[: -nsp - 1]
+        t = t[(..., *[slice(0, b) for b in w.blocks], *[slice(None)] * nsp)]
+        t = t.movedim(-2 * nsp - 1, -nsp - 1).reshape(*lead, -1, value.shape[-nsp - 1] * w.area)
+        out = t.index_select(-2, self.block_index(w.blocks))
+        return out.view(*lead, self.r, value.shape[-nsp - 1], *w.size)
+
+    def block_index(self, blocks: tuple[int, ...]) -> Tensor:
+        """(R,) each row's block, flat over the grid of ``blocks``."""
+        key = ("blocks", blocks)
+        if key not in self.cache:
+            flat = self.b[:, 0]
+            for a in range(1, self.nsp):
+                flat = flat * blocks[a] + self.b[:, a]
+            self.cache[key] = flat
+        return self.cache[key]
 
     def scatter(self, t: Tensor, w: Window) -> Tensor:
         """Patches (*lead, R, C, *size) as whole maps (*lead, R, C, *map)."""
