@@ -152,10 +152,11 @@ class Blocks:
         hot = self.local.unsqueeze(-1) == torch.arange(n, device=self.local.device)
         return hot.to(like.dtype).reshape(1, self.r, channels, *self.block)
 
-    def origin(self, w: Window) -> Tensor:
-        """(R, nsp) where each row's window starts."""
-        scale = torch.tensor(w.scale, device=self.b.device)
-        return self.b * scale + torch.tensor(w.shift, device=self.b.device)
+    def origin(self, w: Window, offset: tuple[int, ...] | None = None) -> Tensor:
+        """(R, nsp) where each row's window starts (plus ``offset``)."""
+        offset = offset or (0,) * self.nsp
+        return torch.stack([self.b[:, a] * c + (s + o) for a, (c, s, o) in
+                            enumerate(zip(w.scale, w.shift, offset, strict=True))], -1)  # fmt: skip
 
     def _axes(self, w: Window, start: Tensor) -> list[Tensor]:
         """Per axis, (R, size_a) positions of the window from ``start`` (R, nsp)."""
@@ -166,7 +167,7 @@ class Blocks:
         """(R, prod size) flat positions of each row's window in the map with ``w.margins()``."""
         if w not in self._index:
             lo, hi = w.margins()
-            axes = self._axes(w, self.origin(w) + torch.tensor(lo, device=self.b.device))
+            axes = self._axes(w, self.origin(w, lo))
             flat = axes[0]
             for a in range(1, self.nsp):
                 extent_ = w.map[a] + lo[a] + hi[a]
