@@ -112,8 +112,10 @@ def main() -> None:
             f"({best[1]}): {times[best]:.4f} ms/sample ({times[mine] / times[best]:.2f}x)"
         )
         for key, ms in sorted(times.items()):
-            print(f"  cut at step {key[0]:>2} {key[1]:<8} {ms:10.4f} ms/sample, counted "
-                  f"{counted[key] / 1e9:8.3f} G multiply-adds")
+            print(
+                f"  cut at step {key[0]:>2} {key[1]:<8} {ms:10.4f} ms/sample, counted "
+                f"{counted[key] / 1e9:8.3f} G multiply-adds"
+            )
     if args.symmetric:
         time_symmetric_product(args.device, args.repeats)
 

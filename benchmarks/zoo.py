@@ -139,8 +139,9 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", default=None)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    p.add_argument("--cpu-time", action="store_true",
-                   help="one thread, and time.thread_time instead of the wall clock (CPU only)")  # fmt: skip
+    p.add_argument(
+        "--cpu-time", action="store_true", help="one thread, and thread CPU time (CPU only)"
+    )
     args = p.parse_args()
     if args.cpu_time:
         if args.device != "cpu":

@@ -150,45 +150,44 @@ CASES = [
     # MNIST-like: valid convs, max pool 2 on an odd map (the last row and column dropped)
     Case("valid_maxpool_odd", lambda: S(nn.Conv2d(1, 3, 3), nn.Tanh(), nn.Conv2d(3, 2, 3),
                                         nn.Tanh(), nn.MaxPool2d(2), *_head()),
-         (1, 13, 11)),  # fmt: skip
+         (1, 13, 11)),
     # LeNet-like: padded 5 x 5, average pools, softplus
     Case("padded_avgpool", lambda: S(nn.Conv2d(1, 2, 5, padding=2), nn.Softplus(),
                                      nn.AvgPool2d(2), nn.Conv2d(2, 3, 3), nn.Tanh(),
-                                     nn.AvgPool2d(2), *_head()), (1, 12, 13)),  # fmt: skip
+                                     nn.AvgPool2d(2), *_head()), (1, 12, 13)),
     Case("strided_conv", lambda: S(nn.Conv2d(2, 3, 3, stride=2, padding=1), nn.Tanh(),
                                    nn.Conv2d(3, 2, 3, padding=1), nn.Sigmoid(), *_head()),
-         (2, 9, 7)),  # fmt: skip
+         (2, 9, 7)),
     Case("overlapping_maxpool", lambda: S(nn.Conv2d(1, 2, 3, padding=1), nn.Tanh(),
                                           nn.MaxPool2d(3, stride=2, padding=1, ceil_mode=True),
-                                          nn.SiLU(), *_head()), (1, 11, 10)),  # fmt: skip
+                                          nn.SiLU(), *_head()), (1, 11, 10)),
     Case("maxpool_after_curved", lambda: S(nn.Conv2d(1, 2, 3), nn.ELU(), nn.Conv2d(2, 2, 3),
                                            nn.GELU(), nn.MaxPool2d(2, stride=1), nn.Tanh(),
-                                           *_head()), (1, 12, 12)),  # fmt: skip
+                                           *_head()), (1, 12, 12)),
     Case("avgpool_padded_divisor", lambda: S(
         nn.Conv2d(1, 2, 3), nn.Tanh(), nn.AvgPool2d(3, stride=2, padding=1),
         nn.Conv2d(2, 2, 3, padding=1), nn.Tanh(),
-        nn.AvgPool2d(2, divisor_override=3), *_head()), (1, 10, 11)),  # fmt: skip
+        nn.AvgPool2d(2, divisor_override=3), *_head()), (1, 10, 11)),
     Case("dilated_grouped", lambda: S(nn.Conv2d(2, 4, 3, dilation=2, padding=1), nn.Tanh(),
                                       nn.Conv2d(4, 4, 3, groups=2), nn.Softplus(),
-                                      *_head()), (2, 9, 9)),  # fmt: skip
+                                      *_head()), (2, 9, 9)),
     Case("residual_bn", lambda: _bn(S(nn.Conv2d(2, 3, 3, padding=1, bias=False),
                                       nn.BatchNorm2d(3), nn.GELU(), Block(3),
-                                      nn.AdaptiveAvgPool2d(1), *_head()))
-         , (2, 9, 8)),  # fmt: skip
+                                      nn.AdaptiveAvgPool2d(1), *_head())), (2, 9, 8)),
     Case("conv1d", lambda: S(nn.Conv1d(2, 3, 3), nn.Tanh(), nn.MaxPool1d(2), nn.Conv1d(3, 2, 3),
-                             nn.Tanh(), nn.AvgPool1d(2), *_head()), (2, 21)),  # fmt: skip
+                             nn.Tanh(), nn.AvgPool1d(2), *_head()), (2, 21)),
     Case("conv3d", lambda: S(nn.Conv3d(1, 2, 3, padding=1), nn.Tanh(), nn.MaxPool3d(2),
                              nn.Conv3d(2, 2, 3, padding=1), nn.Sigmoid(), *_head()),
-         (1, 5, 6, 4)),  # fmt: skip
+         (1, 5, 6, 4)),
     # the schedule goes dense: avg pools that are no window op here, a product of branches
     Case("dense_pools", lambda: S(nn.Conv2d(1, 2, 3), nn.Tanh(),
                                   nn.AvgPool2d(3, 2, padding=1, count_include_pad=False),
                                   nn.Tanh(), nn.AvgPool2d(2, ceil_mode=True), *_head()),
-         (1, 12, 12)),  # fmt: skip
+         (1, 12, 12)),
     Case("gated", Gated, (2, 9, 8)),
     Case("loss", lambda: S(nn.Conv2d(1, 3, 3), nn.Tanh(), nn.Conv2d(3, 2, 3), nn.Tanh(),
-                           nn.MaxPool2d(2), *_head(4)), (1, 11, 10), "loss"),  # fmt: skip
-]
+                           nn.MaxPool2d(2), *_head(4)), (1, 11, 10), "loss"),
+]  # fmt: skip
 
 
 def _reference(model: nn.Module, x: Tensor, target, rows: Tensor) -> Tensor:

@@ -262,7 +262,9 @@ def _forward(steps, lay: Layout, blocks: Blocks, seed: Tensor) -> dict[int, Tens
         if isinstance(out, Window):
             tangents[s.out] = patches.jvp(s.rule, ts, ins, out, blocks)
         else:
-            tangents[s.out] = s.rule.jvp([_dense(t, w, blocks) for t, w in zip(ts, ins, strict=True)])
+            tangents[s.out] = s.rule.jvp(
+                [_dense(t, w, blocks) for t, w in zip(ts, ins, strict=True)]
+            )
         for v in s.inputs:
             consumers[v] -= 1
             if consumers[v] == 0 and v not in needed:

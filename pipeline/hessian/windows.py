@@ -63,8 +63,8 @@ class Window:
     def margins(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """Zeros to add before and after the map so that every row's window lies inside."""
         lo = tuple(max(0, -s) for s in self.shift)
-        hi = tuple(max(0, c * (b - 1) + s + z - m) for c, s, z, m, b in
-                   zip(self.scale, self.shift, self.size, self.map, self.blocks, strict=True))  # fmt: skip
+        ends = zip(self.scale, self.shift, self.size, self.map, self.blocks, strict=True)
+        hi = tuple(max(0, c * (b - 1) + s + z - m) for c, s, z, m, b in ends)
         return lo, hi
 
 
@@ -101,7 +101,9 @@ def extent(c: Window, op: Sliding, in_map: tuple[int, ...]) -> Window:
 def offsets(src: Window, dst: Window) -> tuple[list[int], list[int]]:
     """Positions of ``dst`` before and after ``src`` along each axis (negative: cut off)."""
     lo = [a - b for a, b in zip(src.shift, dst.shift, strict=True)]
-    hi = [b + t - a - s for a, s, b, t in zip(src.shift, src.size, dst.shift, dst.size, strict=True)]
+    hi = [
+        b + t - a - s for a, s, b, t in zip(src.shift, src.size, dst.shift, dst.size, strict=True)
+    ]
     return lo, hi
 
 
