@@ -37,7 +37,7 @@ from torch import Tensor
 from . import patches
 from .graph import Tape
 from .rules import ELEMENTWISE_MACS, Elementwise, outer
-from .windows import Blocks, Window, offsets
+from .windows import Blocks, Window, blocks_for, offsets
 
 DENSE = "dense"
 # A window with at least this fraction of its map's positions is given up for the whole map.
@@ -66,8 +66,9 @@ class Layout:
     adjoint_size: int
 
     def cost(self, r: int, k: int, d: int) -> int:
-        """Multiply-adds per sample for R rows, K outputs and D = the input's size."""
-        return r * self.tangent_macs + k * r * (self.adjoint_macs + d * ELEMENTWISE_MACS)
+        """Multiply-adds per sample for R rows, K outputs and D = the input's size (the rows
+        made whole at the end, and added to the reverse Jacobian's)."""
+        return r * self.tangent_macs + k * r * (self.adjoint_macs + 2 * d * ELEMENTWISE_MACS)
 
 
 def layout(tape: Tape, stop: int, dense_at: float | None = None) -> Layout | None:
@@ -177,7 +178,7 @@ def local_rows(tape: Tape, lay: Layout, g: dict[int, Tensor], rows, k: int) -> T
             adjoints (``propagate.gradients``); rows: the rows (``rows.Rows``); k: K.
     """
     x = tape.values[0]
-    blocks = Blocks(rows.index, tuple(x.shape[1:]), lay.block)
+    blocks = blocks_for(rows, tuple(x.shape[1:]), lay.block)
     steps = tape.steps[: lay.last + 1]
     tangents = _forward(steps, lay, blocks, blocks.seed(x.shape[1], x))
     r = len(rows)

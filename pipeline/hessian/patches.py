@@ -24,7 +24,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .rules import ELEMENTWISE_MACS, Add, Elementwise, Fold, Rule, Scale, Select, Sliding
+from .rules import (
+    ELEMENTWISE_MACS,
+    Add,
+    Elementwise,
+    Fold,
+    Rule,
+    Scale,
+    Select,
+    Sliding,
+    conv_input,
+)
 from .windows import Blocks, Window, cells, embed, extent, pad
 
 aten = torch.ops.aten
@@ -92,13 +102,16 @@ def in_windows(rule: Rule, w: Window) -> list[Window] | None:
 
 
 def macs(rule: Rule, w: Window) -> int:
-    """Multiply-adds per row of the step on patches whose output (tangent) or input (adjoint)
-    window is ``w``: ``w`` is the window the step's work is spread over."""
-    channels = rule.shape_out[0]
+    """Multiply-adds per row of the step on patches whose output window is ``w`` (tangents; for
+    adjoints, the window of the output's adjoint): its arithmetic plus the elementwise passes
+    over the patch that the patches add (zeros around it, masks, factors gathered at the
+    window), which are as costly as a small convolution's arithmetic."""
+    area = rule.shape_out[0] * w.area
     op = _sliding(rule)
     if op is not None and op.weight is not None:
-        return w.area * op.weight.numel()
-    return channels * w.area * ELEMENTWISE_MACS * max(1, len(rule.shapes_in))
+        return w.area * op.weight.numel() + 2 * area * ELEMENTWISE_MACS
+    passes = {Select: 3, Scale: 1, Add: 2 * len(rule.shapes_in)}.get(type(rule), 2)
+    return passes * area * ELEMENTWISE_MACS
 
 
 def jvp(rule: Rule, ts: list[Tensor | None], ins: list[Window | None], out: Window,
@@ -164,7 +177,7 @@ def _conv_t(u: Tensor, op: Sliding, size: tuple[int, ...]) -> Tensor:
     """The transpose of a window op (no padding) on (B', C, *cells): (B', C_in, *size)."""
     nsp = len(size)
     if op.weight is not None:
-        return _CONV_T[nsp](u, op.weight, None, op.stride, 0, 0, op.groups, op.dilation)
+        return conv_input(u, op.weight, size, op.stride, 0, op.dilation, op.groups)
     if nsp == 1:
         return _CONV_T[1](u, _box(op, u), None, op.stride, 0, 0, u.shape[1])
     backward = aten.avg_pool2d_backward if nsp == 2 else aten.avg_pool3d_backward

@@ -15,6 +15,8 @@ would see on the whole map.
 
 from __future__ import annotations
 
+import copy
+import functools
 import math
 from dataclasses import dataclass
 
@@ -122,6 +124,21 @@ def embed(t: Tensor, src: Window, dst: Window) -> Tensor:
     return pad(t, *offsets(src, dst))
 
 
+def blocks_for(rows, shape: tuple[int, ...], block: tuple[int, ...]) -> Blocks:
+    """``Blocks`` of the selected rows (``rows.Rows``); for all rows in order the same every
+    call, so its index tensors and masks are kept from call to call (``_every_row``)."""
+    if not rows.full:
+        return Blocks(rows.index, shape, block)
+    out = copy.copy(_every_row(shape, block, rows.index.device))
+    out.cache = {}  # the max pools' positions: this batch's
+    return out
+
+
+@functools.lru_cache(maxsize=16)
+def _every_row(shape: tuple[int, ...], block: tuple[int, ...], device: torch.device) -> Blocks:
+    return Blocks(torch.arange(math.prod(shape), device=device), shape, block)
+
+
 class Blocks:
     """The selected rows' blocks at x and the index tensors of their windows (built on the
     device from the row indices: nothing is read back).
@@ -146,6 +163,7 @@ class Blocks:
         self.local = local  # the row's position in its block's patch (C, *block), flat
         self._index: dict[Window, Tensor] = {}
         self._mask: dict[tuple[Window, torch.dtype], Tensor] = {}
+        self._blocks: dict[tuple[int, ...], Tensor] = {}
         self.cache: dict[tuple, Tensor] = {}  # other index tensors of this call (max pools)
 
     def seed(self, channels: int, like: Tensor) -> Tensor:
@@ -210,13 +228,12 @@ class Blocks:
 
     def block_index(self, blocks: tuple[int, ...]) -> Tensor:
         """(R,) each row's block, flat over the grid of ``blocks``."""
-        key = ("blocks", blocks)
-        if key not in self.cache:
+        if blocks not in self._blocks:
             flat = self.b[:, 0]
             for a in range(1, self.nsp):
                 flat = flat * blocks[a] + self.b[:, a]
-            self.cache[key] = flat
-        return self.cache[key]
+            self._blocks[blocks] = flat
+        return self._blocks[blocks]
 
     def scatter(self, t: Tensor, w: Window) -> Tensor:
         """Patches (*lead, R, C, *size) as whole maps (*lead, R, C, *map)."""
