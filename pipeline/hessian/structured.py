@@ -101,9 +101,9 @@ def bytes_per_sample(tape: Tape, plan: Plan, r: int, k: int) -> int:
     t_part = r * sum(below) + 3 * k * r * max(below)
     if plan.bottom in (REVERSE, LOCAL):
         t_part = 3 * tape.width(plan.cut_slot) * max(below) + k * r * tape.width(0)
-    if plan.bottom == LOCAL:
-        lay = layout(tape, plan.cut_step)
-        t_part += r * lay.tangent_size + 3 * k * r * (lay.adjoint_size + tape.width(0))
+    if plan.bottom == LOCAL:  # a few adjoints on their windows at once, and factors gathered
+        lay = layout(tape, plan.cut_step)  # at them; the rows whole at the end
+        t_part += r * lay.tangent_size + 6 * k * r * max(lay.adjoint_size, tape.width(0))
     return (m_part + t_part + (k + 2) * total) * itemsize
 
 

@@ -172,29 +172,17 @@ class Blocks:
         hot = self.local.unsqueeze(-1) == torch.arange(n, device=self.local.device)
         return hot.to(like.dtype).reshape(1, self.r, channels, *self.block)
 
-    def origin(self, w: Window, offset: tuple[int, ...] | None = None) -> Tensor:
-        """(R, nsp) where each row's window starts (plus ``offset``)."""
-        offset = offset or (0,) * self.nsp
-        return torch.stack([self.b[:, a] * c + (s + o) for a, (c, s, o) in
-                            enumerate(zip(w.scale, w.shift, offset, strict=True))], -1)  # fmt: skip
+    def origin(self, w: Window) -> Tensor:
+        """(R, nsp) where each row's window starts."""
+        starts = [
+            self.b[:, a] * c + s for a, (c, s) in enumerate(zip(w.scale, w.shift, strict=True))
+        ]
+        return torch.stack(starts, -1)
 
     def _axes(self, w: Window, start: Tensor) -> list[Tensor]:
         """Per axis, (R, size_a) positions of the window from ``start`` (R, nsp)."""
         return [start[:, a, None] + torch.arange(z, device=start.device)
                 for a, z in enumerate(w.size)]  # fmt: skip
-
-    def index(self, w: Window) -> Tensor:
-        """(R, prod size) flat positions of each row's window in the map with ``w.margins()``."""
-        if w not in self._index:
-            lo, hi = w.margins()
-            axes = self._axes(w, self.origin(w, lo))
-            flat = axes[0]
-            for a in range(1, self.nsp):
-                extent_ = w.map[a] + lo[a] + hi[a]
-                flat = (flat.unsqueeze(-1) * extent_ + axes[a].reshape(
-                    self.r, *[1] * a, w.size[a]))  # fmt: skip
-            self._index[w] = flat.reshape(self.r, -1)
-        return self._index[w]
 
     def mask(self, w: Window, like: Tensor) -> Tensor:
         """(R, 1, *size): 1 at the window's positions inside the map, 0 outside."""
@@ -236,12 +224,25 @@ class Blocks:
         return self._blocks[blocks]
 
     def scatter(self, t: Tensor, w: Window) -> Tensor:
-        """Patches (*lead, R, C, *size) as whole maps (*lead, R, C, *map)."""
-        lo, hi = w.margins()
-        padded = [m + a + b for m, a, b in zip(w.map, lo, hi, strict=True)]
+        """Patches (*lead, R, C, *size) as whole maps (*lead, R, C, *map).
+
+        Window positions outside the map are sent to position 0 of the map and added there: the
+        patch is zero at them (module doc), so no buffer larger than the maps is needed."""
         lead = t.shape[: -self.nsp]
-        out = t.new_zeros(*lead, math.prod(padded))
-        idx = self.index(w).reshape(self.r, 1, -1).expand(*lead, -1)
-        out.scatter_(-1, idx, t.reshape(*lead, -1))
-        out = out.unflatten(-1, padded)
-        return out[(..., *[slice(a, a + m) for a, m in zip(lo, w.map, strict=True)])]
+        out = t.new_zeros(*lead, math.prod(w.map))
+        idx = self.map_index(w).reshape(self.r, 1, -1).expand(*lead, -1)
+        out.scatter_add_(-1, idx, t.reshape(*lead, -1))
+        return out.unflatten(-1, w.map)
+
+    def map_index(self, w: Window) -> Tensor:
+        """(R, prod size) flat positions of each row's window in the map, 0 outside it."""
+        if w not in self._index:
+            flat = inside = None
+            for a, pos in enumerate(self._axes(w, self.origin(w))):
+                shape = (self.r, *[1] * a, w.size[a], *[1] * (self.nsp - a - 1))
+                ok = ((pos >= 0) & (pos < w.map[a])).reshape(shape)
+                pos = pos.reshape(shape)
+                flat = pos if flat is None else flat * w.map[a] + pos
+                inside = ok if inside is None else inside & ok
+            self._index[w] = torch.where(inside, flat, 0).reshape(self.r, -1)
+        return self._index[w]
