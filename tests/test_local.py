@@ -15,13 +15,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline import make_target
+from pipeline import hessian, make_target
 from pipeline.hessian import local
 from pipeline.hessian.graph import capture, record
 from pipeline.hessian.planner import LOCAL, Plan, all_plans, head_kind, make_plan
 from pipeline.hessian.propagate import gradients, hessian_rows
 from pipeline.hessian.rows import Rows
 from pipeline.hessian.rules import Sliding
+from pipeline.hessian.structured import bytes_per_sample
 from pipeline.hessian.windows import Blocks, Window, cells, extent
 from tests.model_zoo import ZOO_BY_NAME, MnistNet
 from tests.zoo import assert_close_to_max as assert_close
@@ -278,3 +279,21 @@ def test_not_admissible_without_spatial_input_or_curvature_below():
     tape = record(capture(net), torch.randn(2, 1, 14, 14))
     assert local.layout(tape, 1) is None  # only conv1 below: no curvature
     assert local.layout(tape, 2) is not None
+
+
+def test_chunks_of_samples_and_rows():
+    """A small memory budget splits samples and rows (rows then not all in order: no kept
+    index tensors); every chunk matches the whole call and autograd."""
+    torch.manual_seed(0)
+    model = MnistNet("tanh", side=14, c1=3, c2=4, hidden=8).eval()
+    x = torch.randn(3, 1, 14, 14)
+    target = make_target([1, 4], model(x).detach())
+    tape = record(capture(model), x)
+    plan = make_plan(tape, 196, 2, head_kind("index"))
+    assert plan.bottom == LOCAL
+    assert bytes_per_sample(tape, plan, 196, 2) > 16 << 18  # chunks of a few rows
+    whole = hessian(model, x, [1, 4], method="structured")
+    chunked = hessian(model, x, [1, 4], method="structured", memory_budget=1 << 18)
+    assert_close(chunked, whole, rtol=1e-12, what="chunked")
+    h_ref = _reference(model, x, target, torch.arange(196))
+    assert_close(whole, h_ref, rtol=1e-9, what="whole")
