@@ -101,10 +101,3 @@ def bytes_per_sample(tape: Tape, plan: Plan, r: int, k: int) -> int:
     if plan.bottom == REVERSE:
         t_part = 3 * tape.width(plan.cut_slot) * max(below) + k * r * tape.width(0)
     return (m_part + t_part + (k + 2) * total) * itemsize
-
-
-def per_sample_flops(model: nn.Module, x: Tensor, target: Target, rows: int) -> int:
-    """The plan's multiply-adds per sample (for benchmarks and reports)."""
-    with torch.no_grad():
-        tape = record(capture(model), x[:2])
-    return make_plan(tape, rows, target.n_outputs, head_kind(target.kind)).cost
