@@ -105,10 +105,3 @@ def bytes_per_sample(tape: Tape, plan: Plan, r: int, k: int) -> int:
         lay = layout(tape, plan.cut_step)  # at them; the rows whole at the end
         t_part += r * lay.tangent_size + 6 * k * r * max(lay.adjoint_size, tape.width(0))
     return (m_part + t_part + (k + 2) * total) * itemsize
-
-
-def per_sample_flops(model: nn.Module, x: Tensor, target: Target, rows: int) -> int:
-    """The plan's multiply-adds per sample (for benchmarks and reports)."""
-    with torch.no_grad():
-        tape = record(capture(model), x[:2])
-    return make_plan(tape, rows, target.n_outputs, head_kind(target.kind)).cost
