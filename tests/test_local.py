@@ -110,6 +110,19 @@ class Gated(nn.Module):
         return self.head(torch.sigmoid(self.conv(h)).flatten(1))
 
 
+class Weighted(nn.Module):
+    """conv -> times a constant map per position (no per-channel scale: runs densely) -> tanh."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3)
+        self.register_buffer("weight", torch.linspace(0.5, 2.0, 8 * 9).reshape(1, 8, 9))
+        self.head = nn.Linear(2 * 8 * 9, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(torch.tanh(torch.tanh(self.conv(x)) * self.weight).flatten(1))
+
+
 class Block(nn.Module):
     """conv-BN-GELU-conv-BN + residual add, GELU (the ResNet block)."""
 
@@ -186,6 +199,7 @@ CASES = [
                                   nn.Tanh(), nn.AvgPool2d(2, ceil_mode=True), *_head()),
          (1, 12, 12)),
     Case("gated", Gated, (2, 9, 8)),
+    Case("scaled_by_position", Weighted, (1, 10, 11)),
     Case("loss", lambda: S(nn.Conv2d(1, 3, 3), nn.Tanh(), nn.Conv2d(3, 2, 3), nn.Tanh(),
                            nn.MaxPool2d(2), *_head(4)), (1, 11, 10), "loss"),
 ]  # fmt: skip

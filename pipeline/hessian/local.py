@@ -84,7 +84,7 @@ def layout(tape: Tape, stop: int, dense_at: float | None = None) -> Layout | Non
     sp = tuple(x.shape[2:])
     block = [1] * len(sp)
     for s in steps:
-        op = patches._sliding(s.rule)
+        op = patches.sliding(s.rule)
         if op is not None and len(op.stride) == len(sp):
             block = [b * t for b, t in zip(block, op.stride, strict=True)]
     block = tuple(block)
@@ -155,11 +155,10 @@ def _adjoints(tape: Tape, steps, tangent, dense_at: float):
 
 
 def _merge(a: Window | str | None, b: Window | str, dense_at: float) -> Window | str:
-    if a is None:
-        return b
+    """The window of an adjoint with contributions on ``a`` (None: none yet) and ``b``."""
     if DENSE in (a, b):
         return DENSE
-    w = a.union(b)
+    w = b if a is None else a.union(b)
     return DENSE if w is None or w.covers(dense_at) else w
 
 

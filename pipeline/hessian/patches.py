@@ -4,12 +4,13 @@ windows, and how.
 Tangents are (B, R, C, *size) and adjoints (N, K, R, C, *size), on the windows of ``windows``;
 a step acts on patches when it is
 
-* a window op (``rules.Sliding``): a convolution or an average pool (a depthwise convolution),
-  applied to the patch extended by the zeros its output window reads (a convolution with full
-  padding), its adjoint by the transposed convolution; or a max pool (``Select``), by the
+* a window op (``rules.Sliding``): a convolution or an average pool, applied to the patch
+  extended by the zeros its output window reads (a convolution with full padding), its adjoint
+  by the transposed convolution (``avg_pool``'s backward); or a max pool (``Select``), by the
   positions of its maxima relative to the window;
 * elementwise, its factors gathered at the window;
 * a constant scale by channel (eval BatchNorm, a product with a scalar);
+(elementwise steps and scales only where their input has the output's shape)
 * an add of inputs of the output's shape (residual adds), each patch placed on the union window.
 
 Anything else (a reshape into a dense layer, products of branches, a per-sample normalisation)
@@ -42,7 +43,8 @@ _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
 
-def _sliding(rule: Rule) -> Sliding | None:
+def sliding(rule: Rule) -> Sliding | None:
+    """The step as a window op (convolutions, average and max pools), if it is one."""
     if isinstance(rule, (Fold, Select)):
         return rule.sliding
     return None
@@ -53,9 +55,12 @@ def _spatial(shape: tuple[int, ...], nsp: int) -> tuple[int, ...] | None:
     return tuple(shape[1:]) if len(shape) == nsp + 1 else None
 
 
-def _channel_factor(rule: Scale) -> bool:
-    """Whether a scale is a constant per channel (or a scalar, or none)."""
-    f = rule.factor
+def _pointwise(rule: Rule) -> bool:
+    """An elementwise step, or a scale by a constant per channel (or a scalar, or none), whose
+    input has the output's shape."""
+    if not isinstance(rule, (Elementwise, Scale)) or rule.shapes_in[0] != rule.shape_out:
+        return False
+    f = rule.factor if isinstance(rule, Scale) else None
     if not isinstance(f, Tensor):
         return True
     ndim = len(rule.shape_out)
@@ -72,10 +77,10 @@ def out_window(rule: Rule, ins: list[Window | None]) -> Window | None:
     out_map = _spatial(rule.shape_out, nsp)
     if out_map is None or any(_spatial(s, nsp) is None for s in rule.shapes_in):
         return None
-    op = _sliding(rule)
+    op = sliding(rule)
     if op is not None:
         return cells(given[0], op, out_map)
-    if isinstance(rule, Elementwise) or isinstance(rule, Scale) and _channel_factor(rule):
+    if _pointwise(rule):
         return given[0]
     if isinstance(rule, Add) and all(s == rule.shape_out for s in rule.shapes_in):
         out = given[0]
@@ -91,10 +96,10 @@ def in_windows(rule: Rule, w: Window) -> list[Window] | None:
     nsp = len(w.map)
     if any(_spatial(s, nsp) is None for s in rule.shapes_in):
         return None
-    op = _sliding(rule)
+    op = sliding(rule)
     if op is not None:
         return [extent(w, op, _spatial(rule.shapes_in[0], nsp))]
-    if isinstance(rule, Elementwise) or isinstance(rule, Scale) and _channel_factor(rule):
+    if _pointwise(rule):
         return [w]
     if isinstance(rule, Add) and all(s == rule.shape_out for s in rule.shapes_in):
         return [w] * len(rule.shapes_in)
@@ -107,7 +112,7 @@ def macs(rule: Rule, w: Window) -> int:
     over the patch that the patches add (zeros around it, masks, factors gathered at the
     window), which are as costly as a small convolution's arithmetic."""
     area = rule.shape_out[0] * w.area
-    op = _sliding(rule)
+    op = sliding(rule)
     if op is not None and op.weight is not None:
         return w.area * op.weight.numel() + 2 * area * ELEMENTWISE_MACS
     passes = {Select: 3, Scale: 1, Add: 2 * len(rule.shapes_in)}.get(type(rule), 2)
@@ -117,7 +122,7 @@ def macs(rule: Rule, w: Window) -> int:
 def jvp(rule: Rule, ts: list[Tensor | None], ins: list[Window | None], out: Window,
         blocks: Blocks) -> Tensor:  # fmt: skip
     """The step's output tangents (B, R, C, *out.size) from the inputs' patches."""
-    op = _sliding(rule)
+    op = sliding(rule)
     if isinstance(rule, Select):
         return _select_jvp(rule, ts[0], ins[0], out, blocks)
     if op is not None:
@@ -140,7 +145,7 @@ def jvp(rule: Rule, ts: list[Tensor | None], ins: list[Window | None], out: Wind
 def vjp(rule: Rule, u: Tensor, w: Window, blocks: Blocks) -> list[tuple[Tensor, Window]]:
     """The adjoints of the step's inputs (N, K, R, C, *size) with their windows
     (``in_windows``) from the output's adjoint u on ``w``."""
-    op = _sliding(rule)
+    op = sliding(rule)
     if isinstance(rule, Select):
         return [_select_vjp(rule, u, w, blocks)]
     if op is not None:
