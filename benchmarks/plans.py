@@ -22,7 +22,7 @@ from compare_methods import make_model  # noqa: E402
 
 import pipeline  # noqa: E402
 from pipeline.hessian.graph import capture, record  # noqa: E402
-from pipeline.hessian.planner import REVERSE, TANGENT, Plan, head_kind, make_plan  # noqa: E402
+from pipeline.hessian.planner import all_plans, head_kind, make_plan  # noqa: E402
 from pipeline.hessian.products import triangle_product  # noqa: E402
 from pipeline.hessian.propagate import gradients, hessian_rows  # noqa: E402
 from pipeline.hessian.rows import Rows  # noqa: E402
@@ -88,14 +88,8 @@ def main() -> None:
             picked = make_plan(tape, d, 1, head_kind(target.kind))
             g_top, head = target.derivatives(tape.values[tape.output])
             g = gradients(tape, g_top)
-            curved = [s.rule.curved for s in tape.steps]
-            plans = []
-            for cut in range(len(picked.segments) + 1):
-                stop = picked.segments[cut].start if cut < len(picked.segments) else len(curved)
-                for bottom in (TANGENT, REVERSE):
-                    if bottom == TANGENT or not any(curved[:stop]):
-                        plans.append(Plan(picked.segments, cut, bottom, 0, picked.zero))
-            times = {}
+            plans = all_plans(tape, d, 1, head_kind(target.kind))
+            times, counted = {}, {}
             for plan in plans:
                 try:
                     hessian_rows(tape, plan, head, g, rows, 1)
@@ -109,6 +103,7 @@ def main() -> None:
                     sync()
                     ts.append((time.perf_counter() - t0) / args.samples * 1e3)
                 times[(plan.cut_step, plan.bottom)] = statistics.median(ts)
+                counted[(plan.cut_step, plan.bottom)] = plan.cost
         best = min(times, key=times.get)
         mine = (picked.cut_step, picked.bottom)
         print(
@@ -117,7 +112,10 @@ def main() -> None:
             f"({best[1]}): {times[best]:.4f} ms/sample ({times[mine] / times[best]:.2f}x)"
         )
         for key, ms in sorted(times.items()):
-            print(f"  cut at step {key[0]:>2} {key[1]:<8} {ms:10.4f} ms/sample")
+            print(
+                f"  cut at step {key[0]:>2} {key[1]:<8} {ms:10.4f} ms/sample, counted "
+                f"{counted[key] / 1e9:8.3f} G multiply-adds"
+            )
     if args.symmetric:
         time_symmetric_product(args.device, args.repeats)
 

@@ -10,6 +10,11 @@ torch.func.
     python benchmarks/zoo.py                     # every model, CPU
     python benchmarks/zoo.py --models lenet5 tabular_mlp --repeats 5
     python benchmarks/zoo.py --device cuda --json zoo.json
+    python benchmarks/zoo.py --cpu-time          # one thread, CPU time of the calling thread
+
+On a shared machine wall-clock times vary with the load; ``--cpu-time`` runs torch on one thread
+(``torch.set_num_threads(1)``) and measures ``time.thread_time``, which other processes do not
+inflate.
 """
 
 from __future__ import annotations
@@ -108,13 +113,14 @@ def bench(name: str, args) -> dict:
     }
     del results
     times: dict[str, list[float]] = {k: [] for k in methods}
+    clock = time.thread_time if args.cpu_time else time.perf_counter
     for _ in range(args.repeats):
         for k, fn in methods.items():
             _sync(args.device)
-            t0 = time.perf_counter()
+            t0 = clock()
             fn(model, x, entry.outputs, labels)
             _sync(args.device)
-            times[k].append((time.perf_counter() - t0) / n)
+            times[k].append((clock() - t0) / n)
     med = {k: statistics.median(v) for k, v in times.items()}
     nan = float("nan")
     for k in ("vmap(torch.func.hessian)", "vmap(jacrev(jacrev))", "forward_over_reverse"):
@@ -132,11 +138,22 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument(
+        "--cpu-time", action="store_true", help="one thread, and thread CPU time (CPU only)"
+    )
     args = p.parse_args()
+    if args.cpu_time:
+        if args.device != "cpu":
+            p.error("--cpu-time measures the CPU: --device cpu")
+        args.threads = 1
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
+    clock = "thread CPU time" if args.cpu_time else "wall clock"
     print(f"torch {torch.__version__}, {args.device}, {torch.get_num_threads()} threads, float32, "
-          f"{platform.processor() or platform.machine()}")  # fmt: skip
+          f"{platform.processor() or platform.machine()}, {clock}")  # fmt: skip
     head = ["auto", "vmap(torch.func.hessian)", "vmap(jacrev(jacrev))", "forward_over_reverse"]
     print(
         f"\n| model | n | auto picks | {' | '.join(h + ' ms' for h in head)} | auto / best "

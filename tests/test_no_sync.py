@@ -11,7 +11,7 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 import pipeline
-from tests.model_zoo import ZOO_BY_NAME
+from tests.model_zoo import ZOO_BY_NAME, MnistNet
 
 SYNCING = {"aten::item", "aten::is_nonzero", "aten::nonzero", "aten::_local_scalar_dense"}
 
@@ -28,6 +28,9 @@ CASES = {
     "mnist_relu_logit": (ZOO_BY_NAME["mnist_relu"].small, ZOO_BY_NAME["mnist_relu"].small_shape,
                          [3]),
     "transformer": (ZOO_BY_NAME["transformer"].small, ZOO_BY_NAME["transformer"].small_shape, [0]),
+    # the local schedule, with patches through both convolutions and the max pool
+    "mnist_tanh_local": (lambda: MnistNet("tanh", side=14, c1=3, c2=4, hidden=8), (1, 14, 14),
+                         [1]),
 }  # fmt: skip
 
 

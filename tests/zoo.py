@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.hessian.graph import capture, record
-from pipeline.hessian.planner import REVERSE, TANGENT, Plan, head_kind, make_plan
+from pipeline.hessian.local import layout
+from pipeline.hessian.planner import LOCAL, REVERSE, TANGENT, Plan, head_kind, make_plan
 from pipeline.models import digits_cnn, digits_mlp
 
 N_SAMPLES = 3
@@ -270,8 +271,10 @@ def every_plan(model: nn.Module, x: Tensor, target, rows: int):
     plans = []
     for cut in range(len(best.segments) + 1):
         stop = best.segments[cut].start if cut < len(best.segments) else len(tape.steps)
-        for bottom in (TANGENT, REVERSE):
+        for bottom in (TANGENT, REVERSE, LOCAL):
             if bottom == REVERSE and any(curved[:stop]):
+                continue
+            if bottom == LOCAL and layout(tape, stop) is None:
                 continue
             plans.append(Plan(best.segments, cut, bottom, 0, best.zero))
     return tape, best, plans

@@ -301,8 +301,8 @@ def _pool_first(steps: list[Step], values: list[Tensor]) -> list[Step]:
         values[steps[i].out] = at_maxima(values[steps[i].inputs[0]])  # now: the pooled a
         d1, d2 = at_maxima(act.d1), at_maxima(act.d2)
         shape = pool.shape_out
-        out[i] = Step(step.name, Select([act.shapes_in[0]], shape, index=pool.index),
-                      steps[i].inputs, steps[i].out)  # fmt: skip
+        select = Select([act.shapes_in[0]], shape, index=pool.index, sliding=pool.sliding)
+        out[i] = Step(step.name, select, steps[i].inputs, steps[i].out)
         out[j] = Step(steps[i].name, Elementwise([shape], shape, name=act.name, d1=d1, d2=d2),
                       [steps[i].out], step.out)  # fmt: skip
     return out

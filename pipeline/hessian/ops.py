@@ -36,7 +36,9 @@ from .rules import (
     Rule,
     Scale,
     Select,
+    Sliding,
     Softmax,
+    per_spatial_axis,
 )
 
 aten = torch.ops.aten
@@ -296,8 +298,10 @@ def _module_rule(call: Call) -> Rule | str | None:
     if isinstance(m, nn.modules.pooling._AvgPoolNd):
         params = [m.kernel_size, m.stride, m.padding, m.ceil_mode, m.count_include_pad,
                   getattr(m, "divisor_override", None)]  # fmt: skip
-        adjoint = _avg_pool_adjoint(call, _spatial(type(m).__name__), *params)
-        return _fold(call, m, adjoint=adjoint)
+        spatial = _spatial(type(m).__name__)
+        fold = _fold(call, m, adjoint=_avg_pool_adjoint(call, spatial, *params))
+        fold.sliding = _avg_sliding(call, spatial, *params)
+        return fold
     if isinstance(m, nn.modules.pooling._MaxPoolNd):
         if m.return_indices and call.element is None:
             return _general(call)
@@ -479,7 +483,9 @@ def _avg_pool(call: Call) -> Rule | None:
         pairs = enumerate(zip(names, defaults, strict=True))
         params = [call.arg(i + 1, p, d) for i, (p, d) in pairs]
         adjoint = _avg_pool_adjoint(call, spatial, *params)
-    return _fold(call, lambda t: target(t, *rest, **kwargs), adjoint=adjoint)
+    fold = _fold(call, lambda t: target(t, *rest, **kwargs), adjoint=adjoint)
+    fold.sliding = None if "adaptive" in name else _avg_sliding(call, spatial, *params)
+    return fold
 
 
 def _tuple(v, n: int) -> list[int]:
@@ -504,6 +510,20 @@ def _avg_pool_adjoint(call: Call, spatial, kernel, stride, padding, ceil, count_
     return adjoint
 
 
+def _avg_sliding(call: Call, spatial, kernel, stride, padding, ceil, count_pad, divisor):
+    """An average pool over (N, C, *sp) as a window op (sums over ``divisor``), where it is
+    one: without ``ceil_mode`` (partial windows at the end), and with its zero padding counted;
+    None otherwise."""
+    h = call.inputs[0]
+    kernel = per_spatial_axis(kernel, spatial)
+    stride = kernel if stride is None or stride == [] else per_spatial_axis(stride, spatial)
+    padding = per_spatial_axis(padding, spatial)
+    if h.dim() != spatial + 2 or ceil or (any(padding) and not count_pad):
+        return None
+    divisor = int(divisor or math.prod(kernel))
+    return Sliding(kernel, stride, padding, (1,) * spatial, divisor=divisor)
+
+
 def _adaptive_pool_adjoint(call: Call, spatial: int):
     """The transpose of a 2-d or 3-d adaptive average pool; None for 1-d pools."""
     if spatial == 1:
@@ -526,7 +546,13 @@ def _max_pool(call: Call, spatial: int, kernel, stride, padding, dilation, ceil_
         plane = math.prod(h.shape[2:])
         channel = torch.arange(h.shape[1], device=h.device)
         index = index + channel.reshape(1, -1, *[1] * spatial) * plane
-    return Select(*_shapes(call), index=index.reshape(h.shape[0], -1))
+    sliding = None
+    if h.dim() == spatial + 2:
+        kernel = per_spatial_axis(kernel, spatial)
+        stride = kernel if stride is None or stride == [] else per_spatial_axis(stride, spatial)
+        sliding = Sliding(kernel, stride, per_spatial_axis(padding, spatial),
+                          per_spatial_axis(dilation, spatial))  # fmt: skip
+    return Select(*_shapes(call), index=index.reshape(h.shape[0], -1), sliding=sliding)
 
 
 def _spatial(name: str) -> int:

@@ -12,6 +12,9 @@ J_z^T A J_z (C_v: a step's second-order term, J_v = dv/dx). Three schedules eval
   Cost ~ R x (cost of the steps), shared by the K outputs in the forward part; handles any DAG.
 * reverse Jacobian (below L, when no step there has a second-order term: a piecewise-linear
   body): J_L = dv_L/dx by F_L adjoint sweeps, then H[rows] = J_L[:, rows]^T M_L J_L.
+* local (below L, conv stacks): J_L^T M_L J_L by the reverse Jacobian, plus the curvature of the
+  steps below L by tangent-adjoint on patches, each row's tangents and adjoints held on a window
+  around its receptive field (NOTE [local] in ``local``).
 
 ``make_plan`` counts every admissible cut and schedule and takes the cheapest.
 """
@@ -22,9 +25,11 @@ from dataclasses import dataclass
 
 from .curvature import DENSE, DIAG, ZERO, is_fast, transition
 from .graph import Tape
+from .local import layout
 from .rules import ELEMENTWISE_MACS, Dense
 
-TANGENT, REVERSE = "tangent", "reverse"
+TANGENT, REVERSE, LOCAL = "tangent", "reverse", "local"
+SCHEDULES = (TANGENT, REVERSE, LOCAL)
 
 
 @dataclass(frozen=True)
@@ -40,7 +45,7 @@ class Segment:
 @dataclass(frozen=True)
 class Plan:
     """The schedule of one graph: M-propagation through ``segments[cut:]``, then ``bottom``
-    (``TANGENT`` or ``REVERSE``) through the steps below ``segments[cut].start``.
+    (``TANGENT``, ``REVERSE`` or ``LOCAL``) through the steps below ``segments[cut].start``.
 
     Attributes:
         segments: between consecutive cut points, from x up to the output.
@@ -98,7 +103,7 @@ def head_kind(target_kind: str) -> str:
 
 
 def make_plan(
-    tape: Tape, rows: int, k: int, top: str, schedules: tuple[str, ...] = (TANGENT, REVERSE)
+    tape: Tape, rows: int, k: int, top: str, schedules: tuple[str, ...] = SCHEDULES
 ) -> Plan:
     """The cheapest admissible plan for R = ``rows`` rows and K = ``k`` outputs.
 
@@ -110,12 +115,22 @@ def make_plan(
 
     Raises:
         ValueError: no allowed schedule applies (``REVERSE`` needs a cut below which no step
-            has a second-order term).
+            has a second-order term, ``LOCAL`` one with such a step and patches: ``layout``).
     """
+    plans = all_plans(tape, rows, k, top, schedules)
+    if not plans:
+        raise ValueError("no schedule applies: a step below every cut has a second-order term")
+    return min(plans, key=lambda p: p.cost)
+
+
+def all_plans(
+    tape: Tape, rows: int, k: int, top: str, schedules: tuple[str, ...] = SCHEDULES
+) -> list[Plan]:
+    """Every admissible plan with its counted cost, from the highest cut down (``make_plan``)."""
     segs = segments(tape)
     curved = [step.rule.curved for step in tape.steps]
     zero = top == ZERO and not any(curved)
-    best: Plan | None = None
+    plans: list[Plan] = []
     kind, above = top, 0  # M's kind at the bottom of segs[cut:], and its cost
     for cut in range(len(segs), -1, -1):
         if cut < len(segs):
@@ -128,12 +143,12 @@ def make_plan(
             options.append((TANGENT, _tangent_cost(tape, 0, stop, 0, slot, rows, k, kind, True)))
         if REVERSE in schedules and not any(curved[:stop]):
             options.append((REVERSE, _reverse_cost(tape, stop, slot, rows, k, kind)))
-        for bottom, cost in options:
-            if best is None or above + cost < best.cost:
-                best = Plan(segs, cut, bottom, above + cost, zero)
-    if best is None:
-        raise ValueError("no schedule applies: a step below every cut has a second-order term")
-    return best
+        lay = layout(tape, stop) if LOCAL in schedules else None
+        if lay is not None:
+            cost = _reverse_cost(tape, stop, slot, rows, k, kind)
+            options.append((LOCAL, cost + lay.cost(rows, k, tape.width(0))))
+        plans += [Plan(segs, cut, bottom, above + cost, zero) for bottom, cost in options]
+    return plans
 
 
 def _segment_m(tape: Tape, seg: Segment, kind: str, k: int) -> tuple[str, int]:

@@ -11,7 +11,8 @@ from torch import Tensor
 
 from .curvature import DENSE, ZERO, Curvature, is_fast, rows_of, through
 from .graph import Tape
-from .planner import REVERSE, Plan, Segment
+from .local import layout, local_rows
+from .planner import LOCAL, REVERSE, Plan, Segment
 from .products import symmetric_product
 from .rows import Rows
 from .rules import Dense, Elementwise
@@ -50,6 +51,8 @@ def hessian_rows(
         h = rows_of(m, rows.index, like)
     elif plan.bottom == REVERSE:
         h = _reverse(tape, plan.cut_step, plan.cut_slot, m, rows)
+    elif plan.bottom == LOCAL:
+        h = _local(tape, plan, m, g, rows, k)
     else:
         seed = _Basis(rows, tuple(like.shape[1:]))
         h = sweep(tape, 0, plan.cut_step, 0, plan.cut_slot, seed, m, g, k, rows.full)
@@ -173,6 +176,19 @@ def _join(t: Tensor | _Basis | None, m: Curvature, value: Tensor) -> Tensor | No
     j = t.reshape(*t.shape[:2], -1).unsqueeze(1)  # (B, 1, R, F)
     u = j @ m.value if m.kind == DENSE else j * m.value.unsqueeze(2)
     return u.reshape(*u.shape[:3], *value.shape[1:])
+
+
+def _local(tape: Tape, plan: Plan, m: Curvature, g: dict[int, Tensor], rows: Rows, k: int):
+    """J_L^T M_L J_L by the reverse Jacobian plus the curvature below L on patches (NOTE
+    [local]): (N, K, R, D), or None when zero."""
+    lay = layout(tape, plan.cut_step)
+    if lay is None:
+        raise ValueError("the local schedule does not apply below this cut")
+    top = _reverse(tape, plan.cut_step, plan.cut_slot, m, rows)
+    below = local_rows(tape, lay, g, rows, k)
+    if top is None or below is None:
+        return below if top is None else top
+    return top + below
 
 
 def _reverse(tape: Tape, stop: int, slot: int, m: Curvature, rows: Rows) -> Tensor | None:

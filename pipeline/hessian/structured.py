@@ -15,7 +15,8 @@ import torch
 from torch import Tensor, nn
 
 from .graph import Tape, capture, record
-from .planner import REVERSE, TANGENT, Plan, head_kind, make_plan
+from .local import layout
+from .planner import LOCAL, REVERSE, SCHEDULES, Plan, head_kind, make_plan
 from .propagate import gradients, hessian_rows
 from .rows import Rows, select_rows
 from .targets import Target
@@ -27,7 +28,7 @@ def compute(
     target: Target,
     rows: Rows | Tensor,
     memory_budget: int,
-    schedules: tuple[str, ...] = (TANGENT, REVERSE),
+    schedules: tuple[str, ...] = SCHEDULES,
 ) -> tuple[Tensor, Tensor]:
     """Hessian rows (N, K, R, D) and gradients (N, K, D) of the target's K outputs.
 
@@ -98,6 +99,9 @@ def bytes_per_sample(tape: Tape, plan: Plan, r: int, k: int) -> int:
     above = [tape.width(seg.bottom) for seg in plan.segments[plan.cut :]] + [tape.width(plan.top)]
     m_part = 3 * k * max(w * w for w in above)
     t_part = r * sum(below) + 3 * k * r * max(below)
-    if plan.bottom == REVERSE:
+    if plan.bottom in (REVERSE, LOCAL):
         t_part = 3 * tape.width(plan.cut_slot) * max(below) + k * r * tape.width(0)
+    if plan.bottom == LOCAL:  # a few adjoints on their windows at once, and factors gathered
+        lay = layout(tape, plan.cut_step)  # at them; the rows whole at the end
+        t_part += r * lay.tangent_size + 6 * k * r * max(lay.adjoint_size, tape.width(0))
     return (m_part + t_part + (k + 2) * total) * itemsize
