@@ -33,8 +33,13 @@ if [ "$PART" = 1 ] || [ "$PART" = all ]; then
     timeout 90 $bench --cases mlp784 --samples 256 2>&1 | tee "$OUT/methods.txt"
     timeout 90 $bench --cases mlp3072 --samples 32 2>&1 | tee -a "$OUT/methods.txt"
 fi
-if [ "$PART" = zoo ]; then  # the zoo alone
-    timeout 200 python3 benchmarks/zoo.py --device cuda --repeats 5 2>&1 | tee "$OUT/zoo.txt"
+if [ "$PART" = zoo ]; then  # the GPU tests, the zoo, the CNN table and the conv nets' plans
+    timeout 100 python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider -rs 2>&1 \
+        | tee "$OUT/tests.log"
+    timeout 120 python3 benchmarks/zoo.py --device cuda --repeats 5 2>&1 | tee "$OUT/zoo.txt"
+    timeout 60 $bench --cases cnn784 --samples 256 2>&1 | tee "$OUT/methods_cnn.txt"
+    timeout 60 python3 benchmarks/plans.py --device cuda --samples 32 --models lenet5 \
+        mnist_tanh 2>&1 | tee "$OUT/plans.txt"
 fi
 if [ "$PART" = mlp ]; then  # the MLP tables again (after a change), into methods_mlp.txt
     timeout 90 $bench --cases mlp784 --samples 256 2>&1 | tee "$OUT/methods_mlp.txt"
