@@ -467,3 +467,15 @@ def test_plan_picks(name, model, shape, outputs, expected):
     plan = make_plan(tape, d, len(outputs), "zero")
     ok = plan.cut_step > 2 if expected == "above step 2" else plan.cut_step == expected
     assert ok, f"{name}: cut at step {plan.cut_step}, expected {expected}"
+
+
+def test_triangle_product_equals_the_full_product():
+    """The triangle form that benchmarks/plans.py times against one product (NOTE [symmetric
+    product]) computes the same symmetric matrix."""
+    from pipeline.hessian.products import triangle_product
+
+    torch.manual_seed(5)
+    w = torch.randn(7, 37)
+    m = torch.randn(3, 2, 7, 7)
+    u = w.T @ (m + m.mT)
+    assert_close(triangle_product(u, w), u @ w, what="triangle")
