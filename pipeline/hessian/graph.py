@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import operator
 import weakref
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -277,10 +278,7 @@ def _pool_first(steps: list[Step], values: list[Tensor]) -> list[Step]:
     tangents and adjoints shrinks by the pool's factor (4x for a 2 x 2 pool). Where s is flat on a
     window (ReLU below 0), the positions may differ but s' is zero at both.
     """
-    consumers: dict[int, int] = {}
-    for step in steps:
-        for v in step.inputs:
-            consumers[v] = consumers.get(v, 0) + 1
+    readers = consumers(steps)
     producer = {step.out: i for i, step in enumerate(steps)}
     out = list(steps)
     for j, step in enumerate(steps):
@@ -288,10 +286,7 @@ def _pool_first(steps: list[Step], values: list[Tensor]) -> list[Step]:
         if i is None:
             continue
         act = steps[i].rule
-        if (
-            not (isinstance(act, Elementwise) and act.non_decreasing())
-            or consumers[steps[i].out] > 1
-        ):
+        if not (isinstance(act, Elementwise) and act.non_decreasing()) or readers[steps[i].out] > 1:
             continue
         pool = step.rule
 
@@ -306,6 +301,20 @@ def _pool_first(steps: list[Step], values: list[Tensor]) -> list[Step]:
         out[j] = Step(steps[i].name, Elementwise([shape], shape, name=act.name, d1=d1, d2=d2),
                       [steps[i].out], step.out)  # fmt: skip
     return out
+
+
+def consumers(steps: list[Step]) -> Counter[int]:
+    """How many of ``steps`` read each slot."""
+    return Counter(v for step in steps for v in step.inputs)
+
+
+def release(values: dict[int, Any], step: Step, left: Counter[int], keep: set[int]) -> None:
+    """After ``step`` ran: drop the values of its inputs that no later step reads (``left``
+    counts the readers still to run) and that are not in ``keep``."""
+    for v in step.inputs:
+        left[v] -= 1
+        if left[v] == 0 and v not in keep:
+            values.pop(v, None)
 
 
 def _live(steps: list[Step], output: int) -> list[Step]:

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from . import patches
-from .graph import Tape
+from .graph import Tape, consumers, release
 from .rules import ELEMENTWISE_MACS, Elementwise, outer
 from .windows import Blocks, Window, blocks_for, offsets
 
@@ -248,10 +248,7 @@ def _forward(steps, lay: Layout, blocks: Blocks, seed: Tensor) -> dict[int, Tens
     """Tangents (B, R, C, *size) on their windows, or (B, R, *s) where dense; only those that
     the second-order terms still need are kept."""
     needed = {v for s in steps if s.rule.curved for v in s.inputs}
-    consumers: dict[int, int] = {}
-    for s in steps:
-        for v in s.inputs:
-            consumers[v] = consumers.get(v, 0) + 1
+    left = consumers(steps)
     tangents: dict[int, Tensor] = {0: seed}
     for s in steps:
         ts = [tangents.get(v) for v in s.inputs]
@@ -265,10 +262,7 @@ def _forward(steps, lay: Layout, blocks: Blocks, seed: Tensor) -> dict[int, Tens
             tangents[s.out] = s.rule.jvp(
                 [_dense(t, w, blocks) for t, w in zip(ts, ins, strict=True)]
             )
-        for v in s.inputs:
-            consumers[v] -= 1
-            if consumers[v] == 0 and v not in needed:
-                tangents.pop(v, None)
+        release(tangents, s, left, needed)
     return tangents
 
 

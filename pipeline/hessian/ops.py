@@ -21,7 +21,6 @@ from torch import Tensor, nn
 
 from . import elementwise
 from .rules import (
-    ELEMENTWISE_MACS,
     Add,
     Bilinear,
     Conv,
@@ -210,10 +209,6 @@ _METHODS = {
     "float": "cast", "double": "cast", "type_as": "cast",
 }  # fmt: skip
 
-# Arguments naming axes, by canonical name: where they sit (after the input) and their keyword.
-_DIM_ARGS = {"narrow": (0, "dim"), "select": (0, "dim"), "sum": (0, "dim"), "cat": (0, "dim"),
-             }  # fmt: skip
-
 
 def canonical(call: Call) -> str | None:
     """The canonical name of a call, or None for a call without a specific rule."""
@@ -371,8 +366,7 @@ def _layer_norm_rule(call: Call, shape, weight, eps) -> Rule:
     dims = tuple(range(-m, 0))
     mean = v.mean(dims, keepdim=True)
     inv = torch.rsqrt(v.var(dims, unbiased=False, keepdim=True) + eps)
-    w = weight
-    return LayerNorm(*_shapes(call), xhat=(v - mean) * inv, inv=inv, weight=w, m=m)
+    return LayerNorm(*_shapes(call), xhat=(v - mean) * inv, inv=inv, weight=weight, m=m)
 
 
 def _layer_norm(call: Call) -> Rule | None:
@@ -474,22 +468,26 @@ def _avg_pool(call: Call) -> Rule | None:
     target, rest, kwargs = call.target, call.args[1:], call.kwargs
     name = getattr(target, "__name__", str(target))
     spatial = _spatial(name)
+
+    def fn(t):
+        return target(t, *rest, **kwargs)
+
     if "adaptive" in name:
-        adjoint = _adaptive_pool_adjoint(call, spatial)
-    else:
-        names = ["kernel_size", "stride", "padding", "ceil_mode", "count_include_pad",
-                 "divisor_override"]  # fmt: skip
-        defaults = [None, None, 0, False, True, None]
-        pairs = enumerate(zip(names, defaults, strict=True))
-        params = [call.arg(i + 1, p, d) for i, (p, d) in pairs]
-        adjoint = _avg_pool_adjoint(call, spatial, *params)
-    fold = _fold(call, lambda t: target(t, *rest, **kwargs), adjoint=adjoint)
-    fold.sliding = None if "adaptive" in name else _avg_sliding(call, spatial, *params)
+        return _fold(call, fn, adjoint=_adaptive_pool_adjoint(call, spatial))
+    names = ["kernel_size", "stride", "padding", "ceil_mode", "count_include_pad",
+             "divisor_override"]  # fmt: skip
+    defaults = [None, None, 0, False, True, None]
+    params = [call.arg(i + 1, p, d) for i, (p, d) in enumerate(zip(names, defaults, strict=True))]
+    fold = _fold(call, fn, adjoint=_avg_pool_adjoint(call, spatial, *params))
+    fold.sliding = _avg_sliding(call, spatial, *params)
     return fold
 
 
-def _tuple(v, n: int) -> list[int]:
-    return list(v) if isinstance(v, (list, tuple)) else [v] * n
+def _pool_axes(spatial: int, kernel, stride, padding) -> tuple[tuple[int, ...], ...]:
+    """A pool's kernel, stride (None or []: the kernel) and padding, one int per spatial axis."""
+    kernel = per_spatial_axis(kernel, spatial)
+    stride = kernel if stride is None or stride == [] else per_spatial_axis(stride, spatial)
+    return kernel, stride, per_spatial_axis(padding, spatial)
 
 
 def _avg_pool_adjoint(call: Call, spatial, kernel, stride, padding, ceil, count_pad, divisor):
@@ -498,9 +496,7 @@ def _avg_pool_adjoint(call: Call, spatial, kernel, stride, padding, ceil, count_
     if spatial == 1:
         return None
     backward = {2: aten.avg_pool2d_backward, 3: aten.avg_pool3d_backward}[spatial]
-    kernel = _tuple(kernel, spatial)
-    stride = kernel if stride is None or stride == [] else _tuple(stride, spatial)
-    padding = _tuple(padding, spatial)
+    kernel, stride, padding = _pool_axes(spatial, kernel, stride, padding)
     shape = call.inputs[0].shape[1:]
 
     def adjoint(u: Tensor) -> tuple[Tensor]:
@@ -515,9 +511,7 @@ def _avg_sliding(call: Call, spatial, kernel, stride, padding, ceil, count_pad, 
     one: without ``ceil_mode`` (partial windows at the end), and with its zero padding counted;
     None otherwise."""
     h = call.inputs[0]
-    kernel = per_spatial_axis(kernel, spatial)
-    stride = kernel if stride is None or stride == [] else per_spatial_axis(stride, spatial)
-    padding = per_spatial_axis(padding, spatial)
+    kernel, stride, padding = _pool_axes(spatial, kernel, stride, padding)
     if h.dim() != spatial + 2 or ceil or (any(padding) and not count_pad):
         return None
     divisor = int(divisor or math.prod(kernel))
@@ -548,10 +542,8 @@ def _max_pool(call: Call, spatial: int, kernel, stride, padding, dilation, ceil_
         index = index + channel.reshape(1, -1, *[1] * spatial) * plane
     sliding = None
     if h.dim() == spatial + 2:
-        kernel = per_spatial_axis(kernel, spatial)
-        stride = kernel if stride is None or stride == [] else per_spatial_axis(stride, spatial)
-        sliding = Sliding(kernel, stride, per_spatial_axis(padding, spatial),
-                          per_spatial_axis(dilation, spatial))  # fmt: skip
+        kernel, stride, padding = _pool_axes(spatial, kernel, stride, padding)
+        sliding = Sliding(kernel, stride, padding, per_spatial_axis(dilation, spatial))
     return Select(*_shapes(call), index=index.reshape(h.shape[0], -1), sliding=sliding)
 
 
@@ -570,8 +562,6 @@ def _max_pool_call(call: Call) -> Rule | None:
     kernel, stride, padding, dilation, ceil = (
         call.arg(i + 1, p, d) for i, (p, d) in enumerate(zip(names, defaults, strict=True))
     )
-    if isinstance(stride, (list, tuple)) and len(stride) == 0:
-        stride = None
     name = getattr(call.target, "__name__", str(call.target))
     return _max_pool(call, _spatial(name), kernel, stride, padding, dilation, ceil)
 
@@ -683,9 +673,9 @@ def _getitem(call: Call) -> Rule | None:
 
 
 def _positional(call: Call, name: str) -> Rule | None:
-    """narrow / select / sum / mean / cat / flip: an op with an axis argument, not the batch."""
-    at, keyword = _DIM_ARGS[name]
-    dim = call.arg(at + 1, keyword)
+    """narrow / select / sum / mean / cat: an op whose axis argument (``dim``, right after the
+    input) is not the batch axis."""
+    dim = call.arg(1, "dim")
     if (
         name == "sum"
         and call.kind == "call_method"
@@ -821,10 +811,6 @@ def _flip(call: Call) -> Rule | None:
     return _fold(call, _rebound(call))
 
 
-def _scalar(v: Any) -> bool:
-    return isinstance(v, (int, float)) or (isinstance(v, Tensor) and not v.is_floating_point())
-
-
 def _add(call: Call, sign: float = 1.0) -> Rule | None:
     a, b = call.args[0], call.arg(1, "other")
     alpha = call.kwargs.get("alpha", 1)
@@ -837,7 +823,7 @@ def _add(call: Call, sign: float = 1.0) -> Rule | None:
         return Add(*_shapes(call), signs=signs)
     if call.active(a):
         return Scale(*_shapes(call), factor=None)
-    return Scale(*_shapes(call), factor=signs[1]) if signs[1] != 1 else Scale(*_shapes(call))
+    return Scale(*_shapes(call), factor=None if signs[1] == 1 else signs[1])
 
 
 def _same_rank(call: Call) -> bool:
@@ -925,6 +911,3 @@ _MAKERS: dict[str, Callable[[Call], Rule | str | None]] = {
     "softmax": _softmax,
     "log_softmax": _log_softmax,
 }
-
-# Used by the cost model of elementwise memory passes.
-__all__ = ["ALIAS", "ELEMENTWISE_MACS", "Call", "Unsupported", "canonical", "rule_for"]

@@ -21,11 +21,11 @@ J_z^T A J_z (C_v: a step's second-order term, J_v = dv/dx). Three schedules eval
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .curvature import DENSE, DIAG, ZERO, is_fast, transition
 from .graph import Tape
-from .local import layout
+from .local import Layout, layout
 from .rules import ELEMENTWISE_MACS, Dense
 
 TANGENT, REVERSE, LOCAL = "tangent", "reverse", "local"
@@ -54,6 +54,8 @@ class Plan:
         bottom: the schedule below the cut.
         cost: multiply-adds per sample.
         zero: whether the Hessian is identically zero (no second-order term anywhere).
+        layout: the patches of a ``LOCAL`` plan, as the planner counted them (None: derive it
+            with ``local.layout``).
     """
 
     segments: tuple[Segment, ...]
@@ -61,6 +63,11 @@ class Plan:
     bottom: str
     cost: int
     zero: bool
+    layout: Layout | None = field(default=None, compare=False, repr=False)
+
+    def local_layout(self, tape: Tape) -> Layout | None:
+        """The patches below the cut of a ``LOCAL`` plan on this graph."""
+        return self.layout if self.layout is not None else layout(tape, self.cut_step)
 
     @property
     def cut_step(self) -> int:
@@ -147,7 +154,8 @@ def all_plans(
         if lay is not None:
             cost = _reverse_cost(tape, stop, slot, rows, k, kind)
             options.append((LOCAL, cost + lay.cost(rows, k, tape.width(0))))
-        plans += [Plan(segs, cut, bottom, above + cost, zero) for bottom, cost in options]
+        plans += [Plan(segs, cut, bottom, above + cost, zero, lay if bottom == LOCAL else None)
+                  for bottom, cost in options]  # fmt: skip
     return plans
 
 

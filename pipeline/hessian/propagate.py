@@ -10,8 +10,8 @@ import torch
 from torch import Tensor
 
 from .curvature import DENSE, ZERO, Curvature, is_fast, rows_of, through
-from .graph import Tape
-from .local import layout, local_rows
+from .graph import Tape, consumers, release
+from .local import local_rows
 from .planner import LOCAL, REVERSE, Plan, Segment
 from .products import symmetric_product
 from .rows import Rows
@@ -20,15 +20,27 @@ from .rules import Dense, Elementwise
 
 def gradients(tape: Tape, g_top: Tensor) -> dict[int, Tensor]:
     """g = dy/dv (N, K, *s) at every slot, by one adjoint sweep from g_top (N, K, C)."""
-    g = {tape.output: g_top.reshape(*g_top.shape[:2], *tape.values[tape.output].shape[1:])}
-    for step in reversed(tape.steps):
-        u = g.get(step.out)
+    top = g_top.reshape(*g_top.shape[:2], *tape.values[tape.output].shape[1:])
+    return pull(tape.steps, {tape.output: top}, keep=True)
+
+
+def pull(steps, seeds: dict[int, Tensor], keep: bool) -> dict[int, Tensor]:
+    """Adjoints (N, E, *s) pulled back through the linear parts of ``steps`` from ``seeds``,
+    summed where a slot feeds several steps; ``keep``: every slot's, else those not pulled on."""
+    adj = dict(seeds)
+    for step in reversed(steps):
+        u = adj.get(step.out) if keep else adj.pop(step.out, None)
         if u is None:
             continue
         for v, c in zip(step.inputs, step.rule.vjp(u), strict=True):
-            if c is not None:
-                g[v] = c if v not in g else g[v] + c
-    return g
+            accumulate(adj, v, c)
+    return adj
+
+
+def accumulate(adj: dict[int, Tensor], v: int, p: Tensor | None) -> None:
+    """adj[v] += p (p None: nothing)."""
+    if p is not None:
+        adj[v] = p if v not in adj else adj[v] + p
 
 
 def hessian_rows(
@@ -106,11 +118,9 @@ def sweep(
         U at ``bottom``: (N, K, R, *s_bottom), or None when it is zero.
     """
     steps = tape.steps[start:stop]
-    curved_inputs = {v for s in steps if s.rule.curved for v in s.inputs}
-    consumers: dict[int, int] = {}
-    for s in steps:
-        for v in s.inputs:
-            consumers[v] = consumers.get(v, 0) + 1
+    keep = {v for s in steps if s.rule.curved for v in s.inputs} | {top}
+    left = consumers(steps)
+    sole_reader = left[bottom] == 1  # of the bottom slot: H = U W by the symmetric product
     tangents: dict[int, Tensor | _Basis] = {bottom: seed}
     for s in steps:
         ts = [tangents.get(v) for v in s.inputs]
@@ -119,13 +129,8 @@ def sweep(
         if isinstance(ts[0], _Basis) and len(ts) == 1 and isinstance(s.rule, Dense) and s.rule.flat:
             tangents[s.out] = ts[0].through_dense(s.rule.weight)
         else:
-            like = tape.values[bottom]
-            ts = [t.dense(like) if isinstance(t, _Basis) else t for t in ts]
-            tangents[s.out] = s.rule.jvp(ts)
-        for v in s.inputs:  # drop tangents nothing needs any more
-            consumers[v] -= 1
-            if consumers[v] == 0 and v not in curved_inputs and v != top:
-                tangents.pop(v, None)
+            tangents[s.out] = s.rule.jvp([_dense(t, tape.values[bottom]) for t in ts])
+        release(tangents, s, left, keep)
     u_top = _join(tangents.get(top), m, tape.values[top])
     adj: dict[int, Tensor] = {} if u_top is None else {top: u_top}
     r = _count(seed)
@@ -134,33 +139,30 @@ def sweep(
         parts: list[Tensor | None] = [None] * len(s.inputs)
         fused = u is not None and s.rule.curved and isinstance(s.rule, Elementwise)
         if fused:  # the linear part and the second-order term in two passes
-            t = tangents[s.inputs[0]]
-            t = t.dense(tape.values[bottom]) if isinstance(t, _Basis) else t
+            t = _dense(tangents[s.inputs[0]], tape.values[bottom])
             parts = [s.rule.second_adjoint(u, g[s.out], t)]
         elif u is not None:
             n = u.shape[0]
-            if (full_rows and s.inputs == [bottom] and isinstance(s.rule, Dense) and s.rule.flat
-                    and _only_consumer(steps, bottom)):  # fmt: skip
+            if (full_rows and sole_reader and s.inputs == [bottom] and isinstance(s.rule, Dense)
+                    and s.rule.flat):  # fmt: skip
                 parts = [symmetric_product(u, s.rule.weight)]
             else:
                 flat = u.reshape(n, k * r, *u.shape[3:])
                 parts = [None if p is None else p.reshape(n, k, r, *p.shape[2:])
                          for p in s.rule.vjp(flat)]  # fmt: skip
         if s.rule.curved and not fused:
-            ts = [tangents.get(v) for v in s.inputs]
-            like = tape.values[bottom]
-            ts = [t.dense(like) if isinstance(t, _Basis) else t for t in ts]
+            ts = [_dense(tangents.get(v), tape.values[bottom]) for v in s.inputs]
             for i, term in enumerate(s.rule.second(g[s.out], ts)):
                 if term is not None:
                     parts[i] = term if parts[i] is None else parts[i] + term
         for v, p in zip(s.inputs, parts, strict=True):
-            if p is not None:
-                adj[v] = p if v not in adj else adj[v] + p
+            accumulate(adj, v, p)
     return adj.get(bottom)
 
 
-def _only_consumer(steps, slot: int) -> bool:
-    return sum(slot in s.inputs for s in steps) == 1
+def _dense(t: Tensor | _Basis | None, like: Tensor) -> Tensor | None:
+    """Tangents as a tensor: the basis made one-hot where it still is one."""
+    return t.dense(like) if isinstance(t, _Basis) else t
 
 
 def _count(seed: Tensor | _Basis) -> int:
@@ -171,8 +173,7 @@ def _join(t: Tensor | _Basis | None, m: Curvature, value: Tensor) -> Tensor | No
     """U = J M at the top of a sweep: (N, K, R, *s) from tangents (B, R, *s)."""
     if m.kind == ZERO or t is None:
         return None
-    if isinstance(t, _Basis):
-        t = t.dense(value)
+    t = _dense(t, value)
     j = t.reshape(*t.shape[:2], -1).unsqueeze(1)  # (B, 1, R, F)
     u = j @ m.value if m.kind == DENSE else j * m.value.unsqueeze(2)
     return u.reshape(*u.shape[:3], *value.shape[1:])
@@ -181,7 +182,7 @@ def _join(t: Tensor | _Basis | None, m: Curvature, value: Tensor) -> Tensor | No
 def _local(tape: Tape, plan: Plan, m: Curvature, g: dict[int, Tensor], rows: Rows, k: int):
     """J_L^T M_L J_L by the reverse Jacobian plus the curvature below L on patches (NOTE
     [local]): (N, K, R, D), or None when zero."""
-    lay = layout(tape, plan.cut_step)
+    lay = plan.local_layout(tape)
     if lay is None:
         raise ValueError("the local schedule does not apply below this cut")
     top = _reverse(tape, plan.cut_step, plan.cut_slot, m, rows)
@@ -199,14 +200,8 @@ def _reverse(tape: Tape, stop: int, slot: int, m: Curvature, rows: Rows) -> Tens
     value = tape.values[slot]
     n, width = value.shape[0], value[0].numel()
     eye = torch.eye(width, dtype=value.dtype, device=value.device)
-    adj = {slot: eye.reshape(1, width, *value.shape[1:]).expand(n, width, *value.shape[1:])}
-    for s in reversed(tape.steps[:stop]):
-        u = adj.pop(s.out, None)
-        if u is None:
-            continue
-        for v, p in zip(s.inputs, s.rule.vjp(u), strict=True):
-            if p is not None:
-                adj[v] = p if v not in adj else adj[v] + p
+    seed = eye.reshape(1, width, *value.shape[1:]).expand(n, width, *value.shape[1:])
+    adj = pull(tape.steps[:stop], {slot: seed}, keep=False)
     if 0 not in adj:
         return None
     jac = adj[0].reshape(n, width, -1)  # (N, F, D)

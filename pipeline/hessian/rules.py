@@ -64,7 +64,6 @@ class Rule:
     """Derivatives of a step; subclasses say how it acts.
 
     Attributes:
-        n_inputs: number of active inputs.
         shapes_in: per-sample shape of each active input; shape_out: of the output.
     """
 
@@ -406,16 +405,16 @@ class General(Rule):
             if not _missing_forward_ad(err):
                 raise
         # J t as the transpose of u -> J^T u (linear), where forward-mode AD is missing.
-        pullback = self._pullback_fn()
-        zero = self.primals_out_zero()
+        pullback, zero = self._pullback_fn(), self._zero_output()
 
         def pull_t(*tt):
-            return vjp(lambda u: pullback(u), zero)[1](tuple(tt))[0]
+            return vjp(pullback, zero)[1](tuple(tt))[0]
 
         return vmap(pull_t, in_dims=1, out_dims=1)(*tangents)
 
-    def primals_out_zero(self) -> Tensor:
-        if getattr(self, "_out_zero", None) is None:
+    def _zero_output(self) -> Tensor:
+        """A zero like the step's output: where its (linear) pullback is differentiated."""
+        if self._out_zero is None:
             with torch.no_grad():
                 self._out_zero = torch.zeros_like(self.fn(*self.primals))
         return self._out_zero
@@ -501,10 +500,6 @@ class LayerNorm(Rule):
     @property
     def macs(self) -> int:
         return 8 * self.f_out * ELEMENTWISE_MACS
-
-    @property
-    def e(self) -> int:
-        return math.prod(self.shape_out[len(self.shape_out) - self.m :])
 
     def _mean(self, t: Tensor) -> Tensor:
         return t.mean(dim=tuple(range(-self.m, 0)), keepdim=True)
@@ -713,7 +708,7 @@ def _numeric_padding(padding, weight: Tensor, dilation) -> tuple[int, ...] | Non
     if padding == "valid":
         return (0,) * spatial
     if padding == "same":
-        dil = dilation if isinstance(dilation, (tuple, list)) else (dilation,) * spatial
+        dil = per_spatial_axis(dilation, spatial)
         total = [d * (k - 1) for d, k in zip(dil, weight.shape[2:], strict=True)]
         return None if any(t % 2 for t in total) else tuple(t // 2 for t in total)
-    return tuple(padding) if isinstance(padding, (tuple, list)) else (padding,) * spatial
+    return per_spatial_axis(padding, spatial)

@@ -15,7 +15,6 @@ import torch
 from torch import Tensor, nn
 
 from .graph import Tape, capture, record
-from .local import layout
 from .planner import LOCAL, REVERSE, SCHEDULES, Plan, head_kind, make_plan
 from .propagate import gradients, hessian_rows
 from .rows import Rows, select_rows
@@ -102,6 +101,6 @@ def bytes_per_sample(tape: Tape, plan: Plan, r: int, k: int) -> int:
     if plan.bottom in (REVERSE, LOCAL):
         t_part = 3 * tape.width(plan.cut_slot) * max(below) + k * r * tape.width(0)
     if plan.bottom == LOCAL:  # a few adjoints on their windows at once, and factors gathered
-        lay = layout(tape, plan.cut_step)  # at them; the rows whole at the end
+        lay = plan.local_layout(tape)  # at them; the rows whole at the end
         t_part += r * lay.tangent_size + 6 * k * r * max(lay.adjoint_size, tape.width(0))
     return (m_part + t_part + (k + 2) * total) * itemsize
