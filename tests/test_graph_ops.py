@@ -61,6 +61,9 @@ CASES = [
     OpCase("iadd_residual", lambda m, x: m.out(_iadd(m.fc(x), torch.tanh(m.fc(x))))),
     OpCase("cat_split_chunk", lambda m, x: m.out(_cat_split(m.fc2(m.fc(x))))),
     OpCase("pieces_of_a_middle_axis", lambda m, x: m.out(_pieces(m, x))),
+    OpCase("overlapping_pieces", lambda m, x: m.out(_overlapping(torch.tanh(m.fc(x))))),
+    OpCase("pieces_with_gaps", lambda m, x: m.out(torch.cat(
+        [torch.sin(m.fc(x)).narrow(1, 1, 2), torch.tanh(m.fc(x)[:, 4:]) ** 2, x[:, 2:4]], 1))),
     OpCase("stack_mean_sum", lambda m, x: m.out(torch.stack(
         [m.fc(x).tanh(), m.fc(x).sigmoid()], dim=1).mean(1) + m.fc(x).sum(-1, keepdim=True))),
     OpCase("getitem_slices", lambda m, x: m.out(torch.tanh(m.fc(x))[:, [4, 0, 1, 2, 3]] +
@@ -103,6 +106,12 @@ def _pieces(m: Fn, x: Tensor) -> Tensor:
     b = z.select(1, 1)  # (N, 5)
     c = z.chunk(2, dim=1)[0].squeeze(1)  # (N, 5)
     return torch.cat([a, b[:, :2]], 1) * torch.sigmoid(c)
+
+
+def _overlapping(h: Tensor) -> Tensor:
+    """Pieces that share entries (h[:, 2] is in both), one of them read twice."""
+    a, b = h[:, :3], h[:, 2:]
+    return torch.cat([a * b, torch.sigmoid(a[:, 2:]), b[:, :1] * a[:, :1]], 1)
 
 
 def _iadd(a: Tensor, b: Tensor) -> Tensor:

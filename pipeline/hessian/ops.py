@@ -30,6 +30,7 @@ from .rules import (
     General,
     LayerNorm,
     LogSoftmax,
+    Piece,
     Product,
     Reshape,
     Rule,
@@ -669,7 +670,21 @@ def _getitem(call: Call) -> Rule | None:
     ellipsis = first is Ellipsis and sum(i is not None for i in items[1:]) < x.dim()
     if not (full or ellipsis):
         return None
-    return _fold(call, lambda t: t[index])
+    fn = lambda t: t[index]  # noqa: E731
+    axis = _piece_axis(items)
+    return _fold(call, fn, adjoint=None if axis is None else _piece_adjoint(call, axis, fn))
+
+
+def _piece_axis(items: tuple) -> int | None:
+    """The one axis that an index (``t[:, a:b]``, ``t[:, :, i]``) takes a piece of, if any."""
+    full = slice(None)
+    cut = [i for i, item in enumerate(items) if not (isinstance(item, slice) and item == full)]
+    if len(cut) != 1 or cut[0] == 0:
+        return None
+    item = items[cut[0]]
+    if type(item) is int or (isinstance(item, slice) and item.step in (None, 1)):
+        return cut[0]
+    return None
 
 
 def _positional(call: Call, name: str) -> Rule | None:
@@ -748,14 +763,13 @@ def _slice(call: Call) -> Rule | None:
 _PIECES: dict[tuple, tuple[int, int, bool] | None] = {}
 
 
-def _piece_adjoint(call: Call, dim: int, fn: Callable[[Tensor], Tensor]):
+def _piece_adjoint(call: Call, dim: int, fn: Callable[[Tensor], Tensor]) -> Piece | None:
     """The transpose of taking a contiguous piece along ``dim`` (split, chunk, narrow, select,
     slice): zero padding around it. The piece is found once per call site and shape by applying
     ``fn`` to positions along the axis (on the host, then cached: later calls dispatch nothing);
     where it is not contiguous, None (torch.func's vjp)."""
     shape = tuple(call.inputs[0].shape[1:])
     ax = dim % (len(shape) + 1)
-    size = shape[ax - 1]
     target = call.target if call.kind != "call_module" else id(call.target)
     key = (call.kind, target, repr(call.args[1:]), repr(call.kwargs), shape, call.element)
     if key not in _PIECES:
@@ -764,13 +778,7 @@ def _piece_adjoint(call: Call, dim: int, fn: Callable[[Tensor], Tensor]):
     if found is None:
         return None
     start, length, removed = found
-    after = len(shape) - ax  # axes after ``ax``: F.pad counts from the last one
-    pads = [0, 0] * after + [start, size - start - length]
-
-    def adjoint(u: Tensor) -> tuple[Tensor]:
-        return (F.pad(u.unsqueeze(ax) if removed else u, pads),)
-
-    return adjoint
+    return Piece(ax - 1, start, length, shape[ax - 1], removed)
 
 
 def _find_piece(fn, shape: tuple[int, ...], ax: int) -> tuple[int, int, bool] | None:

@@ -148,6 +148,37 @@ class Sliding:
         return tuple(d * (k - 1) + 1 for d, k in zip(self.dilation, self.kernel, strict=True))
 
 
+@dataclass(frozen=True)
+class Piece:
+    """The transpose of taking a contiguous piece of ``length`` along per-sample axis ``axis``
+    (0-based) of an input of ``size`` there, starting at ``start`` (split, chunk, narrow,
+    select, slices): zero padding around it. ``removed``: the piece drops the axis (select).
+
+    Called on folded adjoints (B', *s_out) it pads them; the adjoint sweeps instead collect the
+    pieces of one slot and join them with one concatenation (``propagate.Padded``)."""
+
+    axis: int
+    start: int
+    length: int
+    size: int
+    removed: bool
+
+    def __call__(self, u: Tensor) -> tuple[Tensor]:
+        return (pad_piece(u, self, 1),)
+
+    def lift(self, u: Tensor, lead: int) -> Tensor:
+        """u with the piece's axis back where it was removed; ``lead`` axes before the sample's."""
+        return u.unsqueeze(lead + self.axis) if self.removed else u
+
+
+def pad_piece(u: Tensor, piece: Piece, lead: int) -> Tensor:
+    """The piece u (``lead`` leading axes, then the per-sample axes) zero-padded to the input."""
+    u = piece.lift(u, lead)
+    after = u.dim() - lead - piece.axis - 1  # axes after the piece's: F.pad counts from the last
+    pads = [0, 0] * after + [piece.start, piece.size - piece.start - piece.length]
+    return torch.nn.functional.pad(u, pads)
+
+
 @dataclass
 class Fold(Rule):
     """A linear map that acts on each sample alike, applied to the folded batch (NOTE [layout]).
@@ -168,6 +199,11 @@ class Fold(Rule):
     @property
     def macs(self) -> int:
         return self.cost or self.f_out * ELEMENTWISE_MACS
+
+    @property
+    def piece(self) -> Piece | None:
+        """The step as taking a piece of its input, where it is one."""
+        return self.adjoint if isinstance(self.adjoint, Piece) else None
 
     def jvp(self, ts):
         if any(t is None for t in ts):
@@ -504,33 +540,40 @@ class LayerNorm(Rule):
     def _mean(self, t: Tensor) -> Tensor:
         return t.mean(dim=tuple(range(-self.m, 0)), keepdim=True)
 
-    def _project(self, t: Tensor, xhat: Tensor) -> Tensor:
-        """(P - x^ x^T / E) t per group."""
-        return t - self._mean(t) - xhat * self._mean(xhat * t)
+    def _dot(self, a: Tensor, t: Tensor) -> Tensor:
+        """<a, t> / E per group, without the product left in memory where a is a vector."""
+        return self._mean(a * t)
 
-    def _gamma(self, u: Tensor) -> Tensor:
-        return u if self.weight is None else u * self.weight
+    def _project(self, t: Tensor, xhat: Tensor, scale: Tensor) -> Tensor:
+        """scale (P - x^ x^T / E) t per group: three passes over t."""
+        out = torch.addcmul(t - self._mean(t), xhat, self._dot(xhat, t), value=-1)
+        return out.mul_(scale)
+
+    def _scale(self, inv: Tensor) -> Tensor:
+        """gamma / sigma (N, 1, *s or 1s)."""
+        return inv if self.weight is None else inv * self.weight
 
     def jvp(self, ts):
         xhat, inv = self.xhat.unsqueeze(1), self.inv.unsqueeze(1)
-        return self._gamma(self._project(ts[0], xhat) * inv)
+        return self._project(ts[0], xhat, self._scale(inv))
 
     def vjp(self, u):
         xhat, inv = self.xhat.unsqueeze(1), self.inv.unsqueeze(1)
-        return [self._project(self._gamma(u), xhat) * inv]
+        return [self._project(u if self.weight is None else u * self.weight, xhat, inv)]
 
     def second(self, g, ts):
         t = ts[0].unsqueeze(1)  # (B, 1, R, *s)
-        gt = self._gamma(g)
+        gt = g if self.weight is None else g * self.weight
         a = (gt - self._mean(gt)).unsqueeze(2)  # (N, K, 1, *s)
         xhat = self.xhat[:, None, None]
-        s = self._mean(a * xhat)  # <a, x^> / E
-        xt = self._mean(xhat * t)  # <x^, t> / E
-        at = self._mean(a * t)
         inv2 = (self.inv * self.inv)[:, None, None]
+        s = self._mean(a * xhat) * inv2  # <a, x^> / (E sigma^2)
+        xt = self._dot(xhat, t)  # <x^, t> / E
+        at = self._dot(a, t)
         # (1 / (E sigma^2)) (-a <x^,t> - x^ <a,t> - s (t - mean t)) + 3 s x^ <x^,t> / (E^2 sigma^2)
-        out = -a * xt - xhat * at - s * (t - self._mean(t)) + 3 * s * xhat * xt
-        return [out * inv2]
+        out = (t * -s).addcmul_(a, xt * inv2, value=-1)
+        out.addcmul_(xhat, 3 * s * xt - at * inv2)
+        return [out.add_(s * self._mean(t))]
 
 
 @dataclass
