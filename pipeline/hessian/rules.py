@@ -648,23 +648,33 @@ class Bilinear(Rule):
         m = self.b.shape[-1]
         return 2 * math.prod(self.a.shape[1:-2]) * n * k * m
 
+    def _eq(self, left: str, right: str, out: str) -> str:
+        """An einsum over (batch axes, per-sample batch axes ``...``, two matrix axes): the
+        constant factor is not expanded over the E (or R) axis, as ``@`` would copy it."""
+        bt = "abcdefgh"[: self.a.dim() - 3]
+        return ",".join(x.replace("...", bt) for x in (left, right)) + "->" + out.replace("...", bt)
+
     def jvp(self, ts):
         ta, tb = ts
-        out = None if ta is None else ta @ self.b.unsqueeze(1)
+        out = None
+        if ta is not None:
+            out = torch.einsum(self._eq("NR...ik", "N...kj", "NR...ij"), ta, self.b)
         if tb is not None:
-            term = self.a.unsqueeze(1) @ tb
+            term = torch.einsum(self._eq("N...ik", "NR...kj", "NR...ij"), self.a, tb)
             out = term if out is None else out + term
         return out
 
     def vjp(self, u):
-        return [u @ self.b.unsqueeze(1).mT, self.a.unsqueeze(1).mT @ u]
+        return [
+            torch.einsum(self._eq("NE...ij", "N...kj", "NE...ik"), u, self.b),
+            torch.einsum(self._eq("N...ik", "NE...ij", "NE...kj"), self.a, u),
+        ]
 
     def second(self, g, ts):
         ta, tb = ts
-        g = g.unsqueeze(2)
         return [
-            None if tb is None else g @ tb.unsqueeze(1).mT,
-            None if ta is None else ta.unsqueeze(1).mT @ g,
+            None if tb is None else torch.einsum(self._eq("NK...ij", "NR...kj", "NKR...ik"), g, tb),
+            None if ta is None else torch.einsum(self._eq("NR...ik", "NK...ij", "NKR...kj"), ta, g),
         ]
 
 
