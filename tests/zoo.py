@@ -38,6 +38,21 @@ class LayerNormGELU(nn.Module):
         return self.fc2(F.gelu(self.norm(self.fc1(x.flatten(1)))))
 
 
+class LayerNormStack(nn.Module):
+    """Two blocks Linear -> LayerNorm without weights -> GELU / tanh, then a Linear: the M below
+    the lower LayerNorm is dense, below the upper one diagonal."""
+
+    def __init__(self, in_features: int, hidden: int = 10, n_out: int = 5):
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden)
+        self.fc2 = nn.Linear(hidden, hidden)
+        self.fc3 = nn.Linear(hidden, n_out)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = F.gelu(F.layer_norm(self.fc1(x), (self.fc1.out_features,)))
+        return self.fc3(torch.tanh(F.layer_norm(self.fc2(h), (self.fc2.out_features,))))
+
+
 class Residual(nn.Module):
     """h = x + tanh(W2 sigmoid(W1 x)); out = W3 h: a skip connection (not nn.Sequential)."""
 
@@ -91,6 +106,7 @@ MODELS: list[ModelCase] = [
     ModelCase("digits_mlp", digits_mlp, (1, 8, 8), 0),
     ModelCase("digits_cnn", digits_cnn, (1, 8, 8), 1),
     ModelCase("layernorm_gelu", lambda: LayerNormGELU(12), (3, 4), 2),
+    ModelCase("layernorm_stack", lambda: LayerNormStack(10), (10,), 6),
     ModelCase("residual", lambda: Residual(9), (9,), 3),
     ModelCase("nonsquare_2x7x5", _nonsquare, (2, 7, 5), 4),
     ModelCase("elu_softplus", _elu_softplus, (10,), 5),

@@ -118,33 +118,48 @@ def rows_of(m: Curvature, rows: Tensor, like: Tensor) -> Tensor | None:
 
 
 def _layer_norm(rule: LayerNorm, m: Curvature, g: Tensor) -> Tensor:
-    """J^T M J + C of a LayerNorm over the whole sample (see ``rules.LayerNorm``): (N, K, F, F)."""
+    """J^T M J + C of a LayerNorm over the whole sample (see ``rules.LayerNorm``): (N, K, F, F).
+
+    With c = gamma / sigma, A' = diag(c) M diag(c), P = [1, x^] and Q = I - P P^T / E:
+    J^T M J = Q A' Q = A' - P Z^T - Y P^T / E with Y = A' P, Z = Y / E - P (P^T Y)^T / E^2, and
+    C = (-(a x^T + x^ a^T) + 3 s x^ x^T / E - s I + s 1 1^T / E) / (E sigma^2). So the result
+    is A' plus a product of rank 7 plus a diagonal: M is read once (for Y) and the result
+    written twice (A', then A' + U V^T in place), where double centering took a dozen passes.
+    """
     n, k = g.shape[:2]
     xhat = rule.xhat.reshape(n, 1, -1)  # (N, 1, F)
     e = xhat.shape[-1]
-    inv2 = (rule.inv * rule.inv).reshape(n, 1, 1, 1)
+    inv = rule.inv.reshape(n, 1, 1)
+    f = inv * inv / e  # 1 / (E sigma^2)
     gamma = None if rule.weight is None else rule.weight.reshape(-1)
     gg = g.reshape(n, k, e) if gamma is None else g.reshape(n, k, e) * gamma
     a = gg - gg.mean(-1, keepdim=True)  # P (gamma g)
-    s = (a * xhat).sum(-1, keepdim=True)  # <a, x^>
-    ones = torch.ones_like(a)
-    xb = xhat.expand(n, k, e)
-    # C = (-(a x^T + x^ a^T) + 3 s x^ x^T / E - s I + s 1 1^T / E) / (E sigma^2)
-    left = torch.stack([a, xb, ones], -1)  # (N, K, F, 3)
-    right = torch.stack([-xb, -a + 3 * s * xb / e, s * ones / e], -1)
-    out = left @ right.mT
-    out.diagonal(dim1=-2, dim2=-1).sub_(s)
-    out = out / e
+    s = (a * xhat).sum(-1, keepdim=True) * f  # <a, x^> / (E sigma^2)
+    xb, ones = xhat.expand(n, k, e), torch.ones_like(a)
+    left, right = [a, xb, ones], [-xb * f, 3 * s * xb / e - a * f, s * ones / e]
+    out, diag = None, None
     if m.kind != ZERO:
-        a_m = m.value if m.kind == DENSE else torch.diag_embed(m.value)
-        if gamma is not None:
-            a_m = gamma[:, None] * a_m * gamma
-        # B = P A P (double centering), then Q A Q = B - (w x^T + x^ w'^T) / E with w = B x^,
-        # w' = w - <x^, w> x^ / E
-        b = a_m - a_m.mean(-1, keepdim=True)
-        b = b - b.mean(-2, keepdim=True)
-        w = (b @ xhat.unsqueeze(-1)).squeeze(-1)  # (N, K, F)
-        w2 = w - (xhat * w).sum(-1, keepdim=True) * xhat / e
-        qaq = b - torch.stack([w, xb], -1) @ torch.stack([xb, w2], -1).mT / e
-        out = out + qaq
-    return out * inv2
+        c = inv.expand(n, 1, e) if gamma is None else inv * gamma  # (N, 1, F)
+        p = torch.stack([torch.ones_like(xhat), xhat], -1)  # (N, 1, F, 2)
+        if m.kind == DENSE:
+            y = c.unsqueeze(-1) * (m.value @ (c.unsqueeze(-1) * p))  # A' P (N, K, F, 2)
+            out = c.unsqueeze(-1) * m.value * c.unsqueeze(-2)  # A'
+        else:
+            diag = c * c * m.value  # A' = diag(c^2 M)
+            y = diag.unsqueeze(-1) * p
+        z = y / e - p @ (p.mT @ y).mT / (e * e)
+        pk = p.expand(n, k, e, 2)
+        left += [pk[..., 0], pk[..., 1], y[..., 0], y[..., 1]]
+        right += [-z[..., 0], -z[..., 1], -pk[..., 0] / e, -pk[..., 1] / e]
+    u, v = torch.stack(left, -1), torch.stack(right, -1)  # (N, K, F, r)
+    if out is None:
+        out = u @ v.mT
+    else:
+        flat = (n * k, e, -1)
+        out = torch.baddbmm(out.reshape(n * k, e, e), u.reshape(flat), v.reshape(flat).mT)
+        out = out.reshape(n, k, e, e)
+    d = out.diagonal(dim1=-2, dim2=-1)
+    d.sub_(s)
+    if diag is not None:
+        d.add_(diag)
+    return out
