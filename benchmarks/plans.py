@@ -31,6 +31,12 @@ from tests.model_zoo import ZOO_BY_NAME  # noqa: E402
 MODELS = {"mlp784": ("mlp", (784,)), "mlp3072": ("mlp", (3072,)), "cnn784": ("cnn", (1, 28, 28))}
 
 
+def label(plan) -> tuple[int, str]:
+    """(cut step, schedule); a local plan taking J_L from the patches is ``local+J``."""
+    patch = plan.layout is not None and plan.layout.head is not None
+    return plan.cut_step, plan.bottom + ("+J" if patch else "")
+
+
 def build(name: str, device: str):
     if name in MODELS:
         kind, shape = MODELS[name]
@@ -85,10 +91,10 @@ def main() -> None:
         rows = Rows(torch.arange(d, device=args.device), True)
         with torch.no_grad():
             tape = record(capture(model), x)
-            picked = make_plan(tape, d, 1, head_kind(target.kind))
+            picked = make_plan(tape, d, 1, head_kind(target.kind), samples=args.samples)
             g_top, head = target.derivatives(tape.values[tape.output])
             g = gradients(tape, g_top)
-            plans = all_plans(tape, d, 1, head_kind(target.kind))
+            plans = all_plans(tape, d, 1, head_kind(target.kind), samples=args.samples)
             times, counted = {}, {}
             for plan in plans:
                 try:
@@ -102,10 +108,10 @@ def main() -> None:
                     hessian_rows(tape, plan, head, g, rows, 1)
                     sync()
                     ts.append((time.perf_counter() - t0) / args.samples * 1e3)
-                times[(plan.cut_step, plan.bottom)] = statistics.median(ts)
-                counted[(plan.cut_step, plan.bottom)] = plan.cost
+                times[label(plan)] = statistics.median(ts)
+                counted[label(plan)] = plan.cost
         best = min(times, key=times.get)
-        mine = (picked.cut_step, picked.bottom)
+        mine = label(picked)
         print(
             f"\n{name} ({args.device}, {args.samples} samples): planner picks cut at step "
             f"{mine[0]} ({mine[1]}): {times[mine]:.4f} ms/sample; fastest: step {best[0]} "
@@ -113,7 +119,7 @@ def main() -> None:
         )
         for key, ms in sorted(times.items()):
             print(
-                f"  cut at step {key[0]:>2} {key[1]:<8} {ms:10.4f} ms/sample, counted "
+                f"  cut at step {key[0]:>2} {key[1]:<10} {ms:10.4f} ms/sample, counted "
                 f"{counted[key] / 1e9:8.3f} G multiply-adds"
             )
     if args.symmetric:

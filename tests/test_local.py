@@ -311,3 +311,24 @@ def test_chunks_of_samples_and_rows():
     assert_close(chunked, whole, rtol=1e-12, what="chunked")
     h_ref = _reference(model, x, target, torch.arange(196))
     assert_close(whole, h_ref, rtol=1e-9, what="whole")
+
+
+def test_patch_jacobian_with_many_samples_a_call():
+    """NOTE [patch Jacobian]: the planner takes J_L from the patches where the gathered weights
+    are shared by enough samples (16 here, not 1); ``hessian`` then matches autograd and reads
+    nothing back from the device."""
+    torch.manual_seed(0)
+    model = MnistNet("tanh", side=14, c1=4, c2=8, hidden=16).eval()
+    x = torch.randn(16, 1, 14, 14)
+    tape = record(capture(model), x[:2])
+    one, many = (make_plan(tape, 196, 1, head_kind("index"), samples=n) for n in (1, 16))
+    assert many.bottom == LOCAL and many.layout.head is not None
+    assert one.layout is None or one.layout.head is None
+    with torch.no_grad():
+        hessian(model, x, [3], method="structured")  # analyses the model
+        with torch.profiler.profile() as prof:
+            h = hessian(model, x, [3], method="structured")
+    found = {e.name for e in prof.events()} & {"aten::item", "aten::nonzero", "aten::is_nonzero"}
+    assert not found, f"host synchronisation: {sorted(found)}"
+    h_ref = _reference(model, x, make_target([3], model(x).detach()), torch.arange(196))
+    assert_close(h, h_ref, rtol=1e-9, what="patch Jacobian")

@@ -12,16 +12,17 @@ J_z^T A J_z (C_v: a step's second-order term, J_v = dv/dx). Three schedules eval
   Cost ~ R x (cost of the steps), shared by the K outputs in the forward part; handles any DAG.
 * reverse Jacobian (below L, when no step there has a second-order term: a piecewise-linear
   body): J_L = dv_L/dx by F_L adjoint sweeps, then H[rows] = J_L[:, rows]^T M_L J_L.
-* local (below L, conv stacks): J_L^T M_L J_L by the reverse Jacobian, plus the curvature of the
-  steps below L by tangent-adjoint on patches, each row's tangents and adjoints held on a window
-  around its receptive field (NOTE [local] in ``local``).
+* local (below L, conv stacks): J_L^T M_L J_L by the reverse Jacobian (or, for all rows, J_L
+  from the patch tangents: NOTE [patch Jacobian] in ``local``), plus the curvature of the steps
+  below L by tangent-adjoint on patches, each row's tangents and adjoints held on a window around
+  its receptive field (NOTE [local] in ``local``).
 
 ``make_plan`` counts every admissible cut and schedule and takes the cheapest.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .curvature import DENSE, DIAG, ZERO, is_fast, transition
 from .graph import Tape
@@ -55,7 +56,7 @@ class Plan:
         cost: multiply-adds per sample.
         zero: whether the Hessian is identically zero (no second-order term anywhere).
         layout: the patches of a ``LOCAL`` plan, as the planner counted them (None: derive it
-            with ``local.layout``).
+            with ``local.layout``); with a ``head``, J_L comes from the patches.
     """
 
     segments: tuple[Segment, ...]
@@ -110,8 +111,9 @@ def head_kind(target_kind: str) -> str:
 
 
 def make_plan(
-    tape: Tape, rows: int, k: int, top: str, schedules: tuple[str, ...] = SCHEDULES
-) -> Plan:
+    tape: Tape, rows: int, k: int, top: str, schedules: tuple[str, ...] = SCHEDULES,
+    samples: int = 1,
+) -> Plan:  # fmt: skip
     """The cheapest admissible plan for R = ``rows`` rows and K = ``k`` outputs.
 
     Args:
@@ -119,20 +121,22 @@ def make_plan(
         rows, k: R and K.
         top: the kind of A at the output (``head_kind``).
         schedules: the bottom schedules allowed (``piecewise`` allows ``REVERSE`` only).
+        samples: samples a call, over which work done once a call is shared.
 
     Raises:
         ValueError: no allowed schedule applies (``REVERSE`` needs a cut below which no step
             has a second-order term, ``LOCAL`` one with such a step and patches: ``layout``).
     """
-    plans = all_plans(tape, rows, k, top, schedules)
+    plans = all_plans(tape, rows, k, top, schedules, samples)
     if not plans:
         raise ValueError("no schedule applies: a step below every cut has a second-order term")
     return min(plans, key=lambda p: p.cost)
 
 
 def all_plans(
-    tape: Tape, rows: int, k: int, top: str, schedules: tuple[str, ...] = SCHEDULES
-) -> list[Plan]:
+    tape: Tape, rows: int, k: int, top: str, schedules: tuple[str, ...] = SCHEDULES,
+    samples: int = 1,
+) -> list[Plan]:  # fmt: skip
     """Every admissible plan with its counted cost, from the highest cut down (``make_plan``)."""
     segs = segments(tape)
     curved = [step.rule.curved for step in tape.steps]
@@ -152,10 +156,14 @@ def all_plans(
             options.append((REVERSE, _reverse_cost(tape, stop, slot, rows, k, kind)))
         lay = layout(tape, stop) if LOCAL in schedules else None
         if lay is not None:
+            below = lay.cost(rows, k, tape.width(0))
             cost = _reverse_cost(tape, stop, slot, rows, k, kind)
-            options.append((LOCAL, cost + lay.cost(rows, k, tape.width(0))))
-        plans += [Plan(segs, cut, bottom, above + cost, zero, lay if bottom == LOCAL else None)
-                  for bottom, cost in options]  # fmt: skip
+            options.append((LOCAL, cost + below, replace(lay, head=None)))
+            if lay.head is not None and rows == tape.width(0) and kind != ZERO:
+                cost = lay.head.cost(samples) + _join_cost(tape, slot, rows, k, kind)
+                options.append((LOCAL, cost + below, lay))
+        plans += [Plan(segs, cut, option[0], above + option[1], zero, *option[2:])
+                  for option in options]  # fmt: skip
     return plans
 
 
@@ -199,7 +207,11 @@ def _reverse_cost(tape: Tape, stop: int, slot: int, r: int, k: int, kind: str) -
     """J_L by F_L adjoint sweeps through steps [0, stop), then J[:, rows]^T M J."""
     if kind == ZERO:
         return 0
+    sweeps = tape.width(slot) * sum(tape.steps[i].rule.macs for i in range(stop))
+    return sweeps + _join_cost(tape, slot, r, k, kind)
+
+
+def _join_cost(tape: Tape, slot: int, r: int, k: int, kind: str) -> int:
+    """J[:, rows]^T M J from J = dv/dx at ``slot``."""
     width, dim = tape.width(slot), tape.width(0)
-    sweeps = width * sum(tape.steps[i].rule.macs for i in range(stop))
-    products = k * r * width * (width if kind == DENSE else 1) + k * r * width * dim
-    return sweeps + products
+    return k * r * width * (width if kind == DENSE else 1) + k * r * width * dim

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .adjoints import Padded, accumulate, pull, take
 from .curvature import DENSE, ZERO, Curvature, is_fast, rows_of, through
 from .graph import Tape, consumers, release
 from .local import local_rows
@@ -22,92 +23,6 @@ def gradients(tape: Tape, g_top: Tensor) -> dict[int, Tensor]:
     """g = dy/dv (N, K, *s) at every slot, by one adjoint sweep from g_top (N, K, C)."""
     top = g_top.reshape(*g_top.shape[:2], *tape.values[tape.output].shape[1:])
     return pull(tape.steps, {tape.output: top}, keep=True)
-
-
-def pull(steps, seeds: dict[int, Tensor], keep: bool) -> dict[int, Tensor]:
-    """Adjoints (N, E, *s) pulled back through the linear parts of ``steps`` from ``seeds``,
-    summed where a slot feeds several steps; ``keep``: every slot's, else those not pulled on."""
-    adj: dict[int, Tensor | Padded] = dict(seeds)
-    for step in reversed(steps):
-        u = take(adj, step.out, keep)
-        if u is None:
-            continue
-        piece = getattr(step.rule, "piece", None)
-        if piece is not None:
-            accumulate(adj, step.inputs[0], Padded.of(piece.lift(u, 2), 2 + piece.axis, piece))
-            continue
-        for v, c in zip(step.inputs, step.rule.vjp(u), strict=True):
-            accumulate(adj, v, c)
-    return {v: _joined(p) for v, p in adj.items()}
-
-
-class Padded:
-    """An adjoint that is zero outside pieces along one axis: what the transposes of taking
-    pieces (chunk, split, narrow, select) add up to. Kept apart until the slot is read, then
-    joined by one concatenation (zero padding and a sum per piece would write the whole tensor
-    once per piece)."""
-
-    def __init__(self, axis: int, size: int, parts: list[tuple[int, Tensor]]):
-        self.axis, self.size, self.parts = axis, size, parts
-
-    @staticmethod
-    def of(u: Tensor, axis: int, piece) -> Padded:
-        """u (``axis`` counted with the leading axes) as the piece ``piece`` (``rules.Piece``)."""
-        return Padded(axis, piece.size, [(piece.start, u)])
-
-    def join(self) -> Tensor:
-        parts = sorted(self.parts, key=lambda p: p[0])
-        lead = [max(p.shape[i] for _, p in parts) for i in range(self.axis)]
-        parts = [(a, p.expand(*lead, *p.shape[self.axis :])) for a, p in parts]
-        ends = [a + p.shape[self.axis] for a, p in parts]
-        if any(e > a for e, (a, _) in zip(ends[:-1], parts[1:], strict=True)):  # overlapping
-            first = parts[0][1]
-            shape = (*first.shape[: self.axis], self.size, *first.shape[self.axis + 1 :])
-            out = first.new_zeros(shape)
-            for a, p in parts:
-                out.narrow(self.axis, a, p.shape[self.axis]).add_(p)
-            return out
-        pieces, at = [], 0
-        for (a, p), e in zip(parts, ends, strict=True):
-            if a > at:
-                pieces.append(self._zeros(p, a - at))
-            pieces.append(p)
-            at = e
-        if at < self.size:
-            pieces.append(self._zeros(parts[-1][1], self.size - at))
-        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, self.axis)
-
-    def _zeros(self, like: Tensor, length: int) -> Tensor:
-        shape = list(like.shape)
-        shape[self.axis] = length
-        return like.new_zeros(shape)
-
-
-def _joined(p: Tensor | Padded) -> Tensor:
-    return p.join() if isinstance(p, Padded) else p
-
-
-def take(adj: dict[int, Tensor | Padded], v: int, keep: bool) -> Tensor | None:
-    """adj[v] as a tensor (None: none), left in ``adj`` when ``keep``."""
-    p = adj.get(v) if keep else adj.pop(v, None)
-    if isinstance(p, Padded):
-        p = p.join()
-        if keep:
-            adj[v] = p
-    return p
-
-
-def accumulate(adj: dict[int, Tensor | Padded], v: int, p: Tensor | Padded | None) -> None:
-    """adj[v] += p (p None: nothing); pieces along the same axis stay apart."""
-    if p is None:
-        return
-    q = adj.get(v)
-    if q is None:
-        adj[v] = p
-    elif isinstance(p, Padded) and isinstance(q, Padded) and (p.axis, p.size) == (q.axis, q.size):
-        adj[v] = Padded(q.axis, q.size, q.parts + p.parts)
-    else:
-        adj[v] = _joined(q) + _joined(p)
 
 
 def hessian_rows(
@@ -250,13 +165,18 @@ def _join(t: Tensor | _Basis | None, m: Curvature, value: Tensor) -> Tensor | No
 
 
 def _local(tape: Tape, plan: Plan, m: Curvature, g: dict[int, Tensor], rows: Rows, k: int):
-    """J_L^T M_L J_L by the reverse Jacobian plus the curvature below L on patches (NOTE
-    [local]): (N, K, R, D), or None when zero."""
+    """J_L^T M_L J_L by the reverse Jacobian (or from the patches: NOTE [patch Jacobian] in
+    ``local``) plus the curvature below L on patches (NOTE [local]): (N, K, R, D), or None when
+    zero."""
     lay = plan.local_layout(tape)
     if lay is None:
         raise ValueError("the local schedule does not apply below this cut")
-    top = _reverse(tape, plan.cut_step, plan.cut_slot, m, rows)
-    below = local_rows(tape, lay, g, rows, k)
+    patch = lay.head is not None and rows.full and m.kind != ZERO
+    below, jac = local_rows(tape, lay, g, rows, k, jacobian=patch)
+    if patch:
+        top = _join_jacobian(jac.expand(tape.n, *jac.shape[1:]), m, rows)
+    else:
+        top = _reverse(tape, plan.cut_step, plan.cut_slot, m, rows)
     if top is None or below is None:
         return below if top is None else top
     return top + below
@@ -274,7 +194,11 @@ def _reverse(tape: Tape, stop: int, slot: int, m: Curvature, rows: Rows) -> Tens
     adj = pull(tape.steps[:stop], {slot: seed}, keep=False)
     if 0 not in adj:
         return None
-    jac = adj[0].reshape(n, width, -1)  # (N, F, D)
+    return _join_jacobian(adj[0].reshape(n, width, -1), m, rows)
+
+
+def _join_jacobian(jac: Tensor, m: Curvature, rows: Rows) -> Tensor:
+    """J[:, rows]^T M J (N, K, R, D) from J (N, F, D) and M at its top."""
     jr = jac.index_select(-1, rows.index).mT.unsqueeze(1)  # (N, 1, R, F)
     left = jr @ m.value if m.kind == DENSE else jr * m.value.unsqueeze(2)  # (N, K, R, F)
     return left @ jac.unsqueeze(1)

@@ -70,13 +70,15 @@ _PLANS: weakref.WeakKeyDictionary[nn.Module, dict[tuple, tuple[Plan, int]]] = (
 
 def _plan(gm: nn.Module, x: Tensor, target: Target, r: int, schedules) -> tuple[Plan, int]:
     """The plan and the bytes a sample needs, cached per graph, input shape, dtype, device,
-    target kind, K, R and schedules (the graph's structure does not depend on the values)."""
+    target kind, K, R, schedules and samples a call, to a power of two (the graph's structure
+    does not depend on the values)."""
     k = target.n_outputs
-    key = (tuple(x.shape[1:]), x.dtype, x.device, target.kind, k, r, schedules)
+    samples = 1 << min(x.shape[0], 64).bit_length() - 1  # a power of two: few plans to cache
+    key = (tuple(x.shape[1:]), x.dtype, x.device, target.kind, k, r, schedules, samples)
     per_graph = _PLANS.setdefault(gm, {})
     if key not in per_graph:
         probe = record(gm, x[:2])
-        plan = make_plan(probe, r, k, head_kind(target.kind), schedules)
+        plan = make_plan(probe, r, k, head_kind(target.kind), schedules, samples)
         per_graph[key] = (plan, bytes_per_sample(probe, plan, r, k))
     return per_graph[key]
 

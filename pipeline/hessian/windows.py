@@ -124,6 +124,23 @@ def embed(t: Tensor, src: Window, dst: Window) -> Tensor:
     return pad(t, *offsets(src, dst))
 
 
+def per_block(value: Tensor, w: Window, first: tuple[int, int] | None = None) -> Tensor:
+    """A map (*lead, C, *map) at the window of every block: (*lead, blocks, C * area), the
+    blocks flat in order (``first``: only those whose first coordinate is in [lo, hi))."""
+    nsp = len(w.map)
+    lo, hi = w.margins()
+    t = pad(value, list(lo), list(hi))
+    t = t[(..., *[slice(s + a, None) for s, a in zip(w.shift, lo, strict=True)])]
+    for z, c in zip(w.size, w.scale, strict=True):
+        t = t.unfold(-nsp, z, c)  # (*lead, C, *blocks, *size) once all are done
+    grid = [slice(0, b) for b in w.blocks]
+    if first is not None:
+        grid[0] = slice(*first)
+    t = t[(..., *grid, *[slice(None)] * nsp)]
+    t = t.movedim(-2 * nsp - 1, -nsp - 1)  # (*lead, *blocks, C, *size)
+    return t.reshape(*value.shape[: -nsp - 1], -1, value.shape[-nsp - 1] * w.area)
+
+
 def blocks_for(rows, shape: tuple[int, ...], block: tuple[int, ...]) -> Blocks:
     """``Blocks`` of the selected rows (``rows.Rows``); for all rows in order the same every
     call, so its index tensors and masks are kept from call to call (``_every_row``)."""
@@ -202,17 +219,9 @@ class Blocks:
         The windows of all blocks are views of the padded map (``Tensor.unfold`` with the
         window's scale as step), copied once as (*lead, blocks, C * area); each row then copies
         its block's window whole (``index_select`` of contiguous rows)."""
-        lo, hi = w.margins()
-        t = pad(value, list(lo), list(hi))
-        t = t[(..., *[slice(s + a, None) for s, a in zip(w.shift, lo, strict=True)])]
-        for z, c in zip(w.size, w.scale, strict=True):
-            t = t.unfold(-self.nsp, z, c)  # (*lead, C, *blocks, *size) once all are done
-        nsp = self.nsp
-        lead = value.shape[: -nsp - 1]
-        t = t[(..., *[slice(0, b) for b in w.blocks], *[slice(None)] * nsp)]
-        t = t.movedim(-2 * nsp - 1, -nsp - 1).reshape(*lead, -1, value.shape[-nsp - 1] * w.area)
-        out = t.index_select(-2, self.block_index(w.blocks))
-        return out.view(*lead, self.r, value.shape[-nsp - 1], *w.size)
+        lead = value.shape[: -self.nsp - 1]
+        out = per_block(value, w).index_select(-2, self.block_index(w.blocks))
+        return out.view(*lead, self.r, value.shape[-self.nsp - 1], *w.size)
 
     def block_index(self, blocks: tuple[int, ...]) -> Tensor:
         """(R,) each row's block, flat over the grid of ``blocks``."""
