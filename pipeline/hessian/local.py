@@ -25,6 +25,18 @@ with per-row offsets.
 
 ``layout`` decides, from the graph alone, the window (or dense) of each slot's tangents and
 adjoints and counts the multiply-adds (the planner's cost); ``local_rows`` executes it.
+
+NOTE [patch Jacobian]: the first term needs J_L. By F_L adjoint sweeps it costs F_L times the
+conv stack (128 sweeps through the MNIST net's conv2: 1.4 G multiply-adds a sample). But where
+the steps from P, the output of the last curved step, up to L are linear and the same for every
+sample (pools, convolutions, reshapes, the Dense that gives L: ``Head``), J_L = W J_P with W the
+matrix of those steps, and J_P is what the patches already hold: row r's tangent at P on its
+window. So J_L[:, r] = W[:, window(r)] t_r: W (pulled back once from L to P's map) is gathered at
+every block's window, and one batched product over the blocks gives all rows (D x F_L x C x
+area: 58 M for the MNIST net). The gather is a strided copy of overlapping windows (58 MB for
+that net) made once a call, so the planner counts it once a call (``Head.cost``): with 1 sample
+a call the sweeps stay (they cost the same there), from 2 on the patches win (0.63x of the call's
+time with 8). Only for all rows in order (a row subset would still need every column of J_L).
 """
 
 from __future__ import annotations
