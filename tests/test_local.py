@@ -151,6 +151,11 @@ def _head(n_out: int = 3) -> list[nn.Module]:
     return [nn.Flatten(), nn.LazyLinear(5), nn.Tanh(), nn.Linear(5, n_out)]
 
 
+class Sin(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.sin(x)
+
+
 @dataclass(frozen=True)
 class Case:
     name: str
@@ -198,6 +203,10 @@ CASES = [
                                   nn.AvgPool2d(3, 2, padding=1, count_include_pad=False),
                                   nn.Tanh(), nn.AvgPool2d(2, ceil_mode=True), *_head()),
          (1, 12, 12)),
+    # a max pool above the last curved step: its selection differs between samples, so J_L
+    # comes from the adjoint sweeps there (NOTE [patch Jacobian])
+    Case("maxpool_after_sin", lambda: S(nn.Conv2d(1, 2, 3), Sin(), nn.MaxPool2d(2), *_head()),
+         (1, 10, 9)),
     Case("gated", Gated, (2, 9, 8)),
     Case("scaled_by_position", Weighted, (1, 10, 11)),
     Case("loss", lambda: S(nn.Conv2d(1, 3, 3), nn.Tanh(), nn.Conv2d(3, 2, 3), nn.Tanh(),

@@ -165,7 +165,7 @@ def _head(tape: Tape, last: int, stop: int, tangent: dict[int, Window | str]) ->
         return None
     made = {slot}
     for s in tape.steps[last + 1 : stop]:
-        if s.rule.curved or isinstance(s.rule, Select) or not set(s.inputs) <= made:
+        if s.rule.curved or _per_sample(s.rule) or not set(s.inputs) <= made:
             return None
         made.add(s.out)
     width = tape.width(tape.steps[stop - 1].out)
@@ -173,6 +173,15 @@ def _head(tape: Tape, last: int, stop: int, tangent: dict[int, Window | str]) ->
     per = tape.values[slot].shape[1] * w.area  # one row's patch
     gather = width * math.prod(w.blocks) * per * GATHER_MACS
     return Head(slot, (last + 1, stop), w, tape.width(0) * width * per, pulls + gather)
+
+
+def _per_sample(rule) -> bool:
+    """Whether a linear step differs between samples: a max pool's selection, a factor with a
+    batch axis."""
+    if isinstance(rule, Select):
+        return True
+    f = getattr(rule, "factor", None)
+    return isinstance(f, Tensor) and f.dim() == len(rule.shape_out) + 1 and f.shape[0] != 1
 
 
 def _tangents(tape: Tape, steps, seed: Window, dense_at: float):
@@ -241,7 +250,8 @@ def local_rows(
 ) -> tuple[Tensor | None, Tensor | None]:
     """sum over the curved steps v below the cut of (J_v^T C_v J_v)[rows]: (N, K, R, D), or None
     when it is zero; and the cut's Jacobian J_L (B, F_L, R) from the patches where asked
-    (``jacobian``: ``lay.head`` is set and the rows are all rows in order), else None.
+    (``jacobian``: ``lay.head`` is set and the rows are all rows in order) and possible, else
+    None.
 
     Args:
         tape: the graph on this batch; lay: ``layout`` of it below the cut; g: first-order
@@ -283,15 +293,19 @@ def local_rows(
 GATHER_ELEMENTS = 1 << 24
 
 
-def _jacobian(tape: Tape, lay: Layout, t: Tensor, blocks: Blocks) -> Tensor:
+def _jacobian(tape: Tape, lay: Layout, t: Tensor, blocks: Blocks) -> Tensor | None:
     """J_L (B, F_L, R) from the tangent patches t (B, R, C, *size) at the layout's last curved
-    step, all rows in order (NOTE [patch Jacobian])."""
+    step, all rows in order (NOTE [patch Jacobian]); None where the steps above it turn out to
+    differ between samples."""
     head = lay.head
     w, steps = head.window, tape.steps[head.steps[0] : head.steps[1]]
     out = tape.values[steps[-1].out]
     f = out[0].numel()
     eye = torch.eye(f, dtype=t.dtype, device=t.device).reshape(1, f, *out.shape[1:])
-    maps = pull(steps, {steps[-1].out: eye}, keep=False)[head.slot][0]  # (F_L, C, *map)
+    maps = pull(steps, {steps[-1].out: eye}, keep=False)[head.slot]  # (1, F_L, C, *map)
+    if maps.shape[0] != 1:  # a factor that differs between samples: the adjoint sweeps
+        return None
+    maps = maps[0]
     b, r, per = t.shape[0], t.shape[1], t.shape[2] * w.area  # per: C * area, a row's patch
     rpb = tape.values[0].shape[1] * math.prod(lay.block)  # rows per block
     nb = math.prod(w.blocks)

@@ -173,7 +173,7 @@ def _local(tape: Tape, plan: Plan, m: Curvature, g: dict[int, Tensor], rows: Row
         raise ValueError("the local schedule does not apply below this cut")
     patch = lay.head is not None and rows.full and m.kind != ZERO
     below, jac = local_rows(tape, lay, g, rows, k, jacobian=patch)
-    if patch:
+    if jac is not None:
         top = _join_jacobian(jac.expand(tape.n, *jac.shape[1:]), m, rows)
     else:
         top = _reverse(tape, plan.cut_step, plan.cut_slot, m, rows)
