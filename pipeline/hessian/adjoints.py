@@ -18,7 +18,7 @@ def pull(steps, seeds: dict[int, Tensor], keep: bool) -> dict[int, Tensor]:
             continue
         piece = getattr(step.rule, "piece", None)
         if piece is not None:
-            accumulate(adj, step.inputs[0], Padded.of(piece.lift(u, 2), 2 + piece.axis, piece))
+            accumulate(adj, step.inputs[0], Padded.of(u, piece, 2))
             continue
         for v, c in zip(step.inputs, step.rule.vjp(u), strict=True):
             accumulate(adj, v, c)
@@ -35,9 +35,10 @@ class Padded:
         self.axis, self.size, self.parts = axis, size, parts
 
     @staticmethod
-    def of(u: Tensor, axis: int, piece) -> Padded:
-        """u (``axis`` counted with the leading axes) as the piece ``piece`` (``rules.Piece``)."""
-        return Padded(axis, piece.size, [(piece.start, u)])
+    def of(u: Tensor, piece, lead: int) -> Padded:
+        """The adjoint u of taking the piece ``piece`` (``rules.Piece``), with ``lead`` axes
+        before the sample's."""
+        return Padded(lead + piece.axis, piece.size, [(piece.start, piece.lift(u, lead))])
 
     def join(self) -> Tensor:
         parts = sorted(self.parts, key=lambda p: p[0])

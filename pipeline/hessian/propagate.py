@@ -125,7 +125,7 @@ def sweep(
             t = _dense(tangents[s.inputs[0]], tape.values[bottom])
             parts = [s.rule.second_adjoint(u, g[s.out], t)]
         elif u is not None and piece is not None:
-            parts = [Padded.of(piece.lift(u, 3), 3 + piece.axis, piece)]
+            parts = [Padded.of(u, piece, 3)]
         elif u is not None:
             n = u.shape[0]
             if (full_rows and sole_reader and s.inputs == [bottom] and isinstance(s.rule, Dense)

@@ -540,13 +540,9 @@ class LayerNorm(Rule):
     def _mean(self, t: Tensor) -> Tensor:
         return t.mean(dim=tuple(range(-self.m, 0)), keepdim=True)
 
-    def _dot(self, a: Tensor, t: Tensor) -> Tensor:
-        """<a, t> / E per group, without the product left in memory where a is a vector."""
-        return self._mean(a * t)
-
     def _project(self, t: Tensor, xhat: Tensor, scale: Tensor) -> Tensor:
         """scale (P - x^ x^T / E) t per group: three passes over t."""
-        out = torch.addcmul(t - self._mean(t), xhat, self._dot(xhat, t), value=-1)
+        out = torch.addcmul(t - self._mean(t), xhat, self._mean(xhat * t), value=-1)
         return out.mul_(scale)
 
     def _scale(self, inv: Tensor) -> Tensor:
@@ -568,9 +564,9 @@ class LayerNorm(Rule):
         xhat = self.xhat[:, None, None]
         inv2 = (self.inv * self.inv)[:, None, None]
         s = self._mean(a * xhat) * inv2  # <a, x^> / (E sigma^2)
-        xt = self._dot(xhat, t)  # <x^, t> / E
-        at = self._dot(a, t)
-        # (1 / (E sigma^2)) (-a <x^,t> - x^ <a,t> - s (t - mean t)) + 3 s x^ <x^,t> / (E^2 sigma^2)
+        xt = self._mean(xhat * t)  # <x^, t> / E
+        at = self._mean(a * t)  # <a, t> / E
+        # -s (t - mean t) - a xt / sigma^2 + x^ (3 s xt - at / sigma^2), in four passes
         out = (t * -s).addcmul_(a, xt * inv2, value=-1)
         out.addcmul_(xhat, 3 * s * xt - at * inv2)
         return [out.add_(s * self._mean(t))]
