@@ -155,7 +155,7 @@ class Piece:
     select, slices): zero padding around it. ``removed``: the piece drops the axis (select).
 
     Called on folded adjoints (B', *s_out) it pads them; the adjoint sweeps instead collect the
-    pieces of one slot and join them with one concatenation (``propagate.Padded``)."""
+    pieces of one slot and join them with one concatenation (``adjoints.Padded``)."""
 
     axis: int
     start: int
