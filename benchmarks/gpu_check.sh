@@ -7,9 +7,13 @@
 #   part 2: the CNN's method table, the model zoo against torch.func, and the planner's pick
 #           against every plan (and the symmetric product's two forms) on this device.
 #
+#   part engine: every figure of the graph engine's issue in one call (at most 9 minutes): the
+#           GPU tests, the zoo, the CNN table, the conv nets' plans and the MLP tables.
+#
 #   make wheels                          # here, once: the packages a bare GPU image lacks -> .whl/
 #   bash benchmarks/gpu_check.sh 1       # there (results under $OUT, or outputs/gpu-check)
 #   bash benchmarks/gpu_check.sh 2
+#   bash benchmarks/gpu_check.sh engine  # after a change to pipeline/hessian
 set -uo pipefail
 PART=${1:-all}
 OUT=${OUT:-outputs/gpu-check}
@@ -33,7 +37,7 @@ if [ "$PART" = 1 ] || [ "$PART" = all ]; then
     timeout 90 $bench --cases mlp784 --samples 256 2>&1 | tee "$OUT/methods.txt"
     timeout 90 $bench --cases mlp3072 --samples 32 2>&1 | tee -a "$OUT/methods.txt"
 fi
-if [ "$PART" = zoo ]; then  # the GPU tests, the zoo, the CNN table and the conv nets' plans
+if [ "$PART" = zoo ] || [ "$PART" = engine ]; then  # GPU tests, zoo, CNN table, conv nets' plans
     timeout 100 python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider -rs 2>&1 \
         | tee "$OUT/tests.log"
     timeout 120 python3 benchmarks/zoo.py --device cuda --repeats 5 2>&1 | tee "$OUT/zoo.txt"
@@ -41,7 +45,7 @@ if [ "$PART" = zoo ]; then  # the GPU tests, the zoo, the CNN table and the conv
     timeout 60 python3 benchmarks/plans.py --device cuda --samples 32 --models lenet5 \
         mnist_tanh 2>&1 | tee "$OUT/plans.txt"
 fi
-if [ "$PART" = mlp ]; then  # the MLP tables again (after a change), into methods_mlp.txt
+if [ "$PART" = mlp ] || [ "$PART" = engine ]; then  # the MLP tables again, into methods_mlp.txt
     timeout 90 $bench --cases mlp784 --samples 256 2>&1 | tee "$OUT/methods_mlp.txt"
     timeout 90 $bench --cases mlp3072 --samples 32 2>&1 | tee -a "$OUT/methods_mlp.txt"
 fi
