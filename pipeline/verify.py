@@ -41,8 +41,8 @@ from torch.func import jacrev, jvp, vjp, vmap
 from .config import to_plain
 from .errors import PipelineError
 from .fingerprint import instantiate_targets
-from .hessian.generic import is_missing_forward_ad
 from .hessian.methods import DEFAULT_MEMORY_BUDGET, METHODS
+from .hessian.rules import is_missing_forward_ad
 from .hessian.targets import Target
 from .job import build_job
 from .reader import Result

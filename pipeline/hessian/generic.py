@@ -124,9 +124,3 @@ def _samples_at_once(one_sample, xf: Tensor, target: Target, basis: Tensor, step
         grads.append(g)
         hess.append(h)
     return torch.cat(hess), torch.cat(grads)
-
-
-def is_missing_forward_ad(err: Exception) -> bool:
-    """Whether an error says that an op lacks forward-mode AD (then reverse over reverse works)."""
-    msg = str(err).lower()
-    return any(s in msg for s in ("forward ad", "forward-mode", "forward mode", "jvp"))

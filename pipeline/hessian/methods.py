@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from . import generic, piecewise, structured
 from .errors import ArgumentError
 from .rows import Rows, select_rows
+from .rules import is_missing_forward_ad
 from .support import Support, analyze, training_layers
 from .targets import Target, make_target
 
@@ -88,7 +89,7 @@ def _forward_over_reverse(model, x, target, rows, budget):
     try:
         return _generic(generic.forward_over_reverse)(model, x, target, rows, budget)
     except (RuntimeError, NotImplementedError) as err:
-        if not generic.is_missing_forward_ad(err):
+        if not is_missing_forward_ad(err):
             raise
         log.info("forward-mode AD unavailable (%s); using reverse over reverse", err)
         return _generic(generic.reverse_over_reverse)(model, x, target, rows, budget)

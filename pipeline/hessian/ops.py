@@ -294,10 +294,7 @@ def _module_rule(call: Call) -> Rule | str | None:
     if isinstance(m, nn.modules.pooling._AvgPoolNd):
         params = [m.kernel_size, m.stride, m.padding, m.ceil_mode, m.count_include_pad,
                   getattr(m, "divisor_override", None)]  # fmt: skip
-        spatial = _spatial(type(m).__name__)
-        fold = _fold(call, m, adjoint=_avg_pool_adjoint(call, spatial, *params))
-        fold.sliding = _avg_sliding(call, spatial, *params)
-        return fold
+        return _avg_pool_rule(call, m, _spatial(type(m).__name__), params)
     if isinstance(m, nn.modules.pooling._MaxPoolNd):
         if m.return_indices and call.element is None:
             return _general(call)
@@ -312,9 +309,7 @@ def _module_rule(call: Call) -> Rule | str | None:
     if isinstance(m, nn.LayerNorm) and not m_mixes_batch(call, m.normalized_shape):
         return _layer_norm_rule(call, m.normalized_shape, m.weight, m.eps)
     if isinstance(m, (nn.Softmax, nn.LogSoftmax)) and m.dim is not None and m.dim % call.ndim:
-        rule = Softmax if isinstance(m, nn.Softmax) else LogSoftmax
-        p = call.out if rule is Softmax else call.out.exp()
-        return rule(*_shapes(call), p=p, dim=m.dim)
+        return _normalized(call, Softmax if isinstance(m, nn.Softmax) else LogSoftmax, m.dim)
     if isinstance(m, (nn.Flatten, nn.Unflatten)):
         return Reshape(*_shapes(call))
     return _general(call)
@@ -398,14 +393,17 @@ def _softmax_dim(call: Call) -> int | None:
 
 def _softmax(call: Call) -> Rule | None:
     dim = _softmax_dim(call)
-    return None if dim is None else Softmax(*_shapes(call), p=call.out, dim=dim)
+    return None if dim is None else _normalized(call, Softmax, dim)
 
 
 def _log_softmax(call: Call) -> Rule | None:
     dim = _softmax_dim(call)
-    if dim is None:
-        return None
-    return LogSoftmax(*_shapes(call), p=call.out.exp(), dim=dim)
+    return None if dim is None else _normalized(call, LogSoftmax, dim)
+
+
+def _normalized(call: Call, rule: type[Softmax] | type[LogSoftmax], dim: int) -> Rule:
+    """Softmax or log_softmax along ``dim``, with the probabilities p of the output."""
+    return rule(*_shapes(call), p=call.out if rule is Softmax else call.out.exp(), dim=dim)
 
 
 def _addmm(call: Call) -> Rule | None:
@@ -479,6 +477,12 @@ def _avg_pool(call: Call) -> Rule | None:
              "divisor_override"]  # fmt: skip
     defaults = [None, None, 0, False, True, None]
     params = [call.arg(i + 1, p, d) for i, (p, d) in enumerate(zip(names, defaults, strict=True))]
+    return _avg_pool_rule(call, fn, spatial, params)
+
+
+def _avg_pool_rule(call: Call, fn: Callable[[Tensor], Tensor], spatial: int, params) -> Fold:
+    """An average pool (module or function) with its closed-form adjoint and, where it is one,
+    its window op; ``params``: kernel, stride, padding, ceil_mode, count_include_pad, divisor."""
     fold = _fold(call, fn, adjoint=_avg_pool_adjoint(call, spatial, *params))
     fold.sliding = _avg_sliding(call, spatial, *params)
     return fold

@@ -438,7 +438,7 @@ class General(Rule):
         try:
             return vmap(push, in_dims=1, out_dims=1)(*tangents)
         except (RuntimeError, NotImplementedError) as err:
-            if not _missing_forward_ad(err):
+            if not is_missing_forward_ad(err):
                 raise
         # J t as the transpose of u -> J^T u (linear), where forward-mode AD is missing.
         pullback, zero = self._pullback_fn(), self._zero_output()
@@ -483,13 +483,14 @@ class General(Rule):
         try:
             out = vmap(term, in_dims=1, out_dims=1)(cot, *tangents)
         except (RuntimeError, NotImplementedError) as err:
-            if not _missing_forward_ad(err):
+            if not is_missing_forward_ad(err):
                 raise
             out = vmap(term_reverse, in_dims=1, out_dims=1)(cot, *tangents)
         return [o.reshape(n, k, r, *o.shape[2:]) for o in out]
 
 
-def _missing_forward_ad(err: Exception) -> bool:
+def is_missing_forward_ad(err: Exception) -> bool:
+    """Whether an error says that an op lacks forward-mode AD (then reverse over reverse works)."""
     msg = str(err).lower()
     return any(s in msg for s in ("forward ad", "forward-mode", "forward mode", "jvp"))
 
