@@ -79,8 +79,8 @@ def through(rule: Rule, m: Curvature, g: Tensor | None) -> Curvature:
     kind, _ = transition(rule, m.kind, 1)
     if kind == ZERO:
         return Curvature.zero()
-    if isinstance(rule, Reshape):
-        return m
+    if isinstance(rule, Reshape) or (isinstance(rule, Scale) and rule.factor is None):
+        return m  # the identity on flat features (an added constant)
     if isinstance(rule, Elementwise):
         n = rule.d1.shape[0]
         d1 = rule.d1.reshape(n, 1, -1)

@@ -97,6 +97,19 @@ def _relu6(a: Tensor) -> tuple[Tensor, Tensor]:
     return _hardtanh(a, 0.0, 6.0)
 
 
+def _hardsigmoid(a: Tensor) -> tuple[Tensor, Tensor]:
+    """relu6(a + 3) / 6."""
+    inside = (a > -3) & (a < 3)
+    return inside.to(a.dtype) / 6, torch.zeros_like(a)
+
+
+def _hardswish(a: Tensor) -> tuple[Tensor, Tensor]:
+    """a relu6(a + 3) / 6: a (a + 3) / 6 on (-3, 3), a above, 0 below."""
+    inside = (a > -3) & (a < 3)
+    d1 = torch.where(inside, (2 * a + 3) / 6, (a >= 3).to(a.dtype))
+    return d1, torch.where(inside, torch.full_like(a, 1 / 3), torch.zeros_like(a))
+
+
 def _abs(a: Tensor) -> tuple[Tensor, Tensor]:
     return torch.sign(a), torch.zeros_like(a)
 
@@ -172,6 +185,8 @@ DERIVATIVES: dict[str, Derivatives] = {
     "prelu": _prelu,
     "hardtanh": _hardtanh,
     "relu6": _relu6,
+    "hardsigmoid": _hardsigmoid,
+    "hardswish": _hardswish,
     "abs": _abs,
     "exp": _exp,
     "log": _log,
@@ -188,12 +203,14 @@ DERIVATIVES: dict[str, Derivatives] = {
 }
 
 # Second derivative zero almost everywhere (with affine maps and max pools: zero logit Hessians).
-PIECEWISE_LINEAR = frozenset({"relu", "leaky_relu", "prelu", "hardtanh", "relu6", "abs"})
+PIECEWISE_LINEAR = frozenset({"relu", "leaky_relu", "prelu", "hardtanh", "relu6", "abs",
+                              "hardsigmoid"})  # fmt: skip
 
 
 # Non-decreasing everywhere (leaky_relu and elu only for the default non-negative parameters:
 # the rule checks the sign of s' instead where it matters).
 NON_DECREASING = frozenset({"tanh", "sigmoid", "softplus", "relu", "hardtanh", "relu6", "exp",
+                            "hardsigmoid",
                             "log_sigmoid", "softsign", "sqrt", "log"})  # fmt: skip
 
 # Functions whose derivatives follow from their output s(a) without computing it again.

@@ -216,8 +216,8 @@ def _record_call(gm, node, env, slot, tuples, values, steps) -> None:
 
         return map_aggregate(marked_args, put), map_aggregate(marked_kwargs, put)
 
-    def fn(*ins):
-        a, k = bind(ins)
+    def fn(*ins):  # an in-place call works on copies: derivatives never write into a primal
+        a, k = bind([t.clone() for t in ins] if in_place else ins)
         return _run(gm, node, a, k)
 
     args, kwargs = bind([t.clone() for t in inputs] if in_place else inputs)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -13,7 +14,6 @@ from torch import Tensor, nn
 from . import generic, piecewise, structured
 from .errors import ArgumentError
 from .rows import Rows, select_rows
-from .rules import is_missing_forward_ad
 from .support import Support, analyze, training_layers
 from .targets import Target, make_target
 
@@ -84,17 +84,6 @@ def _generic(fn) -> ComputeFn:
     return compute
 
 
-def _forward_over_reverse(model, x, target, rows, budget):
-    """Forward over reverse; reverse over reverse where an op lacks forward-mode AD."""
-    try:
-        return _generic(generic.forward_over_reverse)(model, x, target, rows, budget)
-    except (RuntimeError, NotImplementedError) as err:
-        if not is_missing_forward_ad(err):
-            raise
-        log.info("forward-mode AD unavailable (%s); using reverse over reverse", err)
-        return _generic(generic.reverse_over_reverse)(model, x, target, rows, budget)
-
-
 def _always(_support: Support) -> None:
     return None
 
@@ -113,39 +102,124 @@ METHODS: dict[str, Method] = {
     for m in (
         Method("piecewise", _budgeted(piecewise.compute), lambda s: s.piecewise),
         Method("structured", _budgeted(structured.compute), lambda s: s.structured),
-        Method("forward_over_reverse", _budgeted(_forward_over_reverse), _always),
+        Method("forward_over_reverse", _budgeted(_generic(generic.forward_over_reverse)), _always),
         Method("reverse_over_reverse", _budgeted(_generic(generic.reverse_over_reverse)), _always),
     )
 }
 
-# Tried in order by ``auto``; the first that supports the model wins. The generic method is last.
-AUTO_ORDER: list[str] = ["piecewise", "structured", "forward_over_reverse"]
+# ``auto``'s chain: the first graph method that supports the model (by its captured graph), then
+# the generic ones. Each is tried on a probe (one sample, a few rows) before it is used; a method
+# that fails there hands over to the next, and ``Choice.note`` says so in one line.
+GRAPH_ORDER: list[str] = ["piecewise", "structured"]
+GENERIC_ORDER: list[str] = ["forward_over_reverse", "reverse_over_reverse"]
 
 
-def resolve_method(name: str, model: nn.Module, target: Target, x: Tensor) -> Method:
-    """The method called ``name`` (or the one ``auto`` picks) for the model on inputs like x.
+@dataclass(frozen=True)
+class Choice:
+    """The method a call uses, and why the methods before it in ``auto``'s chain were not used.
 
-    When ``auto`` cannot take the graph path it logs why, in one line (a WARNING).
+    Attributes:
+        method: the method.
+        passed_over: one phrase per method passed over, ``"structured: <why>"``.
+        after: the methods that may take over if this one fails on a real block.
+    """
+
+    method: Method
+    passed_over: tuple[str, ...] = ()
+    after: tuple[str, ...] = ()
+    requested: str = "auto"
+
+    @property
+    def name(self) -> str:
+        return self.method.name
+
+    @property
+    def note(self) -> str | None:
+        """One line for the user where the first method asked for was not used, else None."""
+        if not self.passed_over:
+            return None
+        return f"method={self.requested} uses {self.name}: " + "; ".join(self.passed_over)
+
+
+_CHOICES: weakref.WeakKeyDictionary[nn.Module, dict[tuple, Choice]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def choose_method(name: str, model: nn.Module, target: Target, x: Tensor) -> Choice:
+    """The method called ``name``, or the one ``auto`` picks for the model on inputs like x.
+
+    ``auto`` walks its chain (graph path, forward over reverse, reverse over reverse) and takes
+    the first method that supports the model and computes a probe (the first sample, a few rows)
+    without an error; ``forward_over_reverse`` hands over to reverse over reverse the same way
+    (ops without forward-mode AD). Cached per model, input shape, dtype, device and target kind.
+
+    Raises:
+        ArgumentError: an unknown name; a named method that does not support the model; no
+            method in the chain can differentiate the model (naming each method's error).
     """
     if name != "auto" and name not in METHODS:
         raise ArgumentError(
             f"unknown method {name!r}: choose one of {['auto', *METHODS]}", "method"
         )
     support = analyze(model, x, target)
+    if name != "auto":
+        reason = METHODS[name].unsupported(support)
+        if reason is not None:
+            raise ArgumentError(
+                f"method {name!r} does not support this model: {reason}; use method='auto'",
+                "method",
+            )
+        if name != "forward_over_reverse":
+            return Choice(METHODS[name], requested=name)
+    key = (name, tuple(x.shape[1:]), x.dtype, x.device, target.kind, target.n_outputs)
+    per_model = _CHOICES.setdefault(model, {})
+    if key not in per_model:
+        per_model[key] = _walk_chain(name, model, x, target, support)
+    return per_model[key]
+
+
+def _walk_chain(name: str, model: nn.Module, x: Tensor, target: Target, support) -> Choice:
+    passed: list[str] = []
+    chain = list(GENERIC_ORDER)
     if name == "auto":
-        for candidate in AUTO_ORDER:
-            if METHODS[candidate].unsupported(support) is None:
-                break
-        if candidate == "forward_over_reverse":  # the graph path cannot take the model: say why
-            log.warning("method=auto uses forward_over_reverse: %s", support.structured)
-        return METHODS[candidate]
-    method = METHODS[name]
-    reason = method.unsupported(support)
-    if reason is not None:
-        raise ArgumentError(
-            f"method {name!r} does not support this model: {reason}; use method='auto'", "method"
-        )
-    return method
+        graph = [m for m in GRAPH_ORDER if METHODS[m].unsupported(support) is None][:1]
+        if not graph:
+            passed.append(f"the graph path cannot take the model: {support.structured}")
+        chain = graph + chain
+    for i, candidate in enumerate(chain):
+        failure = _probe(METHODS[candidate], model, x, target)
+        if failure is None:
+            return Choice(METHODS[candidate], tuple(passed), tuple(chain[i + 1 :]), name)
+        passed.append(f"{candidate} failed on a probe ({failure})")
+    raise ArgumentError("no method can differentiate the model: " + "; ".join(passed), "model")
+
+
+def _probe(method: Method, model: nn.Module, x: Tensor, target: Target) -> str | None:
+    """Why ``method`` fails on the first sample of x (all rows up to D = 1024, else 8), or
+    None when it computes them."""
+    d = x.shape[1:].numel()
+    rows = select_rows(None if d <= 1024 else slice(0, 8), d, x.device)
+    try:
+        method.compute(model, x[:1], target.subset(0, 1), rows, 1 << 28)
+    except ArgumentError:
+        raise
+    except Exception as err:  # noqa: BLE001 - any failure hands over to the next method
+        return _one_line(err)
+    return None
+
+
+def _one_line(err: Exception) -> str:
+    first = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
+    return f"{type(err).__name__}: {first}" if first else type(err).__name__
+
+
+def resolve_method(name: str, model: nn.Module, target: Target, x: Tensor) -> Method:
+    """``choose_method(...).method``; logs ``Choice.note`` (a WARNING) where there is one."""
+    choice = choose_method(name, model, target, x)
+    if choice.note:
+        log.warning(choice.note)
+    return choice.method
 
 
 def zero_hessian_reason(model: nn.Module, target: Target, x: Tensor) -> str | None:
@@ -213,9 +287,11 @@ def hessian(
     try:
         z = _outputs(model, x)
         target = make_target(outputs, z, labels, loss)
-        chosen = resolve_method(method, model, target, x)
+        choice = choose_method(method, model, target, x)
+        if choice.note:
+            log.warning(choice.note)
         row_index = select_rows(rows, x.shape[1:].numel(), x.device)
-        hess, grad = chosen.compute(model, x, target, row_index, memory_budget)
+        hess, grad = _compute(choice, model, x, target, row_index, memory_budget)
         reason = zero_hessian_reason(model, target, x)
     finally:
         _set_training(model, was_training)
@@ -224,6 +300,23 @@ def hessian(
     if reason:
         warnings.warn(f"all Hessian entries are zero: {reason}", stacklevel=2)
     return (hess, grad) if return_gradient else hess
+
+
+def _compute(choice: Choice, model, x, target, rows, budget) -> tuple[Tensor, Tensor]:
+    """The chosen method's rows; where it fails on this call although it passed the probe (a
+    schedule the probe did not take), the next method of ``auto``'s chain, said in one line."""
+    try:
+        return choice.method.compute(model, x, target, rows, budget)
+    except ArgumentError:
+        raise
+    except Exception as err:
+        if not choice.after:
+            raise
+        nxt = METHODS[choice.after[0]]
+        log.warning("method=%s uses %s: %s failed (%s)", choice.requested, nxt.name, choice.name,
+                    _one_line(err))  # fmt: skip
+        after = Choice(nxt, (), choice.after[1:], choice.requested)
+        return _compute(after, model, x, target, rows, budget)
 
 
 def _outputs(model: nn.Module, x: Tensor) -> Tensor:

@@ -111,6 +111,8 @@ _ELEMENTWISE_FUNCS: dict[str, tuple[list[Any], list[str]]] = {
     "prelu": ([F.prelu, aten.prelu], ["weight"]),
     "hardtanh": ([F.hardtanh, aten.hardtanh], ["min_val", "max_val"]),
     "relu6": ([F.relu6], []),
+    "hardsigmoid": ([F.hardsigmoid, aten.hardsigmoid], []),
+    "hardswish": ([F.hardswish, aten.hardswish], []),
     "abs": ([torch.abs, aten.abs], []),
     "exp": ([torch.exp, aten.exp], []),
     "log": ([torch.log, aten.log], []),
@@ -145,6 +147,8 @@ _ELEMENTWISE_MODULES: list[tuple[type, str, list[str]]] = [
     (nn.LogSigmoid, "log_sigmoid", []),
     (nn.Softsign, "softsign", []),
     (nn.Mish, "mish", []),
+    (nn.Hardsigmoid, "hardsigmoid", []),
+    (nn.Hardswish, "hardswish", []),
 ]
 
 _FUNCS = _names({

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.func import jvp, vjp, vmap
 
@@ -495,14 +496,28 @@ def is_missing_forward_ad(err: Exception) -> bool:
     return any(s in msg for s in ("forward ad", "forward-mode", "forward mode", "jvp"))
 
 
+class _TwiceDifferentiable(torch.overrides.TorchFunctionMode):
+    """hardsigmoid and hardswish as clamps: torch's own backward of them has no derivative
+    (``derivative for aten::hardsigmoid_backward is not implemented``), the clamp's has."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in (F.hardsigmoid, F.hardswish):
+            x = args[0]
+            gate = torch.clamp(x + 3, 0, 6) / 6
+            return gate if func is F.hardsigmoid else x * gate
+        return func(*args, **kwargs)
+
+
 def differentiable_twice(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
-    """``fn`` with scaled dot-product attention on its math backend: the fused kernels (flash,
-    memory-efficient) have no forward-mode AD and no double backward, the math one is made of
-    matmuls and a softmax."""
+    """``fn`` with ops whose fused kernels torch cannot differentiate twice replaced by their
+    math: scaled dot-product attention on its math backend (the flash and memory-efficient
+    kernels have no forward-mode AD and no double backward), hardsigmoid and hardswish as
+    clamps."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     def wrapped(*args, **kwargs):
-        with sdpa_kernel([SDPBackend.MATH]):
+        with sdpa_kernel([SDPBackend.MATH]), _TwiceDifferentiable():
             return fn(*args, **kwargs)
 
     return wrapped
