@@ -1,6 +1,8 @@
 """The model zoo (class-style models with their own ``forward``): ``auto`` against torch.func.
 
-For each model of ``tests/model_zoo.py`` at its real size, in one process and interleaved
+For each model of ``tests/model_zoo.py`` at its real size, and each library model of
+``tests/library_models.py`` (torchvision, timm, hessQuik, a PINN, a pair potential; skipped
+where the package is missing), in one process and interleaved
 (repeat r runs every method once before repeat r + 1): ``pipeline.hessian`` with ``auto`` (the
 method it picks is printed), ``vmap(torch.func.hessian)`` and ``vmap(jacrev(jacrev))`` over
 samples, and the generic ``forward_over_reverse`` for reference. The table gives the median time a
@@ -9,6 +11,7 @@ torch.func.
 
     python benchmarks/zoo.py                     # every model, CPU
     python benchmarks/zoo.py --models lenet5 tabular_mlp --repeats 5
+    python benchmarks/zoo.py --library           # the library models only
     python benchmarks/zoo.py --device cuda --json zoo.json
     python benchmarks/zoo.py --cpu-time          # one thread, CPU time of the calling thread
 
@@ -31,12 +34,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pipeline  # noqa: E402
 from pipeline.hessian.methods import resolve_method  # noqa: E402
+from tests.library_models import LIBRARY, LIBRARY_BY_NAME, unavailable  # noqa: E402
 from tests.model_zoo import ZOO, ZOO_BY_NAME  # noqa: E402
+from tests.zoo import HardAsClamp  # noqa: E402
 
 # Samples per timed call, by model: on the CPU few (the MNIST nets take seconds a sample); on a
 # GPU enough that a call is not bound by its launches (a call's Python and kernel launches cost
@@ -45,6 +51,23 @@ SAMPLES = {"mnist_relu": 4, "mnist_tanh": 1, "lenet5": 4, "tabular_mlp": 16,
            "resnet_relu_loss": 4, "resnet_gelu": 2, "transformer": 8}  # fmt: skip
 SAMPLES_GPU = {"mnist_relu": 64, "mnist_tanh": 32, "lenet5": 128, "tabular_mlp": 256,
                "resnet_relu_loss": 64, "resnet_gelu": 64, "transformer": 256}  # fmt: skip
+# Library models: D = 768 (3 x 16 x 16) or 3072 (ConvNeXt), tiny inputs for the others.
+SAMPLES |= {e.name: 4 for e in LIBRARY} | {
+    "timm_convnext": 1,
+    "pinn": 4096,
+    "pair_potential": 64,
+    "hessquik_fc": 256,
+    "hessquik_resnet": 256,
+    "hessquik_icnn": 256,
+}
+SAMPLES_GPU |= {e.name: 64 for e in LIBRARY} | {
+    "timm_convnext": 16,
+    "pinn": 65536,
+    "pair_potential": 4096,
+    "hessquik_fc": 4096,
+    "hessquik_resnet": 4096,
+    "hessquik_icnn": 4096,
+}
 
 
 def scalar_fn(model: nn.Module, shape, outputs, label: Tensor | None):
@@ -62,9 +85,21 @@ def scalar_fn(model: nn.Module, shape, outputs, label: Tensor | None):
 
 
 def torch_func(transform):
+    """``vmap(transform(f))`` over samples, with attention on its math kernel (the fused ones
+    have no forward-mode AD), and hardsigmoid/hardswish as clamps where torch cannot
+    differentiate its own kernels twice: what a user of torch.func has to do for these models."""
+
     def run(model, x, outputs, labels):
         f = scalar_fn(model, x.shape[1:], outputs, labels)
-        return vmap(transform(f))(x.reshape(x.shape[0], -1), labels)
+        xf = x.reshape(x.shape[0], -1)
+        with sdpa_kernel([SDPBackend.MATH]):
+            try:
+                return vmap(transform(f))(xf, labels)
+            except RuntimeError as err:
+                if "hardsigmoid_backward" not in str(err) and "hardswish_backward" not in str(err):
+                    raise
+            with HardAsClamp():
+                return vmap(transform(f))(xf, labels)
 
     return run
 
@@ -83,12 +118,18 @@ def _sync(device: str) -> None:
 
 
 def bench(name: str, args) -> dict:
-    entry = ZOO_BY_NAME[name]
     torch.manual_seed(0)
-    model = entry.factory().to(args.device).eval()
+    if name in LIBRARY_BY_NAME:
+        entry = LIBRARY_BY_NAME[name]
+        model = entry.build().to(args.device)
+    else:
+        entry = ZOO_BY_NAME[name]
+        model = entry.factory().to(args.device).eval()
     n = args.samples or (SAMPLES_GPU if args.device.startswith("cuda") else SAMPLES)[name]
     x = torch.randn(n, *entry.shape, device=args.device)
-    labels = torch.randint(10, (n,), device=args.device)
+    with torch.no_grad():
+        classes = model(x[:1]).shape[1]
+    labels = torch.randint(classes, (n,), device=args.device)
     methods = {
         "auto": ours("auto"),
         "vmap(torch.func.hessian)": torch_func(torch.func.hessian),
@@ -133,7 +174,9 @@ def bench(name: str, args) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", nargs="+", default=[z.name for z in ZOO], choices=list(ZOO_BY_NAME))
+    names = [z.name for z in ZOO] + [e.name for e in LIBRARY]
+    p.add_argument("--models", nargs="+", default=None, choices=names)
+    p.add_argument("--library", action="store_true", help="the library models only")
     p.add_argument("--samples", type=int, default=None, help="samples per call (default: by model)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="cpu")
@@ -161,7 +204,13 @@ def main() -> None:
     )
     print("|" + "---|" * (len(head) + 5))
     rows = []
-    for name in args.models:
+    models = args.models or ([e.name for e in LIBRARY] if args.library else names)
+    for name in models:
+        entry = LIBRARY_BY_NAME.get(name)
+        why = unavailable(entry.package) if entry and entry.package != "torch" else None
+        if why:
+            print(f"| {name} | skipped: {why} |", flush=True)
+            continue
         r = bench(name, args)
         rows.append(r)
         ms = " | ".join(f"{r['ms'][h]:.3f}" for h in head)

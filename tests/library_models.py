@@ -151,15 +151,17 @@ def _timm(name: str) -> nn.Module:
     from timm.models import byobnet, convnext, mlp_mixer, mobilenetv3, vision_transformer
 
     if name == "vit":
-        return vision_transformer.VisionTransformer(img_size=16, patch_size=8, embed_dim=16,
-                                                    depth=1, num_heads=2, num_classes=4)
+        return vision_transformer.VisionTransformer(
+            img_size=16, patch_size=8, embed_dim=16, depth=1, num_heads=2, num_classes=4
+        )
     if name == "lcnet":
         return mobilenetv3._gen_lcnet("lcnet_035", 0.35, num_classes=4)
     if name == "convnext":
         return convnext.ConvNeXt(depths=(1, 1, 1, 1), dims=(8, 8, 16, 16), num_classes=4)
     if name == "mixer":
-        return mlp_mixer.MlpMixer(img_size=16, patch_size=8, embed_dim=16, num_blocks=1,
-                                  num_classes=4)
+        return mlp_mixer.MlpMixer(
+            img_size=16, patch_size=8, embed_dim=16, num_blocks=1, num_classes=4
+        )
     raise ValueError(name)
 
 

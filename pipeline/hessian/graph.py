@@ -29,8 +29,8 @@ import torch
 from torch import Tensor, fx, nn
 from torch.fx.node import map_aggregate, map_arg
 
-from .ops import ALIAS, Call, Unsupported, rule_for
-from .rules import Elementwise, Rule, Select
+from .ops import ALIAS, Call, Unsupported, canonical, rule_for
+from .rules import Elementwise, Fold, General, Rule, Select
 
 _CACHE: weakref.WeakKeyDictionary[nn.Module, fx.GraphModule | str] = weakref.WeakKeyDictionary()
 
@@ -114,6 +114,7 @@ def record(gm: fx.GraphModule, x: Tensor) -> Tape:
     tuples: dict[fx.Node, tuple] = {}  # active calls with tuple outputs: their Call parts
     values: list[Tensor] = []
     steps: list[Step] = []
+    axes: dict[int, int] = {}  # slots whose tensor has its batch axis elsewhere than first
     placeholders = 0
     output = None
     for node in gm.graph.nodes:
@@ -142,16 +143,18 @@ def record(gm: fx.GraphModule, x: Tensor) -> Tape:
             and node.target is operator.getitem
             and node.args[0] in tuples
         ):
-            _record_element(node, tuples[node.args[0]], env, slot, values, steps)
+            _record_element(node, tuples[node.args[0]], env, slot, values, steps, axes)
             continue
         active = [n for n in node.all_input_nodes if n in slot or n in tuples]
         if not active or _shape_only(node):
             env[node] = _run(gm, node, map_arg(node.args, env.__getitem__),
                              map_arg(node.kwargs, env.__getitem__))  # fmt: skip
             continue
-        _record_call(gm, node, env, slot, tuples, values, steps)
+        _record_call(gm, node, env, slot, tuples, values, steps, axes)
     if output is None:
         raise Unsupported("its graph has no output")
+    if output in axes:
+        raise Unsupported(f"its output has the batch axis at position {axes[output]}, not first")
     return Tape(values, _pool_first(_live(steps, output), values), output)
 
 
@@ -192,7 +195,7 @@ def _run(gm: fx.GraphModule, node: fx.Node, args: tuple, kwargs: dict) -> Any:
     return node.target(*args, **kwargs)
 
 
-def _record_call(gm, node, env, slot, tuples, values, steps) -> None:
+def _record_call(gm, node, env, slot, tuples, values, steps, axes) -> None:
     module = gm.get_submodule(node.target) if node.op == "call_module" else None
     inputs: list[Tensor] = []
     ids: list[int] = []
@@ -232,10 +235,10 @@ def _record_call(gm, node, env, slot, tuples, values, steps) -> None:
     env[node] = out
     if not (isinstance(out, Tensor) and out.is_floating_point()):
         return  # an integer or boolean result (argmax, a mask): no derivative
-    _add_step(node.name, call, ids, slot, node, values, steps)
+    _add_step(node.name, call, ids, slot, node, values, steps, axes)
 
 
-def _record_element(node, parts, env, slot, values, steps) -> None:
+def _record_element(node, parts, env, slot, values, steps, axes) -> None:
     call, ids = parts
     i = node.args[1]
     out = call.out[i]
@@ -245,10 +248,21 @@ def _record_element(node, parts, env, slot, values, steps) -> None:
     whole = call.fn
     element = Call(call.kind, call.target, call.args, call.kwargs, call.inputs, out,
                    lambda *ins: whole(*ins)[i], element=i)  # fmt: skip
-    _add_step(node.name, element, ids, slot, node, values, steps)
+    _add_step(node.name, element, ids, slot, node, values, steps, axes)
 
 
-def _add_step(name, call: Call, ids, slot, node, values, steps) -> None:
+def _add_step(name, call: Call, ids, slot, node, values, steps, axes) -> None:
+    batch = [axes.get(i, 0) for i in ids]
+    if any(batch) or canonical(call) in _AXIS_OPS:
+        moved = _moved_step(name, call, [values[i] for i in ids], batch)
+        if moved is not None:
+            rule, out, axis = moved
+            slot[node] = len(values)
+            values.append(out)
+            steps.append(Step(name, rule, list(ids), slot[node]))
+            if axis:
+                axes[slot[node]] = axis
+            return
     n = call.inputs[0].shape[0]
     out = call.out
     if out.dim() == 0 or out.shape[0] != n or any(t.shape[:1] != (n,) for t in call.inputs):
@@ -260,6 +274,62 @@ def _add_step(name, call: Call, ids, slot, node, values, steps) -> None:
     slot[node] = len(values)
     values.append(out)
     steps.append(Step(name, rule, list(ids), slot[node]))
+
+
+# Ops that may move the batch axis away from the front, or that act on a tensor whose batch axis
+# is elsewhere, linearly and alike for every sample.
+_AXIS_OPS = {"permute", "transpose", "movedim"}
+_LINEAR_OPS = _AXIS_OPS | {"split", "select", "getitem", "identity", "cast", "narrow", "slice",
+                           "flip"}  # fmt: skip
+_MARK = 1_000_003  # a size no real axis has: marks the batch axis in a shape-only dry run
+
+
+def _moved_step(name, call: Call, canon: list[Tensor], batch: list[int]):
+    """The step of a call whose input or output has its batch axis elsewhere than first, as a
+    step on batch-first values (NOTE [batch axis]); None when the call keeps it first.
+
+    Returns:
+        (rule, output with its batch axis first, where the call put the batch axis).
+    """
+    axis = _batch_axis_after(call, batch)
+    if axis == 0 and not any(batch):
+        return None
+    fn = call.fn
+
+    def first(*ins: Tensor) -> Tensor:  # the call on batch-first inputs, batch-first output
+        moved = [t.movedim(0, b) if b else t for t, b in zip(ins, batch, strict=True)]
+        return fn(*moved).movedim(axis, 0)
+
+    shapes = [tuple(t.shape[1:]) for t in canon], tuple(call.out.movedim(axis, 0).shape[1:])
+    if canonical(call) in _LINEAR_OPS:
+        rule = Fold(*shapes, fn=first)
+    elif call.out.shape == call.inputs[0].shape and len(canon) == 1:
+        rule = General(*shapes, fn=first, primals=tuple(canon))
+    else:
+        raise Unsupported(
+            f"{name} ({_describe(call)}) acts on a tensor whose batch axis is not first"
+        )
+    return rule, call.out.movedim(axis, 0), axis
+
+
+def _batch_axis_after(call: Call, batch: list[int]) -> int:
+    """Where the call puts the batch axis of its inputs (at ``batch``), found by running it on
+    meta tensors whose batch axis has a size no other axis has."""
+    metas = []
+    for t, b in zip(call.inputs, batch, strict=True):
+        shape = list(t.shape)
+        shape[b] = _MARK
+        metas.append(torch.empty(shape, dtype=t.dtype, device="meta"))
+    try:
+        out = call.fn(*metas)
+    except Exception as err:  # noqa: BLE001 - the call depends on the batch size itself
+        raise Unsupported(
+            f"{_describe(call)} acts on a tensor whose batch axis is not first, with sizes "
+            f"that name the batch ({type(err).__name__})"
+        ) from err
+    if not isinstance(out, Tensor) or list(out.shape).count(_MARK) != 1:
+        raise Unsupported(f"{_describe(call)} mixes the samples of a batch")
+    return list(out.shape).index(_MARK)
 
 
 def _describe(call: Call) -> str:

@@ -1,0 +1,170 @@
+"""Models no one on the team wrote (``tests/library_models.py``): ``auto`` takes the method the
+table names and says nothing, and sampled rows match float64 Hessian-vector products
+(``jvp(grad)``); hessQuik's networks match hessQuik's own Hessians. Then ``auto``'s fallback
+chain: a method that fails on the probe hands over to the next, in one line."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.func import grad, jvp, vmap
+
+import pipeline
+from pipeline.hessian import methods
+from pipeline.hessian.errors import ArgumentError
+from pipeline.hessian.methods import METHODS, Method, choose_method
+from tests.library_models import LIBRARY, unavailable
+from tests.zoo import HardAsClamp, assert_close_to_max
+
+pytestmark = pytest.mark.usefixtures("float64_default")
+
+
+def _hvp_rows(model: nn.Module, x: Tensor, k: int, rows: list[int], labels=None) -> Tensor:
+    """Rows (N, R, D) of the Hessian of output k (or the cross-entropy loss) by forward over
+    reverse Hessian-vector products with basis vectors, one sample at a time."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    d = x[0].numel()
+
+    def f(xf: Tensor, n: int) -> Tensor:
+        z = model(xf.view(1, *x.shape[1:]))[0]
+        if labels is None:
+            return z[k]
+        return torch.nn.functional.cross_entropy(z[None], labels[n : n + 1])
+
+    basis = torch.eye(d)[rows]
+    out = []
+    with sdpa_kernel([SDPBackend.MATH]), HardAsClamp():
+        for n, xn in enumerate(x.reshape(len(x), -1)):
+            g = grad(lambda u, n=n: f(u, n))
+            out.append(vmap(lambda e, xn=xn, g=g: jvp(g, (xn,), (e,))[1])(basis))
+    return torch.stack(out)
+
+
+def _library_case(entry):
+    reason = unavailable(entry.package) if entry.package != "torch" else None
+    if reason:
+        pytest.skip(reason)
+    model = entry.build()
+    torch.manual_seed(1)
+    x = torch.randn(2, *entry.shape)
+    labels = torch.tensor([0, 2]) if entry.outputs == "loss" else None
+    return model, x, labels
+
+
+@pytest.mark.parametrize("entry", LIBRARY, ids=[e.name for e in LIBRARY])
+def test_library_model_on_the_graph_path_and_exact(entry, caplog):
+    model, x, labels = _library_case(entry)
+    target = pipeline.make_target(entry.outputs, model(x).detach(), labels, "cross_entropy")
+    choice = choose_method("auto", model, target, x)
+    assert choice.name == entry.method, choice.note
+    assert choice.note is None
+    d = x[0].numel()
+    rows = sorted({0, d // 3, d // 2, d - 1})
+    with caplog.at_level(logging.WARNING, logger="pipeline"):
+        h = pipeline.hessian(model, x, entry.outputs, rows, labels=labels)
+    assert not [r for r in caplog.records if "method=" in r.message], caplog.text
+    outputs = [None] if entry.outputs == "loss" else entry.outputs
+    for i, k in enumerate(outputs):
+        expected = _hvp_rows(model, x, k, rows, labels)
+        assert_close_to_max(h[:, i], expected, 1e-9, f"{entry.name}, output {k}")
+
+
+@pytest.mark.parametrize("kind", ["fully_connected", "resnet", "icnn"])
+def test_hessquik_networks_match_hessquiks_own_hessians(kind):
+    if unavailable("hessQuik"):
+        pytest.skip(unavailable("hessQuik"))
+    from tests.library_models import FirstOutput, _hessquik, randomized
+
+    torch.manual_seed(0)
+    net = randomized(_hessquik(kind))
+    x = torch.randn(3, 6)
+    _, _, d2f = net(x, do_gradient=True, do_Hessian=True)  # (N, D, D, m)
+    h = pipeline.hessian(FirstOutput(net).eval(), x, "all")  # (N, m, D, D)
+    assert_close_to_max(h, d2f.permute(0, 3, 1, 2), 1e-9, f"hessQuik {kind}")
+
+
+class Tanh(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return torch.tanh(self.fc(x)) ** 2
+
+
+def _failing(name: str) -> Method:
+    def compute(*_args):
+        raise RuntimeError(f"{name} broke")
+
+    return Method(name, compute, lambda _s: None)
+
+
+@pytest.mark.parametrize(
+    "broken, expected",
+    [
+        ((), "structured"),
+        (("structured",), "forward_over_reverse"),
+        (("structured", "forward_over_reverse"), "reverse_over_reverse"),
+    ],
+)
+def test_auto_hands_over_along_its_chain(monkeypatch, caplog, broken, expected):
+    for name in broken:
+        monkeypatch.setitem(METHODS, name, _failing(name))
+    monkeypatch.setattr(methods, "_CHOICES", methods.weakref.WeakKeyDictionary())
+    torch.manual_seed(0)
+    model = Tanh().eval()
+    x = torch.randn(2, 4)
+    with caplog.at_level(logging.WARNING, logger="pipeline"):
+        h = pipeline.hessian(model, x, [1])
+    target = pipeline.make_target([1], model(x), None, "cross_entropy")
+    choice = choose_method("auto", model, target, x)
+    assert choice.name == expected
+    notes = [r.message for r in caplog.records if r.message.startswith("method=auto")]
+    if broken:
+        assert notes == [choice.note] and "\n" not in choice.note
+        assert all(f"{name} failed on a probe (RuntimeError: {name} broke)" in choice.note
+                   for name in broken)  # fmt: skip
+    else:
+        assert notes == [] and choice.note is None
+    assert_close_to_max(h, _hvp_rows(model, x, 1, list(range(4)))[:, None], 1e-9, expected)
+
+
+def test_no_method_left_is_one_line_naming_each(monkeypatch):
+    for name in ("structured", "forward_over_reverse", "reverse_over_reverse"):
+        monkeypatch.setitem(METHODS, name, _failing(name))
+    monkeypatch.setattr(methods, "_CHOICES", methods.weakref.WeakKeyDictionary())
+    with pytest.raises(ArgumentError) as err:
+        pipeline.hessian(Tanh().eval(), torch.randn(2, 4), [0])
+    message = str(err.value)
+    assert err.value.argument == "model" and "\n" not in message
+    assert message.startswith("no method can differentiate the model")
+    assert all(f"{n} failed on a probe" in message for n in ("structured", "reverse_over_reverse"))
+
+
+class Branchy(nn.Module):
+    """Control flow on the input's values: torch.fx cannot trace it."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 2)
+
+    def forward(self, x):
+        h = self.fc(x)
+        return torch.tanh(h) if h.sum() > 0 else torch.sin(h)
+
+
+def test_untraceable_model_says_why_in_one_line(caplog):
+    torch.manual_seed(0)
+    model = Branchy().eval()
+    x = torch.randn(2, 3)
+    with caplog.at_level(logging.WARNING, logger="pipeline"):
+        h = pipeline.hessian(model, x, [0])
+    notes = [r.message for r in caplog.records if r.message.startswith("method=auto")]
+    assert len(notes) == 1 and "\n" not in notes[0]
+    assert notes[0].startswith("method=auto uses forward_over_reverse: the graph path cannot")
+    assert "torch.fx" in notes[0]
+    assert_close_to_max(h, _hvp_rows(model, x, 0, [0, 1, 2])[:, None], 1e-9, "branchy")

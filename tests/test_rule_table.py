@@ -1,0 +1,228 @@
+"""Every rule the graph engine registers, under every curvature form above it and through every
+schedule that accepts it, against float64 autograd; and a check that no registered rule lacks a
+case here, so that a new rule cannot land untested.
+
+The registry is read from ``pipeline.hessian.ops`` (its matcher tables and module classes) and
+``pipeline.hessian.elementwise`` (every closed-form s', s''). Each case names what it covers; the
+op sits between a Linear below (so that tangents are not the identity) and one of three tops:
+
+* ``zero``:  a Linear head (M = 0 above the op),
+* ``diag``:  tanh, then the head (M diagonal),
+* ``dense``: Linear, tanh, then the head (M dense).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import pipeline
+from pipeline.hessian import elementwise, ops
+from pipeline.hessian.propagate import gradients, hessian_rows
+from pipeline.hessian.rows import Rows
+from tests.zoo import HardAsClamp, assert_close_to_max, every_plan
+
+pytestmark = pytest.mark.usefixtures("float64_default")
+aten = torch.ops.aten
+D = 6
+
+
+class Body(nn.Module):
+    """x (N, 6) -> Linear -> the op (``body``) -> its first 5 features -> one of three tops."""
+
+    def __init__(self, body: Callable, top: str):
+        super().__init__()
+        self.body, self.top = body, top
+        self.fc = nn.Linear(D, 8)
+        self.mid = nn.Linear(5, 5)
+        self.head = nn.Linear(5, 3)
+        self.w = nn.Parameter(torch.randn(2, 2, 2, 2) / 2)  # conv (C_out, C_in, kh, kw)
+        self.bn = nn.BatchNorm2d(2).eval()
+        self.conv = nn.Conv2d(2, 2, 2, padding=1)
+        self.avg, self.adaptive = nn.AvgPool2d(2, stride=1), nn.AdaptiveAvgPool2d(1)
+        self.max = nn.MaxPool2d(2)
+        self.drop, self.identity = nn.Dropout(0.5), nn.Identity()
+        self.norm = nn.LayerNorm(8)
+        self.softmax, self.log_softmax = nn.Softmax(1), nn.LogSoftmax(-1)
+        self.flatten, self.unflatten = nn.Flatten(), nn.Unflatten(1, (2, 4))
+        self.acts = nn.ModuleList(cls(*(() if cls is not nn.PReLU else (1, 0.2)))
+                                  for cls, _, _ in ops._ELEMENTWISE_MODULES)  # fmt: skip
+        with torch.no_grad():
+            self.bn.running_mean.uniform_(-0.5, 0.5)
+            self.bn.running_var.uniform_(0.5, 2.0)
+
+    def image(self, x: Tensor) -> Tensor:
+        """(N, 2, 2, 2) from the Linear layer: a small two-channel image."""
+        return self.fc(x).view(x.shape[0], 2, 2, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.body(self, x).flatten(1)[:, :5]
+        if self.top == "diag":
+            h = torch.tanh(h)
+        elif self.top == "dense":
+            h = torch.tanh(self.mid(h))
+        return self.head(h)
+
+
+def _positive(m: Body, x: Tensor) -> Tensor:
+    return F.softplus(m.fc(x)) + 0.5
+
+
+# Elementwise functions by name, with the input they need (log, sqrt, ... on positive values).
+ELEMENTWISE: dict[str, Callable[[Body, Tensor], Tensor]] = {
+    "tanh": lambda m, x: torch.tanh(m.fc(x)),
+    "sigmoid": lambda m, x: torch.sigmoid(m.fc(x)),
+    "softplus": lambda m, x: F.softplus(m.fc(x), beta=2.0),
+    "gelu": lambda m, x: F.gelu(m.fc(x)) + F.gelu(m.fc(x), approximate="tanh"),
+    "silu": lambda m, x: F.silu(m.fc(x)),
+    "elu": lambda m, x: F.elu(3 * m.fc(x), alpha=0.7),
+    "relu": lambda m, x: F.relu(m.fc(x)) * torch.sin(m.fc(x)),
+    "leaky_relu": lambda m, x: F.leaky_relu(m.fc(x), 0.2) * torch.sin(m.fc(x)),
+    "prelu": lambda m, x: F.prelu(m.fc(x), torch.tensor([0.3])) * torch.sin(m.fc(x)),
+    "hardtanh": lambda m, x: F.hardtanh(2 * m.fc(x)) * torch.sin(m.fc(x)),
+    "relu6": lambda m, x: F.relu6(6 * m.fc(x)) * torch.sin(m.fc(x)),
+    "hardsigmoid": lambda m, x: F.hardsigmoid(6 * m.fc(x)) * torch.sin(m.fc(x)),
+    "hardswish": lambda m, x: F.hardswish(6 * m.fc(x)),
+    "abs": lambda m, x: torch.abs(m.fc(x)) * torch.sin(m.fc(x)),
+    "exp": lambda m, x: torch.exp(m.fc(x)),
+    "log": lambda m, x: torch.log(_positive(m, x)),
+    "sin": lambda m, x: torch.sin(m.fc(x)),
+    "cos": lambda m, x: torch.cos(m.fc(x)),
+    "pow": lambda m, x: m.fc(x) ** 3 + _positive(m, x) ** 1.5,
+    "sqrt": lambda m, x: torch.sqrt(_positive(m, x)),
+    "rsqrt": lambda m, x: torch.rsqrt(_positive(m, x)),
+    "reciprocal": lambda m, x: torch.reciprocal(_positive(m, x)),
+    "square": lambda m, x: torch.square(m.fc(x)),
+    "log_sigmoid": lambda m, x: F.logsigmoid(m.fc(x)),
+    "softsign": lambda m, x: F.softsign(m.fc(x)),
+    "mish": lambda m, x: F.mish(m.fc(x)),
+}
+
+
+@dataclass(frozen=True)
+class RuleCase:
+    """A body using registered rules: ``covers`` names them (canonical names of ``ops``, module
+    classes, or ``"elementwise:<name>"``)."""
+
+    name: str
+    covers: tuple[str, ...]
+    body: Callable[[Body, Tensor], Tensor]
+
+
+def _tokens(m: Body, x: Tensor) -> Tensor:
+    return torch.tanh(m.fc(x)).view(x.shape[0], 2, 4)  # (N, 2 tokens, 4 features)
+
+
+CASES: list[RuleCase] = [
+    *(RuleCase(f"elementwise_{n}", (f"elementwise:{n}", "elementwise"), f)
+      for n, f in ELEMENTWISE.items()),
+    RuleCase("linear_matmul_addmm", ("linear", "matmul", "addmm"), lambda m, x: torch.tanh(
+        F.linear(m.fc(x), m.fc.weight.T) + m.fc(x) @ m.fc.weight) * torch.sin(
+        torch.addmm(m.fc.bias[:6], m.fc(x), m.fc.weight))),
+    RuleCase("bilinear_attention", ("matmul", "softmax", "transpose"), lambda m, x: (
+        torch.softmax(_tokens(m, x) @ _tokens(m, x).transpose(1, 2) / 2, -1) @ _tokens(m, x))),
+    RuleCase("conv_functional_and_aten", ("conv", "convolution", "conv_transpose"),
+             lambda m, x: torch.tanh(F.conv2d(m.image(x), m.w, padding=1)) + aten.convolution(
+                 torch.sin(m.image(x)), m.w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1)
+             + F.conv_transpose2d(m.image(x), m.w, padding=1)),
+    RuleCase("conv_module_pools", ("Conv2d", "avg_pool", "AvgPool2d", "AdaptiveAvgPool2d"),
+             lambda m, x: torch.cat([
+                 torch.tanh(m.conv(m.image(x))).flatten(1),
+                 F.avg_pool2d(torch.tanh(m.image(x)), 2, stride=1, padding=1).flatten(1),
+                 m.avg(torch.sin(m.image(x))).flatten(1),
+                 m.adaptive(torch.tanh(m.image(x))).flatten(1),
+                 F.adaptive_avg_pool2d(torch.sigmoid(m.image(x)), 1).flatten(1)], 1)),
+    RuleCase("max_pool", ("max_pool", "MaxPool2d"), lambda m, x: torch.cat([
+        F.max_pool2d(torch.sin(m.image(x)), 2, stride=1, padding=1).flatten(1),
+        m.max(torch.tanh(m.image(x)) ** 2).flatten(1)], 1)),
+    RuleCase("batch_norm_all_forms", ("batch_norm", "batch_norm_eval", "BatchNorm2d"),
+             lambda m, x: torch.tanh(m.bn(m.image(x))) + F.batch_norm(
+                 torch.sin(m.image(x)), m.bn.running_mean, m.bn.running_var, m.bn.weight,
+                 training=False) + aten._native_batch_norm_legit_no_training(
+                 m.image(x) ** 2, None, None, m.bn.running_mean, m.bn.running_var, 0.1,
+                 1e-5)[0]),
+    RuleCase("dropout_identity_cast", ("dropout", "identity", "cast", "Dropout", "Identity"),
+             lambda m, x: m.drop(F.dropout(torch.tanh(m.fc(x)), 0.3, training=False)).clone()
+             .float().double() + m.identity(torch.sin(m.fc(x))).contiguous()),
+    RuleCase("shapes", ("reshape", "permute", "movedim", "flip", "Flatten", "Unflatten"),
+             lambda m, x: m.flatten(m.unflatten(torch.tanh(m.fc(x))).permute(
+                 0, 2, 1).movedim(1, 2).flip(1).roll(1, 2)) * torch.sin(m.fc(x))),
+    RuleCase("pieces", ("getitem", "narrow", "select", "split", "slice", "cat", "pad"),
+             lambda m, x: torch.cat([
+                 torch.tanh(m.fc(x))[:, 1:4], torch.sin(m.fc(x)).narrow(1, 2, 2),
+                 torch.stack([m.fc(x), m.fc(x) ** 2], 1).select(1, 1),
+                 torch.tanh(m.fc(x)).split(3, 1)[1], aten.slice(torch.cos(m.fc(x)), 1, 0, 3),
+                 F.pad(torch.tanh(m.fc(x)), (1, 1))], 1)),
+    RuleCase("sums_and_means", ("sum",), lambda m, x: torch.cat([_tokens(m, x).sum(1) * torch.sin(
+        m.fc(x)[:, :4]), torch.tanh(m.fc(x)).view(-1, 2, 4).mean(-1, keepdim=True).flatten(1)], 1)),
+    RuleCase("arithmetic", ("add", "sub", "mul", "div", "neg", "pow"), lambda m, x: (
+        -(torch.tanh(m.fc(x)) - 1.5) / 2.0 + m.fc(x) * torch.sin(m.fc(x)) * 3 - m.fc(x) ** 2)),
+    RuleCase("layer_norm", ("layer_norm", "LayerNorm"), lambda m, x: torch.tanh(
+        F.layer_norm(m.fc(x), (8,), m.fc.bias)) + m.norm(torch.sin(m.fc(x))) +
+        F.layer_norm(_tokens(m, x), (4,)).flatten(1)),
+    RuleCase("softmax_heads", ("softmax", "log_softmax", "Softmax", "LogSoftmax"),
+             lambda m, x: F.log_softmax(m.fc(x), 1) + m.softmax(torch.tanh(m.fc(x))) +
+             m.log_softmax(_tokens(m, x)).flatten(1) + torch.softmax(m.fc(x) ** 2, 1)),
+    RuleCase("modules_elementwise", tuple(cls.__name__ for cls, _, _ in ops._ELEMENTWISE_MODULES),
+             lambda m, x: sum(act(m.fc(x)) * torch.sin(m.fc(x)) for act in m.acts)),
+    RuleCase("batch_axis_moved", ("moved_batch_axis",), lambda m, x: torch.tanh(
+        m.fc(x)).view(-1, 2, 4).permute(1, 0, 2).unbind(0)[1].repeat(1, 2) * torch.sin(m.fc(x))),
+    RuleCase("general_by_torch_func", ("general",), lambda m, x: F.normalize(m.fc(x), dim=1)),
+]  # fmt: skip
+
+
+def registered() -> set[str]:
+    """Every rule ``ops`` can hand out: its canonical names, its elementwise functions, the
+    module classes with their own rules, and the general and moved-batch-axis paths."""
+    names = set(ops._MAKERS) | {f"elementwise:{n}" for n in elementwise.DERIVATIVES}
+    names |= {cls.__name__ for cls, _, _ in ops._ELEMENTWISE_MODULES}
+    names |= {"Linear", "Conv2d", "AvgPool2d", "AdaptiveAvgPool2d", "MaxPool2d", "BatchNorm2d",
+              "Dropout", "Identity", "LayerNorm", "Softmax", "LogSoftmax", "Flatten",
+              "Unflatten", "general", "moved_batch_axis"}  # fmt: skip
+    return names
+
+
+def test_every_registered_rule_has_a_case():
+    covered = {c for case in CASES for c in case.covers} | {"Linear"}  # Body.fc is one
+    missing = sorted(registered() - covered)
+    assert not missing, f"registered rules without a case in tests/test_rule_table.py: {missing}"
+
+
+def _reference(model: nn.Module, x: Tensor, outputs: list[int]) -> Tensor:
+    """(N, K, D, D) by torch.autograd.functional.hessian, one sample and output at a time."""
+    from torch.autograd.functional import hessian
+
+    with HardAsClamp():
+        return torch.stack([
+            torch.stack([hessian(lambda u, k=k: model(u.unsqueeze(0))[0, k], xn)
+                         for k in outputs])
+            for xn in x
+        ])  # fmt: skip
+
+
+@pytest.mark.parametrize("top", ["zero", "diag", "dense"])
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_rule_under_every_curvature_and_schedule(case: RuleCase, top: str):
+    torch.manual_seed(3)
+    model = Body(case.body, top).eval()
+    x = torch.randn(2, D)
+    outputs = [0, 2]
+    h_ref = _reference(model, x, outputs)
+    z = model(x).detach()
+    target = pipeline.make_target(outputs, z, None, "cross_entropy")
+    with torch.no_grad():
+        tape, _, plans = every_plan(model, x, target, D)
+        g_top, head = target.derivatives(tape.values[tape.output])
+        g = gradients(tape, g_top)
+        for plan in plans:
+            h = hessian_rows(tape, plan, head, g, Rows(torch.arange(D), True), len(outputs))
+            what = f"{case.name}, top {top}, cut {plan.cut}, bottom {plan.bottom}"
+            assert_close_to_max(h.expand_as(h_ref), h_ref, 1e-9, what)
+    if math.prod(h_ref.shape) and h_ref.abs().max() == 0:
+        pytest.fail(f"{case.name}, top {top}: the reference is all zero, the case tests nothing")
