@@ -148,7 +148,7 @@ def _torchvision(name: str) -> nn.Module:
 
 def _timm(name: str) -> nn.Module:
     import_torchvision()
-    from timm.models import byobnet, convnext, mlp_mixer, mobilenetv3, vision_transformer
+    from timm.models import convnext, mlp_mixer, mobilenetv3, vision_transformer
 
     if name == "vit":
         return vision_transformer.VisionTransformer(

@@ -141,9 +141,7 @@ class Choice:
         return f"method={self.requested} uses {self.name}: " + "; ".join(self.passed_over)
 
 
-_CHOICES: weakref.WeakKeyDictionary[nn.Module, dict[tuple, Choice]] = (
-    weakref.WeakKeyDictionary()
-)
+_CHOICES: weakref.WeakKeyDictionary[nn.Module, dict[tuple, Choice]] = weakref.WeakKeyDictionary()
 
 
 def choose_method(name: str, model: nn.Module, target: Target, x: Tensor) -> Choice:
