@@ -12,6 +12,16 @@ gives those ops as nodes, and ``ops`` has rules for the common ones. A model who
 branches on tensor values cannot be traced: ``capture`` says why and the caller falls back to
 ``forward_over_reverse``.
 
+NOTE [batch axis]: every rule works on values whose batch axis is first. Attention code moves
+it (``qkv.reshape(B, T, 3, H, d).permute(2, 0, 3, 1, 4).unbind(0)``: the batch axis is second
+until ``unbind`` takes it back to the front). Where a call moves the batch axis, or reads a tensor
+whose batch axis is elsewhere, the recorder finds where the call puts it by a dry run on meta
+tensors whose batch axis has a size no other axis has, and records the step on batch-first
+values: the call wrapped between ``movedim``s, as a ``Fold`` for linear reshuffles (permute,
+transpose, unbind, select, indexing) or a ``General`` step for a nonlinear one. The slot keeps
+the batch-first value; the run itself goes on with the tensor as the model made it. A call
+whose arguments name the batch size there (a reshape) is refused with its reason.
+
 A ``Tape`` is the graph run on a batch x (N, *S): the values of every tensor that depends on x
 (its "slots"), and the steps between them in topological order, each with its ``Rule``.
 """

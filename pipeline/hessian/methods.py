@@ -190,7 +190,11 @@ def _walk_chain(name: str, model: nn.Module, x: Tensor, target: Target, support)
         if failure is None:
             return Choice(METHODS[candidate], tuple(passed), tuple(chain[i + 1 :]), name)
         passed.append(f"{candidate} failed on a probe ({failure})")
-    raise ArgumentError("no method can differentiate the model: " + "; ".join(passed), "model")
+    raise ArgumentError(
+        "no method can differentiate the model: " + "; ".join(passed) + " (torch.func must be "
+        "able to transform its forward: no .numpy(), .item() or branches on tensor values)",
+        "model",
+    )
 
 
 def _probe(method: Method, model: nn.Module, x: Tensor, target: Target) -> str | None:
