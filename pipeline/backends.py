@@ -319,10 +319,10 @@ def write_at(client, backend: dict[str, Any], directory: str) -> str:
             "backend.write_at",
         )
     if asked == "workers" or (seen and not blind):
-        log.info("%d Dask workers see %s: each writes its blocks", len(seen), directory)
+        log.info("the Dask workers write their blocks into %s (%d checked)", directory, len(seen))
         return "workers"
-    why = f"{len(blind)} of {len(seen)} Dask workers cannot see" if seen else "no Dask worker yet"
-    log.info("%s %s: blocks are sent to this process, which writes them", why, directory)
+    why = f"{len(blind)} of {len(seen)} Dask workers cannot see" if seen else "no worker yet sees"
+    log.info("%s %s: the blocks are sent to this process, which writes them", why, directory)
     return "driver"
 
 
