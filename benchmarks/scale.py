@@ -3,7 +3,7 @@ a result larger than memory, resume, worker scaling, and the pipeline's overhead
 in-process engine. Prints one line per case; --json writes the numbers.
 
     python benchmarks/scale.py memory   --dim 16384 --samples 4 --workers 2
-    python benchmarks/scale.py io       --dim 4096 --samples 64 --width 16   # vs dd, local + dask
+    python benchmarks/scale.py io       --dim 4096 --samples 64 --width 16   # vs dd: local, dask
     python benchmarks/scale.py reports  --dim 16384 --samples 4     # end of compute -> exit
     python benchmarks/scale.py big      --dim 98304 --samples 1     # 38.7 GB on a 24 GiB machine
     python benchmarks/scale.py resume   --dim 1024 --samples 8
@@ -205,8 +205,10 @@ def bench_memory(a) -> dict:
 
 def bench_io(a) -> dict:
     """An I/O-bound job (narrow MLP) against dd in the same directory: backend=local and
-    backend=dask with 2 workers. The write phase runs from the writer's first log line (file laid
-    out; for Dask, once the cluster is ready) to the rename of the finished file."""
+    backend=dask with 2 workers, the workers writing their blocks (dask) or sending them to the
+    driver, which writes them (dask_driver: backend.write_at=driver). The write phase runs from
+    the writer's first log line (file laid out; for Dask, once the cluster is ready) to the
+    rename of the finished file."""
     tmp = bench_dir(a)
     size = a.samples * a.dim * a.dim * 4
     res = {"case": "io", "dim": a.dim, "samples": a.samples, "width": a.width, "gb": size / 1e9}
@@ -215,11 +217,13 @@ def bench_io(a) -> dict:
         "local": ["backend=local"],
         "dask": ["backend=dask", f"backend.n_workers={a.workers}"],
     }
+    backends["dask_driver"] = [*backends["dask"], "backend.write_at=driver"]
     for name, extra in backends.items():
         path = tmp / f"io-{name}.h5"
         over = job(a.dim, a.samples, *extra, f"storage.path={path}", width=a.width)
         m = cli_timed(over, tmp)
-        start = event_time(m["events"], "Dask cluster ready" if name == "dask" else "Hessians (")
+        ready = "Dask cluster ready" if name.startswith("dask") else "Hessians ("
+        start = event_time(m["events"], ready)
         phase = event_time(m["events"], "wrote ") - start
         res[f"{name}_wall_s"] = m["wall_s"]
         res[f"{name}_write_phase_s"] = phase

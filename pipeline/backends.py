@@ -1,13 +1,15 @@
 """Where blocks run: in this process (``local``) or on Dask workers (``dask``, ``dask_cuda``,
 ``address``). Every backend computes blocks with :func:`compute_block` and hands each to the
-result writer's sink where it was computed (see ``pipeline.store.blocks``); none holds the full
-Hessian.
+result writer's sink (see ``pipeline.store.blocks``): where it was computed, or, for Dask workers
+that cannot see the output directory, in this process (``backend.write_at``, see
+:func:`write_at`); none holds the full Hessian.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import json
 import logging
 import os
@@ -31,6 +33,8 @@ from .hessian.targets import Target
 from .job import Job, make_model
 from .plan import Block
 from .precision import tf32
+from .store import BlockStats, InPlaceSink, block_stats, probe_marker
+from .store.blocks import host_array
 from .validate import idle_workers
 
 log = logging.getLogger(__name__)
@@ -127,11 +131,14 @@ class BlockWriter:
         self.thread.start()
         return self
 
-    def put(self, b: Block, h: Tensor, g: Tensor | None) -> None:
+    def put(self, b: Block, h: Tensor | np.ndarray, g: Tensor | np.ndarray | None,
+            stats: BlockStats | None = None) -> None:  # fmt: skip
+        """Queue block ``b`` (hessian (S, K, R, D), gradient (S, K, D) at row 0, and its
+        statistics when they were taken already); waits while another block is queued."""
         if self.error is not None:
             raise self.error
         if not self.cuda:
-            self.queue.put((b, h, g, None, None))
+            self.queue.put((b, h, g, stats, None, None))
             return
         buf = self.buffers.get()
         if buf is None or buf.numel() < h.numel():
@@ -146,16 +153,16 @@ class BlockWriter:
         h.record_stream(self.copy_stream)  # h's memory is not reused before the copy ends
         if g is not None:
             g.record_stream(self.copy_stream)
-        self.queue.put((b, host, grad, done, buf))
+        self.queue.put((b, host, grad, stats, done, buf))
 
     def _loop(self) -> None:
         while (item := self.queue.get()) is not None:
-            b, h, g, done, buf = item
+            b, h, g, stats, done, buf = item
             try:
                 if self.error is None:
                     if done is not None:
                         done.synchronize()
-                    self.on_written(self.sink.write(b, h, g))
+                    self.on_written(self.sink.write(b, h, g, stats))
             except BaseException as err:  # raised in the computing thread
                 self.error = err
             finally:
@@ -260,15 +267,63 @@ def _dask_task(
     sink,
     budget: int,
     allow_tf32: bool = False,
-) -> int:
-    """Run on a worker: compute one block and write it with the sink. Idempotent."""
+) -> int | tuple[int, np.ndarray, np.ndarray | None, BlockStats]:
+    """Run on a worker: compute one block and write it with ``sink``; returns its index.
+    Without a sink (``backend.write_at=driver``) the block goes back to the driver instead:
+    (index, hessian (S, K, R, D), gradient (S, K, D) or None, its statistics). Idempotent."""
     model = _worker_model(*model_args)
     device = next(iter(model.parameters()), torch.empty(0)).device
     target = Target(kind, torch.as_tensor(aux), output_index).to(device)
     xt = torch.as_tensor(x).to(device)
     with tf32(allow_tf32):
         h, g = compute_block(model, method, xt, target, block, budget)
-    return sink.write(block, h, g)
+    if sink is not None:
+        return sink.write(block, h, g)
+    h = host_array(h)  # its own memory (not the staged buffer): it outlives this task
+    grad = None if g is None else host_array(g)
+    return block.index, h, grad, block_stats(h, block.r0)
+
+
+def _sees(directory: str, marker: str) -> bool:
+    """Run on a worker: whether it sees the driver's ``marker`` in ``directory`` and may write
+    there."""
+    return os.path.isfile(os.path.join(directory, marker)) and os.access(directory, os.W_OK)
+
+
+def write_at(client, backend: dict[str, Any], directory: str) -> str:
+    """Who writes the blocks into ``directory`` (the sink's): ``"workers"`` or ``"driver"``.
+
+    ``backend.write_at=auto`` decides before any block is computed, by a probe: this process
+    creates a marker file in ``directory`` and asks every worker (``client.run``) whether it
+    sees it; ``workers`` if all do, else ``driver`` (also when no worker has joined yet).
+    ``workers`` is refused when a worker does not see it.
+
+    Raises:
+        PipelineError: ``write_at=workers`` and a worker cannot see ``directory``.
+    """
+    asked = str(backend.get("write_at", "auto"))
+    if asked == "driver":
+        return "driver"
+    marker = probe_marker(Path(directory))
+    marker.touch()
+    try:
+        seen = client.run(_sees, directory, marker.name, on_error="return")
+    finally:
+        marker.unlink(missing_ok=True)
+    blind = sorted(str(w) for w, ok in seen.items() if ok is not True)
+    if blind and asked == "workers":
+        raise PipelineError(
+            f"backend.write_at=workers, but {len(blind)} of {len(seen)} Dask workers (first: "
+            f"{blind[0]}) cannot see {directory}: give them that directory (a shared file "
+            "system) or use backend.write_at=driver",
+            "backend.write_at",
+        )
+    if asked == "workers" or (seen and not blind):
+        log.info("the Dask workers write their blocks into %s (%d checked)", directory, len(seen))
+        return "workers"
+    why = f"{len(blind)} of {len(seen)} Dask workers cannot see" if seen else "no worker yet sees"
+    log.info("%s %s: the blocks are sent to this process, which writes them", why, directory)
+    return "driver"
 
 
 @contextlib.contextmanager
@@ -439,10 +494,18 @@ def _has_bokeh() -> bool:
 
 
 def run_dask(client, job: Job, blocks: list[Block], sink, on_written) -> float:
-    """Submit blocks with a bounded number in flight; each worker writes its own blocks."""
+    """Submit blocks with a bounded number in flight; each worker writes its own blocks, or
+    sends them to this process, which writes them (``backend.write_at``, see :func:`write_at`).
+
+    Blocks sent here are written on one background thread (:class:`BlockWriter`); while it is
+    behind, no block is fetched and no new one submitted, so this process holds at most three
+    blocks (one written, one queued, one received) and the workers at most
+    ``backend.max_in_flight`` finished ones: a slow disk slows the run, it does not fill memory.
+    """
     from distributed import as_completed
 
     backend = job.cfg["backend"]
+    where = write_at(client, backend, sink.directory)
     identity = (job.model_fingerprint, job.code_fingerprint)
     key = job.model_fingerprint[:16] + job.cfg["dtype"]
     model_args = (
@@ -479,7 +542,7 @@ def run_dask(client, job: Job, blocks: list[Block], sink, on_written) -> float:
             aux[b.s0 : b.s1],
             oi[b.s0 : b.s1] if oi.ndim == 2 else oi,
             b,
-            sink,
+            sink if where == "workers" else None,
             job.memory_budget,
             _tf32(job.cfg),
             key=f"hessian-block-{key}-{b.index}",
@@ -490,10 +553,22 @@ def run_dask(client, job: Job, blocks: list[Block], sink, on_written) -> float:
     t0 = time.perf_counter()
     pending: Iterator[Block] = iter(blocks)
     ac = as_completed([submit(b) for b in _take(pending, in_flight)])
-    for fut in ac:
-        on_written(fut.result())  # re-raises a task's error here
-        for b in _take(pending, 1):
-            ac.add(submit(b))
+    if where == "workers":
+        for fut in ac:
+            on_written(fut.result())  # re-raises a task's error here
+            for b in _take(pending, 1):
+                ac.add(submit(b))
+        return time.perf_counter() - t0
+    if isinstance(sink, InPlaceSink):  # this process's writes are flushed by its group commits
+        sink = dataclasses.replace(sink, flush=False)
+    planned = {b.index: b for b in blocks}
+    with BlockWriter(sink, on_written, torch.device("cpu")) as writer:
+        for fut in ac:
+            index, h, g, stats = fut.result()  # re-raises a task's error here
+            del fut  # the worker's copy is released
+            writer.put(planned[index], h, g, stats)  # waits while a block is queued
+            for b in _take(pending, 1):
+                ac.add(submit(b))
     return time.perf_counter() - t0
 
 

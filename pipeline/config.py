@@ -43,6 +43,12 @@ class Layout(_StrEnum):
     virtual = "virtual"  # an HDF5 virtual dataset over the kept shard files
 
 
+class WriteAt(_StrEnum):
+    auto = "auto"  # workers if every worker sees the output directory (a probe), else driver
+    workers = "workers"  # each worker writes the blocks it computed
+    driver = "driver"  # workers return their blocks; this process writes them
+
+
 class Loss(_StrEnum):
     cross_entropy = "cross_entropy"
     mse = "mse"
@@ -185,6 +191,7 @@ class DaskOptions(BackendConf):
     threads_per_worker: int = at_least(1, 1)  # torch threads in each worker
     max_in_flight: int | None = at_least(1, None)  # blocks submitted at once (2 x workers)
     retries: int = at_least(0, 2)  # re-runs of a block whose computation raised
+    write_at: WriteAt = WriteAt.auto  # who writes the computed blocks into the result
 
 
 @dataclass

@@ -6,7 +6,7 @@
 
 from .blocks import InPlaceSink, ShardSink
 from .layout import Metadata, compression_options
-from .names import ResultNames
+from .names import ResultNames, probe_marker
 from .statistics import BlockStats, block_stats
 from .writer import ResultWriter, RunLock, check_destination
 
@@ -21,4 +21,5 @@ __all__ = [
     "block_stats",
     "check_destination",
     "compression_options",
+    "probe_marker",
 ]

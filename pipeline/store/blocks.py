@@ -85,6 +85,11 @@ class InPlaceSink:
     dtype: str
     flush: bool = False
 
+    @property
+    def directory(self) -> str:
+        """Where the sink writes (whoever writes must see it)."""
+        return os.path.dirname(self.path)
+
     def write(
         self, b: Block, h: Tensor | np.ndarray, g: Tensor | np.ndarray | None,
         stats: BlockStats | None = None,

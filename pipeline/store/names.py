@@ -11,7 +11,8 @@ For a result at ``PATH`` (``storage.path``):
     layout); renamed to ``PATH`` when complete;
   - ``block-NNNNNN.done``: the commit marker of block N of ``direct.h5`` (an empty file);
   - ``block-NNNNNN.h5``: the shard file of block N (virtual layout or compression);
-  - ``.<name>.<pid>.<id>.partial``: a file being written; never read, deleted by the next run.
+  - ``.<name>.<pid>.<id>.partial``: a file being written, or the marker by which Dask workers
+    show that they see the directory (``.probe.<pid>.<id>.partial``); deleted by the next run.
 - ``.<PATH name>.<pid>.<id>.partial`` beside ``PATH``: the final file assembled from shards, before
   its rename (deleted by the next run on ``PATH`` if a run was killed).
 """
@@ -35,6 +36,11 @@ _BLOCK = re.compile(r"block-(\d{6})\.(done|h5)$")
 def temporary_name(path: Path) -> Path:
     """A hidden sibling name for writing ``path`` before an atomic rename."""
     return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial")
+
+
+def probe_marker(directory: Path) -> Path:
+    """A fresh name for the marker that Dask workers look for in ``directory``."""
+    return temporary_name(directory / "probe")
 
 
 @dataclass(frozen=True)
