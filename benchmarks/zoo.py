@@ -54,6 +54,7 @@ SAMPLES_GPU = {"mnist_relu": 64, "mnist_tanh": 32, "lenet5": 128, "tabular_mlp":
 # Library models: D = 768 (3 x 16 x 16) or 3072 (ConvNeXt), tiny inputs for the others.
 SAMPLES |= {e.name: 4 for e in LIBRARY} | {
     "timm_convnext": 1,
+    "tv_resnet18_loss": 1,  # jacrev(jacrev) needs > 20 GiB with 4 samples
     "pinn": 4096,
     "pair_potential": 64,
     "hessquik_fc": 256,
