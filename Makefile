@@ -40,7 +40,7 @@ bench: install
 	$(PY) benchmarks/compare_methods.py $(ARGS)
 
 train: install
-	$(PY) -m pipeline.train
+	$(PY) -m pipeline.inputs.train
 
 # Wheels of what a bare GPU image (python 3.12, torch, h5py, numpy) lacks, for
 # benchmarks/gpu_check.sh on a machine without network: carried there in .whl/. Dask as

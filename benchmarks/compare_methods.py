@@ -26,9 +26,9 @@ from torch import Tensor, nn
 from torch.func import functional_call, jacrev, vmap
 
 import pipeline
+from pipeline.config.precision import tf32
 from pipeline.hessian.methods import METHODS, resolve_method
 from pipeline.hessian.support import analyze
-from pipeline.precision import tf32
 
 CASES: dict[str, tuple[str, tuple[int, ...]]] = {
     "mlp64": ("mlp", (64,)),

@@ -12,11 +12,12 @@ in-process engine. Prints one line per case; --json writes the numbers.
     python benchmarks/scale.py gpu      --dim 784 --samples 1024   # needs CUDA; vs dd too
     python benchmarks/scale.py all --quick      # small sizes, a couple of minutes
 
-The model is a tanh MLP D -> 256 -> 256 -> 10 (pipeline.models.mlp; --width changes the hidden
-widths), one logit, float32, synthetic inputs. Every run is a real `python -m pipeline` process
-(memory, io, reports, big, resume) or a real `pipeline.run.run` call (scaling, overhead, gpu) on
-this machine. `--dir` chooses where results and dd's file go (default: a temporary directory
-under /work if it exists, else the system's): dd runs in the same directory as the results.
+The model is a tanh MLP D -> 256 -> 256 -> 10 (pipeline.inputs.models.mlp; --width changes the
+hidden widths), one logit, float32, synthetic inputs. Every run is a real `python -m pipeline`
+process (memory, io, reports, big, resume) or a real `pipeline.execution.run.run` call (scaling,
+overhead, gpu) on this machine. `--dir` chooses where results and dd's file go (default: a
+temporary directory under /work if it exists, else the system's): dd runs in the same directory as
+the results.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from tests.processes import TreeMonitor  # noqa: E402
 def job(dim: int, samples: int, *extra: str, width: int | None = None) -> list[str]:
     return [
         "model=custom",
-        "model.net._target_=pipeline.models.mlp",
+        "model.net._target_=pipeline.inputs.models.mlp",
         f"+model.net.in_features={dim}",
         *([f"+model.net.hidden=[{width},{width}]"] if width else []),
         "data=synthetic",
@@ -144,7 +145,7 @@ def event_time(events: list[tuple[float, str]], prefix: str) -> float:
 
 def reference_rows(path: Path, dim: int, rows: list[int]) -> float:
     """Max relative error of stored rows of sample 0 against a double-backward reference."""
-    from pipeline.models import mlp
+    from pipeline.inputs.models import mlp
 
     net = mlp(dim).eval()
     with h5py.File(path, "r") as f:
@@ -267,8 +268,8 @@ def bench_big(a) -> dict:
     this process, scaled to all) plus size / dd bandwidth; peak memory of the process tree;
     ``inspect --verify`` on spot rows."""
     from pipeline import hessian
-    from pipeline.models import mlp
-    from pipeline.plan import make_plan
+    from pipeline.store.plan import make_plan
+    from pipeline.inputs.models import mlp
 
     tmp = bench_dir(a)
     size = a.samples * a.dim * a.dim * 4
@@ -345,7 +346,7 @@ def bench_resume(a) -> dict:
 
 
 def bench_scaling(a) -> dict:
-    from pipeline.run import run
+    from pipeline.execution.run import run
     from tests.configs import config
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-scale-"))
@@ -371,9 +372,9 @@ def bench_scaling(a) -> dict:
 
 def bench_overhead(a) -> dict:
     from pipeline import hessian
-    from pipeline.data import load_data
-    from pipeline.models import mlp
-    from pipeline.run import run
+    from pipeline.execution.run import run
+    from pipeline.inputs.data import load_data
+    from pipeline.inputs.models import mlp
     from tests.configs import config
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-overhead-"))
@@ -413,9 +414,9 @@ def bench_gpu(a) -> dict:
     import torch
 
     from pipeline import hessian
-    from pipeline.data import load_data
-    from pipeline.models import mlp
-    from pipeline.run import run
+    from pipeline.execution.run import run
+    from pipeline.inputs.data import load_data
+    from pipeline.inputs.models import mlp
     from tests.configs import config
 
     tmp = bench_dir(a)

@@ -2,7 +2,8 @@
 
 from .errors import PipelineError
 from .hessian import METHODS, Target, hessian, make_target
-from .reader import read
+from .results.reader import read
+from .version import __version__
 
 __all__ = [
     "METHODS",
@@ -13,14 +14,14 @@ __all__ = [
     "make_target",
     "read",
     "run_overrides",
+    "__version__",
 ]
-__version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    """``run_overrides`` and ``RunResult`` (from ``pipeline.run``) import Dask when first used."""
+    """``run_overrides`` and ``RunResult`` (from ``pipeline.execution.run``) import Dask when first used."""
     if name in ("run_overrides", "RunResult"):
-        from .run import RunResult, run_overrides
+        from .execution.run import RunResult, run_overrides
 
         return {"run_overrides": run_overrides, "RunResult": RunResult}[name]
     raise AttributeError(f"module 'pipeline' has no attribute {name!r}")

@@ -20,10 +20,10 @@ import hydra._internal.utils as hydra_utils
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from .config import config_dir, register, to_plain
+from .config.schema import config_dir, register
+from .config.validate import complete_config, config_error
 from .errors import PipelineError
-from .run import output_path, run
-from .validate import config_error
+from .execution.run import output_path, run
 
 log = logging.getLogger("pipeline")
 register()
@@ -61,7 +61,7 @@ def interrupted(cfg: DictConfig, output_dir: Path, overrides: list[str]) -> str:
     """The line for Ctrl-C: how many blocks are committed, and the command that resumes."""
     from .store import ResultNames
 
-    path = output_path(to_plain(cfg), output_dir)
+    path = output_path(complete_config(cfg), output_dir)
     names = ResultNames(path)
     done = len(names.markers().keys() | names.shard_files().keys())
     try:

@@ -10,7 +10,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
 
-from pipeline.config import register, to_plain
+from pipeline.config.schema import register, to_plain
 from pipeline.store import ResultNames
 
 CONF = Path(__file__).resolve().parents[1] / "conf"

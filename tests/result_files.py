@@ -1,14 +1,14 @@
 """Small real result files for the reader, inspect and plots tests, each computed once per session.
 
-``result_file(tmp_path_factory, name)`` runs ``pipeline.run.run`` on a config composed from
-``conf/`` with the overrides in ``CASES[name]`` and returns the path of the written file.
+``result_file(tmp_path_factory, name)`` runs ``pipeline.execution.run.run`` on a config composed
+from ``conf/`` with the overrides in ``CASES[name]`` and returns the path of the written file.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.run import run
+from pipeline.execution.run import run
 
 from .configs import compose_config
 

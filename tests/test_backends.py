@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from distributed import Client, LocalCluster
 
-from pipeline.run import run
+from pipeline.execution.run import run
 from pipeline.store import ResultNames
 
 from .configs import committed_blocks, config, read_hessian

@@ -33,7 +33,7 @@ def test_a_hessian_larger_than_memory(tmp_path):
         pytest.skip("this machine holds the whole matrix in memory: the test would prove nothing")
     path = tmp_path / "big.h5"
     cmd = [sys.executable, "-m", "pipeline", f"hydra.run.dir={tempfile.mkdtemp()}",
-           "model=custom", "model.net._target_=pipeline.models.mlp",
+           "model=custom", "model.net._target_=pipeline.inputs.models.mlp",
            f"+model.net.in_features={D}", "data=synthetic", f"data.shape=[{D}]",
            "data.n_samples=1", "target.indices=[2]", "backend=dask", "backend.n_workers=2",
            "progress=false", "plots=false", f"storage.path={path}"]  # fmt: skip

@@ -150,10 +150,10 @@ def test_default_job_writes_the_trained_mlps_hessians(jobs):
     assert attrs["dtype"] == "float32" and attrs["method"] == "structured"
     assert attrs["status"] == "complete"
     config = yaml.safe_load(attrs["config"])
-    assert config["model"]["net"]["_target_"] == "pipeline.models.digits_mlp"
+    assert config["model"]["net"]["_target_"] == "pipeline.inputs.models.digits_mlp"
     assert config["target"]["indices"] == [2] and config["data"]["stop"] == 16
-    from pipeline.data import load_digits_arrays
-    from pipeline.models import digits_mlp
+    from pipeline.inputs.data import load_digits_arrays
+    from pipeline.inputs.models import digits_mlp
 
     np.testing.assert_array_equal(x.numpy(), load_digits_arrays()[0][:16])
     h_ref, _ = reference(digits_mlp().double(), x.double(), TargetCase("i", [2]), None)

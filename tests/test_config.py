@@ -22,9 +22,10 @@ from torch import nn
 
 import pipeline
 from pipeline import PipelineError
-from pipeline.config import register, to_plain
-from pipeline.data import load_data
-from pipeline.models import build_model
+from pipeline.config.schema import register, to_plain
+from pipeline.config.validate import complete_config
+from pipeline.inputs.data import load_data
+from pipeline.inputs.models import build_model
 from tests.zoo import assert_close
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -127,9 +128,10 @@ def test_every_option_composes_builds_and_loads(hydra_compose, files, group, opt
     instantiate_all(plain, targets)
     assert all(isinstance(t, nn.Module) for t in targets)
     assert len(targets) == (plain["model"].get("net") is not None)
-    model = build_model(plain["model"], torch.float64)
+    checked = complete_config(cfg)
+    model = build_model(checked.model, torch.float64)
     assert not model.training
-    data = load_data(plain["data"], torch.float64)
+    data = load_data(checked.data, torch.float64)
     assert data.x.dtype == torch.float64 and len(data.x) == len(data.sample_index) > 0
     with torch.no_grad():
         z = model(data.x)
@@ -139,10 +141,10 @@ def test_every_option_composes_builds_and_loads(hydra_compose, files, group, opt
 
 
 def test_exported_model_matches_its_source(hydra_compose, files):
-    cfg = to_plain(
+    cfg = complete_config(
         hydra_compose(["model=exported", f"model.path={files['net.pt2']}", "model.trust=true"])
     )
-    exported = build_model(cfg["model"], torch.float64)
+    exported = build_model(cfg.model, torch.float64)
     source = nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.Tanh(), nn.Linear(8, 10))
     source.load_state_dict(torch.load(files["net_state.pt"]))
     x = torch.rand(3, 1, 8, 8, dtype=torch.float64)
@@ -153,12 +155,12 @@ def test_exported_model_matches_its_source(hydra_compose, files):
 
 def test_custom_model_checkpoint_is_loaded(hydra_compose, files, tmp_path):
     over = [f"model.net._target_={USERMOD}.make_net", "+model.net.hidden=4"]
-    cfg = to_plain(hydra_compose(["model=custom", *over]))
-    net = build_model(cfg["model"], torch.float64)
+    cfg = complete_config(hydra_compose(["model=custom", *over]))
+    net = build_model(cfg.model, torch.float64)
     state = {k: torch.full_like(v, 0.5) for k, v in net.state_dict().items()}
     torch.save(state, tmp_path / "w.pt")
-    cfg["model"]["checkpoint"] = str(tmp_path / "w.pt")
-    loaded = build_model(cfg["model"], torch.float64)
+    cfg.model.checkpoint = str(tmp_path / "w.pt")
+    loaded = build_model(cfg.model, torch.float64)
     assert all(torch.equal(v, torch.full_like(v, 0.5)) for v in loaded.state_dict().values())
 
 
@@ -171,7 +173,7 @@ def test_explicit_indices_keep_their_order_and_repeats(hydra_compose, files, sou
         "hdf5": ["data=hdf5", f"data.path={files['xy.h5']}", "data.labels_dataset=y"],
     }[source]  # fmt: skip
     data = load_data(
-        to_plain(hydra_compose([*over, "data.indices=[4,0,2,0]"]))["data"], torch.float32
+        complete_config(hydra_compose([*over, "data.indices=[4,0,2,0]"])).data, torch.float32
     )
     x, y = np.load(files["x.npy"]), np.load(files["y.npy"])
     assert data.sample_index.tolist() == [4, 0, 2, 0]
@@ -198,11 +200,11 @@ def test_invalid_values_fail_at_composition(hydra_compose, override, text):
 
 
 def _build(cfg):
-    return build_model(cfg["model"], torch.float32)
+    return build_model(cfg.model, torch.float32)
 
 
 def _load(cfg):
-    return load_data(cfg["data"], torch.float32)
+    return load_data(cfg.data, torch.float32)
 
 
 # (overrides, what is called, config key that the one-line error must name)
@@ -247,16 +249,16 @@ def test_user_errors_name_the_config_key(hydra_compose, files, overrides, call, 
     np.save(d / "nan.npy", nan)
     for path in d.iterdir():  # "{x.npy}" -> the file's path
         overrides = [o.replace(f"{{{path.name}}}", str(path)) for o in overrides]
-    cfg = to_plain(hydra_compose(overrides))
+    cfg = complete_config(hydra_compose(overrides))
     with pytest.raises(PipelineError, match=rf"\(config key: {key}\)$") as info:
         call(cfg)
     assert "\n" not in str(info.value)
 
 
 def test_static_batch_export_says_how_to_export(hydra_compose, files):
-    cfg = to_plain(
+    cfg = complete_config(
         hydra_compose(["model=exported", f"model.path={files['static.pt2']}", "model.trust=true"])
     )
-    model = build_model(cfg["model"], torch.float64)
+    model = build_model(cfg.model, torch.float64)
     with pytest.raises(PipelineError, match=r"dynamic.*\(config key: model.path\)$"):
         pipeline.hessian(model, torch.rand(3, 1, 8, 8, dtype=torch.float64), [0])

@@ -22,8 +22,8 @@ import pytest
 import torch
 
 from pipeline.errors import PipelineError
-from pipeline.models import digits_cnn, digits_mlp
-from pipeline.run import run
+from pipeline.execution.run import run
+from pipeline.inputs.models import digits_cnn, digits_mlp
 
 from .configs import config
 

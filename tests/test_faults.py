@@ -12,7 +12,7 @@ import h5py
 import numpy as np
 import pytest
 
-from pipeline.run import run
+from pipeline.execution.run import run
 from pipeline.store import ResultNames
 
 from .configs import committed_blocks, config

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from pipeline import hessian, make_target
+from pipeline.execution.run import run
 from pipeline.hessian.methods import METHODS
 from pipeline.hessian.support import analyze
-from pipeline.run import run
 
 from .configs import config, read_hessian
 from .model_zoo import ZOO, ZooModel

@@ -12,7 +12,7 @@ import pipeline
 from pipeline import make_target
 from pipeline.hessian import generic
 from pipeline.hessian.errors import ArgumentError
-from pipeline.models import digits_mlp
+from pipeline.inputs.models import digits_mlp
 from tests.zoo import (
     MODEL_BY_NAME,
     MODELS,

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from pipeline.errors import PipelineError
-from pipeline.inspect import main, stats_table
-from pipeline.reader import read
-from pipeline.stats import matrix_stats
-from pipeline.verify import verify
+from pipeline.results.inspect import main, stats_table
+from pipeline.results.reader import read
+from pipeline.results.stats import matrix_stats
+from pipeline.results.verify import verify
 
 from .result_files import result_file
 
@@ -44,7 +44,7 @@ def test_summary_and_verify_ok(tmp_path_factory):
     text = out.stdout
     expected_lines = [
         "hessian    (3, 2, 64, 64) float32", "method     structured",
-        "pipeline.models.digits_mlp", "data       digits [0:3]", "target     indices [2, 5]",
+        "pipeline.inputs.models.digits_mlp", "data       digits [0:3]", "target     indices [2, 5]",
         "on disk", "status complete", "verify: OK",
     ]  # fmt: skip
     for expected in expected_lines:
@@ -111,9 +111,10 @@ def test_verify_catches_one_changed_entry(tmp_path_factory, tmp_path, dataset, i
 
 def test_verify_without_pairs_reads_each_matrix_once(tmp_path_factory, tmp_path, monkeypatch):
     """--no-pairs skips the panel pairs; the probes still catch a changed off-diagonal entry."""
-    import pipeline.stats
+    import pipeline.results.stats
 
-    monkeypatch.setattr(pipeline.stats, "_panels_from", lambda *a: pytest.fail("read a pair"))
+    fail = lambda *a: pytest.fail("read a pair")  # noqa: E731
+    monkeypatch.setattr(pipeline.results.stats, "_panels_from", fail)
     good = result_file(tmp_path_factory, "copy")
     with read(good) as r:
         report = verify(r, rows=1, pairs=False)

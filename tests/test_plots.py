@@ -8,10 +8,10 @@ import h5py
 import numpy as np
 import pytest
 
-from pipeline import plots
-from pipeline.lanczos import lanczos, top_eigenvalues
-from pipeline.reader import read
-from pipeline.stats import block_average, matrix_stats, matvec_operator
+from pipeline.results import plots
+from pipeline.results.lanczos import lanczos, top_eigenvalues
+from pipeline.results.reader import read
+from pipeline.results.stats import block_average, matrix_stats, matvec_operator
 
 from .configs import compose_config
 from .result_files import result_file
@@ -220,7 +220,7 @@ def test_a_zero_hessian_says_so(tmp_path_factory, tmp_path, monkeypatch, figures
 def test_the_sample_and_output_drawn_can_be_chosen(tmp_path_factory, tmp_path, figures, caplog):
     path = result_file(tmp_path_factory, "copy")  # 3 samples, outputs [2, 5]
     start = len(figures)  # the run that made the file may have drawn some
-    with caplog.at_level("INFO", logger="pipeline.plots"):
+    with caplog.at_level("INFO", logger="pipeline.results.plots"):
         written = plots.write_reports(path, tmp_path, {"sample": 2, "output": 1})
     heatmap = next(f for f in figures[start:] if "Input Hessian of" in f.axes[0].get_title())
     assert "output 5, sample 2 (dataset index 2)" in heatmap.axes[0].get_title()
@@ -232,13 +232,14 @@ def test_the_sample_and_output_drawn_can_be_chosen(tmp_path_factory, tmp_path, f
 
 
 def test_a_report_option_out_of_range_is_refused_before_computing(tmp_path, monkeypatch):
-    import pipeline.run
+    from pipeline.execution.backends.local import Local
+    from pipeline.execution.run import run
 
-    monkeypatch.setattr(pipeline.run, "execute", lambda *a: pytest.fail("computed"))
+    monkeypatch.setattr(Local, "execute", lambda *a: pytest.fail("computed"))
     cfg = compose_config("data.stop=3", "plots=true", "report.output=1", "progress=false",
                          f"storage.path={tmp_path / 'h.h5'}")  # fmt: skip
     with pytest.raises(plots.PipelineError, match="report.output=1 is out of range") as info:
-        pipeline.run.run(cfg)
+        run(cfg)
     assert info.value.key == "report.output" and list(tmp_path.iterdir()) == []
 
 

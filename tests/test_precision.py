@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.config.precision import tf32, tf32_error
+from pipeline.execution.run import run
 from pipeline.hessian.methods import METHODS
 from pipeline.hessian.targets import make_target
-from pipeline.precision import tf32, tf32_error
-from pipeline.run import run
 
 from .configs import config, read_hessian
 from .nets import mlp

@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 
 import pipeline
 from pipeline import PipelineError
-from pipeline.reader import DATASETS, read
+from pipeline.results.reader import DATASETS, read
 from pipeline.store import ResultNames
 
 from .result_files import result_file

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from pipeline.errors import PipelineError
-from pipeline.run import run
+from pipeline.execution.run import run
 from pipeline.store import ResultNames, ResultWriter, RunLock
 
 from .configs import committed_blocks, config, read_hessian

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.data import load_digits_arrays
-from pipeline.models import digits_mlp
-from pipeline.run import run
+from pipeline.execution.run import run
+from pipeline.inputs.data import load_digits_arrays
+from pipeline.inputs.models import digits_mlp
 from tests.configs import compose_config
 from tests.zoo import TargetCase, assert_rel_close, reference
 

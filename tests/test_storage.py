@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-import pipeline.backends
-import pipeline.run
 from pipeline import hessian
 from pipeline.errors import PipelineError
-from pipeline.plan import make_plan
-from pipeline.run import run
+from pipeline.execution.backends.dask import DaskLocal
+from pipeline.execution.backends.local import Local
+from pipeline.execution.run import run
 from pipeline.store import InPlaceSink, ResultNames, ResultWriter, block_stats
 from pipeline.store.durable import Background
+from pipeline.store.plan import make_plan
 from pipeline.store.statistics import reduce_sums
 
 from .configs import committed_blocks, config, read_hessian
@@ -202,15 +202,15 @@ SMALL = job(32, 4, "storage.block_rows=8")  # 16 blocks
 def test_a_backend_that_skips_blocks_never_makes_a_complete_file(tmp_path, monkeypatch):
     """Like backend.max_in_flight=-1 once did: the executor returns without computing some blocks.
     The result is refused; the blocks it did commit are kept, and resume completes it."""
-    real = pipeline.run.execute
-    monkeypatch.setattr(pipeline.run, "execute",
-                        lambda job, blocks, *a: real(job, blocks[::2], *a))  # fmt: skip
+    real = Local.execute
+    monkeypatch.setattr(Local, "execute",
+                        lambda self, job, blocks, *a: real(self, job, blocks[::2], *a))  # fmt: skip
     path = tmp_path / "h.h5"
     with pytest.raises(RuntimeError, match="8 of 16 planned blocks were not committed"):
         run(config(*SMALL, f"storage.path={path}"))
     assert not path.exists()
     assert len(committed_blocks(path)) == 8
-    monkeypatch.setattr(pipeline.run, "execute", real)
+    monkeypatch.setattr(Local, "execute", real)
     res = run(config(*SMALL, "storage.mode=resume", f"storage.path={path}"))
     assert (res.blocks_reused, res.blocks_computed) == (8, 8)
     ref = tmp_path / "ref.h5"
@@ -227,7 +227,7 @@ def test_a_run_that_commits_no_block_leaves_nothing(tmp_path, monkeypatch, error
     def fail(*args):
         raise error
 
-    monkeypatch.setattr(pipeline.run, "execute", fail)
+    monkeypatch.setattr(Local, "execute", fail)
     path = tmp_path / "new" / "dir" / "h.h5"
     with pytest.raises(type(error)):
         run(config(*SMALL, strategy, f"storage.path={path}"))
@@ -236,9 +236,9 @@ def test_a_run_that_commits_no_block_leaves_nothing(tmp_path, monkeypatch, error
 
 def test_a_failed_resume_keeps_the_earlier_blocks(tmp_path, monkeypatch):
     path = tmp_path / "h.h5"
-    real = pipeline.run.execute
-    monkeypatch.setattr(pipeline.run, "execute",
-                        lambda job, blocks, *a: real(job, blocks[:5], *a))  # fmt: skip
+    real = Local.execute
+    monkeypatch.setattr(Local, "execute",
+                        lambda self, job, blocks, *a: real(self, job, blocks[:5], *a))  # fmt: skip
     with pytest.raises(RuntimeError, match="not committed"):
         run(config(*SMALL, f"storage.path={path}"))
     before = sorted(p.name for p in ResultNames(path).shards.iterdir())
@@ -246,7 +246,7 @@ def test_a_failed_resume_keeps_the_earlier_blocks(tmp_path, monkeypatch):
     def fail(*args):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(pipeline.run, "execute", fail)
+    monkeypatch.setattr(Local, "execute", fail)
     with pytest.raises(RuntimeError, match="boom"):
         run(config(*SMALL, "storage.mode=resume", f"storage.path={path}"))
     assert sorted(p.name for p in ResultNames(path).shards.iterdir()) == before
@@ -261,7 +261,7 @@ REFUSED = {
 @pytest.mark.parametrize("case", list(REFUSED))
 def test_a_refused_run_creates_nothing(tmp_path, monkeypatch, case):
     overrides, key = REFUSED[case]
-    monkeypatch.setattr(pipeline.run, "execute", lambda *a: pytest.fail("computed"))
+    monkeypatch.setattr(Local, "execute", lambda *a: pytest.fail("computed"))
     path = tmp_path / "a" / "b" / "h.h5"
     if case == "path is a directory":
         path = tmp_path / "h.h5"
@@ -285,8 +285,7 @@ def test_resume_with_every_block_committed_starts_no_workers(tmp_path, monkeypat
         run(config(*SMALL, f"storage.path={path}"))
     assert len(committed_blocks(path)) == 16
     monkeypatch.undo()
-    monkeypatch.setattr(pipeline.backends, "dask_client",
-                        lambda *a: pytest.fail("a cluster was started"))  # fmt: skip
+    monkeypatch.setattr(DaskLocal, "client", lambda *a: pytest.fail("a cluster was started"))
     res = run(config(*SMALL, "backend=dask", "storage.mode=resume", f"storage.path={path}"))
     assert (res.blocks_reused, res.blocks_computed) == (16, 0)
     ref = tmp_path / "ref.h5"

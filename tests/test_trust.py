@@ -24,9 +24,9 @@ import yaml
 from torch import nn
 
 from pipeline.errors import PipelineError
-from pipeline.reader import read
-from pipeline.run import run
-from pipeline.verify import verify
+from pipeline.execution.run import run
+from pipeline.results.reader import read
+from pipeline.results.verify import verify
 
 from .configs import config, read_hessian
 from .result_files import result_file
@@ -61,7 +61,7 @@ def test_verify_does_not_import_what_a_crafted_file_names(tmp_path_factory, tmp_
 
     def craft(cfg):
         cfg["model"]["net"] = {
-            "_target_": "pipeline.models.digits_mlp",  # a built-in, with a nested payload
+            "_target_": "pipeline.inputs.models.digits_mlp",  # a built-in, with a nested payload
             "activation": {"_target_": "numpy.savetxt", "fname": str(marker), "X": [1.0]},
         }
 
@@ -237,7 +237,7 @@ def test_resume_with_changed_model_code_is_refused(tmp_path, monkeypatch):
 
 
 def test_resume_of_a_model_without_readable_source_is_refused(tmp_path, monkeypatch):
-    import pipeline.fingerprint as fp
+    import pipeline.store.fingerprint as fp
 
     monkeypatch.setattr(fp.inspect, "getsource", _no_source)
     with pytest.raises(PipelineError, match="cannot prove that the model is unchanged"):

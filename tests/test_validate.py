@@ -16,10 +16,12 @@ import pytest
 from hydra.errors import ConfigCompositionException
 
 import pipeline
+from pipeline.config.schema import AllTarget
+from pipeline.config.validate import check_sweep, complete_config, config_error
 from pipeline.errors import PipelineError
-from pipeline.plan import make_plan
-from pipeline.run import output_path, run
-from pipeline.validate import check_sweep, complete_config, config_error, validate
+from pipeline.execution.prepare import prepare
+from pipeline.execution.run import output_path, run
+from pipeline.store.plan import make_plan
 
 from .configs import compose_config, config, read_hessian
 
@@ -105,7 +107,7 @@ def test_a_partial_config_is_completed_like_the_command_line(tmp_path):
     run(config("data.stop=3", f"storage.path={b}"))
     np.testing.assert_array_equal(read_hessian(a), read_hessian(b))
     cfg = complete_config({"data": {"name": "synthetic", "shape": [5]}, "target": {"name": "all"}})
-    assert cfg["data"]["n_samples"] == 16 and cfg["target"] == {"name": "all"}
+    assert cfg.data.n_samples == 16 and cfg.target == AllTarget()
     with pytest.raises(PipelineError, match="unknown key data.path") as info:
         complete_config({"data": {"path": "x.npy"}})  # digits takes no path
     assert info.value.key == "data.path"
@@ -133,7 +135,7 @@ def test_rounded_block_rows_are_said(tmp_path, caplog):
                  "+model.net._target_=tests.nets.mlp", "+model.net.d=784",
                  "storage.block_rows=389")  # fmt: skip
     with caplog.at_level(logging.WARNING, logger="pipeline"):
-        checked = validate(cfg, tmp_path / "h.h5")
+        checked = prepare(complete_config(cfg), tmp_path / "h.h5")
     assert checked.plan.block_rows == 501
     assert "storage.block_rows=389 gives blocks of 501 rows" in caplog.text
 
@@ -141,7 +143,7 @@ def test_rounded_block_rows_are_said(tmp_path, caplog):
 def test_idle_dask_workers_are_said(tmp_path, caplog):
     cfg = config("data.stop=1", "backend=dask", "backend.n_workers=3")
     with caplog.at_level(logging.WARNING, logger="pipeline"):
-        checked = validate(cfg, tmp_path / "h.h5")
+        checked = prepare(complete_config(cfg), tmp_path / "h.h5")
     assert len(checked.plan.blocks) == 1
     assert "1 block(s) for 3 Dask workers: 2 worker(s) will have nothing to do" in caplog.text
     assert list(tmp_path.iterdir()) == []

@@ -20,7 +20,7 @@ import pytest
 from distributed import Client, LocalCluster
 
 from pipeline.errors import PipelineError
-from pipeline.run import run, run_overrides
+from pipeline.execution.run import run, run_overrides
 from pipeline.store import ResultNames
 
 from .configs import committed_blocks, config
@@ -234,10 +234,10 @@ def blind_cluster(tmp_path):
 
 def _models_built(address: str) -> list[int]:
     """How many models each worker built (none: no block was computed there)."""
-    from pipeline import backends
+    from pipeline.execution.backends import dask_worker
 
     with Client(address, timeout="30s") as client:
-        return list(client.run(lambda: len(backends._WORKER_MODELS)).values())
+        return list(client.run(lambda: len(dask_worker._WORKER_MODELS)).values())
 
 
 def test_workers_that_cannot_see_the_directory(blind_cluster, local):

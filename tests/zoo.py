@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from pipeline.hessian.graph import capture, record
 from pipeline.hessian.local import layout
 from pipeline.hessian.planner import LOCAL, REVERSE, TANGENT, Plan, head_kind, make_plan
-from pipeline.models import digits_cnn, digits_mlp
+from pipeline.inputs.models import digits_cnn, digits_mlp
 
 N_SAMPLES = 3
 

@@ -1,7 +1,7 @@
 """Errors of the math package, in its own terms: which argument of ``hessian()`` to change.
 
-The command line maps ``argument`` to a config key (``pipeline.job``); a library user reads the
-message as is.
+The command line maps ``argument`` to a config key (``pipeline.execution.job``); a library user
+reads the message as is.
 """
 
 from __future__ import annotations

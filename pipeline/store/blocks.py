@@ -25,10 +25,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..plan import Block, Plan
 from .durable import commit
 from .layout import BLOCK_SUMS, FileMap
 from .names import temporary_name
+from .plan import Block, Plan
 from .statistics import BlockStats, block_stats
 
 IOV_MAX = 1024  # buffers per pwritev call (Linux's limit)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..plan import Plan
+from .plan import Plan
 
 SUMS = ("sum_squares", "trace", "asymmetry_squares", "nonfinite")
 TILE = 256  # the symmetry residual compares square sub-tiles of this size

@@ -28,13 +28,12 @@ import os
 import shutil
 import threading
 from pathlib import Path
-from typing import Any
 
 import h5py
 import numpy as np
 
+from ..config.schema import StorageConf
 from ..errors import PipelineError
-from ..plan import Block, Plan
 from .blocks import InPlaceSink, ShardSink, read_shard, shard_is_readable
 from .durable import Background, commit, fsync_path, write_atomic
 from .layout import (
@@ -48,12 +47,13 @@ from .layout import (
     set_nonfinite,
 )
 from .names import ResultNames, temporary_name
+from .plan import Block, Plan
 from .statistics import reduce_sums
 
 log = logging.getLogger(__name__)
 
 
-def check_destination(path: Path, storage: dict[str, Any]) -> None:
+def check_destination(path: Path, storage: StorageConf) -> None:
     """Refuse what ``storage.mode`` forbids at ``path``, before anything is created (the path's
     directory and the compression are checked by ``pipeline.validate``).
 
@@ -61,7 +61,7 @@ def check_destination(path: Path, storage: dict[str, Any]) -> None:
         PipelineError: the path exists (``create``), or an interrupted run's blocks are there
             (``create``).
     """
-    if storage["mode"] != "create":
+    if storage.mode != "create":
         return
     if path.exists():
         raise PipelineError(
@@ -141,17 +141,17 @@ class ResultWriter:
         path: Path,
         plan: Plan,
         meta: Metadata,
-        storage: dict[str, Any],
+        storage: StorageConf,
         remote_workers: bool = False,
         defer_copies: bool = False,
     ):
         self.path, self.plan, self.meta = path, plan, meta
         self.names = ResultNames(path)
-        self.mode = storage["mode"]
-        self.layout = storage.get("layout", "copy")
-        self.comp = compression_options(storage.get("compression"))
-        self.fsync = bool(storage.get("fsync", True))
-        self.keep_shards = bool(storage.get("keep_shards", False))
+        self.mode = str(storage.mode)
+        self.layout = str(storage.layout)
+        self.comp = compression_options(storage.compression)
+        self.fsync = storage.fsync
+        self.keep_shards = storage.keep_shards
         self.in_place = self.layout == "copy" and not self.comp
         self.dtype = np.dtype(meta.inputs.dtype)
         self.fingerprint = str(meta.attrs["fingerprint"])

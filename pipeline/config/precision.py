@@ -43,7 +43,7 @@ def tf32_error(compute, model, x, target, rows, budget: int) -> float:
 
 def tf32_report(job, device: torch.device) -> dict[str, Any]:
     """Attributes for the output file: whether TF32 was used, and its measured error."""
-    if not job.cfg["method"].get("tf32", False):
+    if not job.cfg.method.tf32:
         return {}
     if device.type != "cuda" or job.data.x.dtype != torch.float32:
         log.warning("method.tf32=true has no effect here (it needs float32 on a CUDA device)")

@@ -16,7 +16,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .models import ExportedModel
+from ..config.schema import ModelConf
+from ..inputs.models import ExportedModel
 
 
 def weights_fingerprint(model: nn.Module) -> str:
@@ -28,7 +29,7 @@ def weights_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def code_fingerprint(model: nn.Module, model_cfg: dict[str, Any]) -> str | None:
+def code_fingerprint(model: nn.Module, model_cfg: ModelConf) -> str | None:
     """SHA-256 of the code that computes the model, or None where it cannot be read.
 
     The code is torch's version, and: for an exported program, its graph's code; otherwise the
@@ -41,7 +42,7 @@ def code_fingerprint(model: nn.Module, model_cfg: dict[str, Any]) -> str | None:
         h.update(str(getattr(model.program, "code", model.program)).encode())
         return h.hexdigest()
     objects: list[Any] = [type(m) for m in model.modules()]
-    objects += [_locate(t) for t in instantiate_targets(model_cfg.get("net"))]
+    objects += [_locate(t) for t in instantiate_targets(getattr(model_cfg, "net", None))]
     sources: dict[str, str] = {}
     for obj in objects:
         name = getattr(obj, "__module__", None)

@@ -30,7 +30,6 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,9 +41,10 @@ import numpy as np  # noqa: E402
 from matplotlib.colors import Normalize  # noqa: E402
 from matplotlib.ticker import FixedLocator, MaxNLocator  # noqa: E402
 
-from .errors import PipelineError  # noqa: E402
+from ..config.schema import ReportConf  # noqa: E402
+from ..errors import PipelineError  # noqa: E402
+from ..execution.progress import progress  # noqa: E402
 from .lanczos import lanczos, top_eigenvalues  # noqa: E402
-from .progress import progress  # noqa: E402
 from .reader import Result, read  # noqa: E402
 from .stats import (  # noqa: E402
     block_average,
@@ -64,31 +64,23 @@ LANCZOS_STEPS = 64
 TOP_EIGENVALUES = 100
 
 
-@dataclass
-class ReportOptions:
-    """What the reports show (``report.*`` in the config)."""
+def report_options(options: ReportConf | dict[str, Any] | None) -> ReportConf:
+    """What the reports show: ``report.*`` of the config (a dict of those values works too)."""
+    if isinstance(options, ReportConf):
+        return options
+    return ReportConf(**{k: v for k, v in (options or {}).items() if v is not None})
 
-    sample: int = 0  # position n of the sample the figures show
-    output: int = 0  # position k of the output
-    spectrum: str = "auto"  # auto | full | off
-    budget_s: float = 10.0  # auto: seconds the spectrum of a large matrix may take
 
-    @staticmethod
-    def of(cfg: dict[str, Any] | ReportOptions | None) -> ReportOptions:
-        if isinstance(cfg, ReportOptions):
-            return cfg
-        return ReportOptions(**{k: v for k, v in (cfg or {}).items() if v is not None})
-
-    def check(self, n_samples: int, n_outputs: int) -> None:
-        """Refuse a sample or output the result will not have (before anything is computed)."""
-        for value, size, key in ((self.sample, n_samples, "sample"),
-                                 (self.output, n_outputs, "output")):  # fmt: skip
-            if not 0 <= value < size:
-                raise PipelineError(
-                    f"report.{key}={value} is out of range: the result has {size} "
-                    f"{'samples' if key == 'sample' else 'outputs'} (valid: 0..{size - 1})",
-                    f"report.{key}",
-                )
+def check_report(opt: ReportConf, n_samples: int, n_outputs: int) -> None:
+    """Refuse a sample or output the result will not have (before anything is computed)."""
+    for value, size, key in ((opt.sample, n_samples, "sample"),
+                             (opt.output, n_outputs, "output")):  # fmt: skip
+        if not 0 <= value < size:
+            raise PipelineError(
+                f"report.{key}={value} is out of range: the result has {size} "
+                f"{'samples' if key == 'sample' else 'outputs'} (valid: 0..{size - 1})",
+                f"report.{key}",
+            )
 
 
 def report_dir(path: Path, run_dir: Path | None = None) -> Path:
@@ -99,7 +91,7 @@ def report_dir(path: Path, run_dir: Path | None = None) -> Path:
 def write_reports(
     path: str | os.PathLike,
     out_dir: str | os.PathLike,
-    options: dict[str, Any] | ReportOptions | None = None,
+    options: ReportConf | dict[str, Any] | None = None,
     show_progress: bool = False,
 ) -> list[Path]:
     """Write the figures and ``hessian_stats.csv`` of a result file into ``out_dir``.
@@ -107,13 +99,13 @@ def write_reports(
     Args:
         path: a result file (see :func:`pipeline.read`).
         out_dir: where the reports go (created if missing).
-        options: see :class:`ReportOptions` (a dict of ``report.*`` values works too).
+        options: ``report.*`` (see :func:`report_options`).
         show_progress: a progress bar over the reports.
 
     Returns:
         The paths written (each is also logged).
     """
-    opt = ReportOptions.of(options)
+    opt = report_options(options)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with read(path) as result:
@@ -140,8 +132,8 @@ def write_reports(
     return written
 
 
-def _selected(result: Result, opt: ReportOptions) -> tuple[int, int]:
-    opt.check(*result.shape[:2])
+def _selected(result: Result, opt: ReportConf) -> tuple[int, int]:
+    check_report(opt, *result.shape[:2])
     return opt.sample, opt.output
 
 
@@ -404,9 +396,9 @@ def symlog_ticks(linthresh: float, top: float, most: int = 4) -> list[float]:
 
 
 def plot_spectrum(result: Result, path: Path, n: int = 0, k: int = 0,
-                  options: ReportOptions | None = None, table=None) -> Path:  # fmt: skip
+                  options: ReportConf | None = None, table=None) -> Path:  # fmt: skip
     """Eigenvalues of H[n, k] (symlog scale) and their magnitudes (log scale)."""
-    opt = options or ReportOptions()
+    opt = options or ReportConf()
     table = table or stored_stats(result)
     d = result.shape[-1]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.4), layout="constrained")
@@ -485,7 +477,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)  # fmt: skip
     logging.basicConfig(level=logging.WARNING)
-    opt = ReportOptions(args.sample, args.output, args.spectrum, args.budget_s)
+    opt = ReportConf(args.sample, args.output, args.spectrum, args.budget_s)
     try:
         written = write_reports(args.path, args.out or report_dir(args.path), opt)
     except PipelineError as err:

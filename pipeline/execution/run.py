@@ -1,8 +1,8 @@
 """One run of the pipeline: build the job, open the result, compute the missing blocks, finish.
 
 ``run(cfg)`` is what ``python -m pipeline`` calls; tests call it directly with composed configs.
-Storage (locks, resume rules, commits, the file) belongs to ``pipeline.store``; execution to
-``pipeline.backends``.
+Storage (locks, resume rules, commits, the file) belongs to ``pipeline.store``; where blocks are
+computed and written to the backend (``pipeline.execution.backends``).
 """
 
 from __future__ import annotations
@@ -12,21 +12,21 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import yaml
 from omegaconf import DictConfig
 
-from . import __version__
-from .backends import compute_device, copies_can_overlap, execute, workers_may_be_remote
-from .config import fingerprint
+from ..config.precision import tf32_report
+from ..config.schema import Config, as_dict, fingerprint
+from ..config.validate import complete_config
+from ..store import Metadata, ResultWriter, check_destination
+from ..store.plan import Plan
+from ..version import __version__
+from .backends import Backend
 from .job import Job
-from .plan import Plan
-from .precision import tf32_report
+from .prepare import prepare
 from .progress import progress
-from .store import Metadata, ResultWriter, check_destination
-from .validate import complete_config, validate
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +46,10 @@ class RunResult:
     reports: list[Path] | None = None  # the plots and statistics written after the run
 
 
-def output_path(cfg: dict[str, Any], output_dir: Path | None) -> Path:
+def output_path(cfg: Config, output_dir: Path | None) -> Path:
     """``storage.path``, or ``hessians.h5`` in the run directory."""
-    if cfg["storage"].get("path"):
-        return Path(cfg["storage"]["path"]).expanduser().absolute()
+    if cfg.storage.path:
+        return Path(cfg.storage.path).expanduser().absolute()
     return (Path(output_dir) if output_dir else Path.cwd()).absolute() / "hessians.h5"
 
 
@@ -69,7 +69,7 @@ def versions() -> dict[str, str]:
 
 
 def run(
-    cfg: DictConfig | dict[str, Any],
+    cfg: Config | DictConfig | dict,
     output_dir: Path | None = None,
     overrides: list[str] | None = None,
 ) -> RunResult:
@@ -77,33 +77,32 @@ def run(
     t0 = time.perf_counter()
     cfg = complete_config(cfg)
     path = output_path(cfg, output_dir)
-    check_destination(path, cfg["storage"])  # the mode's rules, before building anything
-    checked = validate(cfg, path)  # see NOTE: [validation before anything exists]
-    job, plan = checked.job, checked.plan
-    if cfg.get("plots"):
+    check_destination(path, cfg.storage)  # the mode's rules, before building anything
+    prepared = prepare(cfg, path)  # see NOTE: [validation before anything exists]
+    job, plan, backend = prepared.job, prepared.plan, prepared.backend
+    if cfg.plots:
         _check_report_options(cfg, plan)
-    meta = metadata(job, overrides or [])
-    backend = cfg["backend"]
+    meta = metadata(job, backend, overrides or [])
     writer = ResultWriter(
-        path, plan, meta, cfg["storage"],
-        remote_workers=workers_may_be_remote(backend),
-        defer_copies=not copies_can_overlap(backend),
+        path, plan, meta, cfg.storage,
+        remote_workers=backend.remote_workers,
+        defer_copies=not backend.copies_can_overlap(),
     )  # fmt: skip
     t_compute = 0.0
     with writer:
         log.info(
             "Hessians (%d, %d, %d, %d) %s, method=%s, %d blocks of %d samples x %d rows (%d done)",
-            plan.n_samples, plan.n_outputs, plan.dim, plan.dim, cfg["dtype"], job.method.name,
+            plan.n_samples, plan.n_outputs, plan.dim, plan.dim, cfg.dtype, job.method.name,
             len(plan.blocks), plan.block_samples, plan.block_rows, writer.reused,
         )  # fmt: skip
         if writer.missing:  # a resume with every block committed starts no workers
-            with progress(cfg, len(plan.blocks), writer.reused, "blocks") as bar:
+            with progress(cfg.progress, len(plan.blocks), writer.reused, "blocks") as bar:
 
                 def on_written(index: int) -> None:
                     writer.commit(index)
                     bar.update(1)
 
-                t_compute = execute(job, writer.missing, writer.sink, on_written)
+                t_compute = backend.execute(job, writer.missing, writer.sink, on_written)
             log.info("all %d blocks written", len(plan.blocks))
         t_finish = time.perf_counter()
         writer.finish()
@@ -115,33 +114,33 @@ def run(
     )  # fmt: skip
     log.info(
         "wrote %s: hessian %s %s, method %s, %.2f s (%d blocks computed, %d reused)",
-        path, result.shape, cfg["dtype"], result.method, result.seconds, len(writer.missing),
+        path, result.shape, cfg.dtype, result.method, result.seconds, len(writer.missing),
         writer.reused,
     )  # fmt: skip
-    if cfg.get("plots"):
+    if cfg.plots:
         result.reports = _after_run_reports(path, cfg, output_dir)
     return result
 
 
-def metadata(job: Job, overrides: list[str]) -> Metadata:
+def metadata(job: Job, backend: Backend, overrides: list[str]) -> Metadata:
     """Everything in the file besides the blocks' values: inputs, outputs, indices, provenance."""
-    cfg = job.cfg
+    plain = as_dict(job.cfg)
     code = job.code_fingerprint or os.urandom(16).hex()  # unreadable code: never reusable
     attrs = {
-        "config": yaml.safe_dump(cfg, sort_keys=False),
+        "config": yaml.safe_dump(plain, sort_keys=False),
         "overrides": yaml.safe_dump(list(overrides)),
         "versions": yaml.safe_dump(versions()),
         "method": job.method.name,
-        "dtype": cfg["dtype"],
+        "dtype": str(job.cfg.dtype),
         "target": job.target.kind,
         "model_fingerprint": job.model_fingerprint,
         "code_fingerprint": job.code_fingerprint or "unreadable",
-        "fingerprint": fingerprint(cfg, job.model_fingerprint, code, job.data_fingerprint()),
+        "fingerprint": fingerprint(plain, job.model_fingerprint, code, job.data_fingerprint()),
         "cwd": os.getcwd(),  # relative paths in the config are relative to it
         "input_shape": list(job.data.x.shape[1:]),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    attrs.update(tf32_report(job, compute_device(cfg["backend"])))
+    attrs.update(tf32_report(job, backend.device))
     return Metadata(
         inputs=job.data.x.numpy(),
         outputs=job.outputs.numpy(),
@@ -151,24 +150,22 @@ def metadata(job: Job, overrides: list[str]) -> Metadata:
     )
 
 
-def _check_report_options(cfg: dict[str, Any], plan: Plan) -> None:
+def _check_report_options(cfg: Config, plan: Plan) -> None:
     try:
-        from .plots import ReportOptions
+        from ..results.plots import check_report
     except ImportError:
         return
-    ReportOptions.of(cfg.get("report")).check(plan.n_samples, plan.n_outputs)
+    check_report(cfg.report, plan.n_samples, plan.n_outputs)
 
 
-def _after_run_reports(path: Path, cfg: dict[str, Any], output_dir: Path | None) -> list[Path]:
+def _after_run_reports(path: Path, cfg: Config, output_dir: Path | None) -> list[Path]:
     """Plots and per-sample statistics in the run directory (see pipeline.plots)."""
     try:
-        from .plots import report_dir, write_reports
+        from ..results.plots import report_dir, write_reports
     except ImportError:
         return []
     try:
-        return write_reports(
-            path, report_dir(path, output_dir), cfg.get("report"), cfg.get("progress", True)
-        )
+        return write_reports(path, report_dir(path, output_dir), cfg.report, cfg.progress)
     except Exception as err:  # the result is complete; a failed plot must not hide that
         log.warning("plots not written: %s: %s", type(err).__name__, err)
         return []
@@ -193,8 +190,8 @@ def run_overrides(
     Raises:
         PipelineError: a bad override or input, naming the config key.
     """
-    from .config import compose
-    from .validate import config_error
+    from ..config.schema import compose
+    from ..config.validate import config_error
 
     try:
         cfg = compose(list(overrides))

@@ -6,13 +6,13 @@ import logging
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
-from .errors import PipelineError
-from .hessian.support import training_layers
+from ..config.schema import ModelConf
+from ..errors import PipelineError
+from ..hessian.support import training_layers
 
 CHECKPOINTS = Path(__file__).parent / "checkpoints"
 ACTIVATIONS = {
@@ -89,18 +89,18 @@ def _load_bundled(net: nn.Module, name: str, default_shape: bool) -> None:
     net.load_state_dict(torch.load(path, weights_only=True))
 
 
-def build_model(model_cfg: dict[str, Any], dtype: torch.dtype, device: str = "cpu") -> nn.Module:
-    """The model a resolved ``model`` config describes, in eval mode, in ``dtype`` on ``device``.
+def build_model(model_cfg: ModelConf, dtype: torch.dtype, device: str = "cpu") -> nn.Module:
+    """The model a typed ``model`` config describes, in eval mode, in ``dtype`` on ``device``.
 
     ``model_cfg`` has ``net`` (a Hydra instantiate node) and an optional ``checkpoint``, or, for
     ``exported`` models, ``path`` to a ``torch.export`` program.
     """
     from hydra.utils import instantiate
 
-    if model_cfg.get("path"):
-        net = _load_exported(model_cfg["path"], bool(model_cfg.get("trust")))
+    if getattr(model_cfg, "path", None):
+        net = _load_exported(model_cfg.path, model_cfg.trust)
     else:
-        net_cfg = model_cfg.get("net")
+        net_cfg = model_cfg.net
         if not net_cfg or not net_cfg.get("_target_"):
             raise PipelineError("no model given: set model.net._target_", "model.net._target_")
         try:
@@ -119,8 +119,8 @@ def build_model(model_cfg: dict[str, Any], dtype: torch.dtype, device: str = "cp
                 f"{net_cfg['_target_']!r} returned {type(net).__name__}, not a torch.nn.Module",
                 "model.net._target_",
             )
-    if model_cfg.get("checkpoint"):
-        _load_checkpoint(net, model_cfg["checkpoint"])
+    if getattr(model_cfg, "checkpoint", None):
+        _load_checkpoint(net, model_cfg.checkpoint)
     if training_layers(net):
         warnings.warn(
             f"BatchNorm/Dropout layers in training mode ({', '.join(training_layers(net)[:3])}): "

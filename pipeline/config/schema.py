@@ -1,14 +1,18 @@
 """Config schemas (typos, keys of another option and bad values fail when the config is composed)
 and their registration.
 
-One dataclass per option of each config group (``backend=local`` has no ``n_workers``);
-``conf/<group>/<option>.yaml`` names its schema in its defaults list and fills it in, and
-``conf/config.yaml`` picks the defaults. Ranges (``block_rows >= 1``) are declared on the fields
-(``metadata={"min": ...}``) and checked by ``pipeline.validate`` before a run creates anything.
+One dataclass per option of each config group (``backend=local`` has no ``n_workers``), and each
+default is written here only: ``conf/<group>/<option>.yaml`` names its schema in its defaults
+list and sets only its ``name`` and what differs (the digits MLP's ``net``), and
+``conf/config.yaml`` picks the options. Ranges (``block_rows >= 1``) are declared on the fields
+(``metadata={"min": ...}``) and checked by ``pipeline.config.validate``, which turns the composed
+config into a :class:`Config` of these dataclasses: what every later stage reads
+(``cfg.storage.mode``, never ``cfg["storage"]["mode"]``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -82,6 +86,7 @@ class ExportedModel(ModelConf):
     """``exported``: a ``torch.export`` program file. Loading one unpickles parts of it, which
     can run code: ``trust`` says the user trusts the file."""
 
+    name: str = "exported"
     path: str = MISSING
     trust: bool = False
 
@@ -101,11 +106,12 @@ class DataConf:
 
 @dataclass
 class DigitsData(DataConf):
-    pass
+    name: str = "digits"
 
 
 @dataclass
 class SyntheticData(DataConf):
+    name: str = "synthetic"
     shape: list[int] = field(default_factory=lambda: [64])  # input shape S
     n_samples: int = at_least(1, 16)
     n_classes: int | None = at_least(1, 10)  # random labels (null: none)
@@ -114,6 +120,7 @@ class SyntheticData(DataConf):
 
 @dataclass
 class NpyData(DataConf):
+    name: str = "npy"
     path: str = MISSING  # .npy or .npz
     key: str | None = None  # array name inside an .npz
     labels_path: str | None = None
@@ -122,6 +129,7 @@ class NpyData(DataConf):
 
 @dataclass
 class Hdf5Data(DataConf):
+    name: str = "hdf5"
     path: str = MISSING
     dataset: str = "x"  # inputs dataset
     labels_dataset: str | None = None
@@ -139,21 +147,23 @@ class TargetConf:
 
 @dataclass
 class AllTarget(TargetConf):
-    pass
+    name: str = "all"
 
 
 @dataclass
 class PredictedTarget(TargetConf):
-    pass
+    name: str = "predicted"
 
 
 @dataclass
 class IndicesTarget(TargetConf):
+    name: str = "indices"
     indices: list[int] = field(default_factory=lambda: [2])
 
 
 @dataclass
 class LossTarget(TargetConf):
+    name: str = "loss"
     loss: Loss = Loss.cross_entropy
 
 
@@ -181,7 +191,7 @@ class BackendConf:
 
 @dataclass
 class LocalBackend(BackendConf):
-    pass
+    name: str = "local"
 
 
 @dataclass
@@ -196,16 +206,19 @@ class DaskOptions(BackendConf):
 
 @dataclass
 class DaskBackend(DaskOptions):
+    name: str = "dask"
     n_workers: int = at_least(1, 2)  # worker processes of the LocalCluster
 
 
 @dataclass
 class DaskCudaBackend(DaskOptions):
-    pass
+    name: str = "dask_cuda"
+    device: str = "cuda"
 
 
 @dataclass
 class AddressBackend(DaskOptions):
+    name: str = "address"
     address: str | None = None  # tcp://host:8786
     scheduler_file: str | None = None  # a scheduler file instead of an address
     connect_timeout_s: int = at_least(1, 20)  # give up connecting after this
@@ -282,7 +295,7 @@ def register() -> None:
 def config_dir() -> Path:
     """The ``conf/`` directory: inside the installed package (``pipeline/conf``, shipped there at
     build time), else the repository's ``conf/`` beside the package (a source checkout)."""
-    here = Path(__file__).resolve().parent
+    here = Path(__file__).resolve().parents[1]  # the package directory
     shipped = here / "conf"
     return shipped if (shipped / "config.yaml").is_file() else here.parent / "conf"
 
@@ -304,6 +317,12 @@ def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
             return hydra_compose("config", overrides=list(overrides))
     finally:
         restore_gh_from_backup(backup)
+
+
+def as_dict(cfg: Config) -> dict[str, Any]:
+    """A typed config as plain, JSON-able data (enums as their values): for the file's
+    provenance and the fingerprint."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
 
 
 def to_plain(cfg: DictConfig | dict) -> dict[str, Any]:

@@ -7,19 +7,19 @@ import logging
 import re
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .data import Dataset, load_data
-from .errors import PipelineError
-from .fingerprint import code_fingerprint, data_fingerprint, weights_fingerprint
-from .hessian.errors import ArgumentError
-from .hessian.methods import Method, resolve_method, zero_hessian_reason
-from .hessian.targets import Target, make_target
-from .models import build_model
+from ..config.schema import Config, ModelConf
+from ..errors import PipelineError
+from ..hessian.errors import ArgumentError
+from ..hessian.methods import Method, resolve_method, zero_hessian_reason
+from ..hessian.targets import Target, make_target
+from ..inputs.data import Dataset, load_data
+from ..inputs.models import build_model
+from ..store.fingerprint import code_fingerprint, data_fingerprint, weights_fingerprint
 
 log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -29,7 +29,7 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 class Job:
     """A resolved run: inputs (N, *S), outputs (N, C), the target's K functions and the method."""
 
-    cfg: dict[str, Any]
+    cfg: Config
     model: nn.Module
     data: Dataset
     outputs: Tensor
@@ -41,8 +41,13 @@ class Job:
     def memory_budget(self) -> int | None:
         """Bytes of working memory for one vectorized call (``method.memory_budget_mb``); None:
         the device's default (``pipeline.hessian.methods.default_memory_budget``)."""
-        mb = self.cfg["method"].get("memory_budget_mb")
+        mb = self.cfg.method.memory_budget_mb
         return None if mb is None else int(mb) << 20
+
+    @property
+    def spec(self) -> ModelSpec:
+        """What builds this job's model in another process."""
+        return ModelSpec(self.cfg.model, str(self.cfg.dtype), self.cfg.seed)
 
     @property
     def dim(self) -> int:
@@ -56,7 +61,7 @@ class Job:
     @cached_property
     def code_fingerprint(self) -> str | None:
         """SHA-256 of the model's code (see ``pipeline.fingerprint``); None: not provable."""
-        return code_fingerprint(self.model, self.cfg["model"])
+        return code_fingerprint(self.model, self.cfg.model)
 
     def data_fingerprint(self) -> str:
         """SHA-256 of the inputs, their source indices and the labels."""
@@ -69,31 +74,38 @@ def torch_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
-def make_model(cfg: dict[str, Any], device: str = "cpu") -> nn.Module:
-    """The model of a resolved config, built the same way in every process (the driver and each
-    Dask worker): torch seeded with ``seed``, in ``dtype``, in eval mode."""
-    torch.manual_seed(cfg.get("seed", 0))
-    return build_model(cfg["model"], torch_dtype(cfg["dtype"]), device)
+@dataclass(frozen=True)
+class ModelSpec:
+    """What builds the model, the same way in every process (the driver and each Dask worker)."""
+
+    model: ModelConf
+    dtype: str
+    seed: int
+
+    def build(self, device: str = "cpu") -> nn.Module:
+        """The model: torch seeded with ``seed``, in ``dtype``, in eval mode."""
+        torch.manual_seed(self.seed)
+        return build_model(self.model, torch_dtype(self.dtype), device)
 
 
-def model_key(cfg: dict[str, Any]) -> str:
+def model_key(cfg: Config) -> str:
     """The config key that names the model: ``model.path`` (exported) or ``model.net``."""
-    return "model.path" if cfg["model"].get("path") else "model.net"
+    return "model.path" if getattr(cfg.model, "path", None) else "model.net"
 
 
-def build_job(cfg: dict[str, Any]) -> Job:
-    """Build model, data, target and method from a resolved config, checking that they fit."""
-    dtype = torch_dtype(cfg["dtype"])
-    model = make_model(cfg)
+def build_job(cfg: Config) -> Job:
+    """Build model, data, target and method from a typed config, checking that they fit."""
+    dtype = torch_dtype(cfg.dtype)
+    model = ModelSpec(cfg.model, str(cfg.dtype), cfg.seed).build()
     _check_finite_weights(model, cfg)
-    data = load_data(cfg["data"], dtype)
+    data = load_data(cfg.data, dtype)
     outputs = forward(model, data.x, cfg)
     _check_differentiable(model, data.x[:1])
-    tcfg = cfg["target"]
-    spec = tcfg["indices"] if tcfg["name"] == "indices" else tcfg["name"]
+    t = cfg.target
+    spec = getattr(t, "indices", t.name)
     with config_keys(cfg):
-        target = make_target(spec, outputs, data.labels, tcfg.get("loss", "cross_entropy"))
-        method = resolve_method(cfg["method"]["name"], model, target, data.x)
+        target = make_target(spec, outputs, data.labels, str(getattr(t, "loss", "cross_entropy")))
+        method = resolve_method(cfg.method.name, model, target, data.x)
     log.info("method %s", method.name)
     reason = zero_hessian_reason(model, target, data.x)
     if reason:
@@ -107,15 +119,15 @@ CONFIG_KEYS = {"outputs": "target.indices", "labels": "data.labels_path", "loss"
 
 
 @contextlib.contextmanager
-def config_keys(cfg: dict[str, Any]):
+def config_keys(cfg: Config):
     """Turn the math package's ``ArgumentError`` into a ``PipelineError`` naming the config key
     (the model of ``model=exported`` is ``model.path``)."""
     try:
         yield
     except ArgumentError as err:
         key = CONFIG_KEYS.get(err.argument)
-        if err.argument == "model" and cfg["model"].get("name") == "exported":
-            key = "model.path"
+        if err.argument == "model":
+            key = model_key(cfg)
         raise PipelineError(err.message, key) from err
 
 
@@ -127,7 +139,7 @@ _SHAPE_ERROR = re.compile(
 )
 
 
-def forward(model: nn.Module, x: Tensor, cfg: dict[str, Any]) -> Tensor:
+def forward(model: nn.Module, x: Tensor, cfg: Config) -> Tensor:
     """The model's outputs (N, C); a shape mismatch or an error in ``forward`` becomes one line."""
     try:
         with torch.no_grad():
@@ -171,11 +183,11 @@ def forward(model: nn.Module, x: Tensor, cfg: dict[str, Any]) -> Tensor:
     return z
 
 
-def _check_finite_weights(model: nn.Module, cfg: dict[str, Any]) -> None:
+def _check_finite_weights(model: nn.Module, cfg: Config) -> None:
     """Refuse a model whose parameters or buffers hold NaN or inf (blamed on the model)."""
     for name, t in model.state_dict().items():
         if t.is_floating_point() and not torch.isfinite(t).all():
-            source = cfg["model"].get("checkpoint")
+            source = getattr(cfg.model, "checkpoint", None)
             raise PipelineError(
                 f"the model's weights are not finite: {name} holds NaN or inf"
                 + (f" (loaded from {source!r})" if source else ""),

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from .errors import PipelineError
+from ..config.schema import DataConf
+from ..errors import PipelineError
 
 
 @dataclass
@@ -30,10 +30,10 @@ def load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     return (d.data / 16.0).astype(np.float32).reshape(-1, 1, 8, 8), d.target.astype(np.int64)
 
 
-def select(length: int, cfg: dict[str, Any]) -> np.ndarray:
+def select(length: int, cfg: DataConf) -> np.ndarray:
     """Source indices from ``data.indices``, or ``data.start``/``data.stop``."""
-    if cfg.get("indices") is not None:
-        idx = np.asarray(list(cfg["indices"]), dtype=np.int64)
+    if cfg.indices is not None:
+        idx = np.asarray(list(cfg.indices), dtype=np.int64)
         bad = idx[(idx < 0) | (idx >= length)]
         if bad.size:
             raise PipelineError(
@@ -41,7 +41,7 @@ def select(length: int, cfg: dict[str, Any]) -> np.ndarray:
                 "data.indices",
             )
     else:
-        start, stop = cfg.get("start", 0) or 0, cfg.get("stop")
+        start, stop = cfg.start, cfg.stop
         stop = length if stop is None else stop
         if not 0 <= start < length:
             raise PipelineError(
@@ -109,32 +109,30 @@ def _take(src, idx: np.ndarray, hdf5: bool) -> np.ndarray:
     return np.asarray(src[unique])[inverse]
 
 
-def load_data(cfg: dict[str, Any], dtype: torch.dtype) -> Dataset:
-    """Load the slice described by the resolved ``data`` config, as ``dtype`` inputs."""
-    kind = cfg.get("name")
+def load_data(cfg: DataConf, dtype: torch.dtype) -> Dataset:
+    """Load the slice described by the typed ``data`` config, as ``dtype`` inputs."""
+    kind = cfg.name
     labels_src = None
     labels_key = "data.labels_dataset" if kind == "hdf5" else "data.labels_path"
     if kind == "digits":
         x_src, labels_src = load_digits_arrays()
     elif kind == "synthetic":
-        shape = tuple(cfg["shape"])
-        gen = torch.Generator().manual_seed(cfg.get("seed", 0))
-        n = cfg["n_samples"]
+        shape = tuple(cfg.shape)
+        gen = torch.Generator().manual_seed(cfg.seed)
+        n = cfg.n_samples
         x_src = torch.randn((n, *shape), generator=gen).numpy()
-        if cfg.get("n_classes"):
-            labels_src = torch.randint(cfg["n_classes"], (n,), generator=gen).numpy()
+        if cfg.n_classes:
+            labels_src = torch.randint(cfg.n_classes, (n,), generator=gen).numpy()
     elif kind == "npy":
-        x_src = _array(cfg.get("path"), "data.path", cfg.get("key"), "data.key")
-        if cfg.get("labels_path"):
+        x_src = _array(cfg.path, "data.path", cfg.key, "data.key")
+        if cfg.labels_path:
             labels_src = _array(
-                cfg["labels_path"], "data.labels_path", cfg.get("labels_key"), "data.labels_key"
+                cfg.labels_path, "data.labels_path", cfg.labels_key, "data.labels_key"
             )
     elif kind == "hdf5":
-        x_src = _array(cfg.get("path"), "data.path", cfg.get("dataset"), "data.dataset")
-        if cfg.get("labels_dataset"):
-            labels_src = _array(
-                cfg.get("path"), "data.path", cfg["labels_dataset"], "data.labels_dataset"
-            )
+        x_src = _array(cfg.path, "data.path", cfg.dataset, "data.dataset")
+        if cfg.labels_dataset:
+            labels_src = _array(cfg.path, "data.path", cfg.labels_dataset, "data.labels_dataset")
     else:
         raise PipelineError(f"unknown data option {kind!r}", "data")
     shape_key = "data.shape" if kind == "synthetic" else "data.path"

@@ -19,7 +19,7 @@ import numpy as np
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from .errors import PipelineError
+from ..errors import PipelineError
 
 DATASETS = ("hessian", "gradient", "inputs", "outputs", "sample_index", "output_index")
 CONTIGUOUS_PANEL_BYTES = 8 << 20  # dask chunks of a contiguous /hessian

@@ -38,13 +38,14 @@ import torch
 from torch import Tensor
 from torch.func import jacrev, jvp, vjp, vmap
 
-from .config import to_plain
-from .errors import PipelineError
-from .fingerprint import instantiate_targets
-from .hessian.methods import DEFAULT_MEMORY_BUDGET, METHODS
-from .hessian.rules import is_missing_forward_ad
-from .hessian.targets import Target
-from .job import build_job
+from ..config.schema import to_plain
+from ..config.validate import complete_config
+from ..errors import PipelineError
+from ..execution.job import build_job
+from ..hessian.methods import DEFAULT_MEMORY_BUDGET, METHODS
+from ..hessian.rules import is_missing_forward_ad
+from ..hessian.targets import Target
+from ..store.fingerprint import instantiate_targets
 from .reader import Result
 from .stats import DEFAULT_MEMORY_MB, matrix_stats
 
@@ -53,9 +54,9 @@ ALL_ROWS_BELOW = 4096  # recompute every row when N * D is at most this
 N_PROBES = 2
 # Factories whose code is this package's: rebuilding a model with them runs no code of the file's.
 BUILTIN_FACTORIES = {
-    "pipeline.models.digits_mlp",
-    "pipeline.models.digits_cnn",
-    "pipeline.models.mlp",
+    "pipeline.inputs.models.digits_mlp",
+    "pipeline.inputs.models.digits_cnn",
+    "pipeline.inputs.models.mlp",
 }
 PATH_KEYS = (("model", "checkpoint"), ("model", "path"), ("data", "path"), ("data", "labels_path"))
 
@@ -139,7 +140,7 @@ def verify(
             "pass --trust-file (trust_file=True) if you trust the file"
         )
         return report
-    job = build_job(cfg)
+    job = build_job(complete_config(cfg))
     f = result.file
     n_samples, n_out, d, _ = result.shape
     if job.model_fingerprint != result.attrs.get("model_fingerprint"):

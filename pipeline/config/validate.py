@@ -1,62 +1,41 @@
-"""The validation stage: everything a run needs is checked before it creates anything.
-
-NOTE: [validation before anything exists] ``run`` calls :func:`complete_config` and
-:func:`validate` before it creates a directory, a lock, a shard or a file, so a refused run leaves
-the file system as it was and its corrected rerun is not mistaken for an interrupted run. In
-order (cheap checks first):
-1. the config, typed per option (``pipeline.config.OPTIONS``): keys of another option, types,
-   ranges, required values; a partial config (``run({"data": {...}})``) is completed by composing
-   the defaults exactly as the command line does;
-2. ``storage.path``: not a directory, its parent creatable and writable (nothing is created);
-3. the backend: the device exists, dask-cuda is installed, the scheduler answers within
-   ``backend.connect_timeout_s`` (a scheduler file is read here: missing or not JSON is one line);
-4. the job: model (finite weights), data and labels (finite), target, method;
-5. the plan of blocks (said when it rounds ``storage.block_rows`` or leaves Dask workers idle);
-6. the model on one sample through the chosen method (a model that ``vmap`` cannot transform
-   fails here, not on a worker halfway through the run).
+"""The config, checked once: :func:`complete_config` turns what Hydra composed (or a partial
+mapping from Python) into a typed :class:`~pipeline.config.schema.Config`, or refuses it in one
+line naming the key: keys of another option, types, ranges, required values. A partial config
+(``run({"data": {...}})``) is completed by composing the defaults exactly as the command line
+does. Everything after this reads the typed object. The checks of the environment, the job and
+the plan follow in ``pipeline.execution.prepare`` (see NOTE: [validation before anything
+exists] there).
 """
 
 from __future__ import annotations
 
-import logging
-import os
+import dataclasses
 import re
 from dataclasses import MISSING as NO_DEFAULT
-from dataclasses import dataclass, fields
-from pathlib import Path
+from dataclasses import fields
 from typing import Any
 
-import torch
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .config import OPTIONS, Config, compose, to_plain
-from .errors import PipelineError
-from .hessian.methods import METHODS
-from .job import Job, build_job, model_key
-from .plan import Plan, make_plan
-from .store import compression_options
+from ..errors import PipelineError
+from ..hessian.methods import METHODS
+from .schema import OPTIONS, Config, compose, to_plain
 
-log = logging.getLogger(__name__)
 GROUPS = ("model", "data", "target", "method", "backend", "storage")
-PROBE_ROWS = 2  # Hessian rows of sample 0 computed by the one-sample check
+COMPRESSIONS = (None, "none", "null", "lzf", "gzip")  # storage.compression
 
 
-@dataclass
-class Checked:
-    """What the validation built: the job and its plan of blocks."""
+def complete_config(cfg: Config | DictConfig | dict[str, Any]) -> Config:
+    """The typed config, checked per option; a partial one is completed with the defaults of
+    ``conf/``.
 
-    job: Job
-    plan: Plan
-
-
-# ---- 1. the config -------------------------------------------------------------------------
-
-
-def complete_config(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
-    """The resolved config as a plain dict, checked per option (see NOTE: [validation before
-    anything exists]); a partial one is completed with the defaults of ``conf/``."""
+    Raises:
+        PipelineError: naming the config key to change.
+    """
+    if isinstance(cfg, Config):
+        return cfg
     try:
         plain = to_plain(cfg)
     except OmegaConfBaseException as err:
@@ -72,7 +51,18 @@ def complete_config(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
     if _partial(plain):
         plain = _compose_partial(plain)
     check_config(plain)
-    return plain
+    return typed(plain)
+
+
+def typed(plain: dict[str, Any]) -> Config:
+    """A checked plain config as the dataclasses of its options."""
+    groups = {g: _instance(_schema(g, plain[g]), plain[g]) for g in GROUPS}  # type: ignore[arg-type]
+    rest = {k: v for k, v in plain.items() if k not in GROUPS}
+    return dataclasses.replace(_instance(Config, rest), **groups)
+
+
+def _instance(schema: type, node: dict[str, Any]) -> Any:
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), node))
 
 
 def _partial(plain: dict[str, Any]) -> bool:
@@ -129,19 +119,16 @@ def check_config(cfg: dict[str, Any]) -> None:
         _check_node(group, node, schema)
     scalars = {k: v for k, v in cfg.items() if k not in GROUPS}
     _typed(Config, scalars, "")
-    if cfg["backend"]["name"] == "address" and not (
-        cfg["backend"].get("address") or cfg["backend"].get("scheduler_file")
-    ):
-        raise PipelineError(
-            "backend=address needs backend.address=tcp://host:8786 or backend.scheduler_file",
-            "backend.address",
-        )
     if cfg["data"]["name"] == "synthetic" and any(s < 1 for s in cfg["data"]["shape"]):
         raise PipelineError(
             f"data.shape={cfg['data']['shape']} must have positive entries (D = prod(S) > 0)",
             "data.shape",
         )
-    compression_options(cfg["storage"].get("compression"))
+    if cfg["storage"].get("compression") not in COMPRESSIONS:
+        raise PipelineError(
+            f"unknown compression {cfg['storage']['compression']!r}: choose none, lzf or gzip",
+            "storage.compression",
+        )
 
 
 def _check_node(group: str, node: dict[str, Any], schema: type) -> None:
@@ -231,142 +218,6 @@ def _full_key(err: BaseException) -> str | None:
             return key
         err = err.__cause__  # type: ignore[assignment]
     return None
-
-
-# ---- 2.-6. the environment, the job, the plan, one sample ------------------------------------
-
-
-def validate(cfg: dict[str, Any], path: Path) -> Checked:
-    """Check everything a run needs before it creates anything; returns the job and its plan.
-
-    Args:
-        cfg: a config from :func:`complete_config`.
-        path: ``storage.path`` resolved (``pipeline.run.output_path``).
-
-    Raises:
-        PipelineError: naming the config key to change.
-    """
-    check_storage_path(path)
-    check_backend(cfg["backend"])
-    job = build_job(cfg)
-    if cfg["storage"]["mode"] == "resume" and job.code_fingerprint is None:
-        raise PipelineError(
-            "cannot resume: the source code of the model is not readable (defined "
-            "interactively?), so this run cannot prove that the model is unchanged; use "
-            "storage.mode=overwrite",
-            "storage.mode",
-        )
-    plan = plan_blocks(job)
-    probe(job)
-    return Checked(job, plan)
-
-
-def check_storage_path(path: Path) -> None:
-    """``storage.path`` must name a file in a directory that exists or can be created."""
-    if path.is_dir():
-        raise PipelineError(
-            f"storage.path {path} is a directory: give a file name, e.g. {path / 'hessians.h5'}",
-            "storage.path",
-        )
-    parent = path.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise PipelineError(
-            f"cannot write to {path.parent}: a part of the path is a file, not a directory",
-            "storage.path",
-        )
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise PipelineError(f"cannot write to {path.parent}: permission denied", "storage.path")
-
-
-def check_backend(backend: dict[str, Any]) -> None:
-    """The device exists; dask-cuda is installed; the scheduler answers in time."""
-    from .backends import compute_device, scheduler_address
-
-    name = backend["name"]
-    if name == "local":
-        compute_device(backend)
-    elif name == "dask_cuda":
-        try:
-            import dask_cuda  # noqa: F401
-        except ImportError as err:
-            raise PipelineError(
-                "backend=dask_cuda needs dask-cuda: pip install dask-cuda", "backend"
-            ) from err
-        if not torch.cuda.is_available():
-            raise PipelineError("backend=dask_cuda but no CUDA device is available", "backend")
-    elif name == "address":
-        check_scheduler(backend, scheduler_address(backend))
-
-
-def check_scheduler(backend: dict[str, Any], address: str) -> None:
-    """Connect to the scheduler once, within ``backend.connect_timeout_s``."""
-    from .backends import connect
-
-    with connect(backend, address):
-        pass
-
-
-def plan_blocks(job: Job) -> Plan:
-    """The plan of blocks; says in one line when ``storage.block_rows`` was rounded to whole
-    HDF5 chunks, or when a Dask cluster of the run gets fewer blocks than workers."""
-    st, backend = job.cfg["storage"], job.cfg["backend"]
-    n, k, d = len(job.data.x), job.target.n_outputs, job.dim
-    plan = make_plan(n, k, d, job.data.x.element_size(), st.get("block_rows"), st["block_mb"])
-    asked = st.get("block_rows")
-    if asked is not None and plan.block_rows != min(asked, d):
-        log.warning(
-            "storage.block_rows=%d gives blocks of %d rows: a block holds whole HDF5 chunks of "
-            "%d rows, and %d has no divisor near that size",
-            asked,
-            plan.block_rows,
-            plan.chunks[2],
-            asked,
-        )
-    if backend["name"] == "dask":
-        idle_workers(len(plan.blocks), backend["n_workers"])
-    return plan
-
-
-def idle_workers(n_blocks: int, n_workers: int) -> None:
-    """One line when a Dask job has fewer blocks than workers."""
-    if n_blocks < n_workers:
-        log.warning(
-            "%d block(s) for %d Dask workers: %d worker(s) will have nothing to do; a smaller "
-            "storage.block_rows or storage.block_mb splits the work",
-            n_blocks,
-            n_workers,
-            n_workers - n_blocks,
-        )
-
-
-def probe(job: Job) -> None:
-    """Compute a few Hessian rows of sample 0 with the job's method on the run's device."""
-    from .backends import compute_device
-
-    device = compute_device(job.cfg["backend"])
-    rows = torch.arange(min(PROBE_ROWS, job.dim), device=device)
-    try:
-        job.method.compute(
-            job.model.to(device),
-            job.data.x[:1].to(device),
-            job.target.subset(0, 1).to(device),
-            rows,
-            job.memory_budget,
-        )
-    except PipelineError:
-        raise
-    except Exception as err:
-        chosen = job.cfg["method"]["name"]
-        raise PipelineError(
-            f"method {job.method.name!r} fails on this model (sample 0): {type(err).__name__}: "
-            f"{_first_line(err)[:240]}; torch.func must be able to transform the model's forward "
-            "(no .numpy(), .item() or Python branches on tensor values)",
-            "method.name" if chosen != "auto" else model_key(job.cfg),
-        ) from err
-    finally:
-        job.model.to("cpu")
 
 
 # ---- sweeps --------------------------------------------------------------------------------

@@ -1,0 +1,1 @@
+"""Typed configuration: one dataclass per option (``schema``), checked once (``validate``)."""

@@ -1,0 +1,1 @@
+"""One run: the job, its plan of blocks, the backends that compute them, and ``run``."""

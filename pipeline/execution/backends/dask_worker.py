@@ -1,0 +1,120 @@
+"""What runs inside a Dask worker: the worker's copy of the model, the per-block task, and the
+probe that tells whether a worker sees the output directory."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+from distributed.diagnostics.plugin import WorkerPlugin
+from torch import nn
+
+from ...config.precision import tf32
+from ...errors import PipelineError
+from ...hessian.methods import METHODS
+from ...hessian.targets import Target
+from ...store import BlockStats, block_stats
+from ...store.blocks import host_array
+from ...store.fingerprint import code_fingerprint, weights_fingerprint
+from ...store.plan import Block
+from ..job import ModelSpec
+from .base import compute_block
+from .memory import _mallopt
+
+_WORKER_MODELS: dict[str, nn.Module] = {}  # per worker process: model key -> model
+
+
+def _worker_model(
+    key: str, spec: ModelSpec, device: str, threads: int, identity: tuple[str, str | None]
+) -> nn.Module:
+    """The worker's copy of the model, built on first use exactly as the driver built it
+    (``ModelSpec.build``: seed, dtype, eval mode), and refused unless its weights and code have
+    the driver's fingerprints ``identity``."""
+    if key not in _WORKER_MODELS:
+        torch.set_num_threads(max(1, threads))
+        dev = device
+        if device.startswith("cuda") and torch.cuda.is_available():
+            dev = "cuda"  # dask-cuda pins one GPU per worker via CUDA_VISIBLE_DEVICES
+        _WORKER_MODELS.clear()
+        model = spec.build(dev)
+        built = (weights_fingerprint(model), code_fingerprint(model, spec.model))
+        if built != tuple(identity):
+            what = "weights" if built[0] != identity[0] else "code"
+            raise PipelineError(
+                f"the model that Dask worker {_worker_name()} built differs from the driver's "
+                f"({what} fingerprint {str(built[0 if what == 'weights' else 1])[:12]} against "
+                f"{str(identity[0 if what == 'weights' else 1])[:12]}): the workers must see the "
+                "same model files, code and package versions as the driver",
+                "backend",
+            )
+        _WORKER_MODELS[key] = model
+    return _WORKER_MODELS[key]
+
+
+def _worker_name() -> str:
+    try:
+        from distributed import get_worker
+
+        return str(get_worker().address)
+    except (ImportError, ValueError):
+        return f"pid {os.getpid()}"
+
+
+class ModelPlugin(WorkerPlugin):
+    """A Dask worker plugin that builds the model once per worker."""
+
+    name = "pipeline-model"
+
+    def __init__(self, *model_args, warm_up=None):
+        self.args = model_args  # see _worker_model
+        self.warm_up = warm_up  # (method, x of one sample, target kind, aux, output_index)
+
+    def setup(self, worker) -> None:
+        _mallopt(1 << 30, 2 << 30)  # for the worker's life (see NOTE: [malloc in Dask workers])
+        try:
+            model = _worker_model(*self.args)
+        except PipelineError:  # every task raises it again, and the run reports it once (a
+            return  # raise here would be logged with a traceback by each worker)
+        if self.warm_up is not None:  # first torch.func calls in a process take ~1-2 s
+            method, x, kind, aux, oi = self.warm_up
+            device = next(iter(model.parameters()), torch.empty(0)).device
+            target = Target(kind, torch.as_tensor(aux), oi).to(device)
+            rows = torch.arange(min(2, x[0].size), device=device)
+            METHODS[method].compute(model, torch.as_tensor(x).to(device), target, rows, 1 << 26)
+
+    def teardown(self, worker) -> None:
+        _WORKER_MODELS.clear()
+
+
+def block_task(
+    model_args: tuple,
+    method: str,
+    x: np.ndarray,
+    kind: str,
+    aux: np.ndarray,
+    output_index: np.ndarray,
+    block: Block,
+    sink,
+    budget: int | None,
+    allow_tf32: bool = False,
+) -> int | tuple[int, np.ndarray, np.ndarray | None, BlockStats]:
+    """Compute one block and write it with ``sink``; returns its index. Without a sink
+    (``backend.write_at=driver``) the block goes back to the driver instead: (index, hessian
+    (S, K, R, D), gradient (S, K, D) or None, its statistics). Idempotent."""
+    model = _worker_model(*model_args)
+    device = next(iter(model.parameters()), torch.empty(0)).device
+    target = Target(kind, torch.as_tensor(aux), output_index).to(device)
+    xt = torch.as_tensor(x).to(device)
+    with tf32(allow_tf32):
+        h, g = compute_block(model, method, xt, target, block, budget)
+    if sink is not None:
+        return sink.write(block, h, g)
+    h = host_array(h)  # its own memory (not the staged buffer): it outlives this task
+    grad = None if g is None else host_array(g)
+    return block.index, h, grad, block_stats(h, block.r0)
+
+
+def sees(directory: str, marker: str) -> bool:
+    """Whether this worker sees the driver's ``marker`` in ``directory`` and may write there."""
+    return os.path.isfile(os.path.join(directory, marker)) and os.access(directory, os.W_OK)

@@ -1,0 +1,1 @@
+"""What a run differentiates: models (built-in and the user's) and dataset slices."""
