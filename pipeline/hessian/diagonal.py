@@ -147,11 +147,15 @@ def _plan(tape: Tape, k: int, top: str, budget: int) -> DiagonalPlan | str:
     for w in widths:
         below_width.append(below_width[-1] + w)
     plans, kind, above, m_mem = [], top, 0, 0
-    curved_at, too_big = None, False
+    curved_at, too_big, wide = None, False, None
     for cut in range(len(segs), 0, -1):  # cut 0 would carry M down to x: D x D
+        # (nor is M carried through any tensor as wide as x: that is no cheaper than dense)
         if cut < len(segs):
             seg = segs[cut]
             kind, cost, mem = _carry(tape, seg, kind, k)
+            if kind == DENSE and tape.width(seg.bottom) >= d:
+                wide = tape.width(seg.bottom)  # M there would be as large as the Hessian itself
+                break
             above += cost
             m_mem = max(m_mem, mem)
         stop = segs[cut].start if cut < len(segs) else len(steps)
@@ -171,6 +175,11 @@ def _plan(tape: Tape, k: int, top: str, budget: int) -> DiagonalPlan | str:
             too_big = True
             continue
         plans.append(DiagonalPlan(segs, cut, curved, cost, fixed, sweep))
+    if wide is not None and not plans:
+        return (
+            f"every cut low enough for the curved steps would carry M through a tensor of "
+            f"{wide} >= D features ({d} x {d} or more per sample)"
+        )
     if too_big and not plans:
         return f"no cut of the graph leaves a working set within the budget of {budget} bytes"
     if not plans:

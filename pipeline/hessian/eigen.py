@@ -181,7 +181,6 @@ def _products(model: nn.Module, target: Target, shape: torch.Size, reverse: bool
     return apply
 
 
-@torch.no_grad()
 def _lanczos(model, x, target, k, which, tol, budget, max_krylov, seed, reverse):
     n, d, n_out = x.shape[0], x.shape[1:].numel(), target.n_outputs
     block = min(d, max(k, 2))
@@ -193,18 +192,30 @@ def _lanczos(model, x, target, k, which, tol, budget, max_krylov, seed, reverse)
     tol = max(tol, 100 * torch.finfo(x.dtype).eps)
     apply = _products(model, target, x.shape[1:], reverse)
     gen = torch.Generator().manual_seed(seed)
-    out = [], [], []
+    out, short = ([], [], []), []
     for s in range(0, n, step):
         xf = x[s : s + step].reshape(-1, d)
         aux = target.aux[s : s + step]
-        part = _block_lanczos(apply, xf, aux, n_out, k, which, tol, block, limit, gen)
-        for acc, t in zip(out, part, strict=True):
+        with torch.no_grad():
+            part = _block_lanczos(apply, xf, aux, n_out, k, which, tol, block, limit, gen)
+        for acc, t in zip(out, part[:3], strict=True):
             acc.append(t)
+        if part[3] is not None:
+            short.append(part[3])
+    if short:
+        m, worst = min(s[0] for s in short), max(s[1] for s in short)
+        warnings.warn(
+            f"eigen: block Lanczos stopped at its Krylov limit of {m} vectors before reaching "
+            f"tol={tol:g} (largest residual {worst:.2e} x |lambda|_max); the residuals say how "
+            "far each pair is from exact (raise max_krylov or the budget)",
+            stacklevel=3,
+        )
     return tuple(torch.cat(t) for t in out)
 
 
 def _block_lanczos(apply, xf, aux, n_out, k, which, tol, block, limit, gen):
-    """One chunk of samples: values (n, K, k), vectors (n, K, k, D), residuals (n, K, k)."""
+    """One chunk of samples: values (n, K, k), vectors (n, K, k, D), residuals (n, K, k), and
+    (basis size, largest relative residual) where it stopped short of tol, else None."""
     n, d = xf.shape
     bsz = n * n_out  # independent problems, ordered (sample, output)
 
@@ -237,17 +248,13 @@ def _block_lanczos(apply, xf, aux, n_out, k, which, tol, block, limit, gen):
             break
         nxt = min(block, limit - m, d - m)
         v = _orthonormal_block(q[..., :m], w[..., :nxt], gen, scale)
+    short = None
     if not done and m < d:
         worst = float((res / scale.clamp_min(torch.finfo(res.dtype).tiny).unsqueeze(-1)).max())
-        warnings.warn(
-            f"eigen: block Lanczos stopped at its Krylov limit of {m} vectors before reaching "
-            f"tol={tol:g} (largest residual {worst:.2e} x |lambda|_max); the residuals say how "
-            "far each pair is from exact (raise max_krylov or the budget)",
-            stacklevel=3,
-        )
+        short = (m, worst)
     vec = _fix_sign(vec.mT)
     shape = (n, n_out, k)
-    return lam.reshape(shape), vec.reshape(*shape, d), res.reshape(shape)
+    return lam.reshape(shape), vec.reshape(*shape, d), res.reshape(shape), short
 
 
 def _random(gen: torch.Generator, bsz: int, d: int, b: int, like: Tensor) -> Tensor:
