@@ -19,7 +19,8 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    """``run_overrides`` and ``RunResult`` (from ``pipeline.execution.run``) import Dask when first used."""
+    """``run_overrides`` and ``RunResult`` (``pipeline.execution.run``) import Dask when first
+    used."""
     if name in ("run_overrides", "RunResult"):
         from .execution.run import RunResult, run_overrides
 

@@ -108,9 +108,8 @@ def main(cfg: DictConfig) -> None:
             raise
         print(internal_error(err), file=sys.stderr)
         sys.exit(1)
-    n, k, d, _ = result.shape
     took = f"{result.seconds:.2f} s"
-    print(f"hessian ({n}, {k}, {d}, {d}) via {result.method} in {took} -> {result.path}")
+    print(f"{result.dataset} {result.shape} via {result.method} in {took} -> {result.path}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Every bad input a user can give: one clear line naming the config key, nothing written.
 
 ``python -m tests.test_errors`` prints the table of cases with the messages users see (it is the
-"Errors and faults" table of the README).
+"Errors" table of docs/faults.md).
 """
 
 from __future__ import annotations

@@ -239,6 +239,61 @@ class StorageConf:
     fsync: bool = True  # flush each committed block to disk (survives a machine crash)
 
 
+# ---- output --------------------------------------------------------------------------------
+
+
+class Which(_StrEnum):
+    LM = "LM"  # largest magnitude
+    LA = "LA"  # largest algebraic
+    SA = "SA"  # smallest algebraic
+
+
+@dataclass
+class OutputConf:
+    """Base of the ``output`` options: what of each Hessian is computed and stored."""
+
+    name: str = "dense"
+
+
+@dataclass
+class DenseOutput(OutputConf):
+    """``dense``: every entry, ``/hessian`` (N, K, D, D)."""
+
+    name: str = "dense"
+
+
+@dataclass
+class DiagonalOutput(OutputConf):
+    """``diagonal``: ``/diagonal`` (N, K, D) and ``/trace`` (N, K)."""
+
+    name: str = "diagonal"
+
+
+@dataclass
+class RowsOutput(OutputConf):
+    """``rows``: ``/hessian`` (N, K, R, D) of the flat indices ``output.rows``, and ``/rows``."""
+
+    name: str = "rows"
+    rows: list[int] = MISSING
+
+
+@dataclass
+class EigenOutput(OutputConf):
+    """``eigen``: the ``k`` eigenpairs of each Hessian that ``which`` selects."""
+
+    name: str = "eigen"
+    k: int = at_least(1, 6)
+    which: Which = Which.LM
+    tol: float = 1e-8  # Lanczos stops when every ||Hv - lambda v|| <= tol * |lambda_max|
+
+
+@dataclass
+class FactoredOutput(OutputConf):
+    """``factored``: ``/jacobian`` (N, C, D) and ``/curvature`` (N, K, C, C), H = J^T A J."""
+
+    name: str = "factored"
+
+
 class Spectrum(_StrEnum):
     auto = "auto"  # every eigenvalue for D <= 2048, else Lanczos within report.budget_s
     full = "full"  # Lanczos to convergence, and extreme eigenvalues of every sample in the CSV
@@ -261,6 +316,7 @@ class Config:
     method: MethodConf = field(default_factory=MethodConf)
     backend: BackendConf = field(default_factory=BackendConf)
     storage: StorageConf = field(default_factory=StorageConf)
+    output: OutputConf = field(default_factory=OutputConf)
     dtype: DType = DType.float32
     seed: int = 0
     progress: bool = True  # a progress bar on stderr
@@ -280,6 +336,8 @@ OPTIONS: dict[str, dict[str, type]] = {
     "backend": {"local": LocalBackend, "dask": DaskBackend, "dask_cuda": DaskCudaBackend,
                 "address": AddressBackend},
     "storage": {"default": StorageConf},
+    "output": {"dense": DenseOutput, "diagonal": DiagonalOutput, "rows": RowsOutput,
+               "eigen": EigenOutput, "factored": FactoredOutput},
 }  # fmt: skip
 
 

@@ -23,7 +23,7 @@ from ..errors import PipelineError
 from ..hessian.methods import METHODS
 from .schema import OPTIONS, Config, compose, to_plain
 
-GROUPS = ("model", "data", "target", "method", "backend", "storage")
+GROUPS = ("model", "data", "target", "method", "backend", "storage", "output")
 COMPRESSIONS = (None, "none", "null", "lzf", "gzip")  # storage.compression
 
 

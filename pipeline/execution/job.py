@@ -20,6 +20,7 @@ from ..hessian.targets import Target, make_target
 from ..inputs.data import Dataset, load_data
 from ..inputs.models import build_model
 from ..store.fingerprint import code_fingerprint, data_fingerprint, weights_fingerprint
+from .outputs import Work
 
 log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -43,6 +44,11 @@ class Job:
         the device's default (``pipeline.hessian.methods.default_memory_budget``)."""
         mb = self.cfg.method.memory_budget_mb
         return None if mb is None else int(mb) << 20
+
+    @property
+    def work(self) -> Work:
+        """What each block computes (picklable: sent to Dask workers)."""
+        return Work(self.cfg.output, self.method.name, self.cfg.method.name)
 
     @property
     def spec(self) -> ModelSpec:

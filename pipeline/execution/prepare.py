@@ -9,9 +9,11 @@ corrected rerun is not mistaken for an interrupted run. In order (cheap checks f
 3. the backend (``Backend.check``): the device exists, dask-cuda is installed, the scheduler
    answers within ``backend.connect_timeout_s`` (a scheduler file is read here);
 4. the job: model (finite weights), data and labels (finite), target, method;
-5. the plan of blocks (said when it rounds ``storage.block_rows`` or leaves Dask workers idle);
+5. the ``output`` (rows in range, k <= D) and the plan of blocks (said when it rounds
+   ``storage.block_rows`` or leaves Dask workers idle);
 6. the model on one sample through the chosen method (a model that ``vmap`` cannot transform
-   fails here, not on a worker halfway through the run).
+   fails here, not on a worker halfway through the run); ``output=factored`` on one sample (a
+   model with no exact J^T A J form is refused here).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from ..errors import PipelineError
 from ..store.plan import Plan, make_plan
 from .backends import Backend, backend_for
 from .job import Job, build_job, model_key
+from .outputs import check_output, plan_samples, probe_output
 
 log = logging.getLogger(__name__)
 PROBE_ROWS = 2  # Hessian rows of sample 0 computed by the one-sample check
@@ -63,9 +66,16 @@ def prepare(cfg: Config, path: Path) -> Prepared:
             "storage.mode=overwrite",
             "storage.mode",
         )
-    plan = plan_blocks(job)
+    if cfg.output.name == "dense":
+        plan = plan_blocks(job)
+    else:
+        check_output(cfg.output, job.dim)
+        n, k, d = len(job.data.x), job.target.n_outputs, job.dim
+        itemsize = job.data.x.element_size()
+        plan = plan_samples(cfg.output, n, k, d, itemsize, cfg.storage.block_mb)
     backend.review(plan)
     probe(job, backend.device)
+    probe_output(job.work, job.model, job.data.x, job.target)
     return Prepared(job, plan, backend)
 
 

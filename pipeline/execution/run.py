@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import h5py
 import numpy as np
 import yaml
 from omegaconf import DictConfig
@@ -21,10 +22,13 @@ from ..config.precision import tf32_report
 from ..config.schema import Config, as_dict, fingerprint
 from ..config.validate import complete_config
 from ..store import Metadata, ResultWriter, check_destination
+from ..store.parts import PartsWriter
 from ..store.plan import Plan
+from ..store.schema import main_field
 from ..version import __version__
 from .backends import Backend
 from .job import Job
+from .outputs import sizes as output_sizes
 from .prepare import prepare
 from .progress import progress
 
@@ -36,7 +40,7 @@ class RunResult:
     """Where the result went and what it took."""
 
     path: Path
-    shape: tuple[int, int, int, int]
+    shape: tuple[int, ...]  # of the main dataset: /hessian (N, K, D, D) of a dense result
     method: str
     seconds: float
     blocks_computed: int
@@ -44,6 +48,12 @@ class RunResult:
     compute_seconds: float = 0.0  # computing and writing the blocks (no start-up, no finishing)
     finish_seconds: float = 0.0  # checking, flushing and renaming the file after the last block
     reports: list[Path] | None = None  # the plots and statistics written after the run
+    output: str = "dense"  # the kind of result (``output``), and so the main dataset's name
+
+    @property
+    def dataset(self) -> str:
+        """The main dataset's name (``hessian``, ``diagonal``, ``eigenvalues``, ``jacobian``)."""
+        return main_field(self.output).name
 
 
 def output_path(cfg: Config, output_dir: Path | None) -> Path:
@@ -83,16 +93,14 @@ def run(
     if cfg.plots:
         _check_report_options(cfg, plan)
     meta = metadata(job, backend, overrides or [])
-    writer = ResultWriter(
-        path, plan, meta, cfg.storage,
-        remote_workers=backend.remote_workers,
-        defer_copies=not backend.copies_can_overlap(),
-    )  # fmt: skip
+    kind = cfg.output.name
+    writer = result_writer(path, plan, meta, cfg, backend)
     t_compute = 0.0
     with writer:
         log.info(
-            "Hessians (%d, %d, %d, %d) %s, method=%s, %d blocks of %d samples x %d rows (%d done)",
-            plan.n_samples, plan.n_outputs, plan.dim, plan.dim, cfg.dtype, job.method.name,
+            "%s of Hessians (%d, %d, %d, %d) %s, method=%s, %d blocks of %d samples x %d rows "
+            "(%d done)",
+            kind, plan.n_samples, plan.n_outputs, plan.dim, plan.dim, cfg.dtype, job.method.name,
             len(plan.blocks), plan.block_samples, plan.block_rows, writer.reused,
         )  # fmt: skip
         if writer.missing:  # a resume with every block committed starts no workers
@@ -107,19 +115,31 @@ def run(
         t_finish = time.perf_counter()
         writer.finish()
         t_finish = time.perf_counter() - t_finish
-    n, k, d = plan.n_samples, plan.n_outputs, plan.dim
+    with h5py.File(path, "r") as f:
+        shape = tuple(int(s) for s in f[main_field(kind).name].shape)
     result = RunResult(
-        path, (n, k, d, d), job.method.name, time.perf_counter() - t0, len(writer.missing),
-        writer.reused, t_compute, t_finish,
+        path, shape, job.method.name, time.perf_counter() - t0, len(writer.missing),
+        writer.reused, t_compute, t_finish, output=kind,
     )  # fmt: skip
     log.info(
-        "wrote %s: hessian %s %s, method %s, %.2f s (%d blocks computed, %d reused)",
-        path, result.shape, cfg.dtype, result.method, result.seconds, len(writer.missing),
-        writer.reused,
+        "wrote %s: %s %s %s, method %s, %.2f s (%d blocks computed, %d reused)",
+        path, result.dataset, result.shape, cfg.dtype, result.method, result.seconds,
+        len(writer.missing), writer.reused,
     )  # fmt: skip
     if cfg.plots:
         result.reports = _after_run_reports(path, cfg, output_dir)
     return result
+
+
+def result_writer(path: Path, plan: Plan, meta: Metadata, cfg: Config, backend: Backend):
+    """The writer of the run's kind of result (``output``)."""
+    overlap = {"remote_workers": backend.remote_workers,
+               "defer_copies": not backend.copies_can_overlap()}  # fmt: skip
+    if cfg.output.name == "dense":
+        return ResultWriter(path, plan, meta, cfg.storage, **overlap)
+    sizes = output_sizes(cfg.output, plan.n_samples, plan.n_outputs, plan.dim)
+    rows = {"rows": list(cfg.output.rows)} if cfg.output.name == "rows" else {}
+    return PartsWriter(path, plan, meta, cfg.storage, cfg.output.name, sizes, rows, **overlap)
 
 
 def metadata(job: Job, backend: Backend, overrides: list[str]) -> Metadata:
@@ -159,7 +179,7 @@ def _check_report_options(cfg: Config, plan: Plan) -> None:
 
 
 def _after_run_reports(path: Path, cfg: Config, output_dir: Path | None) -> list[Path]:
-    """Plots and per-sample statistics in the run directory (see pipeline.plots)."""
+    """Plots and per-sample statistics in the run directory (see pipeline.results.plots)."""
     try:
         from ..results.plots import report_dir, write_reports
     except ImportError:

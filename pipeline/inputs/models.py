@@ -163,8 +163,8 @@ class ExportedModel(nn.Module):
 
 
 def _load_exported(path: str, trust: bool) -> nn.Module:
-    """A ``torch.export.save``d program; ``trust``: the user trusts the file (see README, Trust:
-    ``torch.export.load`` unpickles parts of the archive, which can run code)."""
+    """A ``torch.export.save``d program; ``trust``: the user trusts the file (see docs/faults.md,
+    Trust: ``torch.export.load`` unpickles parts of the archive, which can run code)."""
     if not Path(path).is_file():
         raise PipelineError(f"exported program {path!r} not found", "model.path")
     if not zipfile.is_zipfile(path):

@@ -3,6 +3,12 @@
 ``read(path)`` keeps the HDF5 file open and wraps each dataset in ``dask.array.from_array`` with
 chunks aligned to the file's chunks (for a virtual layout: to the shard blocks), so slicing and
 reductions read only what they need. Close the result (or use it as a context manager) when done.
+
+Every kind of result (``output``: see ``pipeline.store.schema``) is read the same way and has
+its natural view: ``r.hessian`` of a dense file, ``r.diagonal`` and ``r.trace``, ``r.hessian`` of
+the chosen rows and ``r.rows``, ``r.eigenvalues``, ``r.eigenvectors`` and ``r.residuals``,
+``r.jacobian`` and ``r.curvature``; ``r.hessian`` of a factored file is the lazy product
+J^T A_k J, equal to the dense result.
 """
 
 from __future__ import annotations
@@ -20,8 +26,10 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from ..errors import PipelineError
+from ..store.schema import DESCRIPTION, FIELDS, KINDS, fields
 
-DATASETS = ("hessian", "gradient", "inputs", "outputs", "sample_index", "output_index")
+COMMON = ("gradient", "inputs", "outputs", "sample_index", "output_index")
+DATASETS = ("hessian", *COMMON)  # of a dense result
 CONTIGUOUS_PANEL_BYTES = 8 << 20  # dask chunks of a contiguous /hessian
 ATTRS = ("config", "status", "method", "dtype")  # root attributes every result has
 
@@ -33,7 +41,8 @@ class Result:
     Attributes:
         path: the file.
         file: the open ``h5py.File`` (read-only).
-        hessian: (N, K, D, D) dask array.
+        hessian: (N, K, D, D) dask array (chosen rows: (N, K, R, D); a factored file: the lazy
+            product J^T A J; None for the diagonal and eigenpairs).
         gradient: (N, K, D) dask array.
         inputs: (N, *S) dask array.
         outputs: (N, C) dask array.
@@ -41,11 +50,13 @@ class Result:
         output_index: (K,) or (N, K) dask array: which output each k is (-1 for a loss).
         config: the resolved config of the run.
         attrs: every root attribute (provenance), as plain Python values.
+        datasets: the kind's own datasets by name (``diagonal``, ``eigenvalues``, ...), also
+            readable as attributes (``r.diagonal``).
     """
 
     path: Path
     file: h5py.File
-    hessian: da.Array
+    hessian: da.Array | None
     gradient: da.Array
     inputs: da.Array
     outputs: da.Array
@@ -53,6 +64,21 @@ class Result:
     output_index: da.Array
     config: DictConfig
     attrs: dict[str, Any] = field(default_factory=dict)
+    datasets: dict[str, da.Array] = field(default_factory=dict)
+
+    def __getattr__(self, name: str) -> da.Array:
+        datasets = self.__dict__.get("datasets", {})
+        if name in datasets:
+            return datasets[name]
+        raise AttributeError(
+            f"a {self.__dict__.get('attrs', {}).get('output', 'dense')} result has no {name!r}"
+            f" (it has {', '.join(sorted(datasets)) or 'no other datasets'})"
+        )
+
+    @property
+    def output(self) -> str:
+        """The kind of result: ``dense``, ``diagonal``, ``rows``, ``eigen`` or ``factored``."""
+        return str(self.attrs.get("output", "dense"))
 
     @property
     def method(self) -> str:
@@ -61,13 +87,14 @@ class Result:
 
     @property
     def dtype(self) -> np.dtype:
-        """The floating-point type of ``/hessian``."""
-        return self.file["hessian"].dtype
+        """The floating-point type of the result."""
+        return self.file[FIELDS[self.output][0].name].dtype
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
-        """(N, K, D, D) of ``/hessian``."""
-        return tuple(self.file["hessian"].shape)  # type: ignore[return-value]
+        """(N, K, D, D): the Hessians the file describes (``/hessian`` of a dense file)."""
+        n, k, d = self.file["gradient"].shape
+        return (n, k, d, d)
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -96,8 +123,9 @@ class Result:
 
     def __repr__(self) -> str:
         n, k, d, _ = self.shape
+        what = "" if self.output == "dense" else f"output={self.output!r} of "
         return (
-            f"Result({str(self.path)!r}, hessian=({n}, {k}, {d}, {d}) {self.dtype}, "
+            f"Result({str(self.path)!r}, {what}hessian=({n}, {k}, {d}, {d}) {self.dtype}, "
             f"method={self.method!r}, layout={self.layout!r})"
         )
 
@@ -135,26 +163,75 @@ def read(path: str | os.PathLike) -> Result:
                 "storage.mode=resume",
                 "storage.mode",
             )
-        config = _check_layout(path, f, attrs)
-        if f["hessian"].is_virtual:
-            _check_sources(path, f["hessian"])
-        arrays = {name: _dask(f[name]) for name in DATASETS}
+        kind = str(attrs.get("output", "dense"))
+        if kind not in KINDS:
+            raise PipelineError(f"{path} holds an output {kind!r} this version does not know")
+        if kind == "dense":
+            config = _check_layout(path, f, attrs)
+            if f["hessian"].is_virtual:
+                _check_sources(path, f["hessian"])
+        else:
+            config = _check_kind(path, f, attrs, kind)
+        arrays = {name: _dask(f[name]) for name in COMMON}
+        own = [fd.name for fd in fields(kind)] + [
+            name for name in ("diagonal", "row_norm", "trace", "frobenius", "symmetry")
+            if kind == "dense" and name in f
+        ]  # fmt: skip
+        datasets = {name: _dask(f[name]) for name in own if name not in COMMON}
+        hessian = datasets.pop("hessian", None)
+        if kind == "factored":
+            hessian = _factored(datasets["jacobian"], datasets["curvature"])
     except BaseException:
         f.close()
         raise
-    return Result(path=path, file=f, config=config, attrs=attrs, **arrays)  # type: ignore[arg-type]
+    return Result(path=path, file=f, config=config, attrs=attrs, hessian=hessian,
+                  datasets=datasets, **arrays)  # type: ignore[arg-type]  # fmt: skip
 
 
-def _check_layout(path: Path, f: h5py.File, attrs: dict[str, Any]) -> DictConfig:
+def _factored(jacobian: da.Array, curvature: da.Array) -> da.Array:
+    """H[n, k] = J[n]^T A[n, k] J[n], lazily, in chunks of rows of one (sample, output)."""
+    n, c, d = jacobian.shape
+    rows = max(1, min(d, CONTIGUOUS_PANEL_BYTES // max(1, d * jacobian.dtype.itemsize)))
+    jt = jacobian.transpose(0, 2, 1).rechunk((1, rows, c))
+    a = curvature.rechunk((1, 1, c, c))
+    j = jacobian.rechunk((1, c, d))
+    return da.einsum("ndc,nkce,nef->nkdf", jt, a, j)
+
+
+def _check_kind(path: Path, f: h5py.File, attrs: dict[str, Any], kind: str) -> DictConfig:
+    """The stored config; PipelineError unless the file holds the kind's datasets with shapes
+    that fit one another (the schema's dimensions)."""
+    missing = [fd.name for fd in fields(kind) if not isinstance(f.get(fd.name), h5py.Dataset)]
+    if missing:
+        raise PipelineError(f"{path} is not a complete {kind} result: it lacks /{missing[0]}")
+    n, k, d = f["gradient"].shape
+    sizes: dict[str, int] = {"sample": n, "output": k, "column": d}
+    for fd in fields(kind):
+        for dim, size in zip(fd.dims, f[fd.name].shape, strict=False):
+            if sizes.setdefault(dim, size) != size or f[fd.name].ndim != len(fd.dims):
+                raise PipelineError(
+                    f"{path} is not a pipeline result: /{fd.name} has shape {f[fd.name].shape}, "
+                    f"which does not fit its dimensions {fd.dims} ({dim}={sizes[dim]})"
+                )
+    del DESCRIPTION
+    return _check_layout(path, f, attrs, check_hessian=False)
+
+
+def _check_layout(
+    path: Path, f: h5py.File, attrs: dict[str, Any], check_hessian: bool = True
+) -> DictConfig:
     """The stored config; PipelineError unless the datasets have the shapes of a result."""
 
     def refuse(why: str) -> PipelineError:
         return PipelineError(f"{path} is not a pipeline result: {why}")
 
-    shapes = {name: tuple(f[name].shape) for name in DATASETS}
-    if len(shapes["hessian"]) != 4 or shapes["hessian"][2] != shapes["hessian"][3]:
-        raise refuse(f"/hessian has shape {shapes['hessian']}, not (N, K, D, D)")
-    n, k, d, _ = shapes["hessian"]
+    shapes = {name: tuple(f[name].shape) for name in (DATASETS if check_hessian else COMMON)}
+    if check_hessian:
+        if len(shapes["hessian"]) != 4 or shapes["hessian"][2] != shapes["hessian"][3]:
+            raise refuse(f"/hessian has shape {shapes['hessian']}, not (N, K, D, D)")
+        n, k, d, _ = shapes["hessian"]
+    else:
+        n, k, d = shapes["gradient"]
     inputs = shapes["inputs"]
     expected = {
         "gradient": shapes["gradient"] == (n, k, d),

@@ -25,6 +25,7 @@ import h5py
 import numpy as np
 
 from .plan import Plan
+from .schema import Field
 from .statistics import SUMS
 
 HESSIAN_DIMS = ("sample", "output", "row", "column")
@@ -83,14 +84,10 @@ def create_datasets(
         f.create_dataset(name, (n, k), kind, **alloc())
     row_blocks = -(-d // plan.block_rows)
     f.create_dataset(BLOCK_SUMS, (row_blocks, n, k, len(SUMS)), "f8", **alloc())
-    f.create_dataset("inputs", data=meta.inputs, **comp)
-    f.create_dataset("outputs", data=meta.outputs)
-    f.create_dataset("sample_index", data=meta.sample_index)
-    f.create_dataset("output_index", data=meta.output_index)
-    _label(f, meta.inputs.ndim - 1, meta.output_index.ndim)
-    for key, value in meta.attrs.items():
-        f.attrs[key] = value
+    write_common(f, meta, comp)
+    _label(f, meta.output_index.ndim)
     f.attrs["layout"] = layout
+    f.attrs["output"] = "dense"
     f.attrs["status"] = "complete"  # true once the file has its final name (see above)
     f.attrs["layout_id"] = uuid.uuid4().hex  # tells this file's byte offsets from another's
     f.attrs.create("nonfinite_entries", 0, dtype="i8")
@@ -166,33 +163,50 @@ def _early_allocation() -> h5py.h5p.PropDCID:
     return dcpl
 
 
-def _label(f: h5py.File, n_input_dims: int, output_index_dims: int) -> None:
-    """HDF5 dimension labels, so tools show what each axis is."""
+def write_common(f: h5py.File, meta: Metadata, comp: dict[str, Any]) -> None:
+    """What every kind of result holds besides its computed values: inputs, outputs, indices
+    and the root attributes."""
+    f.create_dataset("inputs", data=meta.inputs, **comp)
+    f.create_dataset("outputs", data=meta.outputs)
+    f.create_dataset("sample_index", data=meta.sample_index)
+    f.create_dataset("output_index", data=meta.output_index)
+    for key, value in meta.attrs.items():
+        f.attrs[key] = value
+
+
+def label_common(f: h5py.File, per_sample: tuple[Field, ...] = ()) -> None:
+    """HDF5 dimension labels and scales of the common datasets, and the sample (and output)
+    scales of the ``per_sample`` datasets (whose own labels come from the schema)."""
     f["sample_index"].make_scale("sample_index")  # dimension scales: tools show source indices
-    if output_index_dims == 1:
+    by_output = f["output_index"].ndim == 1
+    if by_output:
         f["output_index"].make_scale("output_index")
-    for name in ("gradient", *ROW_DATASETS):
-        for i, label in enumerate(("sample", "output", "column")):
-            f[name].dims[i].label = label
-    for name in SUMMARY_DATASETS:
-        for i, label in enumerate(("sample", "output")):
-            f[name].dims[i].label = label
-    for i, label in enumerate(("row_block", "sample", "output", "sum")):
-        f[BLOCK_SUMS].dims[i].label = label
     f["inputs"].dims[0].label = "sample"
-    for i in range(n_input_dims):
+    for i in range(f["inputs"].ndim - 1):
         f["inputs"].dims[i + 1].label = f"input_{i}"
     f["outputs"].dims[0].label = "sample"
     f["outputs"].dims[1].label = "model_output"
     f["sample_index"].dims[0].label = "sample"
-    labels = ("output",) if output_index_dims == 1 else ("sample", "output")
-    for i, name in enumerate(labels):
+    for i, name in enumerate(("output",) if by_output else ("sample", "output")):
         f["output_index"].dims[i].label = name
-    for name in ("gradient", "inputs", "outputs", *ROW_DATASETS, *SUMMARY_DATASETS):
+    for name in ("inputs", "outputs"):
         f[name].dims[0].attach_scale(f["sample_index"])
-    if output_index_dims == 1:
-        for name in ("gradient", *ROW_DATASETS, *SUMMARY_DATASETS):
-            f[name].dims[1].attach_scale(f["output_index"])
+    for fd in per_sample:
+        f[fd.name].dims[0].attach_scale(f["sample_index"])
+        if by_output and fd.dims[1:2] == ("output",):
+            f[fd.name].dims[1].attach_scale(f["output_index"])
+
+
+def _label(f: h5py.File, output_index_dims: int) -> None:
+    """HDF5 dimension labels of a dense result, so tools show what each axis is."""
+    rows = tuple(Field(n, ("sample", "output", "column")) for n in ("gradient", *ROW_DATASETS))
+    summaries = tuple(Field(name, ("sample", "output")) for name in SUMMARY_DATASETS)
+    for fd in rows + summaries:
+        for i, label in enumerate(fd.dims):
+            f[fd.name].dims[i].label = label
+    for i, label in enumerate(("row_block", "sample", "output", "sum")):
+        f[BLOCK_SUMS].dims[i].label = label
+    label_common(f, rows + summaries)
     if "hessian" in f:
         _label_hessian(f, output_index_dims)
 

@@ -3,6 +3,6 @@ gives the run's backend; the built-in ones are ``local``, ``dask``, ``dask_cuda`
 ``address``."""
 
 from . import dask, local  # noqa: F401  (they register themselves)
-from .base import BACKENDS, Backend, BlockWriter, backend_for, compute_block, register_backend
+from .base import BACKENDS, Backend, BlockWriter, backend_for, register_backend
 
-__all__ = ["BACKENDS", "Backend", "BlockWriter", "backend_for", "compute_block", "register_backend"]
+__all__ = ["BACKENDS", "Backend", "BlockWriter", "backend_for", "register_backend"]

@@ -17,12 +17,10 @@ from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ...config.schema import OPTIONS, BackendConf
 from ...errors import PipelineError
-from ...hessian.methods import METHODS
-from ...hessian.targets import Target
 from ...store import BlockStats
 from ...store.plan import Block, Plan
 
@@ -99,16 +97,6 @@ def backend_for(options: BackendConf) -> Backend:
         ) from None
 
 
-def compute_block(
-    model: nn.Module, method: str, x: Tensor, target: Target, block: Block, budget: int | None
-) -> tuple[Tensor, Tensor | None]:
-    """Hessian rows [r0, r1) of samples [s0, s1): (S, K, R, D), and their gradients (S, K, D)
-    (only with row 0), on the model's device."""
-    rows = slice(block.r0, block.r1)  # a slice of all D rows lets a method use H's symmetry
-    hess, grad = METHODS[method].compute(model, x, target, rows, budget)
-    return hess, (grad if block.r0 == 0 else None)
-
-
 def torch_device(name: str) -> torch.device:
     """``backend.device`` as a torch device that exists here."""
     try:
@@ -154,7 +142,7 @@ class BlockWriter:
         statistics when they were taken already); waits while another block is queued."""
         if self.error is not None:
             raise self.error
-        if not self.cuda:
+        if not self.cuda or isinstance(h, dict):  # (the arrays of a part are on the host)
             self.queue.put((b, h, g, stats, None, None))
             return
         buf = self.buffers.get()

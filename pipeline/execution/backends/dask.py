@@ -87,7 +87,7 @@ class DaskBackend(Backend):
             return client.submit(
                 block_task,
                 model_args,
-                job.method.name,
+                job.work,
                 x[b.s0 : b.s1],
                 job.target.kind,
                 aux[b.s0 : b.s1],

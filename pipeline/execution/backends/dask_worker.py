@@ -19,7 +19,7 @@ from ...store.blocks import host_array
 from ...store.fingerprint import code_fingerprint, weights_fingerprint
 from ...store.plan import Block
 from ..job import ModelSpec
-from .base import compute_block
+from ..outputs import Work
 from .memory import _mallopt
 
 _WORKER_MODELS: dict[str, nn.Module] = {}  # per worker process: model key -> model
@@ -89,7 +89,7 @@ class ModelPlugin(WorkerPlugin):
 
 def block_task(
     model_args: tuple,
-    method: str,
+    work: Work,
     x: np.ndarray,
     kind: str,
     aux: np.ndarray,
@@ -101,15 +101,18 @@ def block_task(
 ) -> int | tuple[int, np.ndarray, np.ndarray | None, BlockStats]:
     """Compute one block and write it with ``sink``; returns its index. Without a sink
     (``backend.write_at=driver``) the block goes back to the driver instead: (index, hessian
-    (S, K, R, D), gradient (S, K, D) or None, its statistics). Idempotent."""
+    (S, K, R, D), gradient (S, K, D) or None, its statistics; or the arrays of a part of
+    another ``output`` kind, None, None). Idempotent."""
     model = _worker_model(*model_args)
     device = next(iter(model.parameters()), torch.empty(0)).device
     target = Target(kind, torch.as_tensor(aux), output_index).to(device)
     xt = torch.as_tensor(x).to(device)
     with tf32(allow_tf32):
-        h, g = compute_block(model, method, xt, target, block, budget)
+        h, g = work.compute(model, xt, target, block, budget)
     if sink is not None:
         return sink.write(block, h, g)
+    if isinstance(h, dict):
+        return block.index, h, None, None
     h = host_array(h)  # its own memory (not the staged buffer): it outlives this task
     grad = None if g is None else host_array(g)
     return block.index, h, grad, block_stats(h, block.r0)

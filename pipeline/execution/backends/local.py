@@ -8,7 +8,7 @@ import torch
 
 from ...config.precision import tf32
 from ...store.plan import Block
-from .base import Backend, BlockWriter, OnWritten, compute_block, register_backend, torch_device
+from .base import Backend, BlockWriter, OnWritten, register_backend, torch_device
 from .memory import reuse_large_buffers
 
 
@@ -35,9 +35,8 @@ class Local(Backend):
         with reuse_large_buffers(), BlockWriter(sink, on_written, device) as writer:
             for b in blocks:
                 with tf32(job.cfg.method.tf32):
-                    h, g = compute_block(
-                        model, job.method.name, x[b.s0 : b.s1], target.subset(b.s0, b.s1), b,
-                        job.memory_budget,
-                    )  # fmt: skip
+                    h, g = job.work.compute(
+                        model, x[b.s0 : b.s1], target.subset(b.s0, b.s1), b, job.memory_budget
+                    )
                 writer.put(b, h, g)
         return time.perf_counter() - t0

@@ -1,0 +1,134 @@
+"""What one block computes, for each ``output`` kind (``pipeline.store.schema`` lists what each
+stores): the dense rows through the job's method, or the diagonal, chosen rows, eigenpairs or
+factors through ``pipeline.hessian``. A :class:`Work` is small and picklable: Dask workers get it
+with each block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..config.schema import OutputConf
+from ..errors import PipelineError
+from ..hessian import diagonal, eigen, factored
+from ..hessian.errors import ArgumentError
+from ..hessian.methods import METHODS
+from ..hessian.targets import Target
+from ..store.plan import Block, Plan
+
+
+@dataclass(frozen=True)
+class Work:
+    """What every block of a run computes.
+
+    Attributes:
+        output: the ``output`` config (its ``name`` is the kind).
+        method: the resolved method (dense rows, chosen rows, the gradients).
+        requested: ``method.name`` as configured: ``auto`` lets the diagonal and the eigen solver
+            choose their own route (a diagonal propagated on the graph, not from rows).
+    """
+
+    output: OutputConf
+    method: str
+    requested: str
+
+    @property
+    def kind(self) -> str:
+        return self.output.name
+
+    def compute(
+        self, model: nn.Module, x: Tensor, target: Target, block: Block, budget: int | None
+    ) -> tuple[Tensor | dict[str, np.ndarray], Tensor | None]:
+        """Block ``block`` of samples ``x``: dense Hessian rows [r0, r1) (S, K, R, D) and the
+        gradients (S, K, D) at row 0, or, for the other kinds, a dict of the arrays the schema
+        names, on the host, and None."""
+        if self.kind == "dense":
+            rows = slice(block.r0, block.r1)  # a slice of all D rows lets a method use symmetry
+            hess, grad = METHODS[self.method].compute(model, x, target, rows, budget)
+            return hess, (grad if block.r0 == 0 else None)
+        return {k: _host(v) for k, v in self._part(model, x, target, budget).items()}, None
+
+    def _part(self, model, x, target, budget) -> dict[str, Tensor]:
+        o = self.output
+        if self.kind == "diagonal":
+            diag, grad = diagonal(model, x, target, budget, self.requested)
+            return {"diagonal": diag, "gradient": grad}
+        if self.kind == "rows":
+            rows = torch.as_tensor(list(o.rows), device=x.device)
+            hess, grad = METHODS[self.method].compute(model, x, target, rows, budget)
+            return {"hessian": hess, "gradient": grad}
+        if self.kind == "eigen":
+            values, vectors, residuals = eigen(
+                model, x, target, o.k, str(o.which), o.tol, budget, self.requested
+            )
+            grad = METHODS[self.method].compute(model, x, target, torch.arange(1), budget)[1]
+            return {"eigenvalues": values, "eigenvectors": vectors, "residuals": residuals,
+                    "gradient": grad}  # fmt: skip
+        if self.kind == "factored":
+            jacobian, curvature, grad = factored(model, x, target, budget)
+            return {"jacobian": jacobian, "curvature": curvature, "gradient": grad}
+        raise PipelineError(f"unknown output {self.kind!r}", "output")
+
+
+def _host(t: Tensor) -> np.ndarray:
+    return t.detach().cpu().numpy()
+
+
+def check_output(output: OutputConf, dim: int) -> None:
+    """Refuse, in one line naming the key, an ``output`` the input size cannot serve."""
+    if output.name == "rows":
+        rows = list(output.rows)
+        if not rows:
+            raise PipelineError("output.rows is empty: give flat input indices", "output.rows")
+        bad = [r for r in rows if not 0 <= r < dim]
+        if bad:
+            raise PipelineError(
+                f"output.rows holds {bad[0]}, out of range: the input has D={dim} entries "
+                f"(valid: 0..{dim - 1})",
+                "output.rows",
+            )
+        if len(set(rows)) != len(rows):
+            raise PipelineError("output.rows repeats an index", "output.rows")
+    if output.name == "eigen" and not 1 <= output.k <= dim:
+        raise PipelineError(
+            f"output.k={output.k} is out of range: a Hessian of D={dim} has 1..{dim} eigenpairs",
+            "output.k",
+        )
+
+
+def probe_output(work: Work, model: nn.Module, x: Tensor, target: Target) -> None:
+    """``factored`` on sample 0: refused in one line where the model has no exact J^T A J."""
+    if work.kind != "factored":
+        return
+    try:
+        factored(model, x[:1], target.subset(0, 1))
+    except ArgumentError as err:
+        raise PipelineError(err.message, "output") from err
+
+
+def sizes(output: OutputConf, n: int, k: int, d: int) -> dict[str, int]:
+    """The dimension sizes a run of ``output`` knows before computing (see the schema)."""
+    out = {"sample": n, "output": k, "column": d}
+    if output.name == "rows":
+        out["row"] = len(output.rows)
+    if output.name == "eigen":
+        out["eigenpair"] = output.k
+    return out
+
+
+def plan_samples(output: OutputConf, n: int, k: int, d: int, itemsize: int, block_mb: int) -> Plan:
+    """Blocks of whole samples for the kinds other than ``dense``: as many samples as store
+    about ``block_mb`` MiB (the math chunks its own working memory by ``method.memory_budget_mb``).
+    """
+    per = {
+        "diagonal": 2 * k * d,
+        "rows": k * (len(getattr(output, "rows", ())) + 1) * d,
+        "eigen": k * (getattr(output, "k", 1) + 1) * d,
+        "factored": k * d * 16,  # C (D + K C) + K D, with C unknown before computing
+    }[output.name] * itemsize
+    samples = max(1, min(n, (block_mb << 20) // max(1, per)))
+    return Plan(n, k, d, samples, d, (1, 1, 1, 1))

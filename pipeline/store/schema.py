@@ -1,0 +1,71 @@
+"""The one schema of a result file: every dataset's name, dimensions and dtype, per output kind.
+
+A dimension name stands for its size in a run: ``sample`` N, ``output`` K, ``row`` R (the chosen
+rows), ``column`` D (the flat input), ``eigenpair`` k, ``feature`` C (the features at the cut of a
+factored Hessian). A dtype of None is the result's dtype. The writer creates the datasets from
+these declarations, the reader checks a file against them and gives them their natural names
+(``r.diagonal``, ``r.eigenvalues``), and inspect and verify read the same table.
+
+``dense`` files also hold the statistics taken while blocks are written (``/diagonal``,
+``/row_norm``, ``/trace``, ``/frobenius``, ``/symmetry``, ``/nonfinite``, ``/block_sums``:
+``pipeline.store.layout``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+KINDS = ("dense", "diagonal", "rows", "eigen", "factored")
+
+
+@dataclass(frozen=True)
+class Field:
+    """One dataset: its name, its dimensions (first always ``sample``) and its dtype."""
+
+    name: str
+    dims: tuple[str, ...]
+    dtype: str | None = None  # None: the result's dtype
+
+    def shape(self, sizes: dict[str, int]) -> tuple[int, ...]:
+        return tuple(sizes[d] for d in self.dims)
+
+
+GRADIENT = Field("gradient", ("sample", "output", "column"))
+
+# kind -> the datasets its blocks produce (each block: samples [s0, s1), all of the rest)
+FIELDS: dict[str, tuple[Field, ...]] = {
+    "dense": (Field("hessian", ("sample", "output", "row", "column")), GRADIENT),
+    "diagonal": (Field("diagonal", ("sample", "output", "column")), GRADIENT),
+    "rows": (Field("hessian", ("sample", "output", "row", "column")), GRADIENT),
+    "eigen": (
+        Field("eigenvalues", ("sample", "output", "eigenpair")),
+        Field("eigenvectors", ("sample", "output", "eigenpair", "column")),
+        Field("residuals", ("sample", "output", "eigenpair")),
+        GRADIENT,
+    ),
+    "factored": (
+        Field("jacobian", ("sample", "feature", "column")),
+        Field("curvature", ("sample", "output", "feature", "feature")),
+        GRADIENT,
+    ),
+}
+
+# kind -> datasets derived from the blocks' when the file is finished
+DERIVED: dict[str, tuple[Field, ...]] = {
+    "diagonal": (Field("trace", ("sample", "output"), "f8"),),
+}
+
+# kind -> datasets of the run's description (not per sample)
+DESCRIPTION: dict[str, tuple[Field, ...]] = {
+    "rows": (Field("rows", ("row",), "i8"),),
+}
+
+
+def fields(kind: str) -> tuple[Field, ...]:
+    """Every dataset that ``kind`` computes or derives."""
+    return FIELDS[kind] + DERIVED.get(kind, ()) + DESCRIPTION.get(kind, ())
+
+
+def main_field(kind: str) -> Field:
+    """The dataset a run of ``kind`` is about (the one its summary line names)."""
+    return FIELDS[kind][0]
