@@ -1,9 +1,10 @@
 """The exact Hessian diagonal of a tanh MLP at a large input size: time and peak memory.
 
 A tanh MLP D -> 64 -> 64 -> 1 (float32 by default), N samples, one logit: ``diagonal`` with its
-default budget, then entries checked against Hessian-vector products e_i^T H e_i (torch.func
-``jvp(grad)``) at sampled i. Peak RSS from ``resource.getrusage`` (ru_maxrss of this process and
-of its children) covers everything the process did, imports and the model included.
+default budget (propagated on the graph, which ``auto`` also picks there), then entries checked
+against Hessian-vector products e_i^T H e_i (torch.func ``jvp(grad)``) at sampled i. Peak RSS
+from ``resource.getrusage`` (ru_maxrss of this process and of its children), read before the
+checks, covers everything the process did until then, imports and the model included.
 
     python benchmarks/kinds.py                     # D = 65536, 2 samples
     python benchmarks/kinds.py --d 16384 --samples 4 --json out.json
@@ -49,7 +50,7 @@ def main() -> int:
     plan = diagonal_plan(model, x, target, default_memory_budget(x.device))
     route = "rows" if isinstance(plan, str) else f"propagated (cut {plan.cut}, {plan.curved})"
     t0 = time.perf_counter()
-    diag, _ = diagonal(model, x, target)
+    diag, _ = diagonal(model, x, target, method="propagated" if route != "rows" else "auto")
     seconds = time.perf_counter() - t0
     rss_self = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     rss_children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss

@@ -134,12 +134,17 @@ def test_diagonal_matches_dense(name, factory, shape, outputs, loss, seed, route
     ref = torch.diagonal(ref_h, dim1=-2, dim2=-1)
     plan = diagonal_plan(model, x, target, 1 << 30)
     assert isinstance(plan, DiagonalPlan) == (route == "propagated"), f"{name}: {plan}"
-    diag, grad = diagonal(model, x, target)
-    assert diag.dtype == x.dtype and diag.shape == ref.shape
-    assert_close(diag, ref, what=f"{name} diagonal")
-    assert_close(grad, ref_g, what=f"{name} gradient")
-    rows, _ = diagonal(model, x, target, method="forward_over_reverse")
-    assert_close(rows, ref, what=f"{name} diagonal from row blocks")
+    methods = ["auto", "forward_over_reverse", "structured"]
+    if route == "propagated":
+        methods.append("propagated")
+    else:
+        with pytest.raises(ArgumentError, match="'propagated' does not apply: "):
+            diagonal(model, x, target, method="propagated")
+    for method in methods:
+        diag, grad = diagonal(model, x, target, method=method)
+        assert diag.dtype == x.dtype and diag.shape == ref.shape
+        assert_close(diag, ref, what=f"{name} diagonal, method {method}")
+        assert_close(grad, ref_g, what=f"{name} gradient, method {method}")
 
 
 @pytest.mark.parametrize("name", ["tanh_mlp_logits", "tanh_cnn_all", "residual"])
@@ -155,10 +160,14 @@ def test_diagonal_in_the_smallest_pieces_the_budget_allows(name):
     tight = plan.fixed + (1 + k) * plan.sweep
     while isinstance(plan := diagonal_plan(model, x, target, tight - 1), DiagonalPlan):
         tight = plan.fixed + (1 + k) * plan.sweep  # down to the smallest budget a cut fits
-    assert_close(diagonal(model, x, target, budget=tight)[0], ref, what=f"{name} tight budget")
+    diag = diagonal(model, x, target, budget=tight, method="propagated")[0]
+    assert_close(diag, ref, what=f"{name} tight budget")
     assert isinstance(diagonal_plan(model, x, target, tight - 1), str)  # then: row blocks
+    with pytest.raises(ArgumentError, match="no cut of the graph leaves a working set"):
+        diagonal(model, x, target, budget=tight - 1, method="propagated")
     one_row = 4 * x.shape[0] * target.n_outputs * x[0].numel() * x.element_size()
-    assert_close(diagonal(model, x, target, budget=one_row)[0], ref, what=f"{name} 1-row blocks")
+    diag = diagonal(model, x, target, budget=one_row, method="structured")[0]
+    assert_close(diag, ref, what=f"{name} 1-row blocks")
 
 
 def test_diagonal_of_relu_logits_is_zero():
@@ -228,7 +237,7 @@ def test_eigen_matches_eigh_of_dense(name, factory, shape, outputs, seed, k, whi
     h = dense_reference(model, x, target)[0]
     extra = {"dense_limit": 0, "tol": 1e-12} if path == "lanczos" else {}
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # no Krylov-limit warning: converged
+        warnings.filterwarnings("error", message="eigen:")  # converged: no Krylov-limit warning
         values, vectors, residuals = eigen(model, x, target, k, which, **extra)
     n, kk, d = h.shape[0], h.shape[1], h.shape[-1]
     assert values.shape == (n, kk, k) and vectors.shape == (n, kk, k, d)
@@ -243,7 +252,7 @@ def test_lanczos_stops_before_the_whole_space_and_at_its_limit_says_so():
     model, x, target = _setup(lambda: wide_tanh(60, 96), (60,), "loss", 13, n=2)
     h = dense_reference(model, x, target)[0]
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # converged with at most 40 of the 60 basis vectors
+        warnings.filterwarnings("error", message="eigen:")  # converged within 40 of 60
         values, vectors, residuals = eigen(model, x, target, 2, "LA", tol=1e-9, dense_limit=0,
                                            max_krylov=40)  # fmt: skip
     _check_eigen("lanczos within 40 of 60", h, values, vectors, residuals, "LA", 2)

@@ -215,65 +215,76 @@ def _lanczos(model, x, target, k, which, tol, budget, max_krylov, seed, reverse)
 
 def _block_lanczos(apply, xf, aux, n_out, k, which, tol, block, limit, gen):
     """One chunk of samples: values (n, K, k), vectors (n, K, k, D), residuals (n, K, k), and
-    (basis size, largest relative residual) where it stopped short of tol, else None."""
+    (basis size, largest relative residual) where it stopped short of tol, else None.
+
+    Vectors are rows: the basis Q (B, m, D) and its image HQ (B, m, D), in buffers that double
+    as they fill (memory follows the basis actually built, not ``limit``)."""
     n, d = xf.shape
     bsz = n * n_out  # independent problems, ordered (sample, output)
 
-    def hv(v: Tensor) -> Tensor:  # (B, D, b) -> (B, D, b)
-        w = apply(xf, aux, v.mT.reshape(n, n_out, v.shape[-1], d))
-        return w.reshape(bsz, -1, d).mT
+    def hv(v: Tensor) -> Tensor:  # (B, b, D) -> (B, b, D)
+        return apply(xf, aux, v.reshape(n, n_out, -1, d)).reshape(bsz, -1, d)
 
-    q = xf.new_empty(bsz, d, limit)
-    hq = xf.new_empty(bsz, d, limit)
+    cap = min(limit, 8 * block)
+    q, hq = xf.new_empty(bsz, cap, d), xf.new_empty(bsz, cap, d)
     t = xf.new_zeros(bsz, limit, limit)
-    v = _orthonormal_block(None, _random(gen, bsz, d, block, xf), gen, xf.new_zeros(bsz))
+    v = _orthonormal_block(None, _random(gen, bsz, block, d, xf), gen, xf.new_zeros(bsz))
     m = 0
     while True:
-        b = v.shape[-1]
+        b = v.shape[1]
+        if m + b > cap:
+            cap = min(limit, 2 * cap)
+            q, hq = _grown(q, cap), _grown(hq, cap)
         w = hv(v)
-        q[..., m : m + b], hq[..., m : m + b] = v, w
-        t[:, : m + b, m : m + b] = q[..., : m + b].mT @ w
+        q[:, m : m + b], hq[:, m : m + b] = v, w
+        t[:, : m + b, m : m + b] = q[:, : m + b] @ w.mT
         t[:, m : m + b, :m] = t[:, :m, m : m + b].mT
         m += b
         tm = t[:, :m, :m]
         theta, y = torch.linalg.eigh((tm + tm.mT) / 2)
         idx = _select(theta, which, min(k, m))
         lam = theta.gather(-1, idx)
-        ys = y.gather(-1, idx.unsqueeze(-2).expand(bsz, m, idx.shape[-1]))  # (B, m, k)
-        vec = q[..., :m] @ ys  # (B, D, k)
-        res = (hq[..., :m] @ ys - vec * lam.unsqueeze(-2)).norm(dim=-2)  # (B, k)
+        ys = y.gather(-1, idx.unsqueeze(-2).expand(bsz, m, idx.shape[-1])).mT  # (B, k, m)
+        vec = ys @ q[:, :m]  # (B, k, D)
+        res = (ys @ hq[:, :m] - lam.unsqueeze(-1) * vec).norm(dim=-1)  # (B, k)
         scale = theta.abs().amax(-1)
         done = m >= k and bool((res <= tol * scale.unsqueeze(-1)).all())
         if done or m + 1 > limit or m >= d:
             break
         nxt = min(block, limit - m, d - m)
-        v = _orthonormal_block(q[..., :m], w[..., :nxt], gen, scale)
+        v = _orthonormal_block(q[:, :m], w[:, :nxt], gen, scale)
     short = None
     if not done and m < d:
         worst = float((res / scale.clamp_min(torch.finfo(res.dtype).tiny).unsqueeze(-1)).max())
         short = (m, worst)
-    vec = _fix_sign(vec.mT)
     shape = (n, n_out, k)
-    return lam.reshape(shape), vec.reshape(*shape, d), res.reshape(shape), short
+    return lam.reshape(shape), _fix_sign(vec).reshape(*shape, d), res.reshape(shape), short
 
 
-def _random(gen: torch.Generator, bsz: int, d: int, b: int, like: Tensor) -> Tensor:
-    return torch.randn(bsz, d, b, generator=gen, dtype=like.dtype).to(like.device)
+def _grown(buf: Tensor, cap: int) -> Tensor:
+    out = buf.new_empty(buf.shape[0], cap, buf.shape[2])
+    out[:, : buf.shape[1]] = buf
+    return out
+
+
+def _random(gen: torch.Generator, bsz: int, b: int, d: int, like: Tensor) -> Tensor:
+    return torch.randn(bsz, b, d, generator=gen, dtype=like.dtype).to(like.device)
 
 
 def _orthonormal_block(q: Tensor | None, w: Tensor, gen, scale: Tensor) -> Tensor:
-    """w (B, D, b) orthogonalised twice against q (B, D, m) and made orthonormal; columns that
-    vanish (relative to ``scale``, or to their norm before) are replaced by random ones."""
+    """Rows w (B, b, D) orthogonalised twice against the rows of q (B, m, D) and made
+    orthonormal; rows that vanish (relative to ``scale``, or to their norm before) are replaced
+    by random ones."""
     eps = torch.finfo(w.dtype).eps
     for _ in range(4):
-        before = w.norm(dim=-2)
+        before = w.norm(dim=-1)
         if q is not None:
             for _ in range(2):
-                w = w - q @ (q.mT @ w)
-        v, r = torch.linalg.qr(w)
+                w = w - (w @ q.mT) @ q
+        v, r = torch.linalg.qr(w.mT)
         kept = r.diagonal(dim1=-2, dim2=-1).abs()
         small = kept <= eps**0.5 * torch.maximum(before, scale.unsqueeze(-1))
         if not bool(small.any()):
-            return v
-        w = torch.where(small.unsqueeze(-2), _random(gen, *w.shape, w), w)
+            return v.mT
+        w = torch.where(small.unsqueeze(-1), _random(gen, *w.shape, w), w)
     raise RuntimeError("eigen: could not extend the Krylov basis with independent vectors")
