@@ -233,6 +233,8 @@ class StorageConf:
     mode: Mode = Mode.create
     block_rows: int | None = at_least(1, None)  # rows per block; default from block_mb
     block_mb: int = at_least(1, 64)  # size of one block of Hessian rows, when block_rows is unset
+    # samples per block of an output other than dense (default: as many as store block_mb)
+    block_samples: int | None = at_least(1, None)
     compression: str | None = None  # none | lzf | gzip
     layout: Layout = Layout.copy
     keep_shards: bool = False

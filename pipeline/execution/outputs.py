@@ -120,15 +120,19 @@ def sizes(output: OutputConf, n: int, k: int, d: int) -> dict[str, int]:
     return out
 
 
-def plan_samples(output: OutputConf, n: int, k: int, d: int, itemsize: int, block_mb: int) -> Plan:
-    """Blocks of whole samples for the kinds other than ``dense``: as many samples as store
-    about ``block_mb`` MiB (the math chunks its own working memory by ``method.memory_budget_mb``).
-    """
+def plan_samples(
+    output: OutputConf, n: int, k: int, d: int, itemsize: int, block_mb: int,
+    block_samples: int | None = None,
+) -> Plan:  # fmt: skip
+    """Blocks of whole samples for the kinds other than ``dense``: ``block_samples``, or as many
+    samples as store about ``block_mb`` MiB (the math chunks its own working memory by
+    ``method.memory_budget_mb``)."""
     per = {
         "diagonal": 2 * k * d,
         "rows": k * (len(getattr(output, "rows", ())) + 1) * d,
         "eigen": k * (getattr(output, "k", 1) + 1) * d,
         "factored": k * d * 16,  # C (D + K C) + K D, with C unknown before computing
     }[output.name] * itemsize
-    samples = max(1, min(n, (block_mb << 20) // max(1, per)))
+    samples = block_samples or max(1, (block_mb << 20) // max(1, per))
+    samples = min(n, samples)
     return Plan(n, k, d, samples, d, (1, 1, 1, 1))

@@ -72,7 +72,8 @@ def prepare(cfg: Config, path: Path) -> Prepared:
         check_output(cfg.output, job.dim)
         n, k, d = len(job.data.x), job.target.n_outputs, job.dim
         itemsize = job.data.x.element_size()
-        plan = plan_samples(cfg.output, n, k, d, itemsize, cfg.storage.block_mb)
+        st = cfg.storage
+        plan = plan_samples(cfg.output, n, k, d, itemsize, st.block_mb, st.block_samples)
     backend.review(plan)
     probe(job, backend.device)
     probe_output(job.work, job.model, job.data.x, job.target)

@@ -66,6 +66,25 @@ def mlp(
     return nn.Sequential(*layers, nn.Linear(width, out_features))
 
 
+def convnet(
+    in_channels: int = 3,
+    size: int = 32,
+    width: int = 16,
+    out_features: int = 10,
+    activation: str = "relu",
+    seed: int = 0,
+) -> nn.Sequential:
+    """A randomly initialised CNN (seeded) for (in_channels, size, size) images: two 3x3 convs
+    with 2x2 max pools, then a linear layer; for benchmarks and sweeps."""
+    torch.manual_seed(seed)
+    side = size // 4
+    return nn.Sequential(
+        nn.Conv2d(in_channels, width, 3, padding=1), _activation(activation), nn.MaxPool2d(2),
+        nn.Conv2d(width, 2 * width, 3, padding=1), _activation(activation), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(2 * width * side * side, out_features),
+    )  # fmt: skip
+
+
 def digits_cnn(activation: str = "tanh", pretrained: bool = True) -> nn.Sequential:
     """Small CNN for (1, 8, 8) digits: conv8 -> conv16 (stride 2) -> fc32 -> fc10."""
     net = nn.Sequential(

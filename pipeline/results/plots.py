@@ -110,18 +110,11 @@ def write_reports(
     out.mkdir(parents=True, exist_ok=True)
     with read(path) as result:
         n, k = _selected(result, opt)
-        table = stored_stats(result)
-        steps = [
-            ("hessian_stats.csv", lambda p: write_stats_csv(result, p, opt.spectrum, table)),
-            ("hessian_summary.png", lambda p: plot_summary(result, p, table)),
-            ("hessian_heatmap.png", lambda p: plot_heatmap(result, p, n, k, table)),
-        ]
-        if image_shape(result.input_shape) is not None:
-            steps.append(("hessian_input_maps.png", lambda p: plot_input_maps(result, p, n, k)))
-        if opt.spectrum != "off":
-            steps.append(
-                ("hessian_spectrum.png", lambda p: plot_spectrum(result, p, n, k, opt, table))
-            )
+        steps = _dense_reports(result, n, k, opt) if result.output == "dense" else []
+        if result.output != "dense":
+            from .kind_plots import kind_reports
+
+            steps = [(f"hessian_{name}", make) for name, make in kind_reports(result, n, k)]
         written = []
         with progress(show_progress, len(steps), 0, "reports") as bar:
             for name, make in steps:
@@ -130,6 +123,20 @@ def write_reports(
                 log.info("wrote %s (%.1f s)", written[-1], time.perf_counter() - t)
                 bar.update(1)
     return written
+
+
+def _dense_reports(result: Result, n: int, k: int, opt: ReportConf) -> list:
+    table = stored_stats(result)
+    steps = [
+        ("hessian_stats.csv", lambda p: write_stats_csv(result, p, opt.spectrum, table)),
+        ("hessian_summary.png", lambda p: plot_summary(result, p, table)),
+        ("hessian_heatmap.png", lambda p: plot_heatmap(result, p, n, k, table)),
+    ]
+    if image_shape(result.input_shape) is not None:
+        steps.append(("hessian_input_maps.png", lambda p: plot_input_maps(result, p, n, k)))
+    if opt.spectrum != "off":
+        steps.append(("hessian_spectrum.png", lambda p: plot_spectrum(result, p, n, k, opt, table)))
+    return steps
 
 
 def _selected(result: Result, opt: ReportConf) -> tuple[int, int]:

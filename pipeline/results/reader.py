@@ -26,7 +26,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from ..errors import PipelineError
-from ..store.schema import DESCRIPTION, FIELDS, KINDS, fields
+from ..store.schema import FIELDS, KINDS, fields
 
 COMMON = ("gradient", "inputs", "outputs", "sample_index", "output_index")
 DATASETS = ("hessian", *COMMON)  # of a dense result
@@ -151,7 +151,8 @@ def read(path: str | os.PathLike) -> Result:
     except OSError as err:
         raise PipelineError(f"{path} is not an HDF5 file ({err})") from err
     try:
-        missing = [name for name in DATASETS if not isinstance(f.get(name), h5py.Dataset)]
+        needed = DATASETS if f.attrs.get("output", "dense") == "dense" else COMMON
+        missing = [name for name in needed if not isinstance(f.get(name), h5py.Dataset)]
         missing_attrs = [a for a in ATTRS if a not in f.attrs]
         if missing or missing_attrs:
             lacks = [f"/{m}" for m in missing] + [f"the {a} attribute" for a in missing_attrs]
@@ -213,7 +214,6 @@ def _check_kind(path: Path, f: h5py.File, attrs: dict[str, Any], kind: str) -> D
                     f"{path} is not a pipeline result: /{fd.name} has shape {f[fd.name].shape}, "
                     f"which does not fit its dimensions {fd.dims} ({dim}={sizes[dim]})"
                 )
-    del DESCRIPTION
     return _check_layout(path, f, attrs, check_hessian=False)
 
 
