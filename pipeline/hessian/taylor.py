@@ -42,7 +42,7 @@ from torch import Tensor
 
 from .curvature import DENSE, DIAG, ZERO, Curvature
 from .graph import Tape, consumers, release
-from .rules import ELEMENTWISE_MACS, Elementwise, LayerNorm, Product, Rule, Select
+from .rules import ELEMENTWISE_MACS, Dense, Elementwise, LayerNorm, Product, Rule, Select
 
 
 def pairs(d: int) -> int:
@@ -140,21 +140,27 @@ def propagate(tape: Tape) -> Tensor:
     eye = torch.eye(d, dtype=x.dtype, device=x.device).reshape(1, d, *x.shape[1:])
     t: dict[int, Tensor] = {0: eye}
     left = consumers(tape.steps)
+    owned: set[int] = set()  # slots whose T this pass allocated (no view of another slot's)
     for step in tape.steps:
         ins = [t.get(v) for v in step.inputs]
         if any(i is not None for i in ins):
-            t[step.out] = _step(step.rule, _same_width(ins, d), d)
+            v = step.inputs[0]
+            reuse = v in owned and left[v] == 1 and v != tape.output
+            t[step.out] = _step(step.rule, _same_width(ins, d), d, reuse)
+            if taylor_rule(step.rule) != "linear" or isinstance(step.rule, Dense):
+                owned.add(step.out)
         release(t, step, left, {tape.output})
     if tape.output not in t:  # the output does not depend on x
         return x.new_zeros(1, d, *tape.values[tape.output].shape[1:])
     return t[tape.output]
 
 
-def _step(rule: Rule, ins: list[Tensor | None], d: int) -> Tensor:
-    """T of a step's output from its inputs' (None: zero)."""
+def _step(rule: Rule, ins: list[Tensor | None], d: int, reuse: bool = False) -> Tensor:
+    """T of a step's output from its inputs' (None: zero); ``reuse``: the first input's T is
+    read by this step only and may be overwritten."""
     how = taylor_rule(rule)
     if how == "elementwise":
-        return _elementwise(rule, ins[0], d)
+        return _elementwise(rule, ins[0], d, reuse)
     if how == "product":
         return _product(rule, ins, d)
     if how == "layer_norm":
@@ -203,14 +209,21 @@ def _outer_into(h: Tensor, a: Tensor, b: Tensor, add: bool) -> None:
         at += d - i
 
 
-def _elementwise(rule: Elementwise, t: Tensor, d: int) -> Tensor:
-    """J_y = s' J, H_y = s' H + s'' J_i J_j."""
+def _elementwise(rule: Elementwise, t: Tensor, d: int, reuse: bool = False) -> Tensor:
+    """J_y = s' J, H_y = s' H + s'' J_i J_j; in place where ``t`` may be overwritten (one
+    allocation of the size of T fewer: on the 2-core VM each costs its page faults)."""
     d1 = rule.d1.unsqueeze(1)
-    if not rule.curved:
-        return d1 * t
-    j = t[:, :d]
     n = rule.d1.shape[0]
+    reuse = reuse and t.shape[0] == n
+    if not rule.curved:
+        return t.mul_(d1) if reuse else d1 * t
+    j = t[:, :d]
     curved = t.shape[1] > d
+    if reuse and curved:  # H first: the pairs read J before it is scaled
+        t[:, d:].mul_(d1)
+        _outer_into(t[:, d:], rule.d2.unsqueeze(1) * j, j, add=True)
+        j.mul_(d1)
+        return t
     out = t.new_empty(n, d + pairs(d), *t.shape[2:])
     torch.mul(d1, t, out=out if curved else out[:, :d])
     _outer_into(out[:, d:], rule.d2.unsqueeze(1) * j, j, add=curved)
