@@ -6,8 +6,10 @@ where the package is missing), in one process and interleaved
 (repeat r runs every method once before repeat r + 1): ``pipeline.hessian`` with ``auto`` (the
 method it picks is printed), ``vmap(torch.func.hessian)`` and ``vmap(jacrev(jacrev))`` over
 samples, and the generic ``forward_over_reverse`` for reference. The table gives the median time a
-sample, and ``auto``'s ratio to the best torch.func variant; each result is checked against
-torch.func.
+sample, and ``auto``'s ratio to the best torch.func variant (with the graph engine's schedule in
+brackets: ``taylor`` is forward Taylor propagation); each result is checked against torch.func.
+The last column is the fixed cost of a call: the median time of one call on one sample, ``auto``
+against the best torch.func variant (caches warm).
 
     python benchmarks/zoo.py                     # every model, CPU
     python benchmarks/zoo.py --models lenet5 tabular_mlp --repeats 5
@@ -39,7 +41,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pipeline  # noqa: E402
+from pipeline.hessian import structured  # noqa: E402
+from pipeline.hessian.graph import capture  # noqa: E402
 from pipeline.hessian.methods import resolve_method  # noqa: E402
+from pipeline.hessian.planner import REVERSE, SCHEDULES  # noqa: E402
 from tests.library_models import LIBRARY, LIBRARY_BY_NAME, unavailable  # noqa: E402
 from tests.model_zoo import ZOO, ZOO_BY_NAME  # noqa: E402
 from tests.zoo import HardAsClamp  # noqa: E402
@@ -139,6 +144,7 @@ def bench(name: str, args) -> dict:
     }
     target = pipeline.make_target(entry.outputs, model(x).detach(), labels)
     picked = resolve_method("auto", model, target, x).name
+    schedule = schedule_of(model, x, target, picked)
     results = {}
     for k, fn in list(methods.items()):  # warm-up; a method that runs out of memory is dropped
         try:
@@ -164,13 +170,48 @@ def bench(name: str, args) -> dict:
             _sync(args.device)
             times[k].append((clock() - t0) / n)
     med = {k: statistics.median(v) for k, v in times.items()}
+    one = one_sample_call(model, x[:1], entry.outputs, labels[:1], methods, args, clock)
     nan = float("nan")
     for k in ("vmap(torch.func.hessian)", "vmap(jacrev(jacrev))", "forward_over_reverse"):
         med.setdefault(k, nan)
     best = min(med["vmap(torch.func.hessian)"], med["vmap(jacrev(jacrev))"])
     ms = {k: 1e3 * v for k, v in med.items()}
     return {"model": name, "samples": n, "auto_method": picked, "ms": ms,
-            "auto_vs_best_torch_func": med["auto"] / best, "errors": errors}  # fmt: skip
+            "auto_vs_best_torch_func": med["auto"] / best, "errors": errors,
+            "one_sample_call_ms": one, "schedule": schedule}  # fmt: skip
+
+
+def schedule_of(model: nn.Module, x: Tensor, target, picked: str) -> str | None:
+    """The bottom schedule of the graph method's plan for this call (``taylor``: forward Taylor
+    propagation), or None for the generic methods."""
+    if picked not in ("structured", "piecewise"):
+        return None
+    schedules = (REVERSE,) if picked == "piecewise" else SCHEDULES
+    with torch.no_grad():
+        plan, _ = structured._plan(capture(model), x, target, x[0].numel(), schedules)
+    return plan.bottom
+
+
+def plan_note(r: dict) -> str:
+    return f" ({r['schedule']})" if r.get("schedule") else ""
+
+
+def one_sample_call(model, x1, outputs, labels, methods, args, clock) -> dict[str, float]:
+    """The median time of one call on one sample (ms): the fixed cost a call pays whatever its
+    size (capture, planning and support analysis are cached after the first call)."""
+    names = [k for k in ("auto", "vmap(torch.func.hessian)", "vmap(jacrev(jacrev))")
+             if k in methods]  # fmt: skip
+    times: dict[str, list[float]] = {k: [] for k in names}
+    for k in names:
+        methods[k](model, x1, outputs, labels)  # warm-up: the caches for this shape
+    for _ in range(max(5, args.repeats)):
+        for k in names:
+            _sync(args.device)
+            t0 = clock()
+            methods[k](model, x1, outputs, labels)
+            _sync(args.device)
+            times[k].append(clock() - t0)
+    return {k: 1e3 * statistics.median(v) for k, v in times.items()}
 
 
 def main() -> None:
@@ -201,9 +242,9 @@ def main() -> None:
     head = ["auto", "vmap(torch.func.hessian)", "vmap(jacrev(jacrev))", "forward_over_reverse"]
     print(
         f"\n| model | n | auto picks | {' | '.join(h + ' ms' for h in head)} | auto / best "
-        "torch.func | max rel. error |"
+        "torch.func | max rel. error | one call, 1 sample: auto / best torch.func ms |"
     )
-    print("|" + "---|" * (len(head) + 5))
+    print("|" + "---|" * (len(head) + 6))
     rows = []
     models = args.models or ([e.name for e in LIBRARY] if args.library else names)
     for name in models:
@@ -214,10 +255,12 @@ def main() -> None:
             continue
         r = bench(name, args)
         rows.append(r)
-        ms = " | ".join(f"{r['ms'][h]:.3f}" for h in head)
-        print(f"| {name} | {r['samples']} | {r['auto_method']} | {ms} | "
-              f"{r['auto_vs_best_torch_func']:.2f}x | {max(r['errors'].values()):.1e} |",
-              flush=True)  # fmt: skip
+        ms = " | ".join(f"{r['ms'][h]:.4g}" for h in head)
+        one = r["one_sample_call_ms"]
+        best_one = min(v for k, v in one.items() if k != "auto")
+        print(f"| {name} | {r['samples']} | {r['auto_method']}{plan_note(r)} | {ms} | "
+              f"{r['auto_vs_best_torch_func']:.2f}x | {max(r['errors'].values()):.1e} | "
+              f"{one['auto']:.3f} / {best_one:.3f} |", flush=True)  # fmt: skip
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"torch": torch.__version__, "device": args.device, "rows": rows}, fh,

@@ -17,6 +17,11 @@ J_z^T A J_z (C_v: a step's second-order term, J_v = dv/dx). Three schedules eval
   below L by tangent-adjoint on patches, each row's tangents and adjoints held on a window around
   its receptive field (NOTE [local] in ``local``).
 
+* Taylor (the whole graph, no cut): value, Jacobian and Hessian of every tensor carried forward
+  from x (``taylor``), where every step has a forward second-order rule. Cost ~ D (D + 3) / 2
+  tangents through every step, independent of R and nearly of K: the cheapest when D is below the
+  layer widths.
+
 ``make_plan`` counts every admissible cut and schedule and takes the cheapest.
 """
 
@@ -28,9 +33,11 @@ from .curvature import DENSE, DIAG, ZERO, is_fast, transition
 from .graph import Tape
 from .local import Layout, layout
 from .rules import ELEMENTWISE_MACS, Dense
+from .taylor import cost as taylor_cost
+from .taylor import supports as taylor_supports
 
-TANGENT, REVERSE, LOCAL = "tangent", "reverse", "local"
-SCHEDULES = (TANGENT, REVERSE, LOCAL)
+TANGENT, REVERSE, LOCAL, TAYLOR = "tangent", "reverse", "local", "taylor"
+SCHEDULES = (TANGENT, REVERSE, LOCAL, TAYLOR)
 
 
 @dataclass(frozen=True)
@@ -46,7 +53,9 @@ class Segment:
 @dataclass(frozen=True)
 class Plan:
     """The schedule of one graph: M-propagation through ``segments[cut:]``, then ``bottom``
-    (``TANGENT``, ``REVERSE`` or ``LOCAL``) through the steps below ``segments[cut].start``.
+    (``TANGENT``, ``REVERSE`` or ``LOCAL``) through the steps below ``segments[cut].start``;
+    or ``TAYLOR`` (with ``cut == len(segments)``): forward Taylor propagation through the whole
+    graph.
 
     Attributes:
         segments: between consecutive cut points, from x up to the output.
@@ -164,7 +173,24 @@ def all_plans(
                 options.append((LOCAL, cost + below, lay))
         plans += [Plan(segs, cut, option[0], above + option[1], zero, *option[2:])
                   for option in options]  # fmt: skip
+    plans = [replace(p, cost=p.cost + _overhead(tape, 3, samples)) for p in plans]
+    if TAYLOR in schedules and not zero and taylor_supports(tape):
+        cost = taylor_cost(tape, k, top, samples) + _overhead(tape, 1, samples)
+        plans.append(Plan(segs, len(segs), TAYLOR, cost, zero))
     return plans
+
+
+# The fixed cost of one pass of a step through torch (Python, dispatch, a fresh output: ~5 us on
+# the 2-core CPU, ~100,000 multiply-adds of a matrix product there), shared by the samples of a
+# call. The schedules with a cut make three passes per step (the gradient, the tangents and the
+# second-order adjoints or M), Taylor one. It decides between them for the small nets that
+# Taylor is for (PINNs, hessQuik's, D <= 16): there, a call of 256 samples is dominated by it.
+PASS_MACS = 100_000
+
+
+def _overhead(tape: Tape, passes: int, samples: int) -> int:
+    """Per-sample share of the fixed cost of ``passes`` passes through the graph's steps."""
+    return passes * len(tape.steps) * PASS_MACS // max(samples, 1)
 
 
 def _segment_m(tape: Tape, seg: Segment, kind: str, k: int) -> tuple[str, int]:

@@ -14,8 +14,9 @@ import weakref
 import torch
 from torch import Tensor, nn
 
+from . import taylor
 from .graph import Tape, capture, record
-from .planner import LOCAL, REVERSE, SCHEDULES, Plan, head_kind, make_plan
+from .planner import LOCAL, REVERSE, SCHEDULES, TAYLOR, Plan, head_kind, make_plan
 from .propagate import gradients, hessian_rows
 from .rows import Rows, select_rows
 from .targets import Target
@@ -48,6 +49,14 @@ def compute(
             tape = record(gm, x if whole else x[s : s + step])
             sub = target if whole else target.subset(s, s + tape.n)
             g_top, head = sub.derivatives(tape.values[tape.output])
+            if plan.bottom == TAYLOR:
+                h, grad = _taylor(tape, g_top, head, rows)
+                if step >= n:
+                    return h, grad
+                if hess is None:
+                    hess, grads = x.new_empty(n, k, r, d), x.new_empty(n, k, d)
+                hess[s : s + tape.n], grads[s : s + tape.n] = h, grad
+                continue
             g = gradients(tape, g_top)
             grad = _input_gradient(g, tape, k)
             for c in range(0, r, row_step):
@@ -83,6 +92,12 @@ def _plan(gm: nn.Module, x: Tensor, target: Target, r: int, schedules) -> tuple[
     return per_graph[key]
 
 
+def _taylor(tape: Tape, g_top: Tensor, head, rows: Rows) -> tuple[Tensor, Tensor]:
+    """Hessian rows (N, K, R, D) and gradients (N, K, D) by forward Taylor propagation."""
+    h, grad = taylor.join(taylor.propagate(tape), tape.width(0), g_top, head)
+    return (h if rows.full else h.index_select(2, rows.index)), grad
+
+
 def _input_gradient(g: dict[int, Tensor], tape: Tape, k: int) -> Tensor:
     """dy/dx (N, K, D); zero when the output does not depend on x."""
     if 0 not in g:
@@ -93,6 +108,11 @@ def _input_gradient(g: dict[int, Tensor], tape: Tape, k: int) -> Tensor:
 def bytes_per_sample(tape: Tape, plan: Plan, r: int, k: int) -> int:
     """Working memory of one sample under ``plan``: values, gradients, tangents and adjoints
     below the cut, M above it."""
+    if plan.bottom == TAYLOR:
+        return (
+            taylor.bytes_per_sample(tape)
+            + 2 * k * r * tape.width(0) * tape.values[0].element_size()
+        )
     itemsize = tape.values[0].element_size()
     widths = [tape.width(s.out) for s in tape.steps]
     total = sum(widths) + tape.width(0)
