@@ -268,8 +268,8 @@ def bench_big(a) -> dict:
     this process, scaled to all) plus size / dd bandwidth; peak memory of the process tree;
     ``inspect --verify`` on spot rows."""
     from pipeline import hessian
-    from pipeline.store.plan import make_plan
     from pipeline.inputs.models import mlp
+    from pipeline.store.plan import make_plan
 
     tmp = bench_dir(a)
     size = a.samples * a.dim * a.dim * 4

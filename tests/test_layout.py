@@ -43,8 +43,13 @@ def _imports(name: str) -> set[str]:
             candidates = [a.name for a in node.names]
         else:
             continue
-        found |= {c for c in candidates if c in MODULES and not (name == c or name.startswith(c + "."))}
-    return found  # (a package's own __init__ runs before its modules: not an edge)
+        # (a package's own __init__ runs before its modules: not an edge)
+        found |= {c for c in candidates if c in MODULES and not _within(name, c)}
+    return found
+
+
+def _within(name: str, package: str) -> bool:
+    return name == package or name.startswith(package + ".")
 
 
 GRAPH = {name: _imports(name) for name in MODULES}
