@@ -22,7 +22,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from .plots import _diverging, _subtitle, _title, image_shape  # noqa: E402
+from .figures import diverging, image_shape, plot_subtitle, plot_title  # noqa: E402
 from .reader import Result  # noqa: E402
 
 
@@ -101,13 +101,13 @@ def plot_vectors(result: Result, path: Path, n: int, k: int, values: list[np.nda
     for ax, v, title in zip(axes[0], values, titles, strict=True):
         if shape is not None:
             img = v.reshape(shape).sum(0)
-            im = ax.imshow(img, cmap="RdBu_r", norm=_diverging(img), interpolation="nearest")
+            im = ax.imshow(img, cmap="RdBu_r", norm=diverging(img), interpolation="nearest")
             fig.colorbar(im, ax=ax, shrink=0.8)
         else:
             ax.plot(v, lw=1)
             ax.set_xlabel("input index i")
         ax.set_title(title, fontsize=10)
-    fig.suptitle(f"{_title(result, n, k)}\n{_subtitle(result)}", fontsize=10)
+    fig.suptitle(f"{plot_title(result, n, k)}\n{plot_subtitle(result)}", fontsize=10)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
@@ -124,7 +124,9 @@ def plot_eigenvalues(result: Result, path: Path, n: int, k: int) -> Path:
     ax.set_xlabel(f"eigenpair ({which} order)")
     ax.set_ylabel("eigenvalue")
     ax.axhline(0, color="k", lw=0.5)
-    fig.suptitle(f"Eigenvalues, {_title(result, n, k)} in red\n{_subtitle(result)}", fontsize=10)
+    fig.suptitle(
+        f"Eigenvalues, {plot_title(result, n, k)} in red\n{plot_subtitle(result)}", fontsize=10
+    )
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path

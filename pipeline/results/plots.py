@@ -38,12 +38,12 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from matplotlib.colors import Normalize  # noqa: E402
 from matplotlib.ticker import FixedLocator, MaxNLocator  # noqa: E402
 
 from ..config.schema import ReportConf  # noqa: E402
 from ..errors import PipelineError  # noqa: E402
 from ..execution.progress import progress  # noqa: E402
+from .figures import diverging, image_shape, plot_subtitle, plot_title, zero_note  # noqa: E402
 from .lanczos import lanczos, top_eigenvalues  # noqa: E402
 from .reader import Result, read  # noqa: E402
 from .stats import (  # noqa: E402
@@ -144,28 +144,6 @@ def _selected(result: Result, opt: ReportConf) -> tuple[int, int]:
     return opt.sample, opt.output
 
 
-def image_shape(shape: Sequence[int]) -> tuple[int, int, int] | None:
-    """(C, H, W) of an image input of shape (H, W) or (C, H, W), else None."""
-    if len(shape) == 2 and min(shape) > 1:
-        return (1, int(shape[0]), int(shape[1]))
-    if len(shape) == 3 and min(shape[1:]) > 1:
-        return (int(shape[0]), int(shape[1]), int(shape[2]))
-    return None
-
-
-def _title(result: Result, n: int = 0, k: int = 0) -> str:
-    si = int(result.file["sample_index"][n])
-    oi = int(result.output_index_of(n)[k])
-    out = "the loss" if oi < 0 else f"output {oi}"
-    return f"{out}, sample {n} (dataset index {si})"
-
-
-def _subtitle(result: Result) -> str:
-    cfg = result.config
-    net = (cfg.model.get("net") or {}).get("_target_", cfg.model.get("name"))
-    return f"{net}, {result.method}, {result.attrs.get('dtype')}, {result.path.name}"
-
-
 def extreme_eigenvalues(result: Result, n: int, k: int, mode: str) -> tuple[float, float, str]:
     """(smallest, largest) eigenvalue of H[n, k] and how they were found; NaN where ``mode``
     leaves them out (see the module docstring)."""
@@ -213,17 +191,6 @@ def _num(x: float) -> str:
     return f"{x:.9g}"
 
 
-def _diverging(values: np.ndarray) -> Normalize:
-    finite = np.abs(values[np.isfinite(values)])
-    vmax = float(finite.max()) if finite.size else 1.0
-    return Normalize(vmin=-(vmax or 1.0), vmax=vmax or 1.0)
-
-
-def _zero_note(ax, text: str) -> None:
-    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, fontsize=11,
-            bbox={"boxstyle": "round", "fc": "0.95", "ec": "0.6"})  # fmt: skip
-
-
 def plot_summary(result: Result, path: Path, table: dict | None = None) -> Path:
     """Trace, Frobenius norm and symmetry residual of every sample, one line per output."""
     table = table or stored_stats(result)
@@ -249,7 +216,7 @@ def plot_summary(result: Result, path: Path, table: dict | None = None) -> Path:
         if np.any(table[name] > 0):
             ax.set_yscale("log")
         else:
-            _zero_note(ax, "0 for every sample" + (" (H = 0)" if name == "frobenius" else ""))
+            zero_note(ax, "0 for every sample" + (" (H = 0)" if name == "frobenius" else ""))
     bad = np.argwhere(table["nonfinite"] != 0)
     if len(bad):
         for a in axes:
@@ -263,7 +230,7 @@ def plot_summary(result: Result, path: Path, table: dict | None = None) -> Path:
         a.grid(alpha=0.3)
     note = f", {len(bad)} with non-finite entries (red)" if len(bad) else ""
     fig.suptitle(f"Input Hessians of {n_samples} sample(s) x {n_out} output(s) (D = {d}){note}\n"
-                 f"{_subtitle(result)}", fontsize=10)  # fmt: skip
+                 f"{plot_subtitle(result)}", fontsize=10)  # fmt: skip
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
@@ -275,16 +242,16 @@ def plot_heatmap(result: Result, path: Path, n: int = 0, k: int = 0, table=None)
     hess = result.file["hessian"]
     d = hess.shape[-1]
     fig, ax = plt.subplots(figsize=(7, 6), layout="constrained")
-    title = f"Input Hessian of {_title(result, n, k)}"
+    title = f"Input Hessian of {plot_title(result, n, k)}"
     if table["frobenius"][n, k] == 0:
-        _zero_note(ax, f"H = 0: all {d} x {d} entries are exactly zero")
+        zero_note(ax, f"H = 0: all {d} x {d} entries are exactly zero")
         ax.set_axis_off()
     else:
         nbytes = d * d * hess.dtype.itemsize
         step = max(1, math.ceil(nbytes / HEATMAP_READ_BYTES))
         mat, f = block_average(hess, n, k, HEATMAP_SIZE, row_step=step)
         extent = (-0.5, d - 0.5, d - 0.5, -0.5)
-        im = ax.imshow(mat, cmap="RdBu_r", norm=_diverging(mat), extent=extent,
+        im = ax.imshow(mat, cmap="RdBu_r", norm=diverging(mat), extent=extent,
                        interpolation="nearest")  # fmt: skip
         cb = fig.colorbar(im, ax=ax, shrink=0.85)
         cb.set_label(
@@ -301,7 +268,7 @@ def plot_heatmap(result: Result, path: Path, n: int = 0, k: int = 0, table=None)
             title += f" (rows sampled: 1 panel in {step})"
         if table["nonfinite"][n, k]:
             title += f"; {int(table['nonfinite'][n, k])} non-finite entries"
-    ax.set_title(f"{title}\n{_subtitle(result)}", fontsize=10)
+    ax.set_title(f"{title}\n{plot_subtitle(result)}", fontsize=10)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
@@ -343,9 +310,9 @@ def plot_input_maps(result: Result, path: Path, n: int = 0, k: int = 0) -> Path:
     ]
     for ax, img, title in panels:
         if zero:
-            _zero_note(ax, "H = 0: every entry is zero")
+            zero_note(ax, "H = 0: every entry is zero")
         else:
-            im = ax.imshow(img, cmap="RdBu_r", norm=_diverging(img), interpolation="nearest")
+            im = ax.imshow(img, cmap="RdBu_r", norm=diverging(img), interpolation="nearest")
             fig.colorbar(im, ax=ax, shrink=0.8)
         ax.set_title(title + (" (sum over channels)" if c > 1 else ""), fontsize=10)
     for ax in axes:
@@ -354,9 +321,9 @@ def plot_input_maps(result: Result, path: Path, n: int = 0, k: int = 0) -> Path:
         ax.set_xlabel("x")
         ax.set_ylabel("y")
     fig.suptitle(
-        f"Where the curvature lies: {_title(result, n, k)}"
+        f"Where the curvature lies: {plot_title(result, n, k)}"
         + ("" if zero else ", most sensitive pixel in gold (largest row norm)")
-        + f"\n{_subtitle(result)}",
+        + f"\n{plot_subtitle(result)}",
         fontsize=10,
     )
     fig.savefig(path, dpi=120)
@@ -409,12 +376,12 @@ def plot_spectrum(result: Result, path: Path, n: int = 0, k: int = 0,
     table = table or stored_stats(result)
     d = result.shape[-1]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.4), layout="constrained")
-    head = f"Spectrum of the input Hessian of {_title(result, n, k)}\n{_subtitle(result)}"
+    head = f"Spectrum of the input Hessian of {plot_title(result, n, k)}\n{plot_subtitle(result)}"
     if table["frobenius"][n, k] == 0 or not math.isfinite(table["frobenius"][n, k]):
         what = "H = 0: every eigenvalue is 0" if table["frobenius"][n, k] == 0 else (
             "H has non-finite entries: no spectrum")  # fmt: skip
         for ax in (a1, a2):
-            _zero_note(ax, what)
+            zero_note(ax, what)
             ax.set_axis_off()
         fig.suptitle(head, fontsize=10)
         fig.savefig(path, dpi=120)
