@@ -104,7 +104,7 @@ def test_verify_from_another_directory_resolves_relative_paths(tmp_path):
     work.mkdir()
     x = np.random.default_rng(0).random((2, 1, 8, 8)).astype(np.float32)
     np.save(work / "x.npy", x)
-    torch.save(torch.load(ROOT / "pipeline/checkpoints/digits_mlp_tanh.pt"), work / "w.pt")
+    torch.save(torch.load(ROOT / "pipeline/inputs/checkpoints/digits_mlp_tanh.pt"), work / "w.pt")
     proc = subprocess.run(
         [sys.executable, "-m", "pipeline", "data=npy", "data.path=x.npy",
          "model.checkpoint=w.pt", "storage.path=h.h5", "plots=false", "progress=false",
