@@ -131,7 +131,7 @@ def matrix_stats(
             weight = 1.0 if c0 == r0 else 2.0  # off-diagonal tiles stand for two tiles
             asym2 += weight * float(np.sum(diff * diff))
             if tile_asym is not None:
-                _add_tiles(tile_asym, tiles, diff * diff * weight, r0, c0)
+                _add_tiles(tile_asym, tiles, diff, weight, r0, c0)
             if sym_rtol is not None:
                 qn = row_norms[c0:c1] if c0 == r0 else np.sqrt(np.sum(q * q, axis=1))
                 scale = np.maximum(row_norms[r0:r1, None], qn[None, :])
@@ -147,12 +147,15 @@ def matrix_stats(
                        tile_asym)  # fmt: skip
 
 
-def _add_tiles(out: np.ndarray, tiles: int, sq: np.ndarray, r0: int, c0: int) -> None:
-    """Add the entries of ``sq`` (rows r0..., columns c0...) that lie in a diagonal tile of
-    ``tiles`` rows to ``out[tile]``."""
-    rows, cols = r0 + np.arange(sq.shape[0]), c0 + np.arange(sq.shape[1])
-    for t in np.intersect1d(rows // tiles, cols // tiles):
-        out[t] += float(sq[rows // tiles == t][:, cols // tiles == t].sum())
+def _add_tiles(
+    out: np.ndarray, tiles: int, diff: np.ndarray, weight: float, r0: int, c0: int
+) -> None:
+    """Add weight * diff^2 over the entries of ``diff`` (rows r0..., columns c0...) that lie in
+    a diagonal tile of ``tiles`` rows to ``out[tile]``."""
+    rows, cols = (r0 + np.arange(diff.shape[0])) // tiles, (c0 + np.arange(diff.shape[1])) // tiles
+    for t in range(max(rows[0], cols[0]), min(rows[-1], cols[-1]) + 1):
+        sub = diff[rows == t][:, cols == t]
+        out[t] += weight * float(np.sum(sub * sub))
 
 
 def _panels_from(
