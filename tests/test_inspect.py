@@ -45,7 +45,7 @@ def test_summary_and_verify_ok(tmp_path_factory):
     expected_lines = [
         "hessian    (3, 2, 64, 64) float32", "method     structured",
         "pipeline.inputs.models.digits_mlp", "data       digits [0:3]", "target     indices [2, 5]",
-        "on disk", "status complete", "verify: OK",
+        "on disk", "status complete", "file checks: OK", "verify: OK",
     ]  # fmt: skip
     for expected in expected_lines:
         assert expected in text, expected
@@ -65,6 +65,7 @@ def test_verify_exits_1_on_changed_entry(tmp_path_factory, tmp_path, capsys):
     assert main([str(bad), "--verify", "--rows", "2"]) == 1
     out = capsys.readouterr().out
     assert "sample 1" in out and "row 20" in out
+    assert "mismatch (diagonal)" in out and "file checks: FAILED" in out  # no model needed
     assert "verify: FAILED" in out
 
 

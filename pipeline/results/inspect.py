@@ -1,9 +1,18 @@
-"""``python -m pipeline.inspect PATH [--verify]``: summarise a result file, optionally re-check it.
+"""``python -m pipeline.inspect PATH [--verify]``: summarise a result file, optionally check it.
 
 The summary lists shapes, dtype, method, the key config values, the size on disk and, per
 (sample, output), the Frobenius norm, trace, symmetry residual ||H - H^T||_F / ||H||_F and count
 of non-finite entries: the statistics the run stored in the file (``--stream`` recomputes them
 from ``/hessian`` in row panels, see NOTE: [row panels] in ``pipeline.stats``).
+
+``--verify`` first checks the file against itself, which needs no model and always runs: the
+symmetry of every stored Hessian, the stored statistics (``/diagonal``, ``/row_norm``,
+``/trace``, ``/frobenius``, ``/symmetry``, ``/nonfinite``, ``/block_sums``) against
+``/hessian``, dtypes and shapes against the attributes, the output indices. It then rebuilds the
+model to recompute gradients, probe products and rows, which it does only for this package's own
+model factories unless ``--trust-file`` is given (otherwise ``verify: SKIPPED``, with the
+reason). The exit status is 1 when any check fails, with or without the model checks; see
+NOTE: [what verify guarantees] in ``pipeline.results.verify``.
 """
 
 from __future__ import annotations
@@ -26,22 +35,31 @@ from .verify import ALL_ROWS_BELOW, check, rebuild_config, untrusted_code
 MAX_TABLE_LINES = 64
 
 VERIFY_HELP = f"""\
---verify rebuilds the model and data from the stored config and checks:
-every gradient entry; the symmetry of every entry pair H[i,j], H[j,i] (so any changed
-off-diagonal entry is caught); two products H p with random +-1 vectors p against exact
-Hessian-vector products (a single changed entry (i,j), diagonal included, shifts row i of H p by
-exactly the change, so it is caught; several changes in one row cancel only by chance: at most
-1/2 per probe, 1/4 for both);
+--verify checks the file against itself first (file checks: no model is built, so they always
+run, with or without --trust-file, also when the run cannot be rebuilt here): the symmetry of
+every entry pair H[i,j], H[j,i] (so any changed off-diagonal entry is caught); the stored
+statistics against /hessian, read in row panels: /diagonal and /row_norm entry by entry (so a
+changed diagonal entry is caught), /trace, /frobenius, /symmetry, the row blocks' /block_sums,
+and the non-finite counts /nonfinite and attrs['nonfinite_entries'] exactly (a NaN written into
+/hessian is named by its row and column); dtypes and shapes against the attributes, and
+/output_index against the target.
+Then it rebuilds the model and data from the stored config (model checks) and checks:
+every gradient entry; two products H p with random +-1 vectors p against exact Hessian-vector
+products (a single changed entry (i,j), diagonal included, shifts row i of H p by exactly the
+change, so it is caught; several changes in one row cancel only by chance: at most 1/2 per
+probe, 1/4 for both);
 and --rows random rows per sample recomputed with the stored method (every row when
-N * D <= {ALL_ROWS_BELOW}, so small files are compared entry by entry). Tolerance: rtol 1e-4
-(float32) or 1e-9 (float64) relative to the row norm (times sqrt(D) for the probes), plus
-rtol * ||H||_F / sqrt(D). Smaller changes look like rounding and are not reported.
-Exit status 1 names the sample, output and row that disagree.
+N * D <= {ALL_ROWS_BELOW}, so small files are compared entry by entry). Only the model checks
+catch a changed gradient, or entries changed together with their statistics.
+Tolerance: rtol 1e-4 (float32) or 1e-9 (float64) relative to the row norm (times sqrt(D) for
+the probes), plus rtol * ||H||_F / sqrt(D). Smaller changes look like rounding and are not
+reported. Exit status 1 when any check fails, naming the check, sample, output, row and column.
 
 Trust: the model is rebuilt only when this package's own factories build it; a file whose config
 names other code (a _target_ of yours or someone else's) or an exported program is not rebuilt
-(verify: SKIPPED, exit 0) unless --trust-file is given, which prints what it will import first.
-A run that cannot be rebuilt here (a data file that moved) is SKIPPED too, with the reason.
+(the model checks say verify: SKIPPED; the exit status is that of the file checks) unless
+--trust-file is given, which prints what it will import first. A run that cannot be rebuilt here
+(a data file that moved) skips the model checks too, with the reason.
 Relative paths in the stored config are resolved against the run's working directory."""
 
 
@@ -142,12 +160,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     """The command line; returns the exit status."""
     parser = argparse.ArgumentParser(
         prog="python -m pipeline.inspect",
-        description="Summarise a Hessian result file; --verify re-checks it against the model.",
+        description="Summarise a Hessian result file; --verify checks it against itself and "
+        "against the model.",
         epilog=VERIFY_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("path", type=Path, help="a result file written by python -m pipeline")
-    parser.add_argument("--verify", action="store_true", help="recompute and compare (see below)")
+    parser.add_argument(
+        "--verify", action="store_true", help="check the file, then recompute and compare (below)"
+    )
     parser.add_argument(
         "--rows",
         type=int,
@@ -163,8 +184,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--no-pairs",
         action="store_true",
-        help="--verify without comparing every entry pair H[i,j], H[j,i]: each Hessian is read "
-        "once (for matrices far larger than --memory-mb, where the pairs take many passes)",
+        help="--verify without comparing every entry pair H[i,j], H[j,i] or the stored "
+        "symmetry: the file checks read each Hessian once (for matrices far larger than "
+        "--memory-mb, where the pairs take many passes)",
     )
     parser.add_argument(
         "--stream",

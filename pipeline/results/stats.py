@@ -35,6 +35,11 @@ class MatrixStats:
         products: (D, P) H @ probes, or None without probes.
         worst_pair: (i, j, excess): the entry pair with the largest |H_ij - H_ji| minus
             rtol * max(||H_i||, ||H_j||); None unless ``sym_rtol`` was given.
+        nonfinite: (D,) the number of non-finite entries (NaN, inf) of each row.
+        tile_asymmetry: (ceil(D / T),) for tiles of T rows: the sum of (H_ij - H_ji)^2 over the
+            diagonal tile rows x columns [t T, (t + 1) T), what a block of T rows stores (see
+            NOTE: [symmetry from blocks] in ``pipeline.store.statistics``); None unless ``tiles``
+            was given (and ``pairs``).
     """
 
     frobenius: float
@@ -44,6 +49,8 @@ class MatrixStats:
     row_norms: np.ndarray
     products: np.ndarray | None = None
     worst_pair: tuple[int, int, float] | None = None
+    nonfinite: np.ndarray | None = None
+    tile_asymmetry: np.ndarray | None = None
 
 
 def panel_rows(dset: h5py.Dataset, memory_mb: int = DEFAULT_MEMORY_MB) -> int:
@@ -78,6 +85,7 @@ def matrix_stats(
     sym_rtol: float | None = None,
     memory_mb: int = DEFAULT_MEMORY_MB,
     pairs: bool = True,
+    tiles: int | None = None,
 ) -> MatrixStats:
     """Stream H = dset[n, k] (D, D) once per panel pair; see NOTE: [row panels].
 
@@ -91,6 +99,8 @@ def matrix_stats(
         memory_mb: bound on the two panels held at once.
         pairs: compare H[i, j] with H[j, i] (reads panel pairs); without, one pass over H, and
             ``symmetry`` is NaN.
+        tiles: with ``pairs``, also sum the squared asymmetry over the diagonal tiles of this
+            many rows (``MatrixStats.tile_asymmetry``).
     """
     d = dset.shape[-1]
     b = panel_rows(dset, memory_mb)
@@ -99,12 +109,17 @@ def matrix_stats(
     row_norms = np.zeros(d)
     products = None if probes is None else np.zeros((d, probes.shape[1]))
     worst: tuple[int, int, float] | None = None
+    nonfinite = np.zeros(d, np.int64)
+    tile_asym = np.zeros(-(-d // tiles)) if tiles and pairs else None
     for r0, r1, panel in row_panels(dset, n, k, b):
         p = panel.astype(np.float64)
         frob2 += float(np.sum(p * p))
         diagonal[r0:r1] = p[np.arange(r1 - r0), np.arange(r0, r1)]
         trace += float(diagonal[r0:r1].sum())
         row_norms[r0:r1] = np.sqrt(np.sum(p * p, axis=1))
+        bad = ~np.isfinite(row_norms[r0:r1])  # a finite norm: a row of finite entries
+        if bad.any():
+            nonfinite[r0:r1][bad] = (~np.isfinite(p[bad])).sum(1)
         if products is not None:
             products[r0:r1] = p @ probes
         # Pairs (I, J) with J >= I: the diagonal tile first, then the panels below.
@@ -115,6 +130,8 @@ def matrix_stats(
             diff = p[:, c0:c1] - q[:, r0:r1].T  # H[I, J] - H[J, I]^T
             weight = 1.0 if c0 == r0 else 2.0  # off-diagonal tiles stand for two tiles
             asym2 += weight * float(np.sum(diff * diff))
+            if tile_asym is not None:
+                _add_tiles(tile_asym, tiles, diff, weight, r0, c0)
             if sym_rtol is not None:
                 qn = row_norms[c0:c1] if c0 == r0 else np.sqrt(np.sum(q * q, axis=1))
                 scale = np.maximum(row_norms[r0:r1, None], qn[None, :])
@@ -126,7 +143,19 @@ def matrix_stats(
     symmetry = float(np.sqrt(asym2)) / frob if frob > 0 else 0.0
     if not pairs:
         symmetry = float("nan")
-    return MatrixStats(frob, trace, symmetry, diagonal, row_norms, products, worst)
+    return MatrixStats(frob, trace, symmetry, diagonal, row_norms, products, worst, nonfinite,
+                       tile_asym)  # fmt: skip
+
+
+def _add_tiles(
+    out: np.ndarray, tiles: int, diff: np.ndarray, weight: float, r0: int, c0: int
+) -> None:
+    """Add weight * diff^2 over the entries of ``diff`` (rows r0..., columns c0...) that lie in
+    a diagonal tile of ``tiles`` rows to ``out[tile]``."""
+    rows, cols = (r0 + np.arange(diff.shape[0])) // tiles, (c0 + np.arange(diff.shape[1])) // tiles
+    for t in range(max(rows[0], cols[0]), min(rows[-1], cols[-1]) + 1):
+        sub = diff[rows == t][:, cols == t]
+        out[t] += weight * float(np.sum(sub * sub))
 
 
 def _panels_from(
