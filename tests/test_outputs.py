@@ -202,3 +202,44 @@ def test_each_kind_gets_its_reports(tmp_path, output, reports):
     res = run(cfg, tmp_path / "run")
     assert {p.name for p in res.reports or []} == reports
     assert all(p.stat().st_size > 0 for p in res.reports or [])
+
+
+def _inspect(path: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipeline.inspect", str(path), "--verify"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip
+
+
+def _add(name: str, at: tuple, delta: float):
+    def change(f):
+        f[name][at] = f[name][at] + delta
+
+    return change
+
+
+# kind -> (overrides, a tampering, the check that must catch it)
+TAMPERED = {
+    "diagonal": (("output=diagonal",), _add("diagonal", (1, 0, 5), 0.5), "trace"),
+    "rows": (("output=rows", "output.rows=[3,9]"), _add("hessian", (1, 1, 0, 7), 0.5), "row"),
+    "eigen": (("output=eigen", "output.k=2"), _add("eigenvectors", (0, 1, 1, 4), 0.5),
+              "eigenvectors"),
+    "eigen values": (("output=eigen", "output.k=2"), _add("eigenvalues", (2, 0, 1), 1e-3),
+                     "eigenpair"),
+    "factored": (("output=factored",), _add("curvature", (0, 0, 1, 2), 0.5), "symmetry"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(TAMPERED))
+def test_verify_passes_each_kind_and_catches_one_changed_number(tmp_path, case):
+    import h5py
+
+    overrides, change, check = TAMPERED[case]
+    model = RELU_LOSS if case == "factored" else TANH
+    path = _run(tmp_path, *model[:1], "data.stop=3", *model[2:], *overrides)
+    good = _inspect(path)
+    assert good.returncode == 0, good.stdout + good.stderr
+    assert "file checks: OK" in good.stdout and "verify: OK" in good.stdout, good.stdout
+    with h5py.File(path, "r+") as f:
+        change(f)
+    bad = _inspect(path)
+    assert bad.returncode == 1, bad.stdout + bad.stderr
+    assert f"mismatch ({check})" in bad.stdout, bad.stdout

@@ -28,6 +28,8 @@ from omegaconf import OmegaConf
 
 from ..errors import PipelineError
 from ..store import ResultNames
+from ..store.schema import fields
+from .kind_plots import factored_diagonal
 from .reader import Result, read
 from .stats import DEFAULT_MEMORY_MB, matrix_stats, stored_stats
 from .verify import ALL_ROWS_BELOW, check, rebuild_config, untrusted_code
@@ -83,11 +85,18 @@ def describe(result: Result) -> list[str]:
     """The summary lines: file, shapes, provenance and key config values."""
     cfg, a, f = result.config, result.attrs, result.file
     n, k, d, _ = result.shape
-    h = f["hessian"]
-    if h.is_virtual:
-        chunks = f"virtual over {len(h.virtual_sources())} shard files"
+    if result.output == "dense":
+        h = f["hessian"]
+        if h.is_virtual:
+            chunks = f"virtual over {len(h.virtual_sources())} shard files"
+        else:
+            chunks = h.chunks or "none (contiguous)"
+        main = f"hessian    ({n}, {k}, {d}, {d}) {result.dtype}, chunks {chunks}"
     else:
-        chunks = h.chunks or "none (contiguous)"
+        stored = ", ".join(f"/{fd.name} {tuple(f[fd.name].shape)}" for fd in fields(result.output))
+        main = (
+            f"output     {result.output} of Hessians ({n}, {k}, {d}, {d}) {result.dtype}: {stored}"
+        )
     data = cfg.get("data", {})
     sl = (
         f"indices {list(data.indices)}"
@@ -107,7 +116,7 @@ def describe(result: Result) -> list[str]:
         f"file       {result.path}",
         f"size       {human(disk_size(result))} on disk, layout {result.layout}, "
         f"status {a.get('status')}, created {a.get('created')}",
-        f"hessian    ({n}, {k}, {d}, {d}) {result.dtype}, chunks {chunks}",
+        main,
         f"gradient   {tuple(f['gradient'].shape)}   inputs {tuple(f['inputs'].shape)}   "
         f"outputs {tuple(f['outputs'].shape)}   output_index {tuple(f['output_index'].shape)}",
         f"method     {result.method}, dtype {a.get('dtype')}, target {a.get('target')}",
@@ -127,6 +136,8 @@ def stats_table(
 ) -> list[str]:
     """Per (sample, output): Frobenius norm, trace, symmetry residual and non-finite entries (at
     most 64 lines), as stored in the file, or with ``stream`` recomputed from ``/hessian``."""
+    if result.output != "dense":
+        return kind_table(result)
     n, k, _, _ = result.shape
     si = result.file["sample_index"][()]
     table = None if stream else stored_stats(result)
@@ -153,6 +164,35 @@ def stats_table(
                 f"{i:>6} {int(si[i]):>6} {int(oi[j]):>6} {row[0]:>12.5g} {row[1]:>12.5g} "
                 f"{row[2]:>10.2e} {int(row[3]):>9}"
             )
+    return lines
+
+
+def kind_table(result: Result) -> list[str]:
+    """Per (sample, output) of a result that is not the dense matrix (at most 64 lines): the
+    trace (diagonal, factored), the eigenvalues and the largest residual (eigen), the largest
+    entry of the chosen rows (rows)."""
+    f, kind = result.file, result.output
+    n, k = f["gradient"].shape[:2]
+    si = f["sample_index"][()]
+    head = {"diagonal": "trace", "factored": "trace", "rows": "max |entry|",
+            "eigen": "eigenvalues (max residual)"}[kind]  # fmt: skip
+    lines = [f"{'sample':>6} {'index':>6} {'output':>6}  {head}"]
+    for i in range(n):
+        oi = result.output_index_of(i)
+        for j in range(k):
+            if len(lines) > MAX_TABLE_LINES:
+                lines.append(f"... {n * k - MAX_TABLE_LINES} more (hessian_values.csv of the run)")
+                return lines
+            if kind == "diagonal":
+                value = f"{float(f['trace'][i, j]):.6g}"
+            elif kind == "factored":
+                value = f"{float(factored_diagonal(result, i, j).sum()):.6g}"
+            elif kind == "rows":
+                value = f"{float(np.abs(f['hessian'][i, j]).max()):.6g}"
+            else:
+                ev = ", ".join(f"{v:.5g}" for v in f["eigenvalues"][i, j])
+                value = f"{ev} ({float(f['residuals'][i, j].max()):.2e})"
+            lines.append(f"{i:>6} {int(si[i]):>6} {int(oi[j]):>6}  {value}")
     return lines
 
 

@@ -69,6 +69,7 @@ from ..store.plan import make_plan
 from ..store.statistics import SUMS, TILE
 from .reader import Result
 from .stats import DEFAULT_MEMORY_MB, MatrixStats, matrix_stats
+from .verify_kinds import file_checks, model_checks
 
 RTOL = {"float32": 1e-4, "float64": 1e-9}
 ALL_ROWS_BELOW = 4096  # recompute every row when N * D is at most this
@@ -80,7 +81,14 @@ BUILTIN_FACTORIES = {
     "pipeline.inputs.models.mlp",
 }
 PATH_KEYS = (("model", "checkpoint"), ("model", "path"), ("data", "path"), ("data", "labels_path"))
-MODEL_CHECKS = ("gradient", "probe", "row", "model", "inputs")  # the checks that need the model
+# the checks that need the model (those of the other output kinds too: ``verify_kinds``)
+MODEL_CHECKS = ("gradient", "probe", "row", "model", "inputs", "diagonal entry", "eigenpair")
+KIND_FILE_CHECKS = {
+    "diagonal": ["/trace against the sum of /diagonal"],
+    "rows": ["/rows in range and distinct"],
+    "eigen": ["unit, orthogonal /eigenvectors", "/eigenvalues in order", "/residuals >= 0"],
+    "factored": ["symmetric /curvature"],
+}
 SUM_NAMES = {"sum_squares": "sum of squares", "trace": "trace",
              "asymmetry_squares": "squared asymmetry", "nonfinite": "non-finite count"}  # fmt: skip
 
@@ -112,6 +120,7 @@ class VerifyReport:
     mismatches: list[Mismatch] = field(default_factory=list)
     skipped: str | None = None  # why the model checks did not run (see NOTE: [verify and trust])
     pairs: bool = True  # whether every entry pair was compared (file check 2)
+    kind: str = "dense"  # the file's output kind
 
     @property
     def ok(self) -> bool:
@@ -126,6 +135,12 @@ class VerifyReport:
         """One line on the file checks."""
         bad = sum(not m.needs_model for m in self.mismatches)
         state = "OK" if not bad else f"FAILED ({bad} mismatches)"
+        if self.kind != "dense":
+            return (
+                f"file checks: {state}: output={self.kind}, {self.matrices_checked} (sample, "
+                f"output) pairs: {', '.join(self.compared)}; dtypes, non-finite counts and "
+                f"output indices checked; rtol {self.rtol:g}"
+            )
         pairs = "for symmetry (every entry pair)" if self.pairs else "(entry pairs skipped)"
         stored = ", ".join(f"/{name}" for name in self.compared) or "no stored statistics"
         return (
@@ -148,9 +163,17 @@ class VerifyReport:
         else:
             state = "OK" if self.ok else f"FAILED ({n} mismatches)"
             model = (
-                f"verify: {state}: {self.pairs_checked} (sample, output) Hessians checked against "
-                f"the model with {self.probes_checked} probe products, {self.rows_checked} rows "
-                f"recomputed, gradients compared; rtol {self.rtol:g}"
+                (
+                    f"verify: {state}: {self.pairs_checked} (sample, output) pairs of output="
+                    f"{self.kind} checked against the model ({self.rows_checked} rows or entries "
+                    f"recomputed, gradients compared); rtol {self.rtol:g}"
+                )
+                if self.kind != "dense"
+                else (
+                    f"verify: {state}: {self.pairs_checked} (sample, output) Hessians checked "
+                    f"against the model with {self.probes_checked} probe products, "
+                    f"{self.rows_checked} rows recomputed, gradients compared; rtol {self.rtol:g}"
+                )
             )
         return f"{self.file_summary()}\n{model}"
 
@@ -182,7 +205,14 @@ def check_file(
         The report; ``report.ok`` is False when anything disagrees.
     """
     rtol = rtol if rtol is not None else default_rtol(result)
-    report = VerifyReport(rtol, pairs=pairs)
+    report = VerifyReport(rtol, pairs=pairs, kind=result.output)
+    if result.output != "dense":
+        found = file_checks(result, rtol, _Labels(result), Mismatch)
+        found += _check_output_index(result)
+        report.mismatches.extend(found[:max_mismatches])
+        report.matrices_checked = int(np.prod(result.file["gradient"].shape[:2]))
+        report.compared = KIND_FILE_CHECKS[result.output]
+        return report
     found, stored = _check_layout(result)
     report.mismatches.extend(found[:max_mismatches])
     tiles = None
@@ -511,6 +541,12 @@ def _model_checks(
             "was the data file changed?"
         )
         report.mismatches.append(Mismatch("inputs", msg))
+        return
+    if result.output != "dense":
+        found, checked = model_checks(result, job, rtol, rows or 8, seed, _Labels(result),
+                                      Mismatch, _hvp)  # fmt: skip
+        report.mismatches.extend(found[: max_mismatches - len(report.mismatches)])
+        report.pairs_checked, report.rows_checked = checked, n_samples * min(rows or 8, d)
         return
     if rows is None:
         rows = d if n_samples * d <= ALL_ROWS_BELOW else 8
