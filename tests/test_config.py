@@ -86,6 +86,7 @@ def fill(group: str, option: str, files: dict[str, Path]) -> list[str]:
         ("model", "exported"): [f"model.path={files['net.pt2']}", "model.trust=true"],
         ("data", "npy"): [f"data.path={files['x.npy']}", f"data.labels_path={files['y.npy']}"],
         ("data", "hdf5"): [f"data.path={files['xy.h5']}", "data.labels_dataset=y"],
+        ("output", "rows"): ["output.rows=[0,5]"],
     }.get((group, option), [])
 
 
@@ -114,7 +115,7 @@ def instantiate_all(node, found: list) -> None:
 
 def test_every_group_has_options():
     groups = {g for g, _ in OPTIONS}
-    assert groups == {"model", "data", "target", "method", "backend", "storage"}
+    assert groups == {"model", "data", "target", "method", "backend", "storage", "output"}
 
 
 @pytest.mark.parametrize("group, option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
