@@ -127,7 +127,7 @@ def run(
         len(writer.missing), writer.reused,
     )  # fmt: skip
     if cfg.plots:
-        result.reports = _after_run_reports(path, cfg, output_dir)
+        result.reports = _after_run_reports(path, job, output_dir)
     return result
 
 
@@ -178,17 +178,39 @@ def _check_report_options(cfg: Config, plan: Plan) -> None:
     check_report(cfg.report, plan.n_samples, plan.n_outputs)
 
 
-def _after_run_reports(path: Path, cfg: Config, output_dir: Path | None) -> list[Path]:
-    """Plots and per-sample statistics in the run directory (see pipeline.results.plots)."""
+def _after_run_reports(path: Path, job: Job, output_dir: Path | None) -> list[Path]:
+    """Plots and per-sample statistics in the run directory (see pipeline.results.plots); the
+    spectrum of a large matrix from the model's Hessian-vector products, not from the file."""
+    cfg = job.cfg
     try:
         from ..results.plots import report_dir, write_reports
     except ImportError:
         return []
     try:
-        return write_reports(path, report_dir(path, output_dir), cfg.report, cfg.progress)
+        out = report_dir(path, output_dir)
+        return write_reports(path, out, cfg.report, cfg.progress, model_products(job))
     except Exception as err:  # the result is complete; a failed plot must not hide that
         log.warning("plots not written: %s: %s", type(err).__name__, err)
         return []
+
+
+def model_products(job: Job):
+    """``(n, k) -> (v -> H[n, k] v)``: exact Hessian-vector products of the job's model (float64
+    arrays in and out), for the reports."""
+    import torch
+
+    from ..results.verify import hessian_vector_products
+
+    def for_pair(n: int, k: int):
+        x, target = job.data.x[n], job.target.subset(n, n + 1)
+
+        def matvec(v):
+            t = torch.as_tensor(v, dtype=x.dtype).reshape(1, -1)
+            return hessian_vector_products(job.model, x, target, t)[0, k].double().numpy()
+
+        return matvec
+
+    return for_pair
 
 
 def run_overrides(

@@ -287,7 +287,7 @@ def hessian(
     was_training = model.training
     _set_training(model, False)
     try:
-        z = _outputs(model, x)
+        z = _outputs(model, x, by_index=not (isinstance(outputs, str) and outputs != "all"))
         target = make_target(outputs, z, labels, loss)
         choice = choose_method(method, model, target, x)
         if choice.note:
@@ -321,11 +321,24 @@ def _compute(choice: Choice, model, x, target, rows, budget) -> tuple[Tensor, Te
         return _compute(after, model, x, target, rows, budget)
 
 
-def _outputs(model: nn.Module, x: Tensor) -> Tensor:
-    """The model's outputs z (N, C) for x; a model that refuses x is a bad ``x``."""
+# model -> {(sample shape, dtype, device): C}: the width of its outputs, known after one forward
+_WIDTHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _outputs(model: nn.Module, x: Tensor, by_index: bool = False) -> Tensor:
+    """The model's outputs z (N, C) for x; a model that refuses x is a bad ``x``. ``by_index``:
+    only z's shape is needed (index targets), so after the first call for this model and input
+    shape an uninitialised (N, C) tensor stands in for it, and no forward pass is spent."""
+    key = (tuple(x.shape[1:]), x.dtype, x.device)
+    widths = _WIDTHS.setdefault(model, {})
+    if by_index and key in widths:
+        return x.new_empty((x.shape[0], widths[key]))
     try:
         with torch.no_grad():
-            return model(x)
+            z = model(x)
+            if z.ndim == 2:
+                widths[key] = z.shape[1]
+            return z
     except (RuntimeError, ValueError, TypeError, IndexError) as err:
         first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
         raise ArgumentError(

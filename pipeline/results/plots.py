@@ -29,7 +29,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,7 @@ from .stats import (  # noqa: E402
 )
 
 log = logging.getLogger(__name__)
+Products = Callable[[int, int], Callable[[np.ndarray], np.ndarray]]  # (n, k) -> v -> H[n, k] v
 
 HEATMAP_SIZE = 256  # heatmaps are block-averaged to at most this many pixels a side
 HEATMAP_READ_BYTES = 2 << 30  # a larger matrix is sampled in evenly spaced row panels
@@ -93,6 +94,7 @@ def write_reports(
     out_dir: str | os.PathLike,
     options: ReportConf | dict[str, Any] | None = None,
     show_progress: bool = False,
+    products: Products | None = None,
 ) -> list[Path]:
     """Write the figures and ``hessian_stats.csv`` of a result file into ``out_dir``.
 
@@ -101,6 +103,8 @@ def write_reports(
         out_dir: where the reports go (created if missing).
         options: ``report.*`` (see :func:`report_options`).
         show_progress: a progress bar over the reports.
+        products: ``(n, k) -> (v -> H[n, k] v)``, exact products for the spectrum of a large
+            matrix (a run passes its model's, see ``spectrum``); None: products from the file.
 
     Returns:
         The paths written (each is also logged).
@@ -110,7 +114,7 @@ def write_reports(
     out.mkdir(parents=True, exist_ok=True)
     with read(path) as result:
         n, k = _selected(result, opt)
-        steps = _dense_reports(result, n, k, opt) if result.output == "dense" else []
+        steps = _dense_reports(result, n, k, opt, products) if result.output == "dense" else []
         if result.output != "dense":
             from .kind_plots import kind_reports
 
@@ -125,7 +129,7 @@ def write_reports(
     return written
 
 
-def _dense_reports(result: Result, n: int, k: int, opt: ReportConf) -> list:
+def _dense_reports(result: Result, n: int, k: int, opt: ReportConf, products) -> list:
     table = stored_stats(result)
     steps = [
         ("hessian_stats.csv", lambda p: write_stats_csv(result, p, opt.spectrum, table)),
@@ -135,7 +139,9 @@ def _dense_reports(result: Result, n: int, k: int, opt: ReportConf) -> list:
     if image_shape(result.input_shape) is not None:
         steps.append(("hessian_input_maps.png", lambda p: plot_input_maps(result, p, n, k)))
     if opt.spectrum != "off":
-        steps.append(("hessian_spectrum.png", lambda p: plot_spectrum(result, p, n, k, opt, table)))
+        steps.append(
+            ("hessian_spectrum.png", lambda p: plot_spectrum(result, p, n, k, opt, table, products))
+        )
     return steps
 
 
@@ -332,13 +338,16 @@ def plot_input_maps(result: Result, path: Path, n: int = 0, k: int = 0) -> Path:
 
 
 def spectrum(
-    result: Result, n: int = 0, k: int = 0, mode: str = "auto", budget_s: float = 10.0
-) -> tuple[np.ndarray, str]:
+    result: Result, n: int = 0, k: int = 0, mode: str = "auto", budget_s: float = 10.0,
+    products: Products | None = None,
+) -> tuple[np.ndarray, str]:  # fmt: skip
     """Eigenvalues of H[n, k], descending, and how they were found.
 
-    Every eigenvalue for D <= 2048 (eigvalsh); above, the 100 largest in magnitude by Lanczos
-    over products streamed from the file, stopped after ``budget_s`` seconds under ``auto``
-    (fewer, less converged eigenvalues; the description says so).
+    Every eigenvalue for D <= 2048 (eigvalsh); above, the 100 largest in magnitude by Lanczos,
+    stopped after ``budget_s`` seconds under ``auto`` (fewer, less converged eigenvalues; the
+    description says so). Lanczos takes its products from ``products(n, k)`` where the run
+    gives it (exact Hessian-vector products of the model: milliseconds each, where a product
+    streamed from the file reads the whole D x D matrix), else from the file.
     """
     hess = result.file["hessian"]
     d = hess.shape[-1]
@@ -347,11 +356,15 @@ def spectrum(
         return np.linalg.eigvalsh(_symmetrised(h))[::-1], "all eigenvalues (eigvalsh)"
     t0 = time.monotonic()
     deadline = t0 + budget_s if mode == "auto" else None
-    top = top_eigenvalues(matvec_operator(hess, n, k), d, min(d, TOP_EIGENVALUES),
-                          deadline=deadline)  # fmt: skip
-    how = f"top {len(top)} by magnitude (Lanczos)"
+    matvec = products(n, k) if products is not None else matvec_operator(hess, n, k)
+    top = top_eigenvalues(matvec, d, min(d, TOP_EIGENVALUES), deadline=deadline)
+    source = "model's Hessian-vector products" if products is not None else "file"
+    how = f"top {len(top)} by magnitude (Lanczos on the {source})"
     if deadline is not None and time.monotonic() > deadline:
-        how = f"top {len(top)} by magnitude (Lanczos stopped by the {budget_s:g} s budget)"
+        how = (
+            f"top {len(top)} by magnitude (Lanczos on the {source}, stopped by the {budget_s:g} s "
+            "budget)"
+        )
     return top, how
 
 
@@ -370,7 +383,8 @@ def symlog_ticks(linthresh: float, top: float, most: int = 4) -> list[float]:
 
 
 def plot_spectrum(result: Result, path: Path, n: int = 0, k: int = 0,
-                  options: ReportConf | None = None, table=None) -> Path:  # fmt: skip
+                  options: ReportConf | None = None, table=None,
+                  products: Products | None = None) -> Path:  # fmt: skip
     """Eigenvalues of H[n, k] (symlog scale) and their magnitudes (log scale)."""
     opt = options or ReportConf()
     table = table or stored_stats(result)
@@ -387,7 +401,7 @@ def plot_spectrum(result: Result, path: Path, n: int = 0, k: int = 0,
         fig.savefig(path, dpi=120)
         plt.close(fig)
         return path
-    ev, how = spectrum(result, n, k, opt.spectrum, opt.budget_s)
+    ev, how = spectrum(result, n, k, opt.spectrum, opt.budget_s, products)
     top = float(np.max(np.abs(ev)))
     tol = rounding_level(ev, d, result.dtype)
     pos, neg = int((ev > tol).sum()), int((ev < -tol).sum())

@@ -544,7 +544,7 @@ def _model_checks(
         return
     if result.output != "dense":
         found, checked = model_checks(result, job, rtol, rows or 8, seed, _Labels(result),
-                                      Mismatch, _hvp)  # fmt: skip
+                                      Mismatch, hessian_vector_products)  # fmt: skip
         report.mismatches.extend(found[: max_mismatches - len(report.mismatches)])
         report.pairs_checked, report.rows_checked = checked, n_samples * min(rows or 8, d)
         return
@@ -562,7 +562,9 @@ def _model_checks(
         h_rows, grad = method.compute(
             job.model, x, target, torch.as_tensor(row_idx), DEFAULT_MEMORY_BUDGET
         )
-        hv = _hvp(job.model, x[0], target, torch.as_tensor(probes.T, dtype=x.dtype))  # (P, K, D)
+        hv = hessian_vector_products(
+            job.model, x[0], target, torch.as_tensor(probes.T, dtype=x.dtype)
+        )  # (P, K, D)
         expected = _Expected(
             rows=row_idx,
             hessian_rows=h_rows[0].double().numpy(),
@@ -655,7 +657,7 @@ class _Labels:
         return f"{i} {tuple(int(c) for c in np.unravel_index(i, self.shape))}"
 
 
-def _hvp(model: torch.nn.Module, x: Tensor, target: Target, v: Tensor) -> Tensor:
+def hessian_vector_products(model: torch.nn.Module, x: Tensor, target: Target, v: Tensor) -> Tensor:
     """Hessian-vector products of one sample's K outputs: x (*S), v (P, D) -> (P, K, D).
 
     Independent of the stored method: ``jvp`` of ``jacrev`` (reverse over reverse where an op
