@@ -13,7 +13,7 @@ from pipeline.results.lanczos import lanczos, top_eigenvalues
 from pipeline.results.reader import read
 from pipeline.results.stats import block_average, matrix_stats, matvec_operator
 
-from .configs import compose_config
+from .configs import compose_config, config
 from .result_files import result_file
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -274,3 +274,27 @@ def test_reports_of_two_results_in_one_directory_do_not_collide(tmp_path):
     a, b = tmp_path / "a.h5", tmp_path / "b.h5"
     assert plots.report_dir(a) != plots.report_dir(b)
     assert plots.report_dir(a, tmp_path / "run") == tmp_path / "run"
+
+
+def test_the_spectrum_of_a_large_matrix_from_the_models_products(tmp_path):
+    """Above D = 2048 the run gives the reports exact Hessian-vector products of its model:
+    the same top eigenvalues as the stored matrix's, without streaming the file per product."""
+    from pipeline.config.validate import complete_config
+    from pipeline.execution.job import build_job
+    from pipeline.execution.run import model_products, run
+    from pipeline.results.plots import spectrum
+
+    d = 2304
+    cfg = config("model=custom", "model.net._target_=pipeline.inputs.models.mlp",
+                 f"+model.net.in_features={d}", "+model.net.hidden=[32,32]", "data=synthetic",
+                 f"data.shape=[{d}]", "data.n_samples=1", "target.indices=[0]", "dtype=float64",
+                 f"storage.path={tmp_path / 'h.h5'}")  # fmt: skip
+    run(cfg)
+    products = model_products(build_job(complete_config(cfg)))
+    with read(tmp_path / "h.h5") as r:
+        ev, how = spectrum(r, 0, 0, "full", products=products)
+        want = np.linalg.eigvalsh(r.hessian[0, 0].compute())
+    assert "model's Hessian-vector products" in how
+    top = want[np.argsort(-np.abs(want))[: len(ev)]]
+    scale = np.abs(want).max()
+    np.testing.assert_allclose(np.sort(ev)[::-1][:10], np.sort(top)[::-1][:10], atol=1e-8 * scale)
