@@ -98,9 +98,9 @@ def run(
     t_compute = 0.0
     with writer:
         log.info(
-            "%s of Hessians (%d, %d, %d, %d) %s, method=%s, %d blocks of %d samples x %d rows "
-            "(%d done)",
-            kind, plan.n_samples, plan.n_outputs, plan.dim, plan.dim, cfg.dtype, job.method.name,
+            "Hessians (%d, %d, %d, %d) %s, output=%s, method=%s, %d blocks of %d samples x %d "
+            "rows (%d done)",
+            plan.n_samples, plan.n_outputs, plan.dim, plan.dim, cfg.dtype, kind, job.method.name,
             len(plan.blocks), plan.block_samples, plan.block_rows, writer.reused,
         )  # fmt: skip
         if writer.missing:  # a resume with every block committed starts no workers
