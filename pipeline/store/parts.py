@@ -11,7 +11,6 @@ rename of the finished file, a fault that never corrupts finished work.
 
 from __future__ import annotations
 
-import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,13 +18,12 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from ..errors import PipelineError
 from .durable import commit
 from .layout import Metadata, label_common, write_common
 from .names import temporary_name
 from .plan import Block, Plan
 from .schema import DERIVED, DESCRIPTION, FIELDS, Field
-from .writer import ResultWriter, _gb, _remove_tree
+from .writer import ResultWriter, _remove_tree
 
 
 @dataclass(frozen=True)
@@ -86,14 +84,7 @@ class PartsWriter(ResultWriter):
     def _check_free_space(self, keep: bool) -> None:
         known = {**self.sizes, "feature": self.sizes.get("feature", 1)}
         per_copy = sum(int(np.prod(f.shape(known))) for f in self.fields) * self.dtype.itemsize
-        needed = 2 * per_copy  # the shards and the final file
-        free = shutil.disk_usage(self.path.parent).free
-        if needed > free:
-            raise PipelineError(
-                f"the result needs about {_gb(needed)} under {self.path.parent} but only "
-                f"{_gb(free)} is free",
-                "storage.path",
-            )
+        self._need(2 * per_copy, "block shards and the final file")
 
     def _open_shards(self) -> None:
         self._drop_direct()

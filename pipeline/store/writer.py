@@ -264,6 +264,10 @@ class ResultWriter:
                 0 if self.layout == "virtual" else total
             )
             what = "block shards and the final file"
+        self._need(needed, what)
+
+    def _need(self, needed: int, what: str) -> None:
+        """Refuse, before computing, ``needed`` bytes that the disk under ``path`` has not."""
         free = shutil.disk_usage(self.path.parent).free
         if needed > free:
             raise PipelineError(
