@@ -66,13 +66,24 @@ def prepare(cfg: Config, path: Path) -> Prepared:
             "storage.mode=overwrite",
             "storage.mode",
         )
+    st = cfg.storage
     if cfg.output.name == "dense":
+        if st.block_samples is not None:
+            log.warning(
+                "storage.block_samples applies to the outputs other than dense; a dense "
+                "run's blocks are sized by storage.block_rows or storage.block_mb"
+            )
         plan = plan_blocks(job)
     else:
+        if st.block_rows is not None:
+            log.warning(
+                "storage.block_rows applies to output=dense; the blocks of output=%s are "
+                "groups of whole samples (storage.block_samples)",
+                cfg.output.name,
+            )
         check_output(cfg.output, job.dim)
         n, k, d = len(job.data.x), job.target.n_outputs, job.dim
         itemsize = job.data.x.element_size()
-        st = cfg.storage
         plan = plan_samples(cfg.output, n, k, d, itemsize, st.block_mb, st.block_samples)
     backend.review(plan)
     probe(job, backend.device)
