@@ -253,3 +253,27 @@ def test_a_forward_that_branches_on_values_falls_back_in_one_line(caplog):
     for n in range(3):
         ref = torch.autograd.functional.hessian(lambda v: model(v[None])[0, 1], x[n])
         assert_rel_close(h[n, 0], ref, REL)
+
+
+def test_a_model_changed_in_place_is_not_served_its_old_output_width():
+    """hessian() skips the forward pass for index targets once it knows the output width; a
+    model whose last layer was replaced must still have its indices checked against the new one."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    x = torch.randn(2, 4, dtype=torch.float64)
+    model.double()
+    pipeline.hessian(model, x, [2])
+    model[2] = torch.nn.Linear(8, 2).double()
+    with pytest.raises(ValueError, match="out of range for a model with 2 outputs"):
+        pipeline.hessian(model, x, [2])
+    h = pipeline.hessian(model, x, [-1])
+    ref = torch.autograd.functional.hessian(lambda v: model(v[None])[0, 1], x[0])
+    torch.testing.assert_close(h[0, 0], ref, rtol=1e-10, atol=1e-12)
+    from pipeline.hessian import diagonal
+
+    diag, _ = diagonal(model, x, make_target([1], model(x).detach()))
+    torch.testing.assert_close(diag[0, 0], torch.diagonal(ref), rtol=1e-10, atol=1e-12)
+    with torch.no_grad():  # new weights, same modules: the caches stay, the numbers follow
+        model[0].weight.mul_(2.0)
+    ref = torch.autograd.functional.hessian(lambda v: model(v[None])[0, 1], x[0])
+    torch.testing.assert_close(pipeline.hessian(model, x, [1])[0, 0], ref, rtol=1e-10,
+                               atol=1e-12)  # fmt: skip

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from . import caches
 from .adjoints import pull
 from .curvature import DENSE, DIAG, ZERO, is_fast, transition
 from .errors import ArgumentError
@@ -88,6 +89,7 @@ def diagonal(
             ``"propagated"`` where no cut allows it (``method``).
     """
     _check_x(x)
+    caches.check(model)
     budget = budget or default_memory_budget(x.device)
     with eval_mode(model):
         if method in ("auto", PROPAGATED):

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad, jvp, vjp, vmap
 
+from . import caches
 from .diagonal import eval_mode
 from .errors import ArgumentError
 from .generic import _flat_fn
@@ -87,6 +88,7 @@ def eigen(
     """
     if not isinstance(x, Tensor) or x.dim() < 2:
         raise ArgumentError("x must be a batch (N, *S) of inputs", "x")
+    caches.check(model)
     d = x.shape[1:].numel()
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= d:
         raise ArgumentError(f"k must be an integer in 1..D = {d}, got {k!r}", "k")

@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from . import caches
 from .curvature import DENSE, DIAG
 from .diagonal import _rows_of_jacobian, eval_mode
 from .errors import ArgumentError
@@ -59,6 +60,7 @@ def factored(
     """
     if not isinstance(x, Tensor) or x.dim() < 2:
         raise ArgumentError("x must be a batch (N, *S) of inputs", "x")
+    caches.check(model)
     budget = budget or default_memory_budget(x.device)
     with eval_mode(model), torch.no_grad():
         gm = _check(model, x, target)

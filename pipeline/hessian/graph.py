@@ -39,10 +39,11 @@ import torch
 from torch import Tensor, fx, nn
 from torch.fx.node import map_aggregate, map_arg
 
+from . import caches
 from .ops import ALIAS, Call, Unsupported, canonical, rule_for
 from .rules import Elementwise, Fold, General, Rule, Select
 
-_CACHE: weakref.WeakKeyDictionary[nn.Module, fx.GraphModule | str] = weakref.WeakKeyDictionary()
+_CACHE: weakref.WeakKeyDictionary[nn.Module, fx.GraphModule | str] = caches.per_model()
 
 # Calls whose result depends on a tensor's shape or type only, never on its values.
 _SHAPE_METHODS = {"size", "dim", "numel", "type", "new_zeros", "new_ones", "new_empty",

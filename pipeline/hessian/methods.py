@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from . import generic, piecewise, structured
+from . import caches, generic, piecewise, structured
 from .errors import ArgumentError
 from .rows import Rows, select_rows
 from .support import Support, analyze, training_layers
@@ -141,7 +141,7 @@ class Choice:
         return f"method={self.requested} uses {self.name}: " + "; ".join(self.passed_over)
 
 
-_CHOICES: weakref.WeakKeyDictionary[nn.Module, dict[tuple, Choice]] = weakref.WeakKeyDictionary()
+_CHOICES: weakref.WeakKeyDictionary[nn.Module, dict[tuple, Choice]] = caches.per_model()
 
 
 def choose_method(name: str, model: nn.Module, target: Target, x: Tensor) -> Choice:
@@ -171,6 +171,7 @@ def choose_method(name: str, model: nn.Module, target: Target, x: Tensor) -> Cho
         if name != "forward_over_reverse":
             return Choice(METHODS[name], requested=name)
     key = (name, tuple(x.shape[1:]), x.dtype, x.device, target.kind, target.n_outputs)
+    caches.check(model)
     per_model = _CHOICES.setdefault(model, {})
     if key not in per_model:
         per_model[key] = _walk_chain(name, model, x, target, support)
@@ -284,6 +285,7 @@ def hessian(
         raise ArgumentError(
             "x must be a batch (N, *S) of inputs; for one sample use x.unsqueeze(0)", "x"
         )
+    caches.check(model)  # a model changed in place (a layer replaced) has its caches dropped
     was_training = model.training
     _set_training(model, False)
     try:
@@ -322,7 +324,7 @@ def _compute(choice: Choice, model, x, target, rows, budget) -> tuple[Tensor, Te
 
 
 # model -> {(sample shape, dtype, device): C}: the width of its outputs, known after one forward
-_WIDTHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_WIDTHS: weakref.WeakKeyDictionary = caches.per_model()
 
 
 def _outputs(model: nn.Module, x: Tensor, by_index: bool = False) -> Tensor:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from . import caches
 from .graph import Tape, capture, record
 from .ops import Unsupported
 from .planner import head_kind, make_plan, segments
@@ -34,7 +35,7 @@ class Support:
     linear: bool = False
 
 
-_CACHE: weakref.WeakKeyDictionary[nn.Module, dict[tuple, Support]] = weakref.WeakKeyDictionary()
+_CACHE: weakref.WeakKeyDictionary[nn.Module, dict[tuple, Support]] = caches.per_model()
 
 
 def analyze(model: nn.Module, x: Tensor, target: Target) -> Support:

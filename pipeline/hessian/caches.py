@@ -1,0 +1,42 @@
+"""Per-model caches, forgotten when the model's structure changes.
+
+The captured graph, its analysis, the plans, the method choice and the output width are cached
+per model object (each keyed inside on what it depends on: input shape, dtype, device, target
+kind). A model changed in place (a layer replaced, a head resized) is the same object with
+another structure, so every entry point that reads a cache first calls :func:`check`, which
+compares a signature of the model's modules and parameter shapes with the one the entries were
+made for, and drops the model's entries from every cache when they differ. Changed weights (the
+same modules) keep the caches: nothing cached depends on parameter values.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+from torch import nn
+
+_CACHES: list[weakref.WeakKeyDictionary] = []
+_SIGNATURES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def per_model() -> weakref.WeakKeyDictionary:
+    """A new cache keyed by model, emptied for a model by :func:`check` when it changes."""
+    cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+    _CACHES.append(cache)
+    return cache
+
+
+def signature(model: nn.Module) -> tuple:
+    """The module tree (names and types) and the parameter and buffer shapes."""
+    modules = tuple((name, type(m)) for name, m in model.named_modules())
+    tensors = tuple((name, tuple(t.shape)) for name, t in model.state_dict(keep_vars=True).items())
+    return modules + tensors
+
+
+def check(model: nn.Module) -> None:
+    """Forget what the caches hold for ``model`` if its structure changed since they were made."""
+    sig = signature(model)
+    if _SIGNATURES.get(model) != sig:
+        for cache in _CACHES:
+            cache.pop(model, None)
+        _SIGNATURES[model] = sig
