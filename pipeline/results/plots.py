@@ -356,8 +356,16 @@ def spectrum(
         return np.linalg.eigvalsh(_symmetrised(h))[::-1], "all eigenvalues (eigvalsh)"
     t0 = time.monotonic()
     deadline = t0 + budget_s if mode == "auto" else None
-    matvec = products(n, k) if products is not None else matvec_operator(hess, n, k)
-    top = top_eigenvalues(matvec, d, min(d, TOP_EIGENVALUES), deadline=deadline)
+    top = None
+    if products is not None:
+        try:
+            top = top_eigenvalues(products(n, k), d, min(d, TOP_EIGENVALUES), deadline=deadline)
+        except Exception as err:  # an op without a double backward: the file's products
+            log.info("spectrum from the file: the model's products failed (%s)", err)
+            products = None
+    if top is None:
+        matvec = matvec_operator(hess, n, k)
+        top = top_eigenvalues(matvec, d, min(d, TOP_EIGENVALUES), deadline=deadline)
     source = "model's Hessian-vector products" if products is not None else "file"
     how = f"top {len(top)} by magnitude (Lanczos on the {source})"
     if deadline is not None and time.monotonic() > deadline:
