@@ -22,6 +22,17 @@ def method(request) -> str:
     return request.param
 
 
+@pytest.fixture(scope="module")
+def cluster():
+    """A real ``distributed.LocalCluster`` of two worker processes, shared by a module's tests."""
+    from distributed import LocalCluster
+
+    with LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+    ) as cl:
+        yield cl
+
+
 @pytest.fixture
 def float64_default():
     """Run a test with float64 as torch's default dtype; the old default is restored afterwards."""

@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 import pytest
-from distributed import Client, LocalCluster
+from distributed import Client
 
 from pipeline.execution.run import run
 from pipeline.store import ResultNames
@@ -33,14 +33,6 @@ def local_result(tmp_path_factory):
     path = tmp_path_factory.mktemp("local") / "h.h5"
     run(config(*JOB, f"storage.path={path}"))
     return read_hessian(path)
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    with LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
-    ) as cl:
-        yield cl
 
 
 def test_dask_backend_equals_local(tmp_path, local_result):

@@ -168,3 +168,40 @@ def test_untraceable_model_says_why_in_one_line(caplog):
     assert notes[0].startswith("method=auto uses forward_over_reverse: the graph path cannot")
     assert "torch.fx" in notes[0]
     assert_close_to_max(h, _hvp_rows(model, x, 0, [0, 1, 2])[:, None], 1e-9, "branchy")
+
+
+DIAGONAL_ON = ("pinn", "pair_potential", "hessquik_fc", "timm_vit", "timm_mixer",
+               "tv_mobilenet_v3")  # fmt: skip
+
+
+@pytest.mark.parametrize("name", DIAGONAL_ON)
+def test_the_diagonal_of_a_library_model_is_exact(name):
+    """``output=diagonal``'s math on code no one on the team wrote: sampled diagonal entries
+    against float64 Hessian-vector products."""
+    from pipeline.hessian import diagonal
+
+    entry = next(e for e in LIBRARY if e.name == name)
+    model, x, labels = _library_case(entry)
+    target = pipeline.make_target(entry.outputs, model(x).detach(), labels, "cross_entropy")
+    with HardAsClamp():
+        diag, _ = diagonal(model, x, target)
+    d = x[0].numel()
+    rows = sorted({0, d // 3, d // 2, d - 1})
+    for i, k in enumerate(entry.outputs):
+        expected = _hvp_rows(model, x, k, rows, labels)[:, range(len(rows)), rows]
+        assert_close_to_max(diag[:, i, rows], expected, 1e-9, f"{name} diagonal, output {k}")
+
+
+def test_the_factored_hessian_of_resnet18_under_its_loss_is_exact():
+    """``output=factored`` on torchvision's ResNet-18 under the loss: rows of J^T A J against
+    float64 Hessian-vector products."""
+    from pipeline.hessian import factored
+
+    entry = next(e for e in LIBRARY if e.name == "tv_resnet18_loss")
+    model, x, labels = _library_case(entry)
+    target = pipeline.make_target("loss", model(x).detach(), labels, "cross_entropy")
+    jac, curv, _ = factored(model, x, target)
+    d = x[0].numel()
+    rows = sorted({0, d // 3, d // 2, d - 1})
+    got = torch.einsum("ncr,nce,ned->nrd", jac[:, :, rows], curv[:, 0], jac)
+    assert_close_to_max(got, _hvp_rows(model, x, None, rows, labels), 1e-9, "resnet18 J^T A J")

@@ -17,27 +17,18 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from distributed import Client, LocalCluster
+from distributed import Client
 
 from pipeline.errors import PipelineError
 from pipeline.execution.run import run, run_overrides
 from pipeline.store import ResultNames
 
 from .configs import committed_blocks, config
+from .test_backends import JOB
 from .test_resume import JOB as SLOW_JOB
 from .test_resume import start_cli, wait_for_blocks
 
 ROOT = Path(__file__).resolve().parents[1]
-# 6 samples x 64 rows in blocks of 8 rows: 48 blocks (as in test_backends).
-JOB = (
-    "data=synthetic",
-    "data.shape=[64]",
-    "data.n_samples=6",
-    "storage.block_rows=8",
-    "model=custom",
-    "+model.net._target_=tests.nets.mlp",
-    "+model.net.d=64",
-)
 
 
 def contents(path: Path) -> dict:
@@ -61,14 +52,6 @@ def local(tmp_path_factory) -> dict:
     path = tmp_path_factory.mktemp("local") / "h.h5"
     run(config(*JOB, f"storage.path={path}"))
     return contents(path)
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    with LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
-    ) as cl:
-        yield cl
 
 
 def address_run(path: Path, address: str, *overrides: str, job=JOB):

@@ -19,6 +19,7 @@ from ..hessian.errors import ArgumentError
 from ..hessian.methods import METHODS
 from ..hessian.targets import Target
 from ..store.plan import Block, Plan
+from ..store.schema import numbers
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,7 @@ class Work:
             values, vectors, residuals = eigen(
                 model, x, target, o.k, str(o.which), o.tol, budget, self.requested
             )
-            grad = METHODS[self.method].compute(model, x, target, torch.arange(1), budget)[1]
+            grad = METHODS[self.method].compute(model, x, target, slice(0, 1), budget)[1]
             return {"eigenvalues": values, "eigenvectors": vectors, "residuals": residuals,
                     "gradient": grad}  # fmt: skip
         if self.kind == "factored":
@@ -127,12 +128,7 @@ def plan_samples(
     """Blocks of whole samples for the kinds other than ``dense``: ``block_samples``, or as many
     samples as store about ``block_mb`` MiB (the math chunks its own working memory by
     ``method.memory_budget_mb``)."""
-    per = {
-        "diagonal": 2 * k * d,
-        "rows": k * (len(getattr(output, "rows", ())) + 1) * d,
-        "eigen": k * (getattr(output, "k", 1) + 1) * d,
-        "factored": k * d * 16,  # C (D + K C) + K D, with C unknown before computing
-    }[output.name] * itemsize
+    per = numbers(output.name, sizes(output, 1, k, d)) * itemsize  # bytes a sample stores
     samples = block_samples or max(1, (block_mb << 20) // max(1, per))
     samples = min(n, samples)
     return Plan(n, k, d, samples, d, (1, 1, 1, 1))

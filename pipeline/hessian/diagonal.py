@@ -101,7 +101,7 @@ def diagonal(
                     return _propagated(model, x, target, plan, budget)
             else:
                 log.info("diagonal from row blocks: %s", plan)
-        choice = choose_method(method, model, target, x)
+        choice = choose_method(method, model, target, x, checked=True)
         return _by_rows(choice.method.compute, model, x, target, budget)
 
 

@@ -98,7 +98,7 @@ def eigen(
         raise ArgumentError(f"tol must be >= 0, got {tol!r}", "tol")
     budget = budget or default_memory_budget(x.device)
     with eval_mode(model):
-        choice = choose_method(method, model, target, x)
+        choice = choose_method(method, model, target, x, checked=True)
         n_out = target.n_outputs
         if d <= dense_limit and 3 * n_out * d * d * x.element_size() <= budget:
             return _dense(choice.method.compute, model, x, target, k, which, budget)

@@ -144,7 +144,9 @@ class Choice:
 _CHOICES: weakref.WeakKeyDictionary[nn.Module, dict[tuple, Choice]] = caches.per_model()
 
 
-def choose_method(name: str, model: nn.Module, target: Target, x: Tensor) -> Choice:
+def choose_method(
+    name: str, model: nn.Module, target: Target, x: Tensor, checked: bool = False
+) -> Choice:
     """The method called ``name``, or the one ``auto`` picks for the model on inputs like x.
 
     ``auto`` walks its chain (graph path, forward over reverse, reverse over reverse) and takes
@@ -160,6 +162,8 @@ def choose_method(name: str, model: nn.Module, target: Target, x: Tensor) -> Cho
         raise ArgumentError(
             f"unknown method {name!r}: choose one of {['auto', *METHODS]}", "method"
         )
+    if not checked:  # (``checked``: the caller ran ``caches.check`` for this call already)
+        caches.check(model)
     support = analyze(model, x, target)
     if name != "auto":
         reason = METHODS[name].unsupported(support)
@@ -171,7 +175,6 @@ def choose_method(name: str, model: nn.Module, target: Target, x: Tensor) -> Cho
         if name != "forward_over_reverse":
             return Choice(METHODS[name], requested=name)
     key = (name, tuple(x.shape[1:]), x.dtype, x.device, target.kind, target.n_outputs)
-    caches.check(model)
     per_model = _CHOICES.setdefault(model, {})
     if key not in per_model:
         per_model[key] = _walk_chain(name, model, x, target, support)
@@ -289,9 +292,10 @@ def hessian(
     was_training = model.training
     _set_training(model, False)
     try:
-        z = _outputs(model, x, by_index=not (isinstance(outputs, str) and outputs != "all"))
+        by_value = isinstance(outputs, str) and outputs in ("predicted", "loss")
+        z = _outputs(model, x, by_index=not by_value)
         target = make_target(outputs, z, labels, loss)
-        choice = choose_method(method, model, target, x)
+        choice = choose_method(method, model, target, x, checked=True)
         if choice.note:
             log.warning(choice.note)
         row_index = select_rows(rows, x.shape[1:].numel(), x.device)

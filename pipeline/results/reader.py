@@ -26,6 +26,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from ..errors import PipelineError
+from ..store.layout import ROW_DATASETS, SUMMARY_DATASETS
 from ..store.schema import FIELDS, KINDS, fields
 
 COMMON = ("gradient", "inputs", "outputs", "sample_index", "output_index")
@@ -174,10 +175,8 @@ def read(path: str | os.PathLike) -> Result:
         else:
             config = _check_kind(path, f, attrs, kind)
         arrays = {name: _dask(f[name]) for name in COMMON}
-        own = [fd.name for fd in fields(kind)] + [
-            name for name in ("diagonal", "row_norm", "trace", "frobenius", "symmetry")
-            if kind == "dense" and name in f
-        ]  # fmt: skip
+        stats = (*ROW_DATASETS, *SUMMARY_DATASETS) if kind == "dense" else ()
+        own = [fd.name for fd in fields(kind)] + [name for name in stats if name in f]
         datasets = {name: _dask(f[name]) for name in own if name not in COMMON}
         hessian = datasets.pop("hessian", None)
         if kind == "factored":

@@ -22,7 +22,7 @@ from .durable import commit
 from .layout import Metadata, label_common, write_common
 from .names import temporary_name
 from .plan import Block, Plan
-from .schema import DERIVED, DESCRIPTION, FIELDS, Field
+from .schema import DERIVED, DESCRIPTION, FIELDS, Field, numbers
 from .writer import ResultWriter, _remove_tree
 
 
@@ -82,8 +82,7 @@ class PartsWriter(ResultWriter):
         self.in_place, self.layout = False, "copy"
 
     def _check_free_space(self, keep: bool) -> None:
-        known = {**self.sizes, "feature": self.sizes.get("feature", 1)}
-        per_copy = sum(int(np.prod(f.shape(known))) for f in self.fields) * self.dtype.itemsize
+        per_copy = numbers(self.kind, self.sizes) * self.dtype.itemsize
         self._need(2 * per_copy, "block shards and the final file")
 
     def _open_shards(self) -> None:
@@ -132,14 +131,17 @@ class PartsWriter(ResultWriter):
             for field in self.fields:  # sizes only the computation knew (C of ``factored``)
                 for dim, n in zip(field.dims[1:], s[field.name].shape[1:], strict=True):
                     sizes.setdefault(dim, n)
-        for field in self.fields:
+        for field in (*self.fields, *DERIVED.get(self.kind, ())):
             f.create_dataset(field.name, field.shape(sizes), field.dtype or self.dtype, **self.comp)
-        for b in self.plan.blocks:
+        nonfinite = 0
+        for b in self.plan.blocks:  # each shard read once: copied, counted, its trace taken
             with h5py.File(self.names.shard(b.index), "r") as s:
                 for field in self.fields:
-                    f[field.name][b.s0 : b.s1] = s[field.name][()]
-        if self.kind == "diagonal":  # the trace from the diagonal, in float64
-            f.create_dataset("trace", data=f["diagonal"][()].sum(-1, dtype=np.float64))
+                    values = s[field.name][()]
+                    f[field.name][b.s0 : b.s1] = values
+                    nonfinite += int((~np.isfinite(values)).sum())
+                    if field.name == "diagonal":  # the trace, in float64
+                        f["trace"][b.s0 : b.s1] = values.sum(-1, dtype=np.float64)
         for field in DESCRIPTION.get(self.kind, ()):
             f.create_dataset(field.name, data=np.asarray(self.description[field.name], field.dtype))
         write_common(f, self.meta, self.comp)
@@ -151,10 +153,7 @@ class PartsWriter(ResultWriter):
         f.attrs["output"] = self.kind
         f.attrs["status"] = "complete"
         f.attrs["layout_id"] = uuid.uuid4().hex
-        f.attrs.create("nonfinite_entries", self._nonfinite(f), dtype="i8")
-
-    def _nonfinite(self, f: h5py.File) -> int:
-        return int(sum((~np.isfinite(f[fd.name][()])).sum() for fd in self.fields))
+        f.attrs.create("nonfinite_entries", nonfinite, dtype="i8")
 
 
 class _Pending:

@@ -13,6 +13,7 @@ these declarations, the reader checks a file against them and gives them their n
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 KINDS = ("dense", "diagonal", "rows", "eigen", "factored")
@@ -64,6 +65,16 @@ DESCRIPTION: dict[str, tuple[Field, ...]] = {
 def fields(kind: str) -> tuple[Field, ...]:
     """Every dataset that ``kind`` computes or derives."""
     return FIELDS[kind] + DERIVED.get(kind, ()) + DESCRIPTION.get(kind, ())
+
+
+def numbers(kind: str, sizes: dict[str, int]) -> int:
+    """How many numbers the datasets of ``kind``'s blocks hold for ``sizes`` (estimates use
+    ``FEATURE_GUESS`` for C, known only once a factored block is computed)."""
+    known = {"feature": FEATURE_GUESS, **sizes}
+    return sum(math.prod(f.shape(known)) for f in FIELDS[kind])
+
+
+FEATURE_GUESS = 16  # C of ``factored`` before computing: a classifier's logits, roughly
 
 
 def main_field(kind: str) -> Field:
