@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 import pipeline
 from pipeline.hessian import elementwise, ops
+from pipeline.hessian.planner import OUTER
 from pipeline.hessian.propagate import gradients, hessian_rows
 from pipeline.hessian.rows import Rows
 from tests.zoo import HardAsClamp, assert_close_to_max, every_plan
@@ -113,6 +114,10 @@ class RuleCase:
     name: str
     covers: tuple[str, ...]
     body: Callable[[Body, Tensor], Tensor]
+    # Relative tolerance of the schedules that carry the Jacobian forward through the body
+    # (``outer``) where the body rounds to float32 in between (``.float().double()``): autograd's
+    # reference rounds the adjoints there, those schedules the Jacobians, each exact to float32.
+    forward_rtol: float = 1e-9
 
 
 def _tokens(m: Body, x: Tensor) -> Tensor:
@@ -149,7 +154,7 @@ CASES: list[RuleCase] = [
                  1e-5)[0]),
     RuleCase("dropout_identity_cast", ("dropout", "identity", "cast", "Dropout", "Identity"),
              lambda m, x: m.drop(F.dropout(torch.tanh(m.fc(x)), 0.3, training=False)).clone()
-             .float().double() + m.identity(torch.sin(m.fc(x))).contiguous()),
+             .float().double() + m.identity(torch.sin(m.fc(x))).contiguous(), 1e-7),
     RuleCase("shapes", ("reshape", "permute", "movedim", "flip", "Flatten", "Unflatten"),
              lambda m, x: m.flatten(m.unflatten(torch.tanh(m.fc(x))).permute(
                  0, 2, 1).movedim(1, 2).flip(1).roll(1, 2)) * torch.sin(m.fc(x))),
@@ -161,6 +166,11 @@ CASES: list[RuleCase] = [
                  F.pad(torch.tanh(m.fc(x)), (1, 1))], 1)),
     RuleCase("sums_and_means", ("sum",), lambda m, x: torch.cat([_tokens(m, x).sum(1) * torch.sin(
         m.fc(x)[:, :4]), torch.tanh(m.fc(x)).view(-1, 2, 4).mean(-1, keepdim=True).flatten(1)], 1)),
+    RuleCase("gathers_and_reductions", ("getitem", "sum"), lambda m, x: torch.cat([
+        torch.tanh(m.fc(x))[:, torch.tensor([[3, 0], [3, -1]])].flatten(1),  # repeats, negative
+        (_tokens(m, x)[:, :, torch.tensor([1, 1, 2])] ** 2).sum((1, 2), keepdim=True)[:, 0],
+        torch.mean(torch.sin(m.fc(x)).view(-1, 2, 4), dim=(-1, 1)).unsqueeze(1) * m.fc(x)],
+        1)),  # fmt: skip
     RuleCase("arithmetic", ("add", "sub", "mul", "div", "neg", "pow"), lambda m, x: (
         -(torch.tanh(m.fc(x)) - 1.5) / 2.0 + m.fc(x) * torch.sin(m.fc(x)) * 3 - m.fc(x) ** 2)),
     RuleCase("layer_norm", ("layer_norm", "LayerNorm"), lambda m, x: torch.tanh(
@@ -223,6 +233,7 @@ def test_rule_under_every_curvature_and_schedule(case: RuleCase, top: str):
         for plan in plans:
             h = hessian_rows(tape, plan, head, g, Rows(torch.arange(D), True), len(outputs))
             what = f"{case.name}, top {top}, cut {plan.cut}, bottom {plan.bottom}"
-            assert_close_to_max(h.expand_as(h_ref), h_ref, 1e-9, what)
+            rtol = case.forward_rtol if plan.bottom == OUTER else 1e-9
+            assert_close_to_max(h.expand_as(h_ref), h_ref, rtol, what)
     if math.prod(h_ref.shape) and h_ref.abs().max() == 0:
         pytest.fail(f"{case.name}, top {top}: the reference is all zero, the case tests nothing")

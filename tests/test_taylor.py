@@ -1,5 +1,7 @@
-"""Forward Taylor propagation (``pipeline.hessian.taylor``) against float64 references, and the
-planner's choice of it: a table of small-input models (D from 1 to 64)."""
+"""The schedules for small inputs against float64 references, and the planner's choice between
+them: forward Taylor propagation (``pipeline.hessian.taylor``) and the outer schedule (forward
+Jacobians and each step's curvature where it arises, NOTE [outer] in ``propagate``), on a table of
+small-input models (D from 1 to 64)."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import pipeline
 from pipeline import make_target
 from pipeline.hessian import structured, taylor
 from pipeline.hessian.graph import capture, record
-from pipeline.hessian.planner import TAYLOR, head_kind, make_plan
+from pipeline.hessian.planner import OUTER, TAYLOR, head_kind, make_plan
 from tests.library_models import PINN, PairPotential
 
 pytestmark = pytest.mark.usefixtures("float64_default")
@@ -205,16 +207,44 @@ def _plan(model: nn.Module, shape: tuple[int, ...], n: int, k: int = 1):
     return make_plan(tape, d, k, head_kind("index"), samples=n)
 
 
-def test_planner_picks_taylor_for_small_inputs():
-    """D = 1, 2 below width 32 for any number of samples; D = 6 at one sample (a call's fixed
-    cost decides there: Taylor makes one pass through the steps, the others three)."""
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_outer_schedule_matches_float64_reference(case):
+    """Every row, selected rows and one sample at a time; it needs no forward second-order rule
+    (the pair potential with a norm has none)."""
+    model, x, outputs = _inputs(case)
+    expected = reference(model, x, outputs)
+    target = make_target(outputs, model(x).detach())
+    h, _ = structured.compute(model, x, target, None, 1 << 30, (OUTER,))
+    assert_entries_close(h, expected, f"{case.name}, outer schedule")
+    d = x[0].numel()
+    rows = torch.tensor(sorted({d - 1, 0, d // 2}))
+    some, _ = structured.compute(model, x, target, rows, 1, (OUTER,))
+    assert_entries_close(some, expected[:, :, rows], f"{case.name}, outer, rows {rows.tolist()}")
+
+
+def test_planner_picks_a_forward_schedule_for_small_inputs():
+    """D = 1, 2 below width 32 for any number of samples, D = 6 at one sample: Taylor or outer
+    (a call's fixed cost decides at one sample: Taylor makes one pass through the steps, outer
+    two, tangent-adjoint three); tangent-adjoint or M-propagation never."""
     torch.manual_seed(3)
     cases = [(PINN(), (2,), (1, 64)), (mlp(nn.Tanh, 1, (32, 32)), (1,), (1, 64)),
              (mlp(nn.Tanh, 6, (8, 8)), (6,), (1,))]  # fmt: skip
     for model, shape, samples in cases:
         for n in samples:
             plan = _plan(model.double(), shape, n)
-            assert plan.bottom == TAYLOR, (type(model).__name__, n, plan)
+            assert plan.bottom in (TAYLOR, OUTER), (type(model).__name__, n, plan)
+            if n == 1:
+                assert plan.bottom == TAYLOR, (type(model).__name__, n, plan)
+
+
+def test_planner_picks_outer_for_wide_physics_nets():
+    """A PINN of width 128-512 on (x, t): Taylor carries D (D + 3) / 2 = 5 tangents through every
+    layer, outer 2 and the gradient (measured on the 2-core CPU, 1,024-4,096 points: outer 1.5x
+    faster than either other schedule; benchmarks/RESULTS.md)."""
+    torch.manual_seed(6)
+    for width in (128, 512):
+        plan = _plan(PINN(width=width).double(), (2,), 1024)
+        assert plan.bottom == OUTER, (width, plan)
 
 
 def test_planner_never_picks_taylor_for_images():

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from pipeline.hessian.graph import capture, record
 from pipeline.hessian.local import layout
-from pipeline.hessian.planner import LOCAL, REVERSE, TANGENT, Plan, head_kind, make_plan
+from pipeline.hessian.planner import LOCAL, OUTER, REVERSE, TANGENT, Plan, head_kind, make_plan
 from pipeline.inputs.models import digits_cnn, digits_mlp
 
 N_SAMPLES = 3
@@ -299,7 +299,7 @@ def every_plan(model: nn.Module, x: Tensor, target, rows: int):
     plans = []
     for cut in range(len(best.segments) + 1):
         stop = best.segments[cut].start if cut < len(best.segments) else len(tape.steps)
-        for bottom in (TANGENT, REVERSE, LOCAL):
+        for bottom in (TANGENT, REVERSE, LOCAL, OUTER):
             if bottom == REVERSE and any(curved[:stop]):
                 continue
             if bottom == LOCAL and layout(tape, stop) is None:

@@ -680,7 +680,52 @@ def _getitem(call: Call) -> Rule | None:
         return None
     fn = lambda t: t[index]  # noqa: E731
     axis = _piece_axis(items)
-    return _fold(call, fn, adjoint=None if axis is None else _piece_adjoint(call, axis, fn))
+    if axis is not None:
+        return _fold(call, fn, adjoint=_piece_adjoint(call, axis, fn))
+    return _fold(call, fn, adjoint=_gather_adjoint(call, items))
+
+
+def _gather_adjoint(call: Call, items: tuple) -> Callable[[Tensor], tuple[Tensor]] | None:
+    """The transpose of ``t[:, ..., idx]`` with one integer index tensor on one axis (the others
+    whole): the entries added back where they were taken (``index_add``); None for any other
+    index (torch.func's vjp)."""
+    full = slice(None)
+    cut = [i for i, item in enumerate(items) if not (isinstance(item, slice) and item == full)]
+    if len(cut) != 1 or cut[0] == 0:
+        return None
+    ax, idx = cut[0], items[cut[0]]
+    if not (isinstance(idx, Tensor) and not idx.is_floating_point() and idx.dtype != torch.bool):
+        return None
+    shape = tuple(call.inputs[0].shape[1:])
+    flat = idx.reshape(-1) % shape[ax - 1]  # index_add takes no negative positions
+
+    def adjoint(u: Tensor) -> tuple[Tensor]:
+        lead = u.shape[0]
+        taken = u.reshape(lead, *shape[: ax - 1], flat.numel(), *shape[ax:])
+        return (u.new_zeros(lead, *shape).index_add_(ax, flat, taken),)
+
+    return adjoint
+
+
+def _reduction_adjoint(call: Call, name: str) -> Callable[[Tensor], tuple[Tensor]] | None:
+    """The transpose of a sum or mean over some axes: the adjoint broadcast back over them
+    (divided by their size for a mean)."""
+    if call.kwargs.get("dtype") is not None or len(call.args) > 3:
+        return None
+    dims = sorted(_dims(call.arg(1, "dim"), call.ndim))
+    keep = bool(call.arg(2, "keepdim", False))
+    shape = tuple(call.inputs[0].shape[1:])
+    count = math.prod(call.inputs[0].shape[i] for i in dims)
+    scale = 1.0 / count if name == "mean" else None
+
+    def adjoint(u: Tensor) -> tuple[Tensor]:
+        if not keep:
+            for i in dims:
+                u = u.unsqueeze(i)
+        u = u.expand(u.shape[0], *shape)
+        return ((u * scale) if scale is not None else u,)
+
+    return adjoint
 
 
 def _piece_axis(items: tuple) -> int | None:
@@ -715,14 +760,26 @@ def _positional(call: Call, name: str) -> Rule | None:
         if 0 in _dims(dim, ndim):
             return None
         target, kwargs = call.target, call.kwargs
-        return _fold(call, lambda *ts: target(list(ts), *call.args[1:], **kwargs))
+        adjoint = None
+        if _packet(target) not in _STACKS:  # the transpose of a concatenation: its pieces
+            at, sizes = dim % ndim, [t.shape[dim] for t in tensors]
+            adjoint = lambda u: tuple(torch.split(u, sizes, at))  # noqa: E731
+        return _fold(call, lambda *ts: target(list(ts), *call.args[1:], **kwargs), adjoint=adjoint)
     if len(call.inputs) != 1 or not call.active(call.args[0]) or dim is None:
         return None
     if not _keeps_batch(call, dim):
         return None
     fn = _rebound(call)
     adjoint = _piece_adjoint(call, dim, fn) if name in ("narrow", "select") else None
+    if name == "sum":
+        adjoint = _reduction_adjoint(call, _reduction_kind(call))
     return _fold(call, fn, adjoint=adjoint)
+
+
+def _reduction_kind(call: Call) -> str:
+    """``sum`` or ``mean`` (both are made by the ``sum`` maker)."""
+    name = call.target if call.kind == "call_method" else getattr(call.target, "__name__", "")
+    return "mean" if "mean" in str(name) else "sum"
 
 
 _STACKS = {_packet(torch.stack), _packet(aten.stack)}

@@ -17,6 +17,12 @@ J_z^T A J_z (C_v: a step's second-order term, J_v = dv/dx). Three schedules eval
   below L by tangent-adjoint on patches, each row's tangents and adjoints held on a window around
   its receptive field (NOTE [local] in ``local``).
 
+* outer (below L): the forward Jacobians J_v = dv/dx of every tensor below L (D tangents), and
+  each curved step's second-order term contracted with its input's J where it arises (NOTE
+  [outer] in ``propagate``), plus J_L^T M_L J_L. Cost ~ D x (cost of the steps) + K R D x (the
+  widths of the curved steps): no adjoint sweep, so cheaper than tangent-adjoint when D is below
+  the layer widths.
+
 * Taylor (the whole graph, no cut): value, Jacobian and Hessian of every tensor carried forward
   from x (``taylor``), where every step has a forward second-order rule. Cost ~ D (D + 3) / 2
   tangents through every step, independent of R and nearly of K: the cheapest when D is below the
@@ -27,6 +33,7 @@ J_z^T A J_z (C_v: a step's second-order term, J_v = dv/dx). Three schedules eval
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 
 from .curvature import DENSE, DIAG, ZERO, is_fast, transition
@@ -36,8 +43,8 @@ from .rules import ELEMENTWISE_MACS, Dense
 from .taylor import cost as taylor_cost
 from .taylor import supports as taylor_supports
 
-TANGENT, REVERSE, LOCAL, TAYLOR = "tangent", "reverse", "local", "taylor"
-SCHEDULES = (TANGENT, REVERSE, LOCAL, TAYLOR)
+TANGENT, REVERSE, LOCAL, OUTER, TAYLOR = "tangent", "reverse", "local", "outer", "taylor"
+SCHEDULES = (TANGENT, REVERSE, LOCAL, OUTER, TAYLOR)
 
 
 @dataclass(frozen=True)
@@ -161,6 +168,8 @@ def all_plans(
         options = []
         if TANGENT in schedules:
             options.append((TANGENT, _tangent_cost(tape, 0, stop, 0, slot, rows, k, kind, True)))
+        if OUTER in schedules:
+            options.append((OUTER, _outer_cost(tape, stop, slot, rows, k, kind)))
         if REVERSE in schedules and not any(curved[:stop]):
             options.append((REVERSE, _reverse_cost(tape, stop, slot, rows, k, kind)))
         lay = layout(tape, stop) if LOCAL in schedules else None
@@ -173,7 +182,8 @@ def all_plans(
                 options.append((LOCAL, cost + below, lay))
         plans += [Plan(segs, cut, option[0], above + option[1], zero, *option[2:])
                   for option in options]  # fmt: skip
-    plans = [replace(p, cost=p.cost + _overhead(tape, 3, samples)) for p in plans]
+    plans = [replace(p, cost=p.cost + _overhead(tape, 2 if p.bottom == OUTER else 3, samples))
+             for p in plans]  # fmt: skip
     if TAYLOR in schedules and not zero and taylor_supports(tape):
         cost = taylor_cost(tape, k, top, samples) + _overhead(tape, 1, samples)
         plans.append(Plan(segs, len(segs), TAYLOR, cost, zero))
@@ -208,11 +218,7 @@ def _tangent_cost(
     basis: bool,
 ) -> int:  # fmt: skip
     """Tangent-adjoint through steps [start, stop) with R tangents, joined with M of ``kind``."""
-    cost = 0
-    for i in range(start, stop):
-        rule = tape.steps[i].rule
-        first = basis and isinstance(rule, Dense) and rule.flat and tape.steps[i].inputs == [bottom]
-        cost += 0 if first else r * rule.macs
+    cost = _tangent_forward_cost(tape, start, stop, bottom, r, basis)
     width = tape.width(top)
     if kind == DENSE:
         cost += k * r * width * width
@@ -226,6 +232,30 @@ def _tangent_cost(
             cost += 2 * k * r * rule.macs
         if live:
             cost += k * r * rule.macs
+    return cost
+
+
+def _outer_cost(tape: Tape, stop: int, slot: int, r: int, k: int, kind: str) -> int:
+    """D forward tangents through steps [0, stop), each curved step's term for R rows contracted
+    with its inputs' Jacobians (K R D F_in), and J_L^T M_L J_L at ``slot``."""
+    d = tape.width(0)
+    cost = _tangent_forward_cost(tape, 0, stop, 0, d, True)
+    for i in range(stop):
+        rule = tape.steps[i].rule
+        if rule.curved:
+            cost += 2 * k * r * rule.macs + k * r * d * sum(math.prod(s) for s in rule.shapes_in)
+    return cost + (0 if kind == ZERO else _join_cost(tape, slot, r, k, kind))
+
+
+def _tangent_forward_cost(
+    tape: Tape, start: int, stop: int, bottom: int, r: int, basis: bool
+) -> int:
+    """R forward tangents through steps [start, stop) (a first Dense step on the basis: free)."""
+    cost = 0
+    for i in range(start, stop):
+        rule = tape.steps[i].rule
+        first = basis and isinstance(rule, Dense) and rule.flat and tape.steps[i].inputs == [bottom]
+        cost += 0 if first else r * rule.macs
     return cost
 
 

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from . import taylor
 from .graph import Tape, capture, record
-from .planner import LOCAL, REVERSE, SCHEDULES, TAYLOR, Plan, head_kind, make_plan
+from .planner import LOCAL, OUTER, REVERSE, SCHEDULES, TAYLOR, Plan, head_kind, make_plan
 from .propagate import gradients, hessian_rows
 from .rows import Rows, select_rows
 from .targets import Target
@@ -122,6 +122,8 @@ def bytes_per_sample(tape: Tape, plan: Plan, r: int, k: int) -> int:
     t_part = r * sum(below) + 3 * k * r * max(below)
     if plan.bottom in (REVERSE, LOCAL):
         t_part = 3 * tape.width(plan.cut_slot) * max(below) + k * r * tape.width(0)
+    if plan.bottom == OUTER:  # a few Jacobians live at once, one step's terms, and H
+        t_part = 3 * tape.width(0) * max(below) + 2 * k * r * (max(below) + tape.width(0))
     if plan.bottom == LOCAL:  # a few adjoints on their windows at once, and factors gathered
         lay = plan.local_layout(tape)  # at them; the rows whole at the end
         t_part += r * lay.tangent_size + 6 * k * r * max(lay.adjoint_size, tape.width(0))

@@ -90,7 +90,13 @@ def _check_independent_samples(model: nn.Module, x: Tensor, tape: Tape) -> None:
     with torch.no_grad():
         alone = model(x[:1])
     together = tape.values[tape.output][:1]
-    if alone.shape != together.shape or not torch.allclose(alone, together, rtol=1e-4, atol=1e-6):
+    # Relative to the output's largest entry: a convolution's kernel may differ with the batch
+    # size, so in float32 a small entry next to large ones (EfficientNet's logits: -0.09 beside
+    # 14.5) moves by a few units of the large one's last place; mixing samples moves it by O(1).
+    scale = together.abs().max() if together.numel() else 0.0
+    if alone.shape != together.shape or not bool(
+        ((alone - together).abs() <= 1e-4 * scale + 1e-6).all()
+    ):
         raise Unsupported("its output for a sample depends on the other samples of the batch")
 
 
