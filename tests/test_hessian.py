@@ -178,6 +178,20 @@ def test_training_mode_is_restored_and_result_is_eval_mode():
     assert_rel_close(h, pipeline.hessian(model, x, [0]), 0.0)
 
 
+def test_each_modules_own_mode_is_restored():
+    """A model training with one layer frozen in eval mode (a fine-tuned BatchNorm) gets back
+    exactly those modes, not one mode for all."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Dropout(0.1),
+                          nn.Linear(8, 2)).double()  # fmt: skip
+    model.train()
+    model[1].eval()
+    before = [m.training for m in model.modules()]
+    with pytest.warns(UserWarning, match="training mode"):
+        pipeline.hessian(model, torch.randn(3, 5, dtype=torch.float64), [0])
+    assert [m.training for m in model.modules()] == before
+
+
 # (arguments of hessian(), the argument the error names): library terms, not config keys (the
 # command line maps them: tests/test_errors.py).
 ERRORS = {

@@ -290,7 +290,7 @@ def hessian(
         )
     caches.check(model)  # a model changed in place (a layer replaced) has its caches dropped
     was_training = model.training
-    _set_training(model, False)
+    training = _to_eval(model)
     try:
         by_value = isinstance(outputs, str) and outputs in ("predicted", "loss")
         z = _outputs(model, x, by_index=not by_value)
@@ -302,7 +302,8 @@ def hessian(
         hess, grad = _compute(choice, model, x, target, row_index, memory_budget)
         reason = zero_hessian_reason(model, target, x)
     finally:
-        _set_training(model, was_training)
+        for module in training:  # each module's own mode back (a frozen BatchNorm stays in eval)
+            module.training = True
     if was_training and training_layers(model):
         warnings.warn("model was in training mode: computed in eval mode", stacklevel=2)
     if reason:
@@ -352,9 +353,11 @@ def _outputs(model: nn.Module, x: Tensor, by_index: bool = False) -> Tensor:
         ) from err
 
 
-def _set_training(model: nn.Module, mode: bool) -> None:
-    """``model.train(mode)``, tolerating modules that refuse it (``torch.export`` programs)."""
-    try:
-        model.train(mode)
-    except NotImplementedError:
-        pass
+def _to_eval(model: nn.Module) -> list[nn.Module]:
+    """Put every module in eval mode, and return those that were training. Sets the flags
+    themselves: ``model.train(mode)`` walks every module twice a call, would put back one mode for
+    all of them, and ``torch.export`` programs refuse it."""
+    training = [m for m in model.modules() if m.training]
+    for module in training:
+        module.training = False
+    return training
