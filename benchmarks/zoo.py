@@ -9,7 +9,13 @@ samples, and the generic ``forward_over_reverse`` for reference. The table gives
 sample, and ``auto``'s ratio to the best torch.func variant (with the graph engine's schedule in
 brackets: ``taylor`` is forward Taylor propagation); each result is checked against torch.func.
 The last column is the fixed cost of a call: the median time of one call on one sample, ``auto``
-against the best torch.func variant (caches warm).
+against the best torch.func variant (caches warm). ``plain chain`` is the same algebra written by
+hand for one model (the PINN: forward Jacobians and one contraction a layer, no graph engine),
+the floor an eager implementation reaches.
+
+Freed memory stays in the process (``allocator.py``: glibc's mmap and trim thresholds raised,
+for every method alike); ``--default-malloc`` keeps glibc's defaults, under which the large
+models' buffers are page-faulted in again on every call and times vary by a third or more.
 
     python benchmarks/zoo.py                     # every model, CPU
     python benchmarks/zoo.py --models lenet5 tabular_mlp --repeats 5
@@ -41,6 +47,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pipeline  # noqa: E402
+from benchmarks.allocator import keep_freed_memory  # noqa: E402
 from pipeline.hessian import structured  # noqa: E402
 from pipeline.hessian.graph import capture  # noqa: E402
 from pipeline.hessian.methods import resolve_method  # noqa: E402
@@ -118,6 +125,42 @@ def ours(method: str):
     return run
 
 
+@torch.no_grad()
+def plain_pinn(model: nn.Module, x: Tensor, outputs, labels) -> Tensor:
+    """The PINN's Hessians (N, 1, D, D) written plainly: the outer schedule's algebra with no
+    graph, planner or rules, the floor of an eager implementation. Forward Jacobians J_l = dz_l/dx
+    direction-major (D, N, F), the adjoint g_l of each tanh's output, and
+    H = sum_l J_l^T diag(s''(z_l) g_l) J_l, D^2 products and sums a layer."""
+    lin = [m for m in model.net if isinstance(m, nn.Linear)]
+    n = x.shape[0]
+    z = lin[0](torch.cat([x[:, 0:1], x[:, 1:2]], dim=1))
+    jac = lin[0].weight.T.unsqueeze(1)  # (D, 1, F): the same for every sample
+    saved = []
+    for i, layer in enumerate(lin[1:], 1):
+        t = torch.tanh(z)
+        d1 = 1 - t * t
+        saved.append((t, d1, jac))
+        z = layer(t)
+        if i < len(lin) - 1:
+            jac = ((d1 * jac).reshape(-1, t.shape[1]) @ layer.weight.T).reshape(-1, n, z.shape[1])
+    g = lin[-1].weight[outputs[0]].expand(n, -1)  # dy/dt of the last tanh
+    h = None
+    for i in reversed(range(len(saved))):
+        t, d1, jac = saved[i]
+        gz = d1 * g
+        q = (-2 * t * gz) * jac  # diag(s'' g) J, (D, N, F)
+        d = q.shape[0]  # (D, D, N); one product a pair (a four-axis broadcast ran 1.7x slower)
+        part = torch.stack([(q[i] * jac[j]).sum(-1) for i in range(d) for j in range(d)])
+        part = part.reshape(d, d, n)
+        h = part if h is None else h + part
+        g = gz @ lin[i].weight
+    return h.permute(2, 0, 1).unsqueeze(1)
+
+
+# Hand-written chains of the same algebra, timed beside ``auto`` where one exists.
+PLAIN = {"pinn": plain_pinn}
+
+
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -142,6 +185,8 @@ def bench(name: str, args) -> dict:
         "vmap(jacrev(jacrev))": torch_func(lambda f: jacrev(jacrev(f))),
         "forward_over_reverse": ours("forward_over_reverse"),
     }
+    if name in PLAIN:
+        methods["plain chain"] = PLAIN[name]
     target = pipeline.make_target(entry.outputs, model(x).detach(), labels)
     picked = resolve_method("auto", model, target, x).name
     schedule = schedule_of(model, x, target, picked)
@@ -178,7 +223,8 @@ def bench(name: str, args) -> dict:
     med = {k: statistics.median(v) for k, v in times.items()}
     one = one_sample_call(model, x[:1], entry.outputs, labels[:1], methods, args, clock)
     nan = float("nan")
-    for k in ("vmap(torch.func.hessian)", "vmap(jacrev(jacrev))", "forward_over_reverse"):
+    for k in ("vmap(torch.func.hessian)", "vmap(jacrev(jacrev))", "forward_over_reverse",
+              "plain chain"):  # fmt: skip
         med.setdefault(k, nan)
     best = min(med["vmap(torch.func.hessian)"], med["vmap(jacrev(jacrev))"])
     ms = {k: 1e3 * v for k, v in med.items()}
@@ -233,7 +279,11 @@ def main() -> None:
     p.add_argument(
         "--cpu-time", action="store_true", help="one thread, and thread CPU time (CPU only)"
     )
+    p.add_argument(
+        "--default-malloc", action="store_true", help="glibc returns freed memory (allocator.py)"
+    )
     args = p.parse_args()
+    malloc = "default allocator" if args.default_malloc else keep_freed_memory()
     if args.cpu_time:
         if args.device != "cpu":
             p.error("--cpu-time measures the CPU: --device cpu")
@@ -244,8 +294,9 @@ def main() -> None:
     torch.backends.cudnn.allow_tf32 = False
     clock = "thread CPU time" if args.cpu_time else "wall clock"
     print(f"torch {torch.__version__}, {args.device}, {torch.get_num_threads()} threads, float32, "
-          f"{platform.processor() or platform.machine()}, {clock}")  # fmt: skip
-    head = ["auto", "vmap(torch.func.hessian)", "vmap(jacrev(jacrev))", "forward_over_reverse"]
+          f"{platform.processor() or platform.machine()}, {clock}, {malloc}")  # fmt: skip
+    head = ["auto", "vmap(torch.func.hessian)", "vmap(jacrev(jacrev))", "forward_over_reverse",
+            "plain chain"]  # fmt: skip
     print(
         f"\n| model | n | auto picks | {' | '.join(h + ' ms' for h in head)} | auto / best "
         "torch.func | max rel. error | one call, 1 sample: auto / best torch.func ms |"
@@ -261,7 +312,7 @@ def main() -> None:
             continue
         r = bench(name, args)
         rows.append(r)
-        ms = " | ".join(f"{r['ms'][h]:.4g}" for h in head)
+        ms = " | ".join(f"{r['ms'][h]:.4g}" if r["ms"][h] == r["ms"][h] else "-" for h in head)
         one = r["one_sample_call_ms"]
         best_one = min(v for k, v in one.items() if k != "auto")
         print(f"| {name} | {r['samples']} | {r['auto_method']}{plan_note(r)} | {ms} | "
