@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from . import caches, generic, piecewise, structured
 from .errors import ArgumentError
+from .replay import replayed
 from .rows import Rows, select_rows
 from .support import Support, analyze, training_layers
 from .targets import Target, make_target
@@ -100,8 +101,8 @@ def _budgeted(compute: ComputeFn) -> ComputeFn:
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
-        Method("piecewise", _budgeted(piecewise.compute), lambda s: s.piecewise),
-        Method("structured", _budgeted(structured.compute), lambda s: s.structured),
+        Method("piecewise", _budgeted(replayed(piecewise.compute)), lambda s: s.piecewise),
+        Method("structured", _budgeted(replayed(structured.compute)), lambda s: s.structured),
         Method("forward_over_reverse", _budgeted(_generic(generic.forward_over_reverse)), _always),
         Method("reverse_over_reverse", _budgeted(_generic(generic.reverse_over_reverse)), _always),
     )

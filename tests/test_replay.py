@@ -1,0 +1,185 @@
+"""Replayed calls (``pipeline/hessian/replay.py``): from the second call at a key on, a graph
+method's call runs from a trace, and every call, replayed or not, matches float64 references at
+its own inputs, labels, rows and weights. A trace that reads values is refused; a model changed
+in place is traced again; threads other than the main one run eagerly."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.fx.experimental.proxy_tensor import make_fx
+
+import pipeline
+from pipeline.hessian import replay
+from pipeline.hessian.rows import Rows
+from pipeline.hessian.targets import make_target
+from tests.library_models import PINN, PairPotential
+from tests.zoo import (
+    MODEL_BY_NAME,
+    TARGET_BY_NAME,
+    assert_close,
+    make_labels,
+    reference,
+)
+
+pytestmark = pytest.mark.usefixtures("float64_default")
+
+CALLS = 3  # eager, traced, replayed
+
+# (model, target case, rows): each key is called CALLS times on new inputs (and new labels).
+CASES = [
+    ("digits_mlp", "index", None),
+    ("digits_cnn", "indices", None),
+    ("layernorm_gelu", "cross_entropy", None),
+    ("residual", "predicted", None),
+    ("elu_softplus", "mse_soft", slice(2, 9)),
+    ("nonsquare_2x7x5", "index", [5, 0, 7, 7]),
+    ("pinn", "all", None),
+    ("pair_potential", "all", None),
+]  # fmt: skip
+
+_EXTRA = {"pinn": (PINN, (2,)), "pair_potential": (PairPotential, (5, 3))}
+
+
+def _model(name: str) -> tuple[nn.Module, tuple[int, ...]]:
+    if name in _EXTRA:
+        factory, shape = _EXTRA[name]
+        torch.manual_seed(0)
+        return factory().double().eval(), shape
+    case = MODEL_BY_NAME[name]
+    model, x = case.build(torch.float64)
+    return model, tuple(x.shape[1:])
+
+
+def _rows_of(rows, d: int) -> Tensor:
+    if rows is None:
+        return torch.arange(d)
+    if isinstance(rows, slice):
+        return torch.arange(d)[rows]
+    return torch.tensor(rows) % d
+
+
+@pytest.mark.parametrize(("model_name", "target_name", "rows"), CASES,
+                         ids=[f"{m}-{t}" for m, t, _ in CASES])  # fmt: skip
+def test_every_call_matches_the_reference_and_later_ones_replay(model_name, target_name, rows):
+    model, shape = _model(model_name)
+    case = TARGET_BY_NAME[target_name]
+    d = torch.Size(shape).numel()
+    xs = []  # kept alive: the reference is cached by id(x)
+    for call in range(CALLS):
+        x = torch.randn(3, *shape, generator=torch.Generator().manual_seed(10 + call))
+        xs.append(x)
+        with torch.no_grad():
+            n_out = model(x).shape[1]
+        labels = make_labels(case, len(x), n_out, seed=call)
+        h, g = pipeline.hessian(model, x, case.outputs, rows=rows, labels=labels, loss=case.loss,
+                                return_gradient=True)  # fmt: skip
+        h_ref, g_ref = reference(model, x, case, labels)
+        index = _rows_of(rows, d)
+        assert_close(h, h_ref[:, :, index], rtol=1e-8, atol=1e-10)
+        assert_close(g, g_ref, rtol=1e-8, atol=1e-10)
+    assert replay.traces(model) == 1, "the calls after the first were not replayed"
+
+
+def test_rows_and_labels_are_inputs_of_the_trace_not_constants():
+    """Same key (row count, label shape), other values: the replay follows them."""
+    model, shape = _model("digits_mlp")
+    x = torch.rand(2, *shape, generator=torch.Generator().manual_seed(0))
+    case = TARGET_BY_NAME["cross_entropy"]
+    for call, rows in enumerate([[1, 2, 3], [60, 7, 0], [5, 5, 63]]):
+        labels = torch.tensor([call, 9 - call])
+        h = pipeline.hessian(model, x, "loss", rows=rows, labels=labels)
+        h_ref, _ = reference(model, x, case, labels)
+        assert_close(h, h_ref[:, :, rows], rtol=1e-8, atol=1e-10)
+    assert replay.traces(model) == 1
+
+
+def test_weights_changed_in_place_are_seen_and_a_new_structure_is_traced_again():
+    model, shape = _model("residual")
+    x = torch.randn(2, *shape, generator=torch.Generator().manual_seed(1))
+    case = TARGET_BY_NAME["index"]
+    for _ in range(CALLS):
+        pipeline.hessian(model, x, [1])
+    assert replay.traces(model) == 1
+    with torch.no_grad():
+        model.inner[0].weight.mul_(1.7)  # in place: the trace holds references to the weights
+    x2 = x.clone()  # a new object: the reference is cached by id(x)
+    assert_close(pipeline.hessian(model, x2, [1]), reference(model, x2, case, None)[0],
+                 rtol=1e-8, atol=1e-10)  # fmt: skip
+    model.inner[1] = nn.Tanh()  # a new structure: the caches and traces are dropped
+    x3 = x.clone()
+    h = pipeline.hessian(model, x3, [1])
+    assert replay.traces(model) == 0
+    assert_close(h, reference(model, x3, case, None)[0], rtol=1e-8, atol=1e-10)
+
+
+# (function of one tensor, whether its trace may be replayed)
+TRACES = [
+    (lambda t: t * 2 + t.sum(), True),
+    (lambda t: t.index_select(0, torch.tensor([1, 0])), True),
+    (lambda t: t * t.sum().item(), False),  # a value read on the host (make_fx refuses it)
+    (lambda t: t.nonzero(), False),  # a value-dependent shape
+    (lambda t: t[t > 0], False),  # a boolean mask
+    (lambda t: t.masked_select(t > 0), False),
+    (lambda t: _caught(t), False),  # an operation raised and the error was caught
+]  # fmt: skip
+
+
+def _caught(t: Tensor) -> Tensor:
+    try:
+        return t.view(2, 2)
+    except RuntimeError:
+        return t * 3
+
+
+@pytest.mark.parametrize(("fn", "replayable"), TRACES, ids=[str(i) for i in range(len(TRACES))])
+def test_a_trace_that_depends_on_values_or_on_errors_is_refused(fn, replayable):
+    graph = replay._trace(fn, (torch.tensor([1.0, -2.0, 3.0]),))
+    if replayable:
+        assert graph is not None, "a value-independent trace was refused"
+    else:
+        assert graph is None, "a trace that depends on values was kept"
+
+
+def test_reads_values_names_the_operation():
+    graph = make_fx(lambda t: t.nonzero())(torch.tensor([1.0, 0.0]))
+    assert replay.reads_values(graph) == "nonzero"
+    graph = make_fx(lambda t: t[t > 0])(torch.tensor([1.0, 0.0]))
+    assert "boolean mask" in (replay.reads_values(graph) or "")
+
+
+def test_a_compute_that_reads_values_runs_eagerly_on_every_call():
+    """A branch on a value: its trace is refused, and each call takes its own branch."""
+
+    def compute(model, x, target, rows, budget):
+        scale = 2.0 if x.sum().item() > 0 else -1.0
+        return x * scale, x
+
+    run = replay.replayed(compute)
+    model = nn.Linear(2, 1)
+    target = make_target([0], torch.zeros(3, 1))
+    rows = Rows(torch.arange(2), True)
+    for sign in (1.0, -1.0, 1.0, -1.0):
+        x = torch.full((3, 2), sign)
+        h, _ = run(model, x, target, rows, 1 << 20)
+        assert torch.equal(h, x * (2.0 if sign > 0 else -1.0)), f"wrong branch for sign {sign}"
+    assert replay.traces(model) == 0
+
+
+def test_other_threads_run_eagerly():
+    model, shape = _model("pinn")
+    x = torch.randn(4, *shape)
+    results = []
+
+    def work():
+        results.extend(pipeline.hessian(model, x, [0]) for _ in range(CALLS))
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    thread.join()
+    assert len(results) == CALLS and replay.traces(model) == 0
+    ref = reference(model, x, TARGET_BY_NAME["index"], None)[0]
+    assert_close(results[-1], ref, rtol=1e-8, atol=1e-10)
