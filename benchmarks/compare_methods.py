@@ -22,6 +22,7 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+from allocator import keep_freed_memory  # benchmarks/allocator.py, beside this script
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev, vmap
 
@@ -307,14 +308,18 @@ def main() -> None:
     p.add_argument("--json", default=None, help="also write the rows as JSON to this path")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--tf32", action="store_true", help="add `auto` with TF32 matmuls (GPU)")
+    p.add_argument(
+        "--default-malloc", action="store_true", help="glibc returns freed memory (allocator.py)"
+    )
     args = p.parse_args()
+    malloc = "default allocator" if args.default_malloc else keep_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
 
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     print(f"torch {torch.__version__}, {args.device}, {torch.get_num_threads()} threads, "
-          f"{args.dtype}, {platform.processor() or platform.machine()}")  # fmt: skip
+          f"{args.dtype}, {platform.processor() or platform.machine()}, {malloc}")  # fmt: skip
     outs = {"one": [[2]], "all": [list(range(10))], "both": [[2], list(range(10))]}[args.outputs]
     all_rows = []
     for case in args.cases:

