@@ -9,7 +9,10 @@ samples, and the generic ``forward_over_reverse`` for reference. The table gives
 sample, and ``auto``'s ratio to the best torch.func variant (with the graph engine's schedule in
 brackets: ``taylor`` is forward Taylor propagation); each result is checked against torch.func.
 The last column is the fixed cost of a call: the median time of one call on one sample, ``auto``
-against the best torch.func variant (caches warm). ``plain chain`` is the same algebra written by
+against the best torch.func variant (caches warm). ``auto`` is timed once its calls run from a
+trace (NOTE [replay] in ``pipeline/hessian/replay.py``: after as many eager calls as the trace
+costs; the last column says how many that took), ``auto, no replay`` with every call eager.
+``plain chain`` is the same algebra written by
 hand for one model (the PINN: forward Jacobians and one contraction a layer, no graph engine),
 the floor an eager implementation reaches.
 
@@ -48,8 +51,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pipeline  # noqa: E402
 from benchmarks.allocator import keep_freed_memory  # noqa: E402
-from pipeline.hessian import structured  # noqa: E402
+from pipeline.hessian import replay, structured  # noqa: E402
 from pipeline.hessian.graph import capture  # noqa: E402
+from pipeline.hessian.methods import GRAPH_ORDER as GRAPH  # noqa: E402
 from pipeline.hessian.methods import resolve_method  # noqa: E402
 from pipeline.hessian.planner import REVERSE, SCHEDULES  # noqa: E402
 from tests.library_models import LIBRARY, LIBRARY_BY_NAME, unavailable  # noqa: E402
@@ -117,12 +121,27 @@ def torch_func(transform):
     return run
 
 
-def ours(method: str):
+def ours(method: str, replays: bool = True):
     def run(model, x, outputs, labels):
-        with torch.no_grad():
-            return pipeline.hessian(model, x, outputs, method=method, labels=labels)
+        replay.ENABLED = replays
+        try:
+            with torch.no_grad():
+                return pipeline.hessian(model, x, outputs, method=method, labels=labels)
+        finally:
+            replay.ENABLED = True
 
     return run
+
+
+def until_replayed(model, x, outputs, labels, limit_s: float = 120.0) -> str:
+    """Calls ``auto`` until its calls at this key run from a trace (NOTE [replay]: after the
+    eager calls have cost what the trace will); says after how many calls and seconds."""
+    before, start, calls = replay.traces(model), time.perf_counter(), 0
+    while replay.traces(model) == before and time.perf_counter() - start < limit_s:
+        ours("auto")(model, x, outputs, labels)
+        calls += 1
+    done = "replayed" if replay.traces(model) > before else "not replayed"
+    return f"{done} after {calls} calls, {time.perf_counter() - start:.2f} s"
 
 
 @torch.no_grad()
@@ -181,6 +200,7 @@ def bench(name: str, args) -> dict:
     labels = torch.randint(classes, (n,), device=args.device)
     methods = {
         "auto": ours("auto"),
+        "auto, no replay": ours("auto", replays=False),
         "vmap(torch.func.hessian)": torch_func(torch.func.hessian),
         "vmap(jacrev(jacrev))": torch_func(lambda f: jacrev(jacrev(f))),
         "forward_over_reverse": ours("forward_over_reverse"),
@@ -211,6 +231,7 @@ def bench(name: str, args) -> dict:
         for k, v in results.items()
     }
     del results
+    warm = until_replayed(model, x, entry.outputs, labels) if picked in GRAPH else "eager"
     times: dict[str, list[float]] = {k: [] for k in methods}
     clock = time.thread_time if args.cpu_time else time.perf_counter
     for _ in range(args.repeats):
@@ -221,16 +242,18 @@ def bench(name: str, args) -> dict:
             _sync(args.device)
             times[k].append((clock() - t0) / n)
     med = {k: statistics.median(v) for k, v in times.items()}
+    if picked in GRAPH:
+        until_replayed(model, x[:1], entry.outputs, labels[:1])
     one = one_sample_call(model, x[:1], entry.outputs, labels[:1], methods, args, clock)
     nan = float("nan")
     for k in ("vmap(torch.func.hessian)", "vmap(jacrev(jacrev))", "forward_over_reverse",
-              "plain chain"):  # fmt: skip
+              "plain chain", "auto, no replay"):  # fmt: skip
         med.setdefault(k, nan)
     best = min(med["vmap(torch.func.hessian)"], med["vmap(jacrev(jacrev))"])
     ms = {k: 1e3 * v for k, v in med.items()}
     return {"model": name, "samples": n, "auto_method": picked, "ms": ms,
             "auto_vs_best_torch_func": med["auto"] / best, "errors": errors,
-            "one_sample_call_ms": one, "schedule": schedule}  # fmt: skip
+            "one_sample_call_ms": one, "schedule": schedule, "warm_up": warm}  # fmt: skip
 
 
 def schedule_of(model: nn.Module, x: Tensor, target, picked: str) -> str | None:
@@ -295,13 +318,14 @@ def main() -> None:
     clock = "thread CPU time" if args.cpu_time else "wall clock"
     print(f"torch {torch.__version__}, {args.device}, {torch.get_num_threads()} threads, float32, "
           f"{platform.processor() or platform.machine()}, {clock}, {malloc}")  # fmt: skip
-    head = ["auto", "vmap(torch.func.hessian)", "vmap(jacrev(jacrev))", "forward_over_reverse",
-            "plain chain"]  # fmt: skip
+    head = ["auto", "auto, no replay", "vmap(torch.func.hessian)", "vmap(jacrev(jacrev))",
+            "forward_over_reverse", "plain chain"]  # fmt: skip
     print(
         f"\n| model | n | auto picks | {' | '.join(h + ' ms' for h in head)} | auto / best "
-        "torch.func | max rel. error | one call, 1 sample: auto / best torch.func ms |"
+        "torch.func | max rel. error | one call, 1 sample: auto / best torch.func ms | auto's "
+        "warm-up |"
     )
-    print("|" + "---|" * (len(head) + 6))
+    print("|" + "---|" * (len(head) + 7))
     rows = []
     models = args.models or ([e.name for e in LIBRARY] if args.library else names)
     for name in models:
@@ -317,7 +341,7 @@ def main() -> None:
         best_one = min(v for k, v in one.items() if k != "auto")
         print(f"| {name} | {r['samples']} | {r['auto_method']}{plan_note(r)} | {ms} | "
               f"{r['auto_vs_best_torch_func']:.2f}x | {max(r['errors'].values()):.1e} | "
-              f"{one['auto']:.3f} / {best_one:.3f} |", flush=True)  # fmt: skip
+              f"{one['auto']:.3f} / {best_one:.3f} | {r['warm_up']} |", flush=True)  # fmt: skip
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"torch": torch.__version__, "device": args.device, "rows": rows}, fh,

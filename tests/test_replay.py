@@ -1,7 +1,8 @@
-"""Replayed calls (``pipeline/hessian/replay.py``): from the second call at a key on, a graph
-method's call runs from a trace, and every call, replayed or not, matches float64 references at
-its own inputs, labels, rows and weights. A trace that reads values is refused; a model changed
-in place is traced again; threads other than the main one run eagerly."""
+"""Replayed calls (``pipeline/hessian/replay.py``): once the eager calls at a key have cost what
+its trace is estimated to (here nothing: the second call), a graph method's calls run from a
+trace, and every call, replayed or not, matches float64 references at its own inputs, labels,
+rows and weights. A trace that reads values is refused; a model changed in place is traced
+again; threads other than the main one run eagerly; the trace waits for its cost."""
 
 from __future__ import annotations
 
@@ -25,9 +26,16 @@ from tests.zoo import (
     reference,
 )
 
-pytestmark = pytest.mark.usefixtures("float64_default")
+pytestmark = pytest.mark.usefixtures("float64_default", "trace_at_once")
 
-CALLS = 3  # eager, traced, replayed
+CALLS = 3  # eager (operations counted), traced, replayed
+
+
+@pytest.fixture
+def trace_at_once(monkeypatch):
+    """Traces cost nothing: the second call at a key is traced."""
+    monkeypatch.setattr(replay, "TRACE_COST", 0.0)
+
 
 # (model, target case, rows): each key is called CALLS times on new inputs (and new labels).
 CASES = [
@@ -183,3 +191,20 @@ def test_other_threads_run_eagerly():
     assert len(results) == CALLS and replay.traces(model) == 0
     ref = reference(model, x, TARGET_BY_NAME["index"], None)[0]
     assert_close(results[-1], ref, rtol=1e-8, atol=1e-10)
+
+
+def test_the_trace_waits_until_the_eager_calls_have_cost_as_much(monkeypatch):
+    """The first call counts the operations; a trace estimated dear is not made after a few
+    cheap calls, and is made once the calls have cost its estimate."""
+    model, shape = _model("pinn")
+    x = torch.randn(4, *shape)
+    monkeypatch.setattr(replay, "TRACE_COST", 1.0)  # a second an operation
+    for _ in range(CALLS):
+        pipeline.hessian(model, x, [0])
+    entry = max(replay._TRACES[model].values(), key=lambda e: e.calls)  # not auto's probe
+    assert entry.cost >= 10.0, f"{entry.cost} s: the call's operations were not counted"
+    assert replay.traces(model) == 0 and entry.spent < entry.cost
+    entry.spent = entry.cost  # as if the eager calls had cost the estimate
+    h = pipeline.hessian(model, x, [0])
+    assert replay.traces(model) == 1
+    assert_close(h, reference(model, x, TARGET_BY_NAME["all"], None)[0], rtol=1e-8, atol=1e-10)

@@ -5,17 +5,21 @@ PINN, a pair potential, hessQuik's networks) the Python around them (running the
 node by node, building each step's rule, the sweeps' bookkeeping) costs as much as the operations
 themselves. Once the model has been analysed, a call at a given input shape, dtype, device,
 target, row count and budget makes the same operations whatever the values (the engine reads no
-tensor value on the host: see ``propagate``). So the second call at such a key is traced with
-``make_fx`` (the operations run for real and are recorded as a graph of ATen operations, in
-~0.15 s for the pair potential), and later calls run that graph. The inputs, output indices and
+tensor value on the host: see ``propagate``). So a call at such a key is traced with ``make_fx``
+(the operations run for real and are recorded as a graph of ATen operations) and later calls run
+that graph. A trace costs ~0.8 ms an operation (0.18 s for the pair potential, 60x one of its
+calls), so it is made only once the eager calls at the key since the first have cost as much as
+the trace is estimated to (the first call counts its operations): a run of few calls pays at most
+twice its eager time, a long one gets the replays. The inputs, output indices and
 rows are the graph's inputs; the parameters are references to the model's own tensors (a change
 of the weights in place is seen); a change of the model's structure drops the traces with the
 other per-model caches (``caches.check``). A trace is kept only if it holds no operation whose
 result the Python read (``item``, ``nonzero``, a boolean mask: a path that depends on values);
 otherwise, and where tracing fails, the key runs eagerly from then on.
 
-Measured on the 2-core CPU (one thread, freed memory kept): the pair potential at 64 samples
-2.7 -> 1.95 ms a call, the PINN at 4096 points 5.6 -> 4.7 ms and at 1 point 0.89 -> 0.54 ms.
+Measured on the 2-core CPU (one thread, freed memory kept), replayed against eager calls: the
+pair potential at 64 samples 1.95 against 2.7 ms a call (traced after ~95 calls), the PINN at
+4096 points 4.7 against 5.6 ms (after ~35) and at 1 point 0.54 against 0.89 ms.
 
 Only the main thread traces: ``fx`` tracing patches ``nn.Module.__call__`` process-wide while it
 runs, which would catch a model called by another thread at that moment (a Dask worker's
@@ -25,7 +29,9 @@ threads); other threads run eagerly.
 from __future__ import annotations
 
 import logging
+import math
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -40,7 +46,9 @@ from .targets import Target
 log = logging.getLogger(__name__)
 
 ENABLED = True  # a switch for tests and benchmarks: False runs every call eagerly
-TRACE_AT = 2  # the call at a key that is traced (the first one fills the engine's caches)
+# Seconds a traced operation costs: make_fx took 0.74-0.76 ms an operation for the pair potential
+# (238 operations) and hessQuik's network (111) on the 2-core CPU.
+TRACE_COST = 0.8e-3
 
 # Operations whose result the engine's Python would have read, or whose output shape depends on
 # values: a trace holding one is not replayed.
@@ -55,6 +63,8 @@ _TRACES = caches.per_model()  # model -> {key: _Entry}
 @dataclass
 class _Entry:
     calls: int = 0
+    cost: float = math.inf  # the trace's estimated seconds: its operations x TRACE_COST
+    spent: float = 0.0  # seconds of the eager calls after the first
     graph: fx.GraphModule | None = None
     eager: bool = False  # no replay for this key (a refused or failed trace)
 
@@ -63,8 +73,8 @@ Compute = Callable[..., tuple[Tensor, Tensor]]
 
 
 def replayed(compute: Compute) -> Compute:
-    """``compute(model, x, target, rows, budget, *rest)`` with its calls replayed from a trace
-    from the ``TRACE_AT``-th call at a key on (see NOTE [replay])."""
+    """``compute(model, x, target, rows, budget, *rest)`` with its calls at a key replayed from a
+    trace once the eager calls there have cost as much as the trace will (see NOTE [replay])."""
 
     def run(model: nn.Module, x: Tensor, target: Target, rows, budget: int, *rest):
         if not ENABLED or not isinstance(rows, Rows) or not _traceable_here():
@@ -83,8 +93,19 @@ def replayed(compute: Compute) -> Compute:
                 entry.graph, entry.eager = None, True
                 return compute(model, x, target, rows, budget, *rest)
         entry.calls += 1
-        if entry.eager or entry.calls < TRACE_AT:
+        if entry.eager:
             return compute(model, x, target, rows, budget, *rest)
+        if entry.calls == 1:  # it fills the engine's caches; its operations are counted
+            count = _Count()
+            with count:
+                out = compute(model, x, target, rows, budget, *rest)
+            entry.cost = count.ops * TRACE_COST
+            return out
+        if entry.spent < entry.cost:
+            start = time.perf_counter()
+            out = compute(model, x, target, rows, budget, *rest)
+            entry.spent += time.perf_counter() - start
+            return out
 
         def call(x_: Tensor, aux: Tensor, index: Tensor):
             sub = Target(target.kind, aux, target.output_index)
@@ -133,6 +154,16 @@ def _trace(call: Callable, inputs: tuple[Tensor, ...]) -> fx.GraphModule | None:
     graph.graph.eliminate_dead_code()  # results nothing uses (operations that write are kept)
     graph.recompile()
     return graph
+
+
+class _Count(TorchDispatchMode):
+    """Counts the ATen operations of a call."""
+
+    ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        return func(*args, **(kwargs or {}))
 
 
 class _Failures(TorchDispatchMode):
