@@ -105,7 +105,7 @@ def test_rows_and_labels_are_inputs_of_the_trace_not_constants():
     assert replay.traces(model) == 1
 
 
-def test_weights_changed_in_place_are_seen_and_a_new_structure_is_traced_again():
+def test_weights_changed_or_replaced_are_seen_and_a_new_structure_is_traced_again():
     model, shape = _model("residual")
     x = torch.randn(2, *shape, generator=torch.Generator().manual_seed(1))
     case = TARGET_BY_NAME["index"]
@@ -116,6 +116,10 @@ def test_weights_changed_in_place_are_seen_and_a_new_structure_is_traced_again()
         model.inner[0].weight.mul_(1.7)  # in place: the trace holds references to the weights
     x2 = x.clone()  # a new object: the reference is cached by id(x)
     assert_close(pipeline.hessian(model, x2, [1]), reference(model, x2, case, None)[0],
+                 rtol=1e-8, atol=1e-10)  # fmt: skip
+    model.inner[0].weight = nn.Parameter(model.inner[0].weight * 0.5)  # a new object
+    x4 = x.clone()
+    assert_close(pipeline.hessian(model, x4, [1]), reference(model, x4, case, None)[0],
                  rtol=1e-8, atol=1e-10)  # fmt: skip
     model.inner[1] = nn.Tanh()  # a new structure: the caches and traces are dropped
     x3 = x.clone()

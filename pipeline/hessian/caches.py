@@ -6,7 +6,9 @@ kind). A model changed in place (a layer replaced, a head resized) is the same o
 another structure, so every entry point that reads a cache first calls :func:`check`, which
 compares a signature of the model's modules and parameter shapes with the one the entries were
 made for, and drops the model's entries from every cache when they differ. Changed weights (the
-same modules) keep the caches: nothing cached depends on parameter values.
+same modules, the same tensor objects changed in place) keep the caches: nothing cached depends
+on parameter values; a parameter replaced by a new tensor object drops them (a replay's trace
+refers to the objects it was made with).
 """
 
 from __future__ import annotations
@@ -27,9 +29,11 @@ def per_model() -> weakref.WeakKeyDictionary:
 
 
 def signature(model: nn.Module) -> tuple:
-    """The module tree (names and types) and the parameter and buffer shapes."""
+    """The module tree (names and types), and the parameters and buffers: which tensor objects
+    (a replay holds them: NOTE [replay]) and their shapes."""
     modules = tuple((name, type(m)) for name, m in model.named_modules())
-    tensors = tuple((name, tuple(t.shape)) for name, t in model.state_dict(keep_vars=True).items())
+    tensors = tuple((name, id(t), tuple(t.shape))
+                    for name, t in model.state_dict(keep_vars=True).items())  # fmt: skip
     return modules + tensors
 
 

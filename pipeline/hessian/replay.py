@@ -10,12 +10,14 @@ tensor value on the host: see ``propagate``). So a call at such a key is traced 
 that graph. A trace costs ~0.8 ms an operation (0.18 s for the pair potential, 60x one of its
 calls), so it is made only once the eager calls at the key since the first have cost as much as
 the trace is estimated to (the first call counts its operations): a run of few calls pays at most
-twice its eager time, a long one gets the replays. The inputs, output indices and
-rows are the graph's inputs; the parameters are references to the model's own tensors (a change
-of the weights in place is seen); a change of the model's structure drops the traces with the
-other per-model caches (``caches.check``). A trace is kept only if it holds no operation whose
-result the Python read (``item``, ``nonzero``, a boolean mask: a path that depends on values);
-otherwise, and where tracing fails, the key runs eagerly from then on.
+twice its eager time, a long one gets the replays. The inputs, output indices and rows are
+the graph's inputs; the parameters are references to the model's own tensors (a change of the
+weights in place is seen); a change of the model's structure, or a parameter replaced by a new
+tensor, drops the traces with the other per-model caches (``caches.check``). A trace is kept
+only if it holds no operation whose result the Python read (``item``, ``nonzero``, a boolean
+mask: a path that depends on values), and none that raised while traced (the engine caught it
+and took another path, but the graph would raise again); otherwise, and where tracing fails,
+the key runs eagerly from then on.
 
 Measured on the 2-core CPU (one thread, freed memory kept), replayed against eager calls: the
 pair potential at 64 samples 1.95 against 2.7 ms a call (traced after ~95 calls), the PINN at
