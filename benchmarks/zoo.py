@@ -136,11 +136,13 @@ def ours(method: str, replays: bool = True):
 def until_replayed(model, x, outputs, labels, limit_s: float = 120.0) -> str:
     """Calls ``auto`` until its calls at this key run from a trace (NOTE [replay]: after the
     eager calls have cost what the trace will); says after how many calls and seconds."""
-    before, start, calls = replay.traces(model), time.perf_counter(), 0
-    while replay.traces(model) == before and time.perf_counter() - start < limit_s:
+    before, no, start, calls = replay.traces(model), replay.refused(model), time.perf_counter(), 0
+    while (replay.traces(model) == before and replay.refused(model) == no
+           and time.perf_counter() - start < limit_s):  # fmt: skip
         ours("auto")(model, x, outputs, labels)
         calls += 1
     done = "replayed" if replay.traces(model) > before else "not replayed"
+    done = "trace refused" if replay.refused(model) > no else done
     return f"{done} after {calls} calls, {time.perf_counter() - start:.2f} s"
 
 

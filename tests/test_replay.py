@@ -178,7 +178,7 @@ def test_a_compute_that_reads_values_runs_eagerly_on_every_call():
         x = torch.full((3, 2), sign)
         h, _ = run(model, x, target, rows, 1 << 20)
         assert torch.equal(h, x * (2.0 if sign > 0 else -1.0)), f"wrong branch for sign {sign}"
-    assert replay.traces(model) == 0
+    assert replay.traces(model) == 0 and replay.refused(model) == 1
 
 
 def test_other_threads_run_eagerly():

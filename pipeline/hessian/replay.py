@@ -129,6 +129,11 @@ def traces(model: nn.Module) -> int:
     return sum(e.graph is not None for e in _TRACES.get(model, {}).values())
 
 
+def refused(model: nn.Module) -> int:
+    """How many call keys of ``model`` run eagerly for good (a refused or failed trace)."""
+    return sum(e.eager for e in _TRACES.get(model, {}).values())
+
+
 def _traceable_here() -> bool:
     return threading.current_thread() is threading.main_thread()
 
