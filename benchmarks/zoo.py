@@ -171,7 +171,7 @@ def plain_pinn(model: nn.Module, x: Tensor, outputs, labels) -> Tensor:
         gz = d1 * g
         q = (-2 * t * gz) * jac  # diag(s'' g) J, (D, N, F)
         d = q.shape[0]  # (D, D, N); one product a pair (a four-axis broadcast ran 1.7x slower)
-        part = torch.stack([(q[i] * jac[j]).sum(-1) for i in range(d) for j in range(d)])
+        part = torch.stack([(q[a] * jac[b]).sum(-1) for a in range(d) for b in range(d)])
         part = part.reshape(d, d, n)
         h = part if h is None else h + part
         g = gz @ lin[i].weight

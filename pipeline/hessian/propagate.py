@@ -16,7 +16,7 @@ from .local import local_rows
 from .planner import LOCAL, OUTER, REVERSE, Plan, Segment
 from .products import symmetric_product
 from .rows import Rows
-from .rules import Dense, Elementwise, narrow_product
+from .rules import Dense, Elementwise, direction_major, narrow_product, outer
 
 
 def gradients(tape: Tape, g_top: Tensor) -> dict[int, Tensor]:
@@ -266,9 +266,9 @@ def _shared_dense_join(j: Tensor, m: Tensor, rows: Rows) -> Tensor:
 def _diagonal_join(t: Tensor, m: Tensor, rows: Rows) -> Tensor:
     """J[:, rows]^T diag(M) J (N, K, R, D) from J (B, D, F) and M's diagonal (N, K, F)."""
     picked = t if rows.full else t.index_select(1, rows.index)
-    if m.shape[1] == 1:
+    if m.shape[1] == 1:  # three axes: the product keeps a direction-major layout
         return _contract((picked * m).unsqueeze(1), t)
-    return _contract(picked.unsqueeze(1) * m.unsqueeze(2), t)
+    return _contract(outer(m, picked), t)
 
 
 def _jvp(rule, ts: list[Tensor | None]) -> Tensor:
@@ -302,11 +302,6 @@ def _shared_elementwise(rule, g: Tensor, picked: Tensor, t: Tensor) -> list[Tens
 _PAIRS = 1 << 20
 
 
-def _direction_major(t: Tensor) -> bool:
-    """(B, D, ...) stored as (D, B, ...) (see ``_jvp``)."""
-    return t.dim() > 2 and not t.is_contiguous() and t.transpose(0, 1).is_contiguous()
-
-
 def _terms(rule, g: Tensor, ts: list[Tensor | None]) -> list[Tensor | None]:
     """``rule.second``: (N, K, R, *s_i) per input; for one output of an elementwise step,
     (s'' g) t as (N, 1, R, *s) from a product of three-axis tensors (the four-axis broadcast of
@@ -325,7 +320,7 @@ def _contract(term: Tensor, t: Tensor) -> Tensor:
         return narrow_product(term.reshape(n * k * r, -1), t.reshape(d, -1).T).reshape(n, k, r, d)
     if k == 1:
         term, t = term.reshape(n, r, -1), t.reshape(n, d, -1)
-        if r * d <= _FEW and _direction_major(term) and _direction_major(t):
+        if r * d <= _FEW and direction_major(term) and direction_major(t):
             # a product and a sum a pair on the stored layout: no copy for a batched product
             parts = [(term[:, i] * t[:, j]).sum(-1) for i in range(r) for j in range(d)]
             return torch.stack(parts, -1).view(n, 1, r, d)

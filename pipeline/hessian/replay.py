@@ -85,7 +85,7 @@ def replayed(compute: Compute) -> Compute:
         key = (tuple(x.shape), x.dtype, x.device, target.kind, target.output_index.shape,
                tuple(aux.shape), aux.dtype, rows.full, len(rows), budget, rest)  # fmt: skip
         entry = _TRACES.setdefault(model, {}).setdefault(key, _Entry())
-        inputs = (x, target.aux, rows.index)
+        inputs = (x, aux, rows.index)
         if entry.graph is not None:
             try:
                 with torch.no_grad():
@@ -197,7 +197,7 @@ def reads_values(graph: fx.GraphModule) -> str | None:
         name = _op_name(node.target)
         if name in _VALUE_OPS:
             return name
-        if name in _MASKED_OPS and any(_is_mask(a) for a in _flat(node.args)):
+        if name in _MASKED_OPS and any(_is_mask(a) for a in node.all_input_nodes):
             return f"{name} with a boolean mask"
     return None
 
@@ -207,13 +207,5 @@ def _op_name(target) -> str:
     return getattr(packet, "__name__", getattr(target, "__name__", str(target)))
 
 
-def _flat(args) -> list:
-    out = []
-    for a in args:
-        out.extend(_flat(a) if isinstance(a, (list, tuple)) else [a])
-    return out
-
-
-def _is_mask(arg) -> bool:
-    val = arg.meta.get("val") if isinstance(arg, fx.Node) else None
-    return getattr(val, "dtype", None) == torch.bool
+def _is_mask(node: fx.Node) -> bool:
+    return getattr(node.meta.get("val"), "dtype", None) == torch.bool

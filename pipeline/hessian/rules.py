@@ -122,13 +122,18 @@ class Dense(Rule):
 
     def jvp(self, ts):
         t = ts[0]
-        if t.dim() > 2 and not t.is_contiguous() and t.transpose(0, 1).is_contiguous():
-            # direction-major tangents (B, R, F) stored as (R, B, F): one product, layout kept
+        if direction_major(t):  # one product on the stored layout, which the result keeps
             return torch.nn.functional.linear(t.transpose(0, 1), self.weight).transpose(0, 1)
         return torch.nn.functional.linear(t, self.weight)
 
     def vjp(self, u):
         return [narrow_product(u, self.weight)]
+
+
+def direction_major(t: Tensor) -> bool:
+    """Tangents (B, R, ...) stored as (R, B, ...) (the outer schedule makes them so after an
+    elementwise step on a Jacobian shared by the samples: ``propagate._jvp``)."""
+    return t.dim() > 2 and not t.is_contiguous() and t.transpose(0, 1).is_contiguous()
 
 
 def narrow_product(a: Tensor, w: Tensor) -> Tensor:
