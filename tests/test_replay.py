@@ -212,3 +212,31 @@ def test_the_trace_waits_until_the_eager_calls_have_cost_as_much(monkeypatch):
     h = pipeline.hessian(model, x, [0])
     assert replay.traces(model) == 1
     assert_close(h, reference(model, x, TARGET_BY_NAME["all"], None)[0], rtol=1e-8, atol=1e-10)
+
+
+# Library models (tests/library_models.py): hessQuik's networks, torchvision's and timm's ViT
+# (attention moves the batch axis), a Mixer, a MobileNet (squeeze-excitation, hardswish), LCNet.
+LIBRARY_CASES = ["hessquik_fc", "hessquik_icnn", "tv_vit", "timm_vit", "timm_mixer",
+                 "tv_mobilenet_v3", "timm_lcnet"]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", LIBRARY_CASES)
+def test_library_models_replay_and_match_float64_hessian_vector_products(name):
+    """Each call (eager, traced, replayed) on new inputs: sampled rows against float64
+    jvp(grad) rows."""
+    from tests.library_models import LIBRARY_BY_NAME, unavailable
+    from tests.test_library import _hvp_rows
+
+    entry = LIBRARY_BY_NAME[name]
+    why = unavailable(entry.package)
+    if why:
+        pytest.skip(why)
+    model = entry.build()
+    d = torch.Size(entry.shape).numel()
+    rows = [0, d // 2, d - 1]
+    for call in range(CALLS):
+        x = torch.randn(2, *entry.shape, generator=torch.Generator().manual_seed(20 + call))
+        h = pipeline.hessian(model, x, entry.outputs[:1], rows=rows)
+        expected = _hvp_rows(model, x, entry.outputs[0], rows).detach()
+        assert_close(h[:, 0], expected, rtol=1e-7, atol=1e-9 * float(expected.abs().max()))
+    assert replay.traces(model) == 1, "the calls after the first were not replayed"
