@@ -231,7 +231,8 @@ def _outer(
             parts = _shared_elementwise(s.rule, g[s.out], picked[0], ts[0])
             if parts is None:
                 terms = _terms(s.rule, g[s.out], picked)
-                parts = [_contract(term, t) for t, term in zip(ts, terms, strict=True)
+                mirrored = rows.full and _one_output_elementwise(s.rule, g[s.out])
+                parts = [_contract(term, t, mirrored) for t, term in zip(ts, terms, strict=True)
                          if t is not None and term is not None]  # fmt: skip
             for part in parts:
                 h = part if h is None else h.add_(part)
@@ -267,7 +268,7 @@ def _diagonal_join(t: Tensor, m: Tensor, rows: Rows) -> Tensor:
     """J[:, rows]^T diag(M) J (N, K, R, D) from J (B, D, F) and M's diagonal (N, K, F)."""
     picked = t if rows.full else t.index_select(1, rows.index)
     if m.shape[1] == 1:  # three axes: the product keeps a direction-major layout
-        return _contract((picked * m).unsqueeze(1), t)
+        return _contract((picked * m).unsqueeze(1), t, rows.full)
     return _contract(outer(m, picked), t)
 
 
@@ -302,18 +303,24 @@ def _shared_elementwise(rule, g: Tensor, picked: Tensor, t: Tensor) -> list[Tens
 _PAIRS = 1 << 20
 
 
+def _one_output_elementwise(rule, g: Tensor) -> bool:
+    return isinstance(rule, Elementwise) and g.shape[1] == 1
+
+
 def _terms(rule, g: Tensor, ts: list[Tensor | None]) -> list[Tensor | None]:
     """``rule.second``: (N, K, R, *s_i) per input; for one output of an elementwise step,
     (s'' g) t as (N, 1, R, *s) from a product of three-axis tensors (the four-axis broadcast of
     ``rules.outer`` ran 3-4x slower a element on the CPU)."""
-    if isinstance(rule, Elementwise) and g.shape[1] == 1:
+    if _one_output_elementwise(rule, g):
         return [(ts[0] * rule.curvature(g)).unsqueeze(1)]
     return rule.second(g, ts)
 
 
-def _contract(term: Tensor, t: Tensor) -> Tensor:
+def _contract(term: Tensor, t: Tensor, mirrored: bool = False) -> Tensor:
     """sum over the features of term (N, K, R, *s) and the Jacobian t (B, D, *s): (N, K, R, D);
-    one matrix product where t is the same for every sample, else one batched product."""
+    one matrix product where t is the same for every sample, else one batched product.
+    ``mirrored``: term is diag(c) t on all rows, so the result is symmetric in (R, D) and the
+    pairs summed one by one are summed once each (the PINN: 3 sums of its 4 pairs)."""
     n, k, r = term.shape[:3]
     d = t.shape[1]
     if t.shape[0] == 1:
@@ -322,8 +329,12 @@ def _contract(term: Tensor, t: Tensor) -> Tensor:
         term, t = term.reshape(n, r, -1), t.reshape(n, d, -1)
         if r * d <= _FEW and direction_major(term) and direction_major(t):
             # a product and a sum a pair on the stored layout: no copy for a batched product
-            parts = [(term[:, i] * t[:, j]).sum(-1) for i in range(r) for j in range(d)]
-            return torch.stack(parts, -1).view(n, 1, r, d)
+            pairs: dict[tuple[int, int], Tensor] = {}
+            for i in range(r):
+                for j in range(d):
+                    mirror = mirrored and j < i  # (j, i) is summed already
+                    pairs[i, j] = pairs[j, i] if mirror else (term[:, i] * t[:, j]).sum(-1)
+            return torch.stack(list(pairs.values()), -1).view(n, 1, r, d)
         return (term @ t.mT).unsqueeze(1)
     return term.reshape(n, k, r, -1) @ t.reshape(t.shape[0], 1, d, -1).mT
 
