@@ -2,7 +2,8 @@
 its trace is estimated to (here nothing: the second call), a graph method's calls run from a
 trace, and every call, replayed or not, matches float64 references at its own inputs, labels,
 rows and weights. A trace that reads values is refused; a model changed in place is traced
-again; threads other than the main one run eagerly; the trace waits for its cost."""
+again; threads trace and replay while others run the same model; the trace waits for its
+cost."""
 
 from __future__ import annotations
 
@@ -10,8 +11,7 @@ import threading
 
 import pytest
 import torch
-from torch import Tensor, nn
-from torch.fx.experimental.proxy_tensor import make_fx
+from torch import Tensor, fx, nn
 
 import pipeline
 from pipeline.hessian import replay
@@ -132,7 +132,7 @@ def test_weights_changed_or_replaced_are_seen_and_a_new_structure_is_traced_agai
 TRACES = [
     (lambda t: t * 2 + t.sum(), True),
     (lambda t: t.index_select(0, torch.tensor([1, 0])), True),
-    (lambda t: t * t.sum().item(), False),  # a value read on the host (make_fx refuses it)
+    (lambda t: t * t.sum().item(), False),  # a value read on the host
     (lambda t: t.nonzero(), False),  # a value-dependent shape
     (lambda t: t[t > 0], False),  # a boolean mask
     (lambda t: t.masked_select(t > 0), False),
@@ -156,11 +156,36 @@ def test_a_trace_that_depends_on_values_or_on_errors_is_refused(fn, replayable):
         assert graph is None, "a trace that depends on values was kept"
 
 
+def _recorded(fn, t: Tensor) -> fx.Graph:
+    recorder = replay._Recorder((t,))
+    with recorder:
+        out = fn(t)
+    recorder.graph.output(recorder.node(out))
+    return recorder.graph
+
+
 def test_reads_values_names_the_operation():
-    graph = make_fx(lambda t: t.nonzero())(torch.tensor([1.0, 0.0]))
-    assert replay.reads_values(graph) == "nonzero"
-    graph = make_fx(lambda t: t[t > 0])(torch.tensor([1.0, 0.0]))
-    assert "boolean mask" in (replay.reads_values(graph) or "")
+    t = torch.tensor([1.0, 0.0])
+    assert replay.reads_values(_recorded(lambda t: t.nonzero(), t)) == "nonzero"
+    assert replay.reads_values(_recorded(lambda t: t.sum().item(), t)) == "_local_scalar_dense"
+    assert "boolean mask" in (replay.reads_values(_recorded(lambda t: t[t > 0], t)) or "")
+
+
+def test_the_graph_holds_weights_by_reference_and_no_activation():
+    """A parameter is the model's own tensor in the graph; the activations of the traced call
+    are not kept alive by the record."""
+    layer = nn.Linear(3, 2)
+    x = torch.randn(4, 3)
+    recorder = replay._Recorder((x,))
+    with recorder, torch.no_grad():
+        out = torch.tanh(layer(x)) * 2
+    recorder.graph.output(recorder.node(out))
+    graph = recorder.module()
+    held = {id(t) for t in graph.state_dict(keep_vars=True).values()}
+    assert {id(layer.weight), id(layer.bias)} <= held, "the weights were copied"
+    alive = {id(t) for t in recorder.nodes.keys()}  # the linear map's output and tanh's are gone
+    assert alive == {id(x), id(layer.weight), id(layer.bias), id(out)}, f"{len(alive)} alive"
+    assert_close(graph(x), torch.tanh(layer(x)) * 2, rtol=0, atol=0)
 
 
 def test_a_compute_that_reads_values_runs_eagerly_on_every_call():
@@ -181,20 +206,30 @@ def test_a_compute_that_reads_values_runs_eagerly_on_every_call():
     assert replay.traces(model) == 0 and replay.refused(model) == 1
 
 
-def test_other_threads_run_eagerly():
+def test_threads_trace_and_replay_while_others_run_the_model():
+    """Two threads call the same model on their own inputs (a Dask worker's threads): one traces
+    while the other runs eagerly, and every call matches its reference. The first call (the
+    model's capture) is made before, as a Dask worker's warm-up does."""
     model, shape = _model("pinn")
-    x = torch.randn(4, *shape)
-    results = []
+    pipeline.hessian(model, torch.randn(4, *shape), [0])
+    inputs = {i: [torch.randn(4, *shape) for _ in range(2 * CALLS)] for i in range(2)}
+    results: dict[int, list[Tensor]] = {}
 
-    def work():
-        results.extend(pipeline.hessian(model, x, [0]) for _ in range(CALLS))
+    def work(i: int):
+        results[i] = [pipeline.hessian(model, x, [0]) for x in inputs[i]]
 
-    thread = threading.Thread(target=work)
-    thread.start()
-    thread.join()
-    assert len(results) == CALLS and replay.traces(model) == 0
-    ref = reference(model, x, TARGET_BY_NAME["index"], None)[0]
-    assert_close(results[-1], ref, rtol=1e-8, atol=1e-10)
+    threads = [threading.Thread(target=work, args=(i,)) for i in inputs]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert replay.traces(model) == 1 and replay.refused(model) == 0
+    for i, xs in inputs.items():
+        assert len(results[i]) == len(xs), f"thread {i} failed"
+        for c, (x, h) in enumerate(zip(xs, results[i], strict=True)):  # noqa: B007 - c: message
+            ref = reference(model, x, TARGET_BY_NAME["index"], None)[0]
+            assert h.shape == ref.shape, f"thread {i}, call {c}"
+            assert_close(h, ref, rtol=1e-8, atol=1e-10)
 
 
 def test_the_trace_waits_until_the_eager_calls_have_cost_as_much(monkeypatch):
@@ -240,3 +275,26 @@ def test_library_models_replay_and_match_float64_hessian_vector_products(name):
         expected = _hvp_rows(model, x, entry.outputs[0], rows).detach()
         assert_close(h[:, 0], expected, rtol=1e-7, atol=1e-9 * float(expected.abs().max()))
     assert replay.traces(model) == 1, "the calls after the first were not replayed"
+
+
+def test_dask_worker_threads_trace_and_replay():
+    """A Dask worker runs tasks in its threads: their calls on the worker's model (scattered
+    once, as the Dask backend holds one model a worker) are traced and replayed there."""
+    from distributed import Client, LocalCluster
+
+    model, shape = _model("pinn")
+    pipeline.hessian(model, torch.randn(4, *shape), [0])  # the capture, as the worker's warm-up
+    xs = [torch.randn(4, *shape) for _ in range(3 * CALLS)]
+    with (
+        LocalCluster(
+            n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None
+        ) as cluster,  # fmt: skip
+        Client(cluster) as client,
+    ):
+        [held] = client.scatter([model])  # in-process: the worker holds this very object
+        results = client.gather([client.submit(pipeline.hessian, held, x, [0], pure=False)
+                                 for x in xs])  # fmt: skip
+    assert replay.traces(model) == 1, "no trace in the worker's threads"
+    for x, h in zip(xs, results, strict=True):
+        assert_close(h, reference(model, x, TARGET_BY_NAME["index"], None)[0], rtol=1e-8,
+                     atol=1e-10)  # fmt: skip

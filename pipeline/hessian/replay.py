@@ -5,16 +5,16 @@ PINN, a pair potential, hessQuik's networks) the Python around them (running the
 node by node, building each step's rule, the sweeps' bookkeeping) costs as much as the operations
 themselves. Once the model has been analysed, a call at a given input shape, dtype, device,
 target, row count and budget makes the same operations whatever the values (the engine reads no
-tensor value on the host: see ``propagate``). So a call at such a key is traced with ``make_fx``
-(the operations run for real and are recorded as a graph of ATen operations) and later calls run
-that graph. A trace costs ~0.8 ms an operation (0.18 s for the pair potential, 60x one of its
-calls), so it is made only once the eager calls at the key since the first have cost as much as
-the trace is estimated to (the first call counts its operations): a run of few calls pays at most
-twice its eager time, a long one gets the replays. The inputs, output indices and rows are
-the graph's inputs; the parameters are references to the model's own tensors (a change of the
-weights in place is seen); a change of the model's structure, or a parameter replaced by a new
-tensor, drops the traces with the other per-model caches (``caches.check``). A trace is kept
-only if it holds no operation whose result the Python read (``item``, ``nonzero``, a boolean
+tensor value on the host: see ``propagate``). So a call at such a key is traced (its operations
+run for real and a dispatch mode records them as an ``fx`` graph of ATen operations) and later
+calls run that graph. A trace costs ~0.1 ms an operation (27 ms for the pair potential, 10x one
+of its calls), so it is made only once the eager calls at the key since the first have cost as
+much as the trace is estimated to (the first call counts its operations): a run of few calls
+pays at most twice its eager time, a long one gets the replays. The inputs, output indices and
+rows are the graph's inputs; the parameters are references to the model's own tensors (a change
+of the weights in place is seen); a change of the model's structure, or a parameter replaced by
+a new tensor, drops the traces with the other per-model caches (``caches.check``). A trace is
+kept only if it holds no operation whose result the Python read (``item``, ``nonzero``, a boolean
 mask: a path that depends on values), and none that raised while traced (the engine caught it
 and took another path, but the graph would raise again); otherwise, and where tracing fails,
 the key runs eagerly from then on.
@@ -23,16 +23,17 @@ Measured on the 2-core CPU (one thread, freed memory kept), replayed against eag
 pair potential at 64 samples 1.95 against 2.7 ms a call (traced after ~95 calls), the PINN at
 4096 points 4.7 against 5.6 ms (after ~35) and at 1 point 0.54 against 0.89 ms.
 
-Only the main thread traces: ``fx`` tracing patches ``nn.Module.__call__`` process-wide while it
-runs, which would catch a model called by another thread at that moment (a Dask worker's
-threads); other threads run eagerly.
+Any thread traces (a Dask worker's threads too): the dispatch mode is the tracing thread's own.
+``make_fx``, used before, patches ``nn.Module.__call__`` for every thread while it traces, so
+it ran in the main thread only (another thread's forward got its proxies), and its traces cost
+0.8 ms an operation.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import threading
+import operator
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,6 +41,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, fx, nn
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map
+from torch.utils.weak import WeakTensorKeyDictionary
 
 from . import caches
 from .rows import Rows
@@ -48,9 +51,10 @@ from .targets import Target
 log = logging.getLogger(__name__)
 
 ENABLED = True  # a switch for tests and benchmarks: False runs every call eagerly
-# Seconds a traced operation costs: make_fx took 0.74-0.76 ms an operation for the pair potential
-# (238 operations) and hessQuik's network (111) on the 2-core CPU.
-TRACE_COST = 0.8e-3
+# Seconds a traced operation costs: a traced call took 0.09-0.18 ms an operation on the 2-core
+# CPU (hessQuik's network, 129 operations: 0.09; the PINN, 197: 0.13; MobileNetV3, 4056: 0.13;
+# LCNet, 3004: 0.18).
+TRACE_COST = 0.12e-3
 
 # Operations whose result the engine's Python would have read, or whose output shape depends on
 # values: a trace holding one is not replayed.
@@ -79,7 +83,7 @@ def replayed(compute: Compute) -> Compute:
     trace once the eager calls there have cost as much as the trace will (see NOTE [replay])."""
 
     def run(model: nn.Module, x: Tensor, target: Target, rows, budget: int, *rest):
-        if not ENABLED or not isinstance(rows, Rows) or not _traceable_here():
+        if not ENABLED or not isinstance(rows, Rows):
             return compute(model, x, target, rows, budget, *rest)
         aux = target.aux  # the output indices or labels: an input of the trace, as the rows
         key = (tuple(x.shape), x.dtype, x.device, target.kind, target.output_index.shape,
@@ -134,33 +138,87 @@ def refused(model: nn.Module) -> int:
     return sum(e.eager for e in _TRACES.get(model, {}).values())
 
 
-def _traceable_here() -> bool:
-    return threading.current_thread() is threading.main_thread()
-
-
 def _trace(call: Callable, inputs: tuple[Tensor, ...]) -> fx.GraphModule | None:
     """The graph of ATen operations of ``call(*inputs)``, or None where it cannot be replayed."""
-    from torch.fx.experimental.proxy_tensor import make_fx
-
-    failures = _Failures()
-
-    def watched(*args):
-        with failures:
-            return call(*args)
-
+    recorder = _Recorder(inputs)
     try:
-        with torch.no_grad():
-            graph = make_fx(watched)(*inputs)
+        with torch.no_grad(), recorder:
+            out = call(*inputs)
+        recorder.graph.output(tree_map(recorder.node, out))
     except Exception as err:  # noqa: BLE001 - any tracing failure means "run eagerly"
         log.debug("replay: tracing failed (%s): the call runs eagerly", err)
         return None
-    why = failures.first or reads_values(graph)
+    why = recorder.failed or reads_values(recorder.graph)
     if why:
         log.debug("replay: the trace reads values (%s): the call runs eagerly", why)
         return None
-    graph.graph.eliminate_dead_code()  # results nothing uses (operations that write are kept)
-    graph.recompile()
-    return graph
+    recorder.graph.eliminate_dead_code()  # results nothing uses (operations that write are kept)
+    return recorder.module()
+
+
+class _Recorder(TorchDispatchMode):
+    """Records the ATen operations of a call as an ``fx`` graph, as they run.
+
+    A dispatch mode is the thread's own, so a call is recorded while other threads run the same
+    model (``make_fx`` patches ``nn.Module.__call__`` for every thread while it traces: another
+    thread's forward got its proxies). Each tensor an operation makes is bound to its node; a
+    tensor no recorded operation made (a parameter, a buffer, a cached index) is held by the graph
+    as a constant, by reference, so a weight changed in place is seen. The tensors are looked up
+    weakly: the record keeps no activation alive."""
+
+    def __init__(self, inputs: tuple[Tensor, ...]):
+        super().__init__()
+        self.graph = fx.Graph()
+        self.nodes: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
+        self.constants: dict[str, Tensor] = {}
+        self.failed: str | None = None
+        for i, t in enumerate(inputs):
+            self.nodes[t] = self.graph.placeholder(f"input_{i}")
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        try:
+            out = func(*args, **kwargs)
+        except Exception:
+            # the engine caught it and took another path (``propagate._pull_shared`` tries a
+            # shared seed first), but a graph holding the operation would raise in every replay
+            self.failed = self.failed or f"{_op_name(func)} raised while traced"
+            raise
+        node = self.graph.call_function(func, *tree_map(self.node, (args, kwargs)))
+        if isinstance(out, Tensor):
+            self._bind(out, node)
+        elif isinstance(out, (tuple, list)):
+            for i, part in enumerate(out):
+                if isinstance(part, Tensor):
+                    self._bind(part, self.graph.call_function(operator.getitem, (node, i)))
+        return out
+
+    def _bind(self, t: Tensor, node: fx.Node) -> None:
+        node.meta["dtype"] = t.dtype
+        self.nodes[t] = node  # an in-place operation's result is its input, now this node
+
+    def node(self, a):
+        """The node of tensor ``a`` (a new constant where no recorded operation made it); any
+        other value as it is."""
+        if not isinstance(a, Tensor):
+            return a
+        node = self.nodes.get(a)
+        if node is None:  # made before the call
+            name = f"constant_{len(self.constants)}"
+            self.constants[name] = a
+            node = self.graph.get_attr(name)
+            self._bind(a, node)
+        return node
+
+    def module(self) -> fx.GraphModule:
+        """The graph, once its output is set, as a module holding its constants."""
+        root = nn.Module()
+        for name, t in self.constants.items():
+            if isinstance(t, nn.Parameter):
+                root.register_parameter(name, t)
+            else:
+                root.register_buffer(name, t, persistent=False)
+        return fx.GraphModule(root, self.graph)
 
 
 class _Count(TorchDispatchMode):
@@ -173,25 +231,10 @@ class _Count(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-class _Failures(TorchDispatchMode):
-    """Notes an operation that raised while the call was traced: the engine caught it and took
-    another path (``propagate._pull_shared`` tries a shared seed first), but the trace holds the
-    failed operation, which would raise again in every replay."""
-
-    first: str | None = None
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        try:
-            return func(*args, **(kwargs or {}))
-        except Exception:
-            self.first = self.first or f"{_op_name(func)} raised while traced"
-            raise
-
-
-def reads_values(graph: fx.GraphModule) -> str | None:
+def reads_values(graph: fx.Graph) -> str | None:
     """The first operation of ``graph`` whose result depends on values in a way a replay would
     not follow (a scalar read on the host, a value-dependent shape), or None."""
-    for node in graph.graph.nodes:
+    for node in graph.nodes:
         if node.op != "call_function":
             continue
         name = _op_name(node.target)
@@ -208,4 +251,5 @@ def _op_name(target) -> str:
 
 
 def _is_mask(node: fx.Node) -> bool:
-    return getattr(node.meta.get("val"), "dtype", None) == torch.bool
+    dtype = node.meta.get("dtype", getattr(node.meta.get("val"), "dtype", None))
+    return dtype == torch.bool
