@@ -298,3 +298,38 @@ def test_dask_worker_threads_trace_and_replay():
     for x, h in zip(xs, results, strict=True):
         assert_close(h, reference(model, x, TARGET_BY_NAME["index"], None)[0], rtol=1e-8,
                      atol=1e-10)  # fmt: skip
+
+
+def test_a_capture_lets_other_threads_run_their_models():
+    """While ``fx`` captures a model (the first call), it patches ``nn.Module.__call__`` for
+    every thread: another thread's forward must still get tensors, not proxies."""
+    import sys
+
+    from pipeline.hessian.graph import capture
+
+    interval = sys.getswitchinterval()
+    busy = nn.Sequential(nn.Linear(3, 3), nn.Tanh())
+    x = torch.randn(2, 3)
+    stop, errors, calls = threading.Event(), [], []
+
+    def run():
+        while not stop.is_set():
+            try:
+                assert type(busy(x)) is Tensor
+            except Exception as err:  # noqa: BLE001 - reported below
+                errors.append(err)
+                return
+            calls.append(1)
+
+    sys.setswitchinterval(1e-6)  # the threads take turns often, inside the captures
+    thread = threading.Thread(target=run)
+    thread.start()
+    try:
+        for _ in range(20):
+            capture(nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)))
+    finally:
+        stop.set()
+        thread.join()
+        sys.setswitchinterval(interval)
+    assert not errors, f"the other thread's forward failed: {errors[0]!r}"
+    assert calls, "the other thread never ran"

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 import operator
+import threading
 import weakref
 from collections import Counter
 from dataclasses import dataclass
@@ -61,7 +62,9 @@ def capture(model: nn.Module) -> fx.GraphModule:
     cached = _CACHE.get(model)
     if cached is None:
         try:
-            cached = fx.symbolic_trace(model)
+            tracer = _ThreadTracer()
+            graph = tracer.trace(model)
+            cached = fx.GraphModule(tracer.root, graph, type(model).__name__)
         except Exception as err:  # noqa: BLE001 - any tracing failure means "not capturable"
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             cached = f"its forward cannot be traced by torch.fx ({first[:160]})"
@@ -69,6 +72,28 @@ def capture(model: nn.Module) -> fx.GraphModule:
     if isinstance(cached, str):
         raise Unsupported(cached)
     return cached
+
+
+class _ThreadTracer(fx.Tracer):
+    """``fx.symbolic_trace``'s tracer for the thread that traces only.
+
+    While it traces, ``fx`` patches ``nn.Module.__call__`` and ``__getattr__`` for every thread:
+    another thread running a model at that moment (a Dask worker's) got proxies for its layers'
+    outputs. Here the patched calls pass other threads through to the module itself."""
+
+    def trace(self, root, concrete_args=None):
+        self._thread = threading.get_ident()
+        return super().trace(root, concrete_args)
+
+    def call_module(self, m, forward, args, kwargs):
+        if threading.get_ident() != self._thread:
+            return forward(*args, **kwargs)
+        return super().call_module(m, forward, args, kwargs)
+
+    def getattr(self, attr, attr_val, parameter_proxy_cache):
+        if threading.get_ident() != self._thread:
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
 
 
 @dataclass
