@@ -2,8 +2,9 @@
 
 For each model of ``tests/model_zoo.py`` at its real size, and each library model of
 ``tests/library_models.py`` (torchvision, timm, hessQuik, a PINN, a pair potential; skipped
-where the package is missing), in one process and interleaved
-(repeat r runs every method once before repeat r + 1): ``pipeline.hessian`` with ``auto`` (the
+where the package is missing), in one process and interleaved (repeat r times a block of
+calls in a row of every method before repeat r + 1; a block fills ``--block-s``, 50 ms, as a
+loop over batches would): ``pipeline.hessian`` with ``auto`` (the
 method it picks is printed), ``vmap(torch.func.hessian)`` and ``vmap(jacrev(jacrev))`` over
 samples, and the generic ``forward_over_reverse`` for reference. The table gives the median time a
 sample, and ``auto``'s ratio to the best torch.func variant (with the graph engine's schedule in
@@ -234,15 +235,18 @@ def bench(name: str, args) -> dict:
     }
     del results
     warm = until_replayed(model, x, entry.outputs, labels) if picked in GRAPH else "eager"
-    times: dict[str, list[float]] = {k: [] for k in methods}
     clock = time.thread_time if args.cpu_time else time.perf_counter
+    block = {k: _block(fn, model, x, entry.outputs, labels, args, clock)
+             for k, fn in methods.items()}  # fmt: skip
+    times: dict[str, list[float]] = {k: [] for k in methods}
     for _ in range(args.repeats):
         for k, fn in methods.items():
             _sync(args.device)
             t0 = clock()
-            fn(model, x, entry.outputs, labels)
+            for _ in range(block[k]):
+                fn(model, x, entry.outputs, labels)
             _sync(args.device)
-            times[k].append((clock() - t0) / n)
+            times[k].append((clock() - t0) / (block[k] * n))
     med = {k: statistics.median(v) for k, v in times.items()}
     if picked in GRAPH:
         until_replayed(model, x[:1], entry.outputs, labels[:1])
@@ -256,6 +260,19 @@ def bench(name: str, args) -> dict:
     return {"model": name, "samples": n, "auto_method": picked, "ms": ms,
             "auto_vs_best_torch_func": med["auto"] / best, "errors": errors,
             "one_sample_call_ms": one, "schedule": schedule, "warm_up": warm}  # fmt: skip
+
+
+def _block(fn, model, x, outputs, labels, args, clock) -> int:
+    """Calls a timed block makes: as many as fill ``args.block_s`` (at least one, at most 20).
+    A block of calls in a row is what a loop over batches runs; single calls interleaved with the
+    other methods' ran cold (hessQuik's network: 1.36 ms a call against 0.72 in a row)."""
+    if args.block_s <= 0:
+        return 1
+    _sync(args.device)
+    t0 = clock()
+    fn(model, x, outputs, labels)
+    _sync(args.device)
+    return max(1, min(20, int(args.block_s / max(clock() - t0, 1e-9))))
 
 
 def schedule_of(model: nn.Module, x: Tensor, target, picked: str) -> str | None:
@@ -298,6 +315,8 @@ def main() -> None:
     p.add_argument("--library", action="store_true", help="the library models only")
     p.add_argument("--samples", type=int, default=None, help="samples per call (default: by model)")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--block-s", type=float, default=0.05,
+                   help="seconds of calls in a row a timed block holds (0: one call)")  # fmt: skip
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", default=None)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
