@@ -7,6 +7,9 @@ NOTE [capture]: we trace with ``torch.fx.symbolic_trace`` rather than ``torch.ex
 * torch's layer modules stay whole (``call_module``), with their weights at hand for the rules,
   while the user's modules, functional calls and tensor methods become nodes;
 * it needs no example input and takes milliseconds.
+``fx`` patches ``nn.Module.__call__`` for every thread while it traces; our tracer
+(``_ThreadTracer``) passes other threads' module calls through, so a model is captured while
+another thread (a Dask worker's) runs a forward.
 A ``torch.export`` program (``model=exported``) is already a graph of ATen ops; tracing its module
 gives those ops as nodes, and ``ops`` has rules for the common ones. A model whose ``forward``
 branches on tensor values cannot be traced: ``capture`` says why and the caller falls back to

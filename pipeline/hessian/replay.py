@@ -20,8 +20,9 @@ and took another path, but the graph would raise again); otherwise, and where tr
 the key runs eagerly from then on.
 
 Measured on the 2-core CPU (one thread, freed memory kept), replayed against eager calls: the
-pair potential at 64 samples 1.95 against 2.7 ms a call (traced after ~95 calls), the PINN at
-4096 points 4.7 against 5.6 ms (after ~35) and at 1 point 0.54 against 0.89 ms.
+pair potential at 64 samples 1.95 against 2.7 ms a call, the PINN at 4096 points 4.7 against
+5.6 ms and at 1 point 0.54 against 0.89 ms; the trace comes after 4-14 calls (0.05-0.09 s) for
+these, 2-10 calls (0.1-1.2 s) for the library conv nets and ViTs.
 
 Any thread traces (a Dask worker's threads too): the dispatch mode is the tracing thread's own.
 ``make_fx``, used before, patches ``nn.Module.__call__`` for every thread while it traces, so
