@@ -160,7 +160,7 @@ def _recorded(fn, t: Tensor) -> fx.Graph:
     recorder = replay._Recorder((t,))
     with recorder:
         out = fn(t)
-    recorder.graph.output(recorder.node(out))
+    recorder.output(out)
     return recorder.graph
 
 
@@ -179,7 +179,7 @@ def test_the_graph_holds_weights_by_reference_and_no_activation():
     recorder = replay._Recorder((x,))
     with recorder, torch.no_grad():
         out = torch.tanh(layer(x)) * 2
-    recorder.graph.output(recorder.node(out))
+    recorder.output(out)
     graph = recorder.module()
     held = {id(t) for t in graph.state_dict(keep_vars=True).values()}
     assert {id(layer.weight), id(layer.bias)} <= held, "the weights were copied"

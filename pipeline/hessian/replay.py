@@ -145,7 +145,7 @@ def _trace(call: Callable, inputs: tuple[Tensor, ...]) -> fx.GraphModule | None:
     try:
         with torch.no_grad(), recorder:
             out = call(*inputs)
-        recorder.graph.output(tree_map(recorder.node, out))
+        recorder.output(out)
     except Exception as err:  # noqa: BLE001 - any tracing failure means "run eagerly"
         log.debug("replay: tracing failed (%s): the call runs eagerly", err)
         return None
@@ -211,6 +211,10 @@ class _Recorder(TorchDispatchMode):
             self._bind(a, node)
         return node
 
+    def output(self, out) -> None:
+        """Ends the graph with the call's result ``out`` (tensors, or a structure of them)."""
+        self.graph.output(tree_map(self.node, out))
+
     def module(self) -> fx.GraphModule:
         """The graph, once its output is set, as a module holding its constants."""
         root = nn.Module()
@@ -252,5 +256,4 @@ def _op_name(target) -> str:
 
 
 def _is_mask(node: fx.Node) -> bool:
-    dtype = node.meta.get("dtype", getattr(node.meta.get("val"), "dtype", None))
-    return dtype == torch.bool
+    return node.meta.get("dtype") == torch.bool
