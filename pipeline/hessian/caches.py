@@ -29,12 +29,15 @@ def per_model() -> weakref.WeakKeyDictionary:
 
 
 def signature(model: nn.Module) -> tuple:
-    """The module tree (names and types), and the parameters and buffers: which tensor objects
-    (a replay holds them: NOTE [replay]) and their shapes."""
-    modules = tuple((name, type(m)) for name, m in model.named_modules())
-    tensors = tuple((name, id(t), tuple(t.shape))
-                    for name, t in model.state_dict(keep_vars=True).items())  # fmt: skip
-    return modules + tensors
+    """The module tree (names and types), and each module's parameters and buffers: which tensor
+    objects (a replay holds them: NOTE [replay]) and their shapes. Read from the modules' own
+    tables, not ``state_dict`` (its hooks and prefixes: 21 against 13 us for the PINN)."""
+    parts: list[tuple] = []
+    for name, m in model.named_modules():
+        parts.append((name, type(m)))
+        for table in (m._parameters, m._buffers):
+            parts.extend((key, id(t), t is not None and t.shape) for key, t in table.items())
+    return tuple(parts)
 
 
 def check(model: nn.Module) -> None:

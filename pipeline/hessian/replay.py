@@ -24,6 +24,9 @@ pair potential at 64 samples 1.95 against 2.7 ms a call, the PINN at 4096 points
 5.6 ms and at 1 point 0.54 against 0.89 ms; the trace comes after 4-14 calls (0.05-0.09 s) for
 these, 2-10 calls (0.1-1.2 s) for the library conv nets and ViTs.
 
+The recorded graph is lowered (NOTE [lowering]: fewer views, Python bindings) before it is
+replayed, and kept lowered where that gives the traced call's result bit for bit (CPU).
+
 Any thread traces (a Dask worker's threads too): the dispatch mode is the tracing thread's own.
 ``make_fx``, used before, patches ``nn.Module.__call__`` for every thread while it traces, so
 it ran in the main thread only (another thread's forward got its proxies), and its traces cost
@@ -42,10 +45,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, fx, nn
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.weak import WeakTensorKeyDictionary
 
-from . import caches
+from . import caches, lowering
 from .rows import Rows
 from .targets import Target
 
@@ -94,7 +97,7 @@ def replayed(compute: Compute) -> Compute:
         if entry.graph is not None:
             try:
                 with torch.no_grad():
-                    return entry.graph(*inputs)
+                    return entry.graph.forward(*inputs)  # no module hooks to run
             except Exception as err:  # noqa: BLE001 - a replay that fails runs eagerly
                 log.debug("replay: the trace failed (%s): the call runs eagerly", err)
                 entry.graph, entry.eager = None, True
@@ -154,7 +157,40 @@ def _trace(call: Callable, inputs: tuple[Tensor, ...]) -> fx.GraphModule | None:
         log.debug("replay: the trace reads values (%s): the call runs eagerly", why)
         return None
     recorder.graph.eliminate_dead_code()  # results nothing uses (operations that write are kept)
-    return recorder.module()
+    return _lowered(recorder.module(), inputs, out)
+
+
+def _lowered(module: fx.GraphModule, inputs: tuple[Tensor, ...], out) -> fx.GraphModule:
+    """``module`` lowered (NOTE [lowering]) where the lowered graph runs and, on the CPU, gives
+    the traced call's result ``out`` bit for bit; else ``module`` as recorded. (Elsewhere the
+    comparison would wait for the device, inside a call that queues its work without waiting;
+    the lowering does not depend on the device.)"""
+    try:
+        graph = fx.Graph()
+        graph.output(graph.graph_copy(module.graph, {}))
+        lowering.lower(graph)
+        low = fx.GraphModule(module, graph)
+        with torch.no_grad():
+            again = low.forward(*inputs)
+    except Exception as err:  # noqa: BLE001 - the graph as recorded is replayed instead
+        log.debug("replay: the lowered graph failed (%s): it is replayed as recorded", err)
+        return module
+    if inputs[0].device.type == "cpu" and not _same(again, out):
+        log.debug("replay: the lowered graph gave other values: it is replayed as recorded")
+        return module
+    return low
+
+
+def _same(a, b) -> bool:
+    """Whether two results (tensors, or structures of them) are equal bit for bit."""
+    xs, ys = tree_flatten(a)[0], tree_flatten(b)[0]
+    return len(xs) == len(ys) and all(map(_same_leaf, xs, ys))
+
+
+def _same_leaf(x, y) -> bool:
+    if not isinstance(x, Tensor) or not isinstance(y, Tensor):
+        return x is y
+    return x.dtype == y.dtype and x.shape == y.shape and torch.equal(x, y)
 
 
 class _Recorder(TorchDispatchMode):
@@ -174,7 +210,7 @@ class _Recorder(TorchDispatchMode):
         self.constants: dict[str, Tensor] = {}
         self.failed: str | None = None
         for i, t in enumerate(inputs):
-            self.nodes[t] = self.graph.placeholder(f"input_{i}")
+            self._bind(t, self.graph.placeholder(f"input_{i}"))
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -195,7 +231,7 @@ class _Recorder(TorchDispatchMode):
         return out
 
     def _bind(self, t: Tensor, node: fx.Node) -> None:
-        node.meta["dtype"] = t.dtype
+        node.meta["dtype"], node.meta["shape"] = t.dtype, tuple(t.shape)
         self.nodes[t] = node  # an in-place operation's result is its input, now this node
 
     def node(self, a):
