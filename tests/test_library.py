@@ -121,7 +121,7 @@ class Tanh(nn.Module):
 
 
 def _failing(name: str) -> Method:
-    def compute(*_args):
+    def compute(*_args, **_kwargs):
         raise RuntimeError(f"{name} broke")
 
     return Method(name, compute, lambda _s: None)

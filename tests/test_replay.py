@@ -105,6 +105,26 @@ def test_rows_and_labels_are_inputs_of_the_trace_not_constants():
     assert replay.traces(model) == 1
 
 
+def test_calls_without_gradients_are_traced_without_them_and_calls_with_them_get_them():
+    """``return_gradient=False`` is its own key, whose trace leaves the gradients out (fewer
+    operations); a call that asks for them at the same shapes gets them, replayed too."""
+    model, shape = _model("pinn")
+    case = TARGET_BY_NAME["all"]
+    for gradient in (False, True, False, True):
+        for call in range(CALLS):
+            x = torch.randn(3, *shape, generator=torch.Generator().manual_seed(20 + call))
+            got = pipeline.hessian(model, x, case.outputs, return_gradient=gradient)
+            h_ref, g_ref = reference(model, x, case, None)
+            h, g = got if gradient else (got, None)
+            assert_close(h, h_ref, rtol=1e-8, atol=1e-10)
+            if gradient:
+                assert_close(g, g_ref, rtol=1e-8, atol=1e-10)
+    assert replay.traces(model) == 2, "one trace for each of return_gradient False and True"
+    counts = {key[-1]: len(e.graph.graph.nodes) for key, e in replay._TRACES[model].items()
+              if e.graph is not None}  # fmt: skip
+    assert counts[False] < counts[True], f"operations without / with the gradients: {counts}"
+
+
 def test_weights_changed_or_replaced_are_seen_and_a_new_structure_is_traced_again():
     model, shape = _model("residual")
     x = torch.randn(2, *shape, generator=torch.Generator().manual_seed(1))

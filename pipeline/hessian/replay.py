@@ -25,7 +25,9 @@ pair potential at 64 samples 1.95 against 2.7 ms a call, the PINN at 4096 points
 these, 2-10 calls (0.1-1.2 s) for the library conv nets and ViTs.
 
 The recorded graph is lowered (NOTE [lowering]: fewer views, Python bindings) before it is
-replayed, and kept lowered where that gives the traced call's result bit for bit (CPU).
+replayed, and kept lowered where that gives the traced call's result bit for bit (CPU). A caller
+that does not use the gradients says so (``gradient=False``, a key of its own): the trace leaves
+them out.
 
 Any thread traces (a Dask worker's threads too): the dispatch mode is the tracing thread's own.
 ``make_fx``, used before, patches ``nn.Module.__call__`` for every thread while it traces, so
@@ -86,12 +88,14 @@ def replayed(compute: Compute) -> Compute:
     """``compute(model, x, target, rows, budget, *rest)`` with its calls at a key replayed from a
     trace once the eager calls there have cost as much as the trace will (see NOTE [replay])."""
 
-    def run(model: nn.Module, x: Tensor, target: Target, rows, budget: int, *rest):
+    def run(model: nn.Module, x: Tensor, target: Target, rows, budget: int, *rest,
+            gradient: bool = True):  # fmt: skip
         if not ENABLED or not isinstance(rows, Rows):
             return compute(model, x, target, rows, budget, *rest)
         aux = target.aux  # the output indices or labels: an input of the trace, as the rows
         key = (tuple(x.shape), x.dtype, x.device, target.kind, target.output_index.shape,
-               tuple(aux.shape), aux.dtype, rows.full, len(rows), budget, rest)  # fmt: skip
+               tuple(aux.shape), aux.dtype, rows.full, len(rows), budget, rest,
+               gradient)  # fmt: skip
         entry = _TRACES.setdefault(model, {}).setdefault(key, _Entry())
         inputs = (x, aux, rows.index)
         if entry.graph is not None:
@@ -119,14 +123,15 @@ def replayed(compute: Compute) -> Compute:
 
         def call(x_: Tensor, aux: Tensor, index: Tensor):
             sub = Target(target.kind, aux, target.output_index)
-            return compute(model, x_, sub, Rows(index, rows.full), budget, *rest)
+            h, grad = compute(model, x_, sub, Rows(index, rows.full), budget, *rest)
+            return h, grad if gradient else None  # unused gradients: left out of the trace
 
         graph = _trace(call, inputs)
         if graph is None:
             entry.eager = True
             return compute(model, x, target, rows, budget, *rest)
         entry.graph = graph
-        return run(model, x, target, rows, budget, *rest)
+        return run(model, x, target, rows, budget, *rest, gradient=gradient)
 
     run.__wrapped__ = compute
     return run
