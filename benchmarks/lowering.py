@@ -36,9 +36,11 @@ def _graphs(model, x, outputs, labels) -> tuple[fx.GraphModule, fx.GraphModule, 
     seen: dict[str, object] = {}
     lowered = replay._lowered
 
-    def keep(module, inputs, out):
-        seen["recorded"], seen["inputs"] = module, inputs
-        return lowered(module, inputs, out)
+    def keep(root, graph, inputs, out):
+        copy = fx.Graph()  # the lowering works in place
+        copy.output(copy.graph_copy(graph, {}))
+        seen["recorded"], seen["inputs"] = fx.GraphModule(root, copy), inputs
+        return lowered(root, graph, inputs, out)
 
     replay._lowered, cost = keep, replay.TRACE_COST
     replay.TRACE_COST = 0.0  # the second call is traced

@@ -110,9 +110,11 @@ def test_calls_without_gradients_are_traced_without_them_and_calls_with_them_get
     operations); a call that asks for them at the same shapes gets them, replayed too."""
     model, shape = _model("pinn")
     case = TARGET_BY_NAME["all"]
+    xs = []  # kept alive: the reference is cached by id(x)
     for gradient in (False, True, False, True):
         for call in range(CALLS):
             x = torch.randn(3, *shape, generator=torch.Generator().manual_seed(20 + call))
+            xs.append(x)
             got = pipeline.hessian(model, x, case.outputs, return_gradient=gradient)
             h_ref, g_ref = reference(model, x, case, None)
             h, g = got if gradient else (got, None)

@@ -19,8 +19,8 @@ call. Two things make it cheaper, neither changes a value:
   operations, whose schemas start with the tensor they act on, to that tensor's method. Others
   (``slice``, ``_to_copy``, ``index``) keep the operator.
 
-``replay`` keeps the graph as recorded where the lowered one raises, or (on the CPU, where the
-comparison waits for nothing) gives another result than the traced call, bit for bit.
+``replay`` runs a key eagerly where its lowered graph raises, or (on the CPU, where the comparison
+waits for nothing) gives another result than the traced call, bit for bit.
 """
 
 from __future__ import annotations
