@@ -18,6 +18,7 @@ from pipeline.hessian import replay
 from pipeline.hessian.rows import Rows
 from pipeline.hessian.targets import make_target
 from tests.library_models import PINN, PairPotential
+from tests.model_zoo import ZOO_BY_NAME
 from tests.zoo import (
     MODEL_BY_NAME,
     TARGET_BY_NAME,
@@ -47,9 +48,12 @@ CASES = [
     ("nonsquare_2x7x5", "index", [5, 0, 7, 7]),
     ("pinn", "all", None),
     ("pair_potential", "all", None),
+    ("mnist_tanh_pool", "index", None),  # the max pool's transpose takes the shared seed
 ]  # fmt: skip
 
-_EXTRA = {"pinn": (PINN, (2,)), "pair_potential": (PairPotential, (5, 3))}
+_POOLED = ZOO_BY_NAME["mnist_tanh"]
+_EXTRA = {"pinn": (PINN, (2,)), "pair_potential": (PairPotential, (5, 3)),
+          "mnist_tanh_pool": (_POOLED.small, _POOLED.small_shape)}  # fmt: skip
 
 
 def _model(name: str) -> tuple[nn.Module, tuple[int, ...]]:

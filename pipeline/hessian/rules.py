@@ -414,9 +414,11 @@ class Select(Rule):
 
     def vjp(self, u):
         flat = u.reshape(*u.shape[:2], -1)
+        if flat.shape[0] != self.index.shape[0]:  # a seed shared by the samples (NOTE [shared
+            flat = flat.expand(self.index.shape[0], *flat.shape[1:])  # seeds]): one a sample
         out = flat.new_zeros(*flat.shape[:2], self.f_in)
         out.scatter_add_(-1, self._index(flat), flat)
-        return [out.reshape(*u.shape[:2], *self.shapes_in[0])]
+        return [out.reshape(*flat.shape[:2], *self.shapes_in[0])]
 
 
 @dataclass
