@@ -54,6 +54,8 @@ CASES = [
     ("slice past the end", lambda t: t[1:100] * 2, {"narrow": 1}),
     ("whole slice: none", lambda t: t[:, :] + t[0:4] * 2, {}),
     ("slice with a step kept", lambda t: t[:, ::2] * 2, {"slice": 1}),
+    ("slice from None", lambda t: aten.slice.Tensor(t, 1, None, 4) * 2, {"narrow": 1}),
+    ("slice between negative ends", lambda t: t[:, -5:-1][:, 1:] * 2, {"narrow": 1}),
     ("expand to the shape: none", lambda t: t.expand(4, 6) * 2, {}),
     ("expand to another shape kept", lambda t: t[None].expand(3, 4, 6) * 2, {"view": 1,
                                                                             "expand": 1}),

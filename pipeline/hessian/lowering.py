@@ -80,10 +80,11 @@ def _narrow(node: fx.Node, base: fx.Node) -> None:
     """A slice with step 1 as ``narrow`` (a slice of a narrow along the same axis: one
     ``narrow`` of its input); over the whole axis, its input."""
     dim, start, end, step = (list(node.args[1:]) + [0, None, None, 1][len(node.args) - 1 :])[:4]
-    if step != 1:
+    if step != 1 or node.kwargs:
         return
     size = base.meta["shape"][dim]
     dim %= len(base.meta["shape"])
+    start = start or 0
     lo = min(max(start + size if start < 0 else start, 0), size)
     hi = size if end is None else min(max(end + size if end < 0 else end, lo), size)
     if (lo, hi) == (0, size):
