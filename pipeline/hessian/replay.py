@@ -26,9 +26,8 @@ these, 2-10 calls (0.1-1.2 s) for the library conv nets and ViTs.
 
 The recorded graph is lowered (NOTE [lowering]: fewer views, Python bindings) before it is
 replayed; where the lowered graph fails or (on the CPU) gives other bits than the traced call,
-the key runs eagerly. A caller
-that does not use the gradients says so (``gradient=False``, a key of its own): the trace leaves
-them out.
+the key runs eagerly. A caller that does not use the gradients says so (``gradient=False``, a key
+of its own): the trace leaves them out.
 
 Any thread traces (a Dask worker's threads too): the dispatch mode is the tracing thread's own.
 ``make_fx``, used before, patches ``nn.Module.__call__`` for every thread while it traces, so
