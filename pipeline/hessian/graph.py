@@ -31,6 +31,8 @@ A ``Tape`` is the graph run on a batch x (N, *S): the values of every tensor tha
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import operator
 import threading
@@ -42,8 +44,10 @@ from typing import Any
 import torch
 from torch import Tensor, fx, nn
 from torch.fx.node import map_aggregate, map_arg
+from torch.utils._pytree import tree_leaves
 
-from . import caches
+from . import blocks, caches
+from .blocks import Blocks
 from .ops import ALIAS, Call, Unsupported, canonical, rule_for
 from .rules import Elementwise, Fold, General, Rule, Select
 
@@ -86,7 +90,8 @@ class _ThreadTracer(fx.Tracer):
 
     def trace(self, root, concrete_args=None):
         self._thread = threading.get_ident()
-        return super().trace(root, concrete_args)
+        with _sizes_take_proxies():
+            return super().trace(root, concrete_args)
 
     def call_module(self, m, forward, args, kwargs):
         if threading.get_ident() != self._thread:
@@ -97,6 +102,44 @@ class _ThreadTracer(fx.Tracer):
         if threading.get_ident() != self._thread:
             return attr_val
         return super().getattr(attr, attr_val, parameter_proxy_cache)
+
+
+# Functions and tensor methods that take sizes as separate arguments: given a proxy among several
+# (``torch.zeros(x.shape[0], 1)``, ``buffer.expand(x.shape[0], -1)``), torch's argument parser
+# fails before ``fx`` sees the proxy ("zeros() takes 1 positional argument but 2 were given").
+_SIZE_FUNCTIONS = ("zeros", "ones", "empty", "full", "rand", "randn", "arange", "eye",
+                   "linspace")  # fmt: skip
+_SIZE_METHODS = ("expand", "view", "reshape", "repeat", "new_zeros", "new_ones", "new_empty",
+                 "new_full")  # fmt: skip
+
+
+@contextlib.contextmanager
+def _sizes_take_proxies():
+    """While a model is traced: the functions and tensor methods above record a call when a
+    proxy is among their arguments (as ``fx`` does for one proxy); any other call, another
+    thread's included, goes to torch as it is."""
+    patched = [(torch, name) for name in _SIZE_FUNCTIONS]
+    patched += [(torch.Tensor, name) for name in _SIZE_METHODS]
+    originals = [getattr(owner, name) for owner, name in patched]
+    for (owner, name), fn in zip(patched, originals, strict=True):
+        setattr(owner, name, _taking_proxies(fn, method=owner is torch.Tensor, name=name))
+    try:
+        yield
+    finally:
+        for (owner, name), fn in zip(patched, originals, strict=True):
+            setattr(owner, name, fn)
+
+
+def _taking_proxies(fn, method: bool, name: str):
+    def wrapper(*args, **kwargs):
+        proxy = next((a for a in tree_leaves((args, kwargs)) if isinstance(a, fx.Proxy)), None)
+        if proxy is None:
+            return fn(*args, **kwargs)
+        if method:
+            return proxy.tracer.create_proxy("call_method", name, args, kwargs)
+        return proxy.tracer.create_proxy("call_function", fn, args, kwargs)
+
+    return functools.wraps(fn)(wrapper)
 
 
 @dataclass
@@ -151,17 +194,18 @@ def record(gm: fx.GraphModule, x: Tensor) -> Tape:
     env: dict[fx.Node, Any] = {}
     slot: dict[fx.Node, int] = {}
     tuples: dict[fx.Node, tuple] = {}  # active calls with tuple outputs: their Call parts
-    values: list[Tensor] = []
-    steps: list[Step] = []
-    axes: dict[int, int] = {}  # slots whose tensor has its batch axis elsewhere than first
+    st = _State([], [], {}, {})
+    refused: dict[fx.Node, str] = {}  # NOTE [refused steps]
+    varying: set[fx.Node] = set()  # nodes whose value depends on x (integer ones too)
     placeholders = 0
     output = None
     for node in gm.graph.nodes:
         if node.op == "placeholder":
             if placeholders == 0:
                 env[node] = x
-                slot[node] = len(values)
-                values.append(x)
+                slot[node] = len(st.values)
+                st.values.append(x)
+                varying.add(node)
             elif node.args:
                 env[node] = node.args[0]  # a default value
             else:
@@ -173,28 +217,81 @@ def record(gm: fx.GraphModule, x: Tensor) -> Tape:
             continue
         if node.op == "output":
             result = node.args[0]
+            if isinstance(result, fx.Node) and result in refused:
+                raise Unsupported(refused[result])
             if not isinstance(result, fx.Node) or result not in slot:
                 raise Unsupported("its forward does not return one tensor computed from the input")
             output = slot[result]
             break
-        if (
-            node.op == "call_function"
-            and node.target is operator.getitem
-            and node.args[0] in tuples
-        ):
-            _record_element(node, tuples[node.args[0]], env, slot, values, steps, axes)
+        shape_only = _shape_only(node)
+        if not shape_only and any(n in varying for n in node.all_input_nodes):
+            varying.add(node)
+        bad = next((n for n in node.all_input_nodes if n in refused), None)
+        if bad is not None and not shape_only:
+            env[node] = _run_node(gm, node, env)
+            if _differentiable(env[node]):
+                refused[node] = refused[bad]
             continue
-        active = [n for n in node.all_input_nodes if n in slot or n in tuples]
-        if not active or _shape_only(node):
-            env[node] = _run(gm, node, map_arg(node.args, env.__getitem__),
-                             map_arg(node.kwargs, env.__getitem__))  # fmt: skip
-            continue
-        _record_call(gm, node, env, slot, tuples, values, steps, axes)
+        try:
+            if (
+                node.op == "call_function"
+                and node.target is operator.getitem
+                and node.args[0] in tuples
+            ):
+                _record_element(node, tuples[node.args[0]], env, slot, st)
+                continue
+            active = [n for n in node.all_input_nodes if n in slot or n in tuples]
+            if not active or shape_only:
+                env[node] = _run_node(gm, node, env)
+                continue
+            constant_index = not any(
+                n in varying for n in node.all_input_nodes if n not in slot and n not in tuples
+            )
+            _record_call(gm, node, env, slot, tuples, st, constant_index)
+        except Unsupported as err:
+            if node not in env:
+                env[node] = _run_node(gm, node, env)
+            refused[node] = str(err)
     if output is None:
         raise Unsupported("its graph has no output")
-    if output in axes:
-        raise Unsupported(f"its output has the batch axis at position {axes[output]}, not first")
-    return Tape(values, _pool_first(_live(steps, output), values), output)
+    if output in st.axes:
+        raise Unsupported(f"its output has the batch axis at position {st.axes[output]}, not first")
+    if output in st.layouts:
+        raise Unsupported("its output is the rows of the concatenated samples, not one row per "
+                          "sample (sum them per sample: index_add over the batch index)")  # fmt: skip
+    values = st.values
+    return Tape(values, _pool_first(_live(st.steps, output), values), output)
+
+
+@dataclass
+class _State:
+    """What ``record`` builds: every slot's value, the steps, and where a slot's layout is not
+    plain batch-first: its batch axis elsewhere (``axes``) or its samples in blocks of rows
+    (``layouts``, NOTE [blocks] in ``blocks``)."""
+
+    values: list[Tensor]
+    steps: list[Step]
+    axes: dict[int, int]
+    layouts: dict[int, Blocks]
+
+    def add(self, name: str, rule: Rule, inputs: list[int], value: Tensor) -> int:
+        """A new step into a new slot holding ``value``; returns the slot."""
+        self.values.append(value)
+        self.steps.append(Step(name, rule, list(inputs), len(self.values) - 1))
+        return len(self.values) - 1
+
+
+def _run_node(gm: fx.GraphModule, node: fx.Node, env: dict) -> Any:
+    return _run(gm, node, map_arg(node.args, env.__getitem__), map_arg(node.kwargs, env.__getitem__))
+
+
+def _differentiable(value: Any) -> bool:
+    """Whether a value holds a floating tensor (one that may carry a derivative)."""
+    if isinstance(value, Tensor):
+        return value.is_floating_point() or value.is_complex()
+    if isinstance(value, (tuple, list)):
+        return any(_differentiable(v) for v in value)
+    return False
 
 
 def _fetch(gm: fx.GraphModule, target: str) -> Any:
@@ -234,7 +331,7 @@ def _run(gm: fx.GraphModule, node: fx.Node, args: tuple, kwargs: dict) -> Any:
     return node.target(*args, **kwargs)
 
 
-def _record_call(gm, node, env, slot, tuples, values, steps, axes) -> None:
+def _record_call(gm, node, env, slot, tuples, st: _State, constant_index: bool) -> None:
     module = gm.get_submodule(node.target) if node.op == "call_module" else None
     inputs: list[Tensor] = []
     ids: list[int] = []
@@ -249,6 +346,7 @@ def _record_call(gm, node, env, slot, tuples, values, steps, axes) -> None:
     marked_args = map_arg(node.args, mark)
     marked_kwargs = map_arg(node.kwargs, mark)
     if any(n in tuples for n in node.all_input_nodes):
+        env[node] = _run_node(gm, node, env)
         raise Unsupported(f"{node.name} takes a whole tuple of intermediate tensors")
     in_place = _in_place(node, module, node.kwargs)
 
@@ -268,17 +366,17 @@ def _record_call(gm, node, env, slot, tuples, values, steps, axes) -> None:
     target = module if module is not None else node.target
     call = Call(node.op, target, args, kwargs, inputs, out, fn)
     if isinstance(out, (tuple, list)):
-        tuples[node] = (call, ids)
+        tuples[node] = (call, ids, constant_index)
         env[node] = out
         return
     env[node] = out
     if not (isinstance(out, Tensor) and out.is_floating_point()):
         return  # an integer or boolean result (argmax, a mask): no derivative
-    _add_step(node.name, call, ids, slot, node, values, steps, axes)
+    _add_step(node.name, call, ids, slot, node, st, constant_index)
 
 
-def _record_element(node, parts, env, slot, values, steps, axes) -> None:
-    call, ids = parts
+def _record_element(node, parts, env, slot, st: _State) -> None:
+    call, ids, constant_index = parts
     i = node.args[1]
     out = call.out[i]
     env[node] = out
@@ -287,22 +385,32 @@ def _record_element(node, parts, env, slot, values, steps, axes) -> None:
     whole = call.fn
     element = Call(call.kind, call.target, call.args, call.kwargs, call.inputs, out,
                    lambda *ins: whole(*ins)[i], element=i)  # fmt: skip
-    _add_step(node.name, element, ids, slot, node, values, steps, axes)
+    _add_step(node.name, element, ids, slot, node, st, constant_index)
 
 
-def _add_step(name, call: Call, ids, slot, node, values, steps, axes) -> None:
+def _add_step(name, call: Call, ids, slot, node, st: _State, constant_index: bool) -> None:
+    values, axes = st.values, st.axes
+    n = values[0].shape[0]
+    layouts = [st.layouts.get(i) for i in ids]
+    if not any(axes.get(i, 0) for i in ids) and blocks.applies(call, layouts, n):
+        out, layout = blocks.record(name, call, ids, values, st.layouts,
+                                    lambda *a: st.add(name, *a), constant_index)  # fmt: skip
+        slot[node] = ids[0] if out is None else out
+        if layout is not None:
+            st.layouts[slot[node]] = layout
+        return
+    if any(lay is not None for lay in layouts):
+        raise Unsupported(f"{name} ({_describe(call)}) reads rows of concatenated samples "
+                          "with the batch axis moved")  # fmt: skip
     batch = [axes.get(i, 0) for i in ids]
     if any(batch) or canonical(call) in _AXIS_OPS:
         moved = _moved_step(name, call, [values[i] for i in ids], batch)
         if moved is not None:
             rule, out, axis = moved
-            slot[node] = len(values)
-            values.append(out)
-            steps.append(Step(name, rule, list(ids), slot[node]))
+            slot[node] = st.add(name, rule, list(ids), out)
             if axis:
                 axes[slot[node]] = axis
             return
-    n = call.inputs[0].shape[0]
     out = call.out
     if out.dim() == 0 or out.shape[0] != n or any(t.shape[:1] != (n,) for t in call.inputs):
         raise Unsupported(f"{name} ({_describe(call)}) mixes the samples of a batch")
@@ -310,9 +418,7 @@ def _add_step(name, call: Call, ids, slot, node, values, steps, axes) -> None:
     if rule == ALIAS:
         slot[node] = ids[0]
         return
-    slot[node] = len(values)
-    values.append(out)
-    steps.append(Step(name, rule, list(ids), slot[node]))
+    slot[node] = st.add(name, rule, list(ids), out)
 
 
 # Ops that may move the batch axis away from the front, or that act on a tensor whose batch axis

@@ -256,10 +256,6 @@ def _fold(call: Call, fn: Callable[..., Tensor], cost: int = 0, adjoint=None) ->
     return Fold(*_shapes(call), fn=fn, cost=cost, adjoint=adjoint)
 
 
-def _same_shapes(call: Call) -> bool:
-    return all(t.shape == call.out.shape for t in call.inputs)
-
-
 def _dims(value: Any, ndim: int) -> list[int]:
     """Axes as non-negative ints (``None``: every axis)."""
     if value is None:
@@ -906,7 +902,7 @@ def _same_rank(call: Call) -> bool:
 def _mul(call: Call) -> Rule | None:
     a, b = call.args[0], call.arg(1, "other")
     if call.active(a) and call.active(b):
-        if not _same_shapes(call):
+        if not _same_rank(call) or a.shape[0] != b.shape[0]:
             return None
         return Product(*_shapes(call), a=a, b=b)
     if not _same_rank(call):

@@ -275,7 +275,8 @@ class Scale(Rule):
         return lift(self.factor, len(self.shape_out) + 1)
 
     def jvp(self, ts):
-        return ts[0] if self.factor is None else ts[0] * self._c()
+        out = ts[0] if self.factor is None else ts[0] * self._c()
+        return broadcast(out, self.shape_out)
 
     def vjp(self, u):
         return [unbroadcast(u if self.factor is None else u * self._c(), self.shapes_in[0])]
@@ -291,10 +292,18 @@ class Scale(Rule):
         return c.expand(c.shape[0], *self.shape_out).reshape(c.shape[0], -1)
 
 
-def unbroadcast(u: Tensor, shape: tuple[int, ...]) -> Tensor:
-    """Sum u (B, E, *s_out) over the per-sample axes where ``shape`` (same rank) broadcast."""
-    axes = [2 + i for i, (a, b) in enumerate(zip(shape, u.shape[2:], strict=True)) if a != b]
+def unbroadcast(u: Tensor, shape: tuple[int, ...], lead: int = 2) -> Tensor:
+    """Sum u (``lead`` axes, then *s_out) over the per-sample axes where ``shape`` (same rank)
+    broadcast."""
+    axes = [lead + i for i, (a, b) in enumerate(zip(shape, u.shape[lead:], strict=True))
+            if a != b]  # fmt: skip
     return u.sum(axes, keepdim=True) if axes else u
+
+
+def broadcast(t: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """Tangents t (B, E, *s) of an input that broadcast against the output, expanded to the
+    output's per-sample ``shape`` (a constant added to a narrower input widens it)."""
+    return t if tuple(t.shape[2:]) == tuple(shape) else t.expand(*t.shape[:2], *shape)
 
 
 @dataclass
@@ -309,7 +318,7 @@ class Add(Rule):
             if t is not None:
                 term = t if s == 1 else s * t
                 out = term if out is None else out + term
-        return out
+        return None if out is None else broadcast(out, self.shape_out)
 
     def vjp(self, u):
         return [unbroadcast(u if s == 1 else s * u, shape)
@@ -363,8 +372,9 @@ class Elementwise(Rule):
 
 @dataclass
 class Product(Rule):
-    """y = a * b of two inputs of the output's shape: J_y = b J_a + a J_b, and the second-order
-    terms g J_b (to a) and g J_a (to b)."""
+    """y = a * b of two inputs of the output's rank that broadcast against each other (a filter
+    (E, F) times a cutoff (E, 1)): J_y = b J_a + a J_b, and the second-order terms g J_b (to a)
+    and g J_a (to b), each summed over the axes where its input broadcast."""
 
     a: Tensor = None
     b: Tensor = None
@@ -377,14 +387,17 @@ class Product(Rule):
         if tb is not None:
             term = self.a.unsqueeze(1) * tb
             out = term if out is None else out + term
-        return out
+        return broadcast(out, self.shape_out)
 
     def vjp(self, u):
-        return [self.b.unsqueeze(1) * u, self.a.unsqueeze(1) * u]
+        sa, sb = self.shapes_in
+        return [unbroadcast(self.b.unsqueeze(1) * u, sa), unbroadcast(self.a.unsqueeze(1) * u, sb)]
 
     def second(self, g, ts):
         ta, tb = ts
-        return [None if tb is None else outer(g, tb), None if ta is None else outer(g, ta)]
+        sa, sb = self.shapes_in
+        return [None if tb is None else unbroadcast(outer(g, tb), sa, 3),
+                None if ta is None else unbroadcast(outer(g, ta), sb, 3)]  # fmt: skip
 
 
 @dataclass
@@ -419,6 +432,94 @@ class Select(Rule):
         out = flat.new_zeros(*flat.shape[:2], self.f_in)
         out.scatter_add_(-1, self._index(flat), flat)
         return [out.reshape(*flat.shape[:2], *self.shapes_in[0])]
+
+
+@dataclass
+class Gather(Rule):
+    """y[e] = v[index[e]] along the first per-sample axis (the rows of a sample's block, NOTE
+    [blocks] in ``blocks``): atom features taken onto the edges of a graph.
+
+    Attributes:
+        index: (1, E) rows of the input, the same for every sample (a fixed molecule's edges),
+            or (N, E) each sample's own (a neighbour list found from the positions).
+    """
+
+    index: Tensor = None
+
+    def jvp(self, ts):
+        t = ts[0]  # (B, R, n, *f) -> (max(B, N'), R, E, *f)
+        if self.index.shape[0] == 1:
+            return t.index_select(2, self.index[0])
+        n = self.index.shape[0]
+        t = t.expand(n, *t.shape[1:])
+        return torch.gather(t, 2, _along(self.index, t.shape, 2))
+
+    def vjp(self, u):
+        n = max(u.shape[0], self.index.shape[0])
+        out = u.new_zeros(n, u.shape[1], self.shapes_in[0][0], *u.shape[3:])
+        if self.index.shape[0] == 1:
+            return [out.index_add_(2, self.index[0], u)]
+        u = u.expand(n, *u.shape[1:])
+        return [out.scatter_add_(2, _along(self.index, u.shape, 2), u)]
+
+
+@dataclass
+class Scatter(Rule):
+    """y = y0 + alpha * (v summed onto rows ``index`` of the first per-sample axis): messages
+    summed onto atoms, atoms onto their molecule (``index_add``, ``scatter_add``, ``index_put``
+    with ``accumulate``); the transpose of ``Gather``.
+
+    Attributes:
+        index: (1, E) or (N, E) target row of each source row; rows of padding (NOTE [blocks])
+            point at ``size``, one row past the end, which is dropped.
+        size: target rows per sample.
+        into: the first input is the target y0 (else y0 is a constant and the source is the only
+            input).
+        alpha: the factor of the source.
+    """
+
+    index: Tensor = None
+    size: int = 0
+    into: bool = False
+    alpha: float = 1.0
+
+    def jvp(self, ts):
+        t, base = ts[-1], ts[0] if self.into else None
+        if t is None:
+            return base
+        if self.alpha != 1:
+            t = t * self.alpha
+        if self.index.shape[0] == 1:
+            out = t.new_zeros(t.shape[0], t.shape[1], self.size, *t.shape[3:])
+            out.index_add_(2, self.index[0], t)
+        else:
+            n = self.index.shape[0]
+            t = t.expand(n, *t.shape[1:])
+            out = t.new_zeros(n, t.shape[1], self.size + 1, *t.shape[3:])
+            out = out.scatter_add_(2, _along(self.index, t.shape, 2), t).narrow(2, 0, self.size)
+        return out if base is None else out + base
+
+    def vjp(self, u):
+        if self.index.shape[0] == 1:
+            v = u.index_select(2, self.index[0])
+        else:
+            n = self.index.shape[0]
+            padded = torch.cat([u, u.new_zeros(*u.shape[:2], 1, *u.shape[3:])], 2)
+            padded = padded.expand(n, *padded.shape[1:])
+            e = self.index.shape[1]
+            v = torch.gather(padded, 2, _along(self.index, (*u.shape[:2], e, *u.shape[3:]), 2,
+                                               n))  # fmt: skip
+        if self.alpha != 1:
+            v = v * self.alpha
+        return [u, v] if self.into else [v]
+
+
+def _along(index: Tensor, shape, axis: int, n: int | None = None) -> Tensor:
+    """index (N, E) as an index of ``torch.gather`` along ``axis`` of a tensor of ``shape``
+    (N, R, E, *f) (its first axis ``n`` where given): expanded, no copy."""
+    n = index.shape[0] if n is None else n
+    view = [index.shape[0]] + [1] * (axis - 1) + [index.shape[1]] + [1] * (len(shape) - axis - 1)
+    return index.reshape(view).expand(n, *shape[1:axis], index.shape[1], *shape[axis + 1 :])
 
 
 @dataclass
