@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import pipeline
-from pipeline.hessian import elementwise, ops
+from pipeline.hessian import blocks, elementwise, ops
 from pipeline.hessian.planner import OUTER
 from pipeline.hessian.propagate import gradients, hessian_rows
 from pipeline.hessian.rows import Rows
@@ -97,6 +97,10 @@ ELEMENTWISE: dict[str, Callable[[Body, Tensor], Tensor]] = {
     "cos": lambda m, x: torch.cos(m.fc(x)),
     "pow": lambda m, x: m.fc(x) ** 3 + _positive(m, x) ** 1.5,
     "sqrt": lambda m, x: torch.sqrt(_positive(m, x)),
+    "norm_root": lambda m, x: torch.cat([  # 2-norms (NOTE [norms] in graph)
+        torch.linalg.vector_norm(m.fc(x).view(-1, 4, 2), dim=-1), m.fc(x).norm(dim=1,
+        keepdim=True), torch.norm(torch.tanh(m.fc(x)).view(-1, 2, 4), dim=(1,)),
+        torch.linalg.norm(m.fc(x).view(-1, 2, 4), dim=2)], 1),
     "rsqrt": lambda m, x: torch.rsqrt(_positive(m, x)),
     "reciprocal": lambda m, x: torch.reciprocal(_positive(m, x)),
     "square": lambda m, x: torch.square(m.fc(x)),
@@ -184,7 +188,66 @@ CASES: list[RuleCase] = [
     RuleCase("batch_axis_moved", ("moved_batch_axis",), lambda m, x: torch.tanh(
         m.fc(x)).view(-1, 2, 4).permute(1, 0, 2).unbind(0)[1].repeat(1, 2) * torch.sin(m.fc(x))),
     RuleCase("general_by_torch_func", ("general",), lambda m, x: F.normalize(m.fc(x), dim=1)),
+    RuleCase("blocks_fixed_graph", ("blocks:merge", "blocks:rows", "blocks:getitem",
+                                    "blocks:index_select", "blocks:index_add"),
+             lambda m, x: _fixed_graph(m, x)),
+    RuleCase("blocks_gather_scatter_forms", ("blocks:gather", "blocks:scatter_add",
+                                             "blocks:index_put", "blocks:scatter_reduce"),
+             lambda m, x: _gather_scatter_forms(m, x)),
+    RuleCase("blocks_neighbour_list", ("blocks:getitem", "blocks:index_add", "blocks:padding"),
+             lambda m, x: _neighbour_list(m, x)),
 ]  # fmt: skip
+
+
+# The blocks cases (NOTE [blocks] in ``pipeline.hessian.blocks``): each sample's 8 features as
+# 4 nodes of 2 features, the samples concatenated along one node axis, and a graph on them.
+SRC, DST = torch.tensor([0, 1, 2, 3, 0, 2, 3]), torch.tensor([1, 2, 3, 0, 2, 0, 0])
+
+
+def _nodes(m: Body, x: Tensor) -> Tensor:
+    return torch.tanh(m.fc(x)).reshape(-1, 2)  # (4 N, 2)
+
+
+def _edges(x: Tensor) -> tuple[Tensor, Tensor]:
+    offsets = torch.arange(x.shape[0]).unsqueeze(-1) * 4
+    return (SRC + offsets).reshape(-1), (DST + offsets).reshape(-1)
+
+
+def _fixed_graph(m: Body, x: Tensor) -> Tensor:
+    """Gathers onto a fixed graph's edges, products, and sums back onto the nodes."""
+    h = _nodes(m, x)
+    src, dst = _edges(x)
+    msg = h[src] * torch.sin(h.index_select(0, dst)) + h[dst] ** 2
+    out = torch.zeros_like(h).index_add_(0, dst, msg) + h.index_add(0, src, msg, alpha=0.5)
+    return out.view(x.shape[0], -1)
+
+
+def _gather_scatter_forms(m: Body, x: Tensor) -> Tensor:
+    """torch.gather with an expanded index, scatter_add(_), index_put_ with accumulate and
+    scatter_reduce (sum), and a sum of each sample's nodes onto the sample (scatter_add over the
+    batch index into a fresh tensor of N rows)."""
+    h = _nodes(m, x)
+    src, dst = _edges(x)
+    hs = torch.gather(h, 0, src.unsqueeze(-1).expand(-1, 2))
+    msg = torch.tanh(hs) * h[dst]
+    a = torch.zeros_like(h).scatter_add_(0, dst.unsqueeze(-1).expand_as(msg), msg)
+    b = h.new_zeros(h.shape).index_put_((src,), msg ** 2, accumulate=True)
+    c = torch.scatter_reduce(h, 0, dst.unsqueeze(-1).expand(-1, 2), msg, "sum")
+    batch = torch.arange(x.shape[0]).repeat_interleave(4)
+    per_sample = torch.zeros(x.shape[0], 2).scatter_add(0, batch.unsqueeze(-1).expand(-1, 2),
+                                                        h * h)  # fmt: skip
+    return torch.cat([(a + b + c).view(x.shape[0], -1), per_sample], 1)
+
+
+def _neighbour_list(m: Body, x: Tensor) -> Tensor:
+    """Edges kept by a value of the input (a different neighbour list per sample: padded
+    blocks), taken by a boolean mask, gathered and summed back."""
+    h = _nodes(m, x)
+    src, dst = _edges(x)
+    keep = (h[src] - h[dst]).abs().sum(-1) > 0.4
+    src, dst = src[keep], dst[keep]
+    msg = torch.sin(h[src]) * h[dst]
+    return torch.zeros_like(h).index_add_(0, dst, msg).view(x.shape[0], -1) + torch.tanh(m.fc(x))
 
 
 def registered() -> set[str]:
@@ -195,6 +258,8 @@ def registered() -> set[str]:
     names |= {"Linear", "Conv2d", "AvgPool2d", "AdaptiveAvgPool2d", "MaxPool2d", "BatchNorm2d",
               "Dropout", "Identity", "LayerNorm", "Softmax", "LogSoftmax", "Flatten",
               "Unflatten", "general", "moved_batch_axis"}  # fmt: skip
+    names |= {f"blocks:{n.rstrip('_')}" for n in blocks._GATHERS | blocks._SCATTERS}
+    names |= {"blocks:merge", "blocks:rows", "blocks:padding"}
     return names
 
 

@@ -70,20 +70,23 @@ class Normed(nn.Module):
 
 
 class NormPairs(nn.Module):
-    """A pair potential that takes the distances with ``torch.linalg.vector_norm`` (a ``General``
-    step: no forward Taylor rule, so another schedule is used). ``torch.cdist`` is not in the
-    table: torch cannot differentiate it twice (``_cdist_backward``), so neither can the
-    reference."""
+    """A pair potential that takes the distances with ``torch.linalg.vector_norm``: its 2-norm is
+    recorded as a product, a sum and a root (NOTE [norms] in ``graph``), each with a forward
+    Taylor rule; another ``ord`` is a ``General`` step, without one, so another schedule is used.
+    ``torch.cdist`` is not in the table: torch cannot differentiate it twice
+    (``_cdist_backward``), so neither can the reference."""
 
-    def __init__(self, particles: int = 4, width: int = 8):
+    def __init__(self, particles: int = 4, width: int = 8, ord: float = 2):
         super().__init__()
+        self.ord = ord
         i, j = torch.triu_indices(particles, particles, 1)
         self.register_buffer("i", i)
         self.register_buffer("j", j)
         self.phi = nn.Sequential(nn.Linear(1, width), nn.Tanh(), nn.Linear(width, 1))
 
     def forward(self, pos: Tensor) -> Tensor:
-        r = torch.linalg.vector_norm(pos[:, self.i] - pos[:, self.j], dim=-1, keepdim=True)
+        r = torch.linalg.vector_norm(pos[:, self.i] - pos[:, self.j], self.ord, dim=-1,
+                                     keepdim=True)  # fmt: skip
         return self.phi(r).sum(dim=1)
 
 
@@ -106,7 +109,8 @@ CASES = [
     Case("tanh_mlp_d64", lambda: mlp(nn.Tanh, 64, (24,)), (64,), [1]),
     Case("pinn_xt", lambda: PINN(width=16), (2,), [0]),
     Case("pair_potential", lambda: PairPotential(particles=4, width=8), (4, 3), [0]),
-    Case("pair_potential_norm", NormPairs, (4, 3), [0], taylor=False),
+    Case("pair_potential_norm", NormPairs, (4, 3), [0]),
+    Case("pair_potential_norm3", lambda: NormPairs(ord=3), (4, 3), [0], taylor=False),
     Case("residual_d5", lambda: Residual(5), (5,), [0, 1]),
     Case("gated_product_d4", lambda: Gated(4), (4,), [1]),
     Case("layer_norm_d6", lambda: Normed(6), (6,), [0, 2]),
@@ -210,7 +214,7 @@ def _plan(model: nn.Module, shape: tuple[int, ...], n: int, k: int = 1):
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_outer_schedule_matches_float64_reference(case):
     """Every row, selected rows and one sample at a time; it needs no forward second-order rule
-    (the pair potential with a norm has none)."""
+    (the pair potential with a 3-norm has none)."""
     model, x, outputs = _inputs(case)
     expected = reference(model, x, outputs)
     target = make_target(outputs, model(x).detach())

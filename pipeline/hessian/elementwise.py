@@ -148,6 +148,22 @@ def _sqrt(a: Tensor) -> tuple[Tensor, Tensor]:
     return _pow(a, 0.5)
 
 
+def norm_root(a: Tensor) -> Tensor:
+    """sqrt(a) of a sum of squares a >= 0: the last step of a 2-norm as the graph records it
+    (NOTE [norms] in ``graph``)."""
+    return torch.sqrt(a)
+
+
+def _norm_root(a: Tensor) -> tuple[Tensor, Tensor]:
+    """sqrt's derivatives, taken as zero at a = 0 (the zero vector, where torch's norm takes the
+    gradient zero) instead of infinite."""
+    positive = a > 0
+    safe = torch.where(positive, a, torch.ones_like(a))
+    r = torch.rsqrt(safe)
+    zero = torch.zeros_like(a)
+    return torch.where(positive, 0.5 * r, zero), torch.where(positive, -0.25 * r / safe, zero)
+
+
 def _rsqrt(a: Tensor) -> tuple[Tensor, Tensor]:
     return _pow(a, -0.5)
 
@@ -200,6 +216,7 @@ DERIVATIVES: dict[str, Derivatives] = {
     "cos": _cos,
     "pow": _pow,
     "sqrt": _sqrt,
+    "norm_root": _norm_root,
     "rsqrt": _rsqrt,
     "reciprocal": _reciprocal,
     "square": _square,
@@ -217,7 +234,7 @@ PIECEWISE_LINEAR = frozenset({"relu", "leaky_relu", "prelu", "hardtanh", "relu6"
 # the rule checks the sign of s' instead where it matters).
 NON_DECREASING = frozenset({"tanh", "sigmoid", "softplus", "relu", "hardtanh", "relu6", "exp",
                             "hardsigmoid",
-                            "log_sigmoid", "softsign", "sqrt", "log"})  # fmt: skip
+                            "log_sigmoid", "softsign", "sqrt", "norm_root", "log"})  # fmt: skip
 
 # Functions whose derivatives follow from their output s(a) without computing it again.
 FROM_OUTPUT = frozenset({"tanh", "sigmoid"})

@@ -46,7 +46,7 @@ from torch import Tensor, fx, nn
 from torch.fx.node import map_aggregate, map_arg
 from torch.utils._pytree import tree_leaves
 
-from . import blocks, caches
+from . import blocks, caches, elementwise
 from .blocks import Blocks
 from .ops import ALIAS, Call, Unsupported, canonical, rule_for
 from .rules import Elementwise, Fold, General, Rule, Select
@@ -72,6 +72,7 @@ def capture(model: nn.Module) -> fx.GraphModule:
             tracer = _ThreadTracer()
             graph = tracer.trace(model)
             cached = fx.GraphModule(tracer.root, graph, type(model).__name__)
+            _lower_norms(cached)
         except Exception as err:  # noqa: BLE001 - any tracing failure means "not capturable"
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             cached = f"its forward cannot be traced by torch.fx ({first[:160]})"
@@ -79,6 +80,64 @@ def capture(model: nn.Module) -> fx.GraphModule:
     if isinstance(cached, str):
         raise Unsupported(cached)
     return cached
+
+
+def _lower_norms(gm: fx.GraphModule) -> None:
+    """2-norms over some axes written as what they are (NOTE [norms]), in place.
+
+    NOTE [norms]: ``v.norm(dim=-1)``, ``torch.linalg.vector_norm(v, dim=-1)`` and their kind
+    (the distances of a potential) have no rule of their own; as ``norm_root(sum(v * v, dim))``
+    they are a product, a sum and an elementwise root, each with closed-form derivatives that
+    every schedule takes (Taylor's too), where the norm as one call was a ``General`` step
+    differentiated by ``torch.func``. ``norm_root`` is sqrt with its derivatives taken as zero at
+    0 (the zero vector), where torch's norm takes its gradient zero."""
+    changed = False
+    for node in list(gm.graph.nodes):
+        spec = _two_norm(node)
+        if spec is None:
+            continue
+        v, dim, keepdim = spec
+        with gm.graph.inserting_before(node):
+            squares = gm.graph.call_function(operator.mul, (v, v))
+            total = gm.graph.call_function(torch.sum, (squares,), {"dim": dim, "keepdim": keepdim})
+            root = gm.graph.call_function(elementwise.norm_root, (total,))
+        node.replace_all_uses_with(root)
+        gm.graph.erase_node(node)
+        changed = True
+    if changed:
+        gm.recompile()
+
+
+_NORM_FUNCTIONS = {torch.norm, torch.functional.norm, torch.linalg.norm, torch.linalg.vector_norm}
+
+
+def _two_norm(node: fx.Node) -> tuple[fx.Node, Any, bool] | None:
+    """(v, dim, keepdim) of a call taking the 2-norm of v over the axes ``dim``, else None."""
+    if node.op == "call_method" and node.target == "norm":
+        names = ["p", "dim", "keepdim"]
+    elif node.op == "call_function" and node.target in _NORM_FUNCTIONS:
+        vector = node.target is torch.linalg.vector_norm
+        names = ["ord" if vector or node.target is torch.linalg.norm else "p", "dim", "keepdim"]
+    else:
+        return None
+    if not node.args or not isinstance(node.args[0], fx.Node):
+        return None
+    given = dict(zip(names, node.args[1:], strict=False))
+    for key, value in node.kwargs.items():
+        if key not in names and value is not None:
+            return None  # a dtype, out
+        given[key] = value
+    p, dim, keepdim = given.get(names[0], 2), given.get("dim"), given.get("keepdim", False)
+    if node.target is torch.linalg.norm and p is None:
+        p = 2
+    if p not in (2, 2.0) and not (p == "fro" and node.target is not torch.linalg.norm):
+        return None
+    dims = dim if isinstance(dim, (tuple, list)) else (dim,)
+    if not dims or not all(type(d) is int for d in dims) or not isinstance(keepdim, bool):
+        return None
+    if node.target is torch.linalg.norm and len(dims) != 1:
+        return None  # a matrix norm
+    return node.args[0], dim, keepdim
 
 
 class _ThreadTracer(fx.Tracer):

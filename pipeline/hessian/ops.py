@@ -119,6 +119,7 @@ _ELEMENTWISE_FUNCS: dict[str, tuple[list[Any], list[str]]] = {
     "sin": ([torch.sin, aten.sin], []),
     "cos": ([torch.cos, aten.cos], []),
     "sqrt": ([torch.sqrt, aten.sqrt], []),
+    "norm_root": ([elementwise.norm_root], []),
     "rsqrt": ([torch.rsqrt, aten.rsqrt], []),
     "reciprocal": ([torch.reciprocal, aten.reciprocal], []),
     "square": ([torch.square], []),

@@ -209,6 +209,17 @@ def _overhead(tape: Tape, passes: int, samples: int) -> int:
     return passes * len(tape.steps) * PASS_MACS // max(samples, 1)
 
 
+def curvatures(tape: Tape, plan: Plan, top: str) -> list[tuple[Segment, str]]:
+    """The segments M passes through under ``plan`` (from the output down) and the kind of M
+    at the bottom of each (``top``: its kind at the output)."""
+    out = []
+    kind = top
+    for seg in reversed(plan.segments[plan.cut :]):
+        kind, _ = _segment_m(tape, seg, kind, 1)
+        out.append((seg, kind))
+    return out
+
+
 def _segment_m(tape: Tape, seg: Segment, kind: str, k: int) -> tuple[str, int]:
     """M's kind below a segment and the cost of carrying it through."""
     if seg.stop - seg.start == 1 and is_fast(tape.steps[seg.start].rule):

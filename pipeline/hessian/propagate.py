@@ -26,21 +26,23 @@ def gradients(tape: Tape, g_top: Tensor) -> dict[int, Tensor]:
 
 
 def hessian_rows(
-    tape: Tape, plan: Plan, head: Curvature, g: dict[int, Tensor], rows: Rows, k: int
-) -> Tensor:
+    tape: Tape, plan: Plan, head: Curvature, g: dict[int, Tensor], rows: Rows, k: int,
+    m: Curvature | None = None,
+) -> Tensor:  # fmt: skip
     """H[:, :, rows] (N, K, R, D) of the K outputs by ``plan``.
 
     Args:
         tape: the graph on this batch; plan: from ``planner.make_plan`` (same graph).
         head: A = d^2 y / dz^2 at the output; g: from ``gradients``; rows: the rows.
+        m: M at the plan's cut (``cut_curvature``), where the caller computes several chunks of
+            rows; else it is computed here.
     """
     n, d = tape.n, tape.width(0)
     like = tape.values[0]
     if plan.zero:
         return like.new_zeros(n, k, len(rows), d)
-    m = head
-    for seg in reversed(plan.segments[plan.cut :]):
-        m = _segment(tape, seg, m, g)
+    if m is None:
+        m = cut_curvature(tape, plan, head, g)
     if plan.cut_step == 0:  # M-propagation down to x
         h = rows_of(m, rows.index, like)
     elif plan.bottom == REVERSE:
@@ -55,6 +57,15 @@ def hessian_rows(
     if h is None:
         return like.new_zeros(n, k, len(rows), d)
     return h.reshape(h.shape[0], k, len(rows), d).expand(n, k, len(rows), d)
+
+
+def cut_curvature(tape: Tape, plan: Plan, head: Curvature, g: dict[int, Tensor]) -> Curvature:
+    """M = d^2 y / dv^2 at the plan's cut, carried down from A = ``head`` at the output: the same
+    for every chunk of rows."""
+    m = head
+    for seg in reversed(plan.segments[plan.cut :]):
+        m = _segment(tape, seg, m, g)
+    return m
 
 
 def _segment(tape: Tape, seg: Segment, m: Curvature, g: dict[int, Tensor]) -> Curvature:

@@ -16,8 +16,19 @@ from torch import Tensor, nn
 
 from . import taylor
 from .graph import Tape, capture, record
-from .planner import LOCAL, OUTER, REVERSE, SCHEDULES, TAYLOR, Plan, head_kind, make_plan
-from .propagate import gradients, hessian_rows
+from .curvature import DENSE, DIAG, is_fast
+from .planner import (
+    LOCAL,
+    OUTER,
+    REVERSE,
+    SCHEDULES,
+    TAYLOR,
+    Plan,
+    all_plans,
+    curvatures,
+    head_kind,
+)
+from .propagate import cut_curvature, gradients, hessian_rows
 from .rows import Rows, select_rows
 from .targets import Target
 
@@ -33,16 +44,15 @@ def compute(
     """Hessian rows (N, K, R, D) and gradients (N, K, D) of the target's K outputs.
 
     Samples are processed in chunks of about ``memory_budget`` bytes, and rows in chunks where
-    one sample needs more.
+    one sample needs more (NOTE [budget]).
     """
     n, d, k = x.shape[0], x.shape[1:].numel(), target.n_outputs
     rows = select_rows(rows, d, x.device)
     r = len(rows)
     gm = capture(model)
     with torch.no_grad():
-        plan, per_sample = _plan(gm, x, target, r, schedules)
+        plan, per_sample = _plan(gm, x, target, r, schedules, memory_budget)
         step = max(1, memory_budget // max(per_sample, 1))
-        row_step = r if per_sample <= memory_budget else max(1, r * memory_budget // per_sample)
         hess = grads = None
         for s in range(0, n, step):
             whole = s == 0 and step >= n
@@ -59,9 +69,11 @@ def compute(
                 continue
             g = gradients(tape, g_top)
             grad = _input_gradient(g, tape, k)
+            row_step = row_chunk(tape, plan, r, k, memory_budget, head_kind(target.kind))
+            m = None if row_step >= r or plan.zero else cut_curvature(tape, plan, head, g)
             for c in range(0, r, row_step):
                 chunk = rows if row_step >= r else rows.chunk(c, c + row_step)
-                h = hessian_rows(tape, plan, head, g, chunk, k)
+                h = hessian_rows(tape, plan, head, g, chunk, k, m)
                 if step >= n and row_step >= r:
                     return h, grad
                 if hess is None:
@@ -72,23 +84,52 @@ def compute(
         return hess, grads
 
 
+def row_chunk(tape: Tape, plan: Plan, r: int, k: int, budget: int, top: str = DENSE) -> int:
+    """How many of the R rows one pass over ``tape``'s samples computes within ``budget`` bytes:
+    all where they fit, else as many as fit beside the memory that does not grow with the rows
+    (at least one)."""
+    fixed = bytes_per_sample(tape, plan, 0, k, top) * tape.n
+    total = bytes_per_sample(tape, plan, r, k, top) * tape.n
+    if total <= budget or r <= 1:
+        return r
+    per_row = max((total - fixed) // r, 1)
+    return int(min(r, max(1, (budget - fixed) // per_row)))
+
+
 _PLANS: weakref.WeakKeyDictionary[nn.Module, dict[tuple, tuple[Plan, int]]] = (
     weakref.WeakKeyDictionary()
 )
 
 
-def _plan(gm: nn.Module, x: Tensor, target: Target, r: int, schedules) -> tuple[Plan, int]:
+def _plan(
+    gm: nn.Module, x: Tensor, target: Target, r: int, schedules, budget: int
+) -> tuple[Plan, int]:
     """The plan and the bytes a sample needs, cached per graph, input shape, dtype, device,
-    target kind, K, R, schedules and samples a call, to a power of two (the graph's structure
-    does not depend on the values)."""
+    target kind, K, R, schedules, budget and samples a call, to a power of two (the graph's
+    structure does not depend on the values; a neighbour list found from them changes only the
+    widths of its steps).
+
+    NOTE [budget]: memory is part of the choice: of the plans whose working memory for one row
+    fits the budget (what ``compute`` needs at the least, rows being taken in chunks), the one
+    with the fewest counted multiply-adds; where none fits, the one needing the least memory.
+    A schedule whose memory grows with D and not with the rows (``outer``'s D tangents,
+    Taylor's D (D + 3) / 2) is thereby left out for large inputs: a 500-atom molecule's D = 1500
+    tangents at its 25,000 edges of 32 features would take 4.8 GB a tensor in float32.
+    """
     k = target.n_outputs
     samples = 1 << min(x.shape[0], 64).bit_length() - 1  # a power of two: few plans to cache
-    key = (tuple(x.shape[1:]), x.dtype, x.device, target.kind, k, r, schedules, samples)
+    key = (tuple(x.shape[1:]), x.dtype, x.device, target.kind, k, r, schedules, samples, budget)
     per_graph = _PLANS.setdefault(gm, {})
     if key not in per_graph:
         probe = record(gm, x[:2])
-        plan = make_plan(probe, r, k, head_kind(target.kind), schedules, samples)
-        per_graph[key] = (plan, bytes_per_sample(probe, plan, r, k))
+        plans = all_plans(probe, r, k, head_kind(target.kind), schedules, samples)
+        if not plans:
+            raise ValueError("no schedule applies: a step below every cut has a second-order term")
+        top = head_kind(target.kind)
+        least = {id(p): bytes_per_sample(probe, p, 1, k, top) for p in plans}
+        fits = [p for p in plans if least[id(p)] <= budget]
+        plan = min(fits, key=lambda p: p.cost) if fits else min(plans, key=lambda p: least[id(p)])
+        per_graph[key] = (plan, bytes_per_sample(probe, plan, r, k, top))
     return per_graph[key]
 
 
@@ -105,9 +146,11 @@ def _input_gradient(g: dict[int, Tensor], tape: Tape, k: int) -> Tensor:
     return g[0].reshape(tape.n, k, -1)
 
 
-def bytes_per_sample(tape: Tape, plan: Plan, r: int, k: int) -> int:
+def bytes_per_sample(tape: Tape, plan: Plan, r: int, k: int, top: str = DENSE) -> int:
     """Working memory of one sample under ``plan``: values, gradients, tangents and adjoints
-    below the cut, M above it."""
+    below the cut, M above it (``top``: the kind of A at the output; M is dense, diagonal or zero
+    below each segment as ``planner.curvatures`` says, and a segment M passes by tangent-adjoint
+    holds its width's tangents through its steps)."""
     if plan.bottom == TAYLOR:
         return (
             taylor.bytes_per_sample(tape)
@@ -117,8 +160,13 @@ def bytes_per_sample(tape: Tape, plan: Plan, r: int, k: int) -> int:
     widths = [tape.width(s.out) for s in tape.steps]
     total = sum(widths) + tape.width(0)
     below = widths[: plan.cut_step] + [tape.width(0)]
-    above = [tape.width(seg.bottom) for seg in plan.segments[plan.cut :]] + [tape.width(plan.top)]
-    m_part = 3 * k * max(w * w for w in above)
+    m_part = 0
+    for seg, kind in curvatures(tape, plan, top):
+        w = tape.width(seg.bottom)
+        m_part = max(m_part, 3 * k * {DENSE: w * w, DIAG: w}.get(kind, 0))
+        if not (seg.stop - seg.start == 1 and is_fast(tape.steps[seg.start].rule)):
+            inside = widths[seg.start : seg.stop] + [w]
+            m_part = max(m_part, w * sum(inside) + 3 * k * w * max(inside) + 3 * k * w * w)
     t_part = r * sum(below) + 3 * k * r * max(below)
     if plan.bottom in (REVERSE, LOCAL):
         t_part = 3 * tape.width(plan.cut_slot) * max(below) + k * r * tape.width(0)
