@@ -53,7 +53,8 @@ class Interaction(nn.Module):
         w = self.filter(rbf) * fcut.unsqueeze(-1)  # (E, F)
         x = self.in2f(h)  # (atoms, F)
         messages = x[src] * w  # (E, F)
-        aggregated = torch.zeros_like(x).index_add_(0, dst, messages)
+        index = dst.unsqueeze(-1).expand_as(messages)
+        aggregated = torch.zeros_like(x).scatter_add(0, index, messages)  # onto the atoms
         return self.f2out(aggregated)
 
 

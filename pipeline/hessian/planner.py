@@ -201,7 +201,17 @@ PASS_MACS = 100_000
 # What one multiply-add of the outer schedule's contractions costs, in those of a large matrix
 # product: per sample (R x F) (F x D) products with R, D in the tens run at an eighth of the rate
 # on the 2-core CPU (the pair potential's (15 x 160) (160 x 15) for 64 samples: 270 us, 9 GFLOP/s).
+# Larger R x D tiles run nearer the rate of a large product: the factor falls as 1 / (R D) from
+# CONTRACTION_TILE entries to 1 (a 24-atom potential's (72 x 17,664) (17,664 x 72) products for
+# 8 samples: outer took 1.7 s where tangent-adjoint took 2.5 s, which the factor 8 counted 2.7x
+# the cost of).
 CONTRACTION_MACS = 8
+CONTRACTION_TILE = 256
+
+
+def contraction_factor(r: int, d: int) -> float:
+    """The cost of one multiply-add of (R x F) (F x D) per-sample products (see above)."""
+    return max(1.0, CONTRACTION_MACS * min(1.0, CONTRACTION_TILE / max(r * d, 1)))
 
 
 def _overhead(tape: Tape, passes: int, samples: int) -> int:
@@ -257,11 +267,12 @@ def _outer_cost(tape: Tape, stop: int, slot: int, r: int, k: int, kind: str) -> 
     with its inputs' Jacobians (K R D F_in), and J_L^T M_L J_L at ``slot``."""
     d = tape.width(0)
     cost = _tangent_forward_cost(tape, 0, stop, 0, d, True)
+    factor = contraction_factor(r, d)
     for i in range(stop):
         rule = tape.steps[i].rule
         if rule.curved:
             width = sum(math.prod(s) for s in rule.shapes_in)
-            cost += 2 * k * r * rule.macs + CONTRACTION_MACS * k * r * d * width
+            cost += 2 * k * r * rule.macs + int(factor * k * r * d * width)
     return cost + (0 if kind == ZERO else _join_cost(tape, slot, r, k, kind))
 
 
