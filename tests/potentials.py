@@ -43,9 +43,7 @@ class Interaction(nn.Module):
 
     def __init__(self, width: int, n_rbf: int):
         super().__init__()
-        self.filter = nn.Sequential(
-            nn.Linear(n_rbf, width), nn.Softplus(), nn.Linear(width, width)
-        )
+        self.filter = nn.Sequential(nn.Linear(n_rbf, width), nn.Softplus(), nn.Linear(width, width))
         self.in2f = nn.Linear(width, width, bias=False)
         self.f2out = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
 

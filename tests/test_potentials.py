@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torch.func import jvp
 
 import pipeline
-from pipeline.hessian import diagonal, eigen
+from pipeline.hessian import diagonal, eigen, replay
 from pipeline.hessian.graph import capture, record
 from pipeline.hessian.methods import choose_method
 from pipeline.hessian.rules import Gather, Scatter
@@ -196,7 +196,7 @@ def _scatter_reference(index: Tensor, v: Tensor, n: int, size: int) -> Tensor:
 def test_gather_rule(case: IndexCase):
     torch.manual_seed(0)
     index = torch.tensor(case.index)
-    n, e = 2, index.shape[1]
+    e = index.shape[1]
     rule = Gather([(case.rows, *case.features)], (e, *case.features), index=index)
     t = torch.randn(case.lead, 3, case.rows, *case.features, dtype=torch.float64)
     out = rule.jvp([t])
@@ -305,3 +305,28 @@ def test_large_molecule_within_the_budget():
     print(f"500 atoms, D = 1500: {seconds:.0f} s, peak RSS {peak:.0f} MiB ({before:.0f} before)")
     assert err < 1e-4, f"relative error {err:.2e} of float32 rows against float64"
     assert peak - before < 1.5 * 1024, f"peak RSS {peak:.0f} MiB, {before:.0f} before the call"
+
+
+# --------------------------------------------------------------------------------------------
+# Replays (NOTE [replay]): a fixed edge list is replayed, a neighbour list found from the
+# positions is not; every call is exact.
+
+
+@pytest.mark.parametrize("neighbours", ["all", "radius"])
+def test_replayed_calls_stay_exact(monkeypatch, neighbours: str):
+    monkeypatch.setattr(replay, "TRACE_COST", 0.0)  # the second call at a key is traced
+    numbers, positions = random_molecule(6, seed=2)
+    torch.manual_seed(2)
+    model = MessagePassingPotential(numbers, cutoff=2.2, width=8, n_rbf=6,
+                                    neighbours=neighbours).double().eval()  # fmt: skip
+    edges = set()
+    for call in range(4):
+        x = trajectory(positions.double(), 3, noise=0.3, seed=10 + call)
+        h = pipeline.hessian(model, x, [0])
+        assert_close_to_max(h[:, 0], reference(model, x), 1e-9, f"{neighbours}, call {call}")
+        edges.add(len(model.edges(x)[0]))
+    if neighbours == "all":
+        assert (replay.traces(model), replay.refused(model)) == (1, 0)
+    else:
+        assert len(edges) > 1, "the neighbour lists did not change between the calls"
+        assert (replay.traces(model), replay.refused(model)) == (0, 1)

@@ -75,6 +75,17 @@ def _positive(m: Body, x: Tensor) -> Tensor:
     return F.softplus(m.fc(x)) + 0.5
 
 
+def _norms(m: Body, x: Tensor) -> Tensor:
+    """2-norms in their forms, each recorded as a product, a sum and ``norm_root`` (NOTE [norms]
+    in ``graph``)."""
+    return torch.cat([
+        torch.linalg.vector_norm(m.fc(x).view(-1, 4, 2), dim=-1),
+        m.fc(x).norm(dim=1, keepdim=True),
+        torch.norm(torch.tanh(m.fc(x)).view(-1, 2, 4), dim=(1,)),
+        torch.linalg.norm(m.fc(x).view(-1, 2, 4), dim=2),
+    ], 1)  # fmt: skip
+
+
 # Elementwise functions by name, with the input they need (log, sqrt, ... on positive values).
 ELEMENTWISE: dict[str, Callable[[Body, Tensor], Tensor]] = {
     "tanh": lambda m, x: torch.tanh(m.fc(x)),
@@ -97,10 +108,7 @@ ELEMENTWISE: dict[str, Callable[[Body, Tensor], Tensor]] = {
     "cos": lambda m, x: torch.cos(m.fc(x)),
     "pow": lambda m, x: m.fc(x) ** 3 + _positive(m, x) ** 1.5,
     "sqrt": lambda m, x: torch.sqrt(_positive(m, x)),
-    "norm_root": lambda m, x: torch.cat([  # 2-norms (NOTE [norms] in graph)
-        torch.linalg.vector_norm(m.fc(x).view(-1, 4, 2), dim=-1), m.fc(x).norm(dim=1,
-        keepdim=True), torch.norm(torch.tanh(m.fc(x)).view(-1, 2, 4), dim=(1,)),
-        torch.linalg.norm(m.fc(x).view(-1, 2, 4), dim=2)], 1),
+    "norm_root": lambda m, x: _norms(m, x),
     "rsqrt": lambda m, x: torch.rsqrt(_positive(m, x)),
     "reciprocal": lambda m, x: torch.reciprocal(_positive(m, x)),
     "square": lambda m, x: torch.square(m.fc(x)),
@@ -231,7 +239,7 @@ def _gather_scatter_forms(m: Body, x: Tensor) -> Tensor:
     hs = torch.gather(h, 0, src.unsqueeze(-1).expand(-1, 2))
     msg = torch.tanh(hs) * h[dst]
     a = torch.zeros_like(h).scatter_add_(0, dst.unsqueeze(-1).expand_as(msg), msg)
-    b = h.new_zeros(h.shape).index_put_((src,), msg ** 2, accumulate=True)
+    b = h.new_zeros(h.shape).index_put_((src,), msg**2, accumulate=True)
     c = torch.scatter_reduce(h, 0, dst.unsqueeze(-1).expand(-1, 2), msg, "sum")
     batch = torch.arange(x.shape[0]).repeat_interleave(4)
     per_sample = torch.zeros(x.shape[0], 2).scatter_add(0, batch.unsqueeze(-1).expand(-1, 2),

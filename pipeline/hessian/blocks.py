@@ -43,6 +43,7 @@ positions) is read in the open, and a call holding such a read is never replayed
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -118,14 +119,7 @@ class Blocks:
     def rows(self, device) -> Tensor:
         """(B, W): the row of axis 0 at each position of the batch-first layout; padding copies
         the sample's first row (or the first row of the first sample that has rows)."""
-        w = self.width
-        at = torch.arange(w, device=device)
-        counts = torch.tensor(self.counts, device=device)
-        offsets = self.offsets(device)
-        fallback = next((int(o) for o, c in zip(offsets.tolist(), self.counts, strict=True)
-                         if c), 0)  # fmt: skip
-        first = torch.where(counts > 0, offsets, torch.full_like(offsets, fallback))
-        return torch.where(at < counts[:, None], offsets[:, None] + at, first[:, None])
+        return _block_rows(self.counts, torch.device(device))
 
     def pads(self, device) -> Tensor:
         """(B, W) True at the padding."""
@@ -138,6 +132,18 @@ class Blocks:
             return t.reshape(self.samples, self.width, *t.shape[1:])
         rows = self.rows(t.device).reshape(-1)
         return t.index_select(0, rows).reshape(self.samples, self.width, *t.shape[1:])
+
+
+@functools.lru_cache(maxsize=64)
+def _block_rows(counts: tuple[int, ...], device: torch.device) -> Tensor:
+    """``Blocks.rows``, made once per layout and device."""
+    starts = [0]
+    for c in counts[:-1]:
+        starts.append(starts[-1] + c)
+    fallback = next((s for s, c in zip(starts, counts, strict=True) if c), 0)
+    rows = [[s + min(i, c - 1) if i < c else (s if c else fallback) for i in range(max(counts))]
+            for s, c in zip(starts, counts, strict=True)]  # fmt: skip
+    return torch.tensor(rows, dtype=torch.long, device=device).reshape(len(counts), -1)
 
 
 def single(n: int) -> Blocks:
@@ -325,19 +331,20 @@ def _record_gather(what, call, args: _Gather, ids, values, layouts, add, constan
     n = values[0].shape[0]
     src_slot, src, lay = _as_blocks(_slot_of(args.source, call, ids), values, layouts, add)
     index = args.index
-    with _analysis(constant):
-        if index.dtype == torch.bool:
-            if index.shape != (lay.length,):
-                raise Unsupported(f"{what} takes rows by a mask of another length")
+    if index.dtype == torch.bool:
+        if index.shape != (lay.length,):
+            raise Unsupported(f"{what} takes rows by a mask of another length")
+        with _analysis(constant):
             index = index.nonzero().squeeze(1)
-        rows = index % max(lay.length, 1)
+    rows = index % max(lay.length, 1)
+    owner = lay.owner(rows)
+    local = rows - lay.offsets(rows.device)[owner]
+    with _analysis(constant):
         if args.trailing is not None and not _per_row(args.trailing):
             raise Unsupported(f"{what} gathers other rows for different features")
-        owner = lay.owner(rows)
         if rows.numel() and not bool((owner[1:] >= owner[:-1]).all()):
             raise Unsupported(f"{what} gathers rows of the samples out of their order")
         out_lay = Blocks(tuple(torch.bincount(owner, minlength=n).tolist()))
-        local = rows - lay.offsets(rows.device)[owner]
         shared = lay.uniform and _shared(local, out_lay)
     if shared:
         index = local[: out_lay.width].unsqueeze(0)
@@ -391,16 +398,16 @@ def _record_scatter(what, call, args: _Scatter, ids, values, layouts, add, const
             raise Unsupported(f"{what} sums rows into a tensor of {length} rows, not a multiple "
                               f"of the {n} samples")  # fmt: skip
         out_lay = Blocks((length // n,) * n)
+    rows = args.index % max(out_lay.length, 1)
+    owner = out_lay.owner(rows)
+    local = rows - out_lay.offsets(rows.device)[owner]
     with _analysis(constant):
-        rows = args.index % max(out_lay.length, 1)
         if args.trailing is not None and not _per_row(args.trailing):
             raise Unsupported(f"{what} sums rows into other rows for different features")
-        owner = out_lay.owner(rows)
         counts = torch.tensor(src_lay.counts, device=rows.device)
         source_owner = torch.repeat_interleave(torch.arange(n, device=rows.device), counts)
         if not bool((owner == source_owner).all()):
             raise Unsupported(f"{what} sums rows of one sample into rows of another")
-        local = rows - out_lay.offsets(rows.device)[owner]
         shared = out_lay.uniform and _shared(local, src_lay)
     if shared:
         index = local[: src_lay.width].unsqueeze(0)
@@ -475,7 +482,12 @@ def _row_constants(call: Call, length: int) -> bool:
     found = []
 
     def visit(a):
-        if isinstance(a, Tensor) and not call.active(a) and a.dim() == ndim and a.shape[0] == length:
+        if (
+            isinstance(a, Tensor)
+            and not call.active(a)
+            and a.dim() == ndim
+            and a.shape[0] == length
+        ):
             found.append(a)
         elif isinstance(a, (tuple, list)):
             for b in a:
@@ -498,7 +510,7 @@ def _check_rowwise(what: str, rule: Rule, ins: list[Tensor], out: Tensor) -> Non
         raise Unsupported(f"{what} mixes the rows of the concatenated samples")
 
 
-def _rows(fn: Callable[..., Any], w: int) -> Callable[..., Any]:
+def _on_blocks(fn: Callable[..., Any], w: int) -> Callable[..., Any]:
     """``fn`` of tensors (rows, *s) applied to tensors in blocks (B', W, *s) -> (B', W, *s')."""
 
     def on_blocks(*ts):
@@ -539,14 +551,14 @@ def _widen(rule: Rule, lay: Blocks, call: Call, ins: list[Tensor]) -> Rule:
         ndim = len(rule.shape_out) + 1
         return replace(rule, **shapes, p=lay.canonical(rule.p), dim=rule.dim % ndim - ndim)
     if isinstance(rule, General):
-        return General(**shapes, fn=_rows(rule.fn, w), primals=tuple(ins))
+        return General(**shapes, fn=_on_blocks(rule.fn, w), primals=tuple(ins))
     if isinstance(rule, Fold):
         adjoint = rule.adjoint
         if isinstance(adjoint, Piece):
             adjoint = replace(adjoint, axis=adjoint.axis + 1)
         elif adjoint is not None:
-            adjoint = _rows(adjoint, w)
-        return Fold(**shapes, fn=_rows(rule.fn, w), cost=rule.cost * w, adjoint=adjoint)
+            adjoint = _on_blocks(adjoint, w)
+        return Fold(**shapes, fn=_on_blocks(rule.fn, w), cost=rule.cost * w, adjoint=adjoint)
     raise Unsupported(f"{_describe(call)} has no rule on the rows of concatenated samples")
 
 

@@ -283,7 +283,7 @@ def record(gm: fx.GraphModule, x: Tensor) -> Tape:
             output = slot[result]
             break
         shape_only = _shape_only(node)
-        if not shape_only and any(n in varying for n in node.all_input_nodes):
+        if not shape_only and any(n in varying for n in _value_inputs(node)):
             varying.add(node)
         bad = next((n for n in node.all_input_nodes if n in refused), None)
         if bad is not None and not shape_only:
@@ -316,8 +316,10 @@ def record(gm: fx.GraphModule, x: Tensor) -> Tape:
     if output in st.axes:
         raise Unsupported(f"its output has the batch axis at position {st.axes[output]}, not first")
     if output in st.layouts:
-        raise Unsupported("its output is the rows of the concatenated samples, not one row per "
-                          "sample (sum them per sample: index_add over the batch index)")  # fmt: skip
+        raise Unsupported(
+            "its output is the rows of the concatenated samples, not one row per sample (sum "
+            "them per sample: index_add over the batch index)"
+        )
     values = st.values
     return Tape(values, _pool_first(_live(st.steps, output), values), output)
 
@@ -341,7 +343,9 @@ class _State:
 
 
 def _run_node(gm: fx.GraphModule, node: fx.Node, env: dict) -> Any:
-    return _run(gm, node, map_arg(node.args, env.__getitem__), map_arg(node.kwargs, env.__getitem__))
+    return _run(
+        gm, node, map_arg(node.args, env.__getitem__), map_arg(node.kwargs, env.__getitem__)
+    )
 
 
 def _differentiable(value: Any) -> bool:
@@ -372,6 +376,19 @@ def _shape_only(node: fx.Node) -> bool:
     if node.op == "call_module":
         return node.target == "_guards_fn"  # an exported program's input checks
     return False
+
+
+# Tensor methods whose second argument gives only a shape or a dtype (an index expanded like the
+# messages it scatters: its values do not depend on the messages').
+_LIKE_METHODS = {"expand_as", "view_as", "reshape_as", "type_as"}
+
+
+def _value_inputs(node: fx.Node) -> list[fx.Node]:
+    """The input nodes whose values the node's value depends on."""
+    if node.op == "call_method" and node.target in _LIKE_METHODS and node.args:
+        first = node.args[0]
+        return [first] if isinstance(first, fx.Node) else []
+    return node.all_input_nodes
 
 
 def _in_place(node: fx.Node, module: nn.Module | None, kwargs: dict) -> bool:

@@ -15,8 +15,8 @@ import torch
 from torch import Tensor, nn
 
 from . import taylor
-from .graph import Tape, capture, record
 from .curvature import DENSE, DIAG, is_fast
+from .graph import Tape, capture, record
 from .planner import (
     LOCAL,
     OUTER,
