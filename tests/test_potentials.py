@@ -330,3 +330,24 @@ def test_replayed_calls_stay_exact(monkeypatch, neighbours: str):
     else:
         assert len(edges) > 1, "the neighbour lists did not change between the calls"
         assert (replay.traces(model), replay.refused(model)) == (0, 1)
+
+
+def test_sizes_with_a_proxy_are_traced_and_torch_is_left_as_it_was():
+    """``torch.zeros(B, 1)`` and ``buffer.expand(B, -1)`` with B from the input's shape: torch's
+    argument parser refuses a proxy among several sizes, the capture records them; afterwards
+    torch's functions are its own again."""
+
+    class Sizes(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("w", torch.randn(1, 3))
+
+        def forward(self, x: Tensor) -> Tensor:
+            base = torch.zeros(x.shape[0], 1, dtype=x.dtype) + self.w.expand(x.shape[0], -1)
+            return torch.tanh(x * base).sum(-1, keepdim=True)
+
+    zeros, expand = torch.zeros, torch.Tensor.expand
+    model, x = Sizes().double(), torch.randn(2, 3, dtype=torch.float64)
+    h = pipeline.hessian(model, x, [0], method="structured")
+    assert_close_to_max(h[:, 0], reference(model, x), 1e-9, "sizes")
+    assert torch.zeros is zeros and torch.Tensor.expand is expand

@@ -172,21 +172,34 @@ _SIZE_METHODS = ("expand", "view", "reshape", "repeat", "new_zeros", "new_ones",
                  "new_full")  # fmt: skip
 
 
+_PATCHING = threading.Lock()
+_PATCHED: list[tuple[Any, str, Any]] = []  # (owner, name, original) while any trace runs
+_TRACES = [0]  # traces running (threads trace at once: the first patches, the last restores)
+
+
 @contextlib.contextmanager
 def _sizes_take_proxies():
     """While a model is traced: the functions and tensor methods above record a call when a
     proxy is among their arguments (as ``fx`` does for one proxy); any other call, another
     thread's included, goes to torch as it is."""
-    patched = [(torch, name) for name in _SIZE_FUNCTIONS]
-    patched += [(torch.Tensor, name) for name in _SIZE_METHODS]
-    originals = [getattr(owner, name) for owner, name in patched]
-    for (owner, name), fn in zip(patched, originals, strict=True):
-        setattr(owner, name, _taking_proxies(fn, method=owner is torch.Tensor, name=name))
+    with _PATCHING:
+        if _TRACES[0] == 0:
+            owners = [(torch, name) for name in _SIZE_FUNCTIONS]
+            owners += [(torch.Tensor, name) for name in _SIZE_METHODS]
+            for owner, name in owners:
+                fn = getattr(owner, name)
+                _PATCHED.append((owner, name, fn))
+                setattr(owner, name, _taking_proxies(fn, owner is torch.Tensor, name))
+        _TRACES[0] += 1
     try:
         yield
     finally:
-        for (owner, name), fn in zip(patched, originals, strict=True):
-            setattr(owner, name, fn)
+        with _PATCHING:
+            _TRACES[0] -= 1
+            if _TRACES[0] == 0:
+                for owner, name, fn in _PATCHED:
+                    setattr(owner, name, fn)
+                _PATCHED.clear()
 
 
 def _taking_proxies(fn, method: bool, name: str):
