@@ -198,13 +198,22 @@ class GatherScatterPotential(MessagePassingPotential):
 
 
 class IndexPutPotential(MessagePassingPotential):
-    """The same potential with ``index_put_(..., accumulate=True)`` onto the atoms and the
-    molecule's energy as a view and a sum over its atoms."""
+    """The same potential with ``index_put_(..., accumulate=True)`` onto the atoms, the
+    molecule's energy as a view and a sum over its atoms, and a radius list made as
+    ``radius_graph`` makes it: the distances between all atoms of the batch (``torch.cdist`` of
+    the concatenated positions), kept within the cutoff and within a molecule."""
 
     def forward(self, positions: Tensor) -> Tensor:
         batch_size, n_atoms, _ = positions.shape
         pos = positions.flatten(0, 1)
-        src, dst = self.edges(positions)
+        if self.neighbours == "radius":
+            batch = torch.arange(batch_size, device=pos.device).repeat_interleave(n_atoms)
+            same = batch.unsqueeze(0) == batch.unsqueeze(1)
+            close = torch.cdist(pos, pos) < self.cutoff
+            src, dst = torch.nonzero(close & same & ~torch.eye(pos.shape[0], dtype=torch.bool,
+                                                               device=pos.device)).T  # fmt: skip
+        else:
+            src, dst = self.edges(positions)
         vec = pos[dst] - pos[src]
         dist = torch.linalg.vector_norm(vec, dim=-1)
         rbf = self.rbf(dist)

@@ -351,3 +351,20 @@ def test_sizes_with_a_proxy_are_traced_and_torch_is_left_as_it_was():
     h = pipeline.hessian(model, x, [0], method="structured")
     assert_close_to_max(h[:, 0], reference(model, x), 1e-9, "sizes")
     assert torch.zeros is zeros and torch.Tensor.expand is expand
+
+
+class RowsMixed(nn.Module):
+    """Atoms of all samples in one axis, then a call across all of its rows (a cumulative sum):
+    the rows of one sample depend on the others'."""
+
+    def forward(self, positions: Tensor) -> Tensor:
+        pos = positions.reshape(-1, 3)
+        energy = torch.tanh(torch.cumsum(pos * pos, 0)).sum(-1)
+        return energy.view(positions.shape[0], -1).sum(1, keepdim=True)
+
+
+def test_a_call_across_the_rows_of_all_samples_is_refused():
+    from pipeline.hessian.ops import Unsupported
+
+    with pytest.raises(Unsupported, match="mixes the rows"):
+        record(capture(RowsMixed()), torch.randn(2, 4, 3, dtype=torch.float64))

@@ -499,15 +499,26 @@ def _row_constants(call: Call, length: int) -> bool:
 
 
 def _check_rowwise(what: str, rule: Rule, ins: list[Tensor], out: Tensor) -> None:
-    """A widened ``Fold`` or ``General`` step must give the output from the values in blocks."""
-    try:
-        fn = rule.fn
-        got = fn(*ins)
-    except Exception as err:  # noqa: BLE001 - e.g. a size that names the rows of all samples
-        raise Unsupported(f"{what} depends on the number of rows of all samples "
-                          f"({type(err).__name__})") from err  # fmt: skip
-    if not isinstance(got, Tensor) or got.shape != out.shape:
-        raise Unsupported(f"{what} mixes the rows of the concatenated samples")
+    """A widened ``Fold`` or ``General`` step must give the output from the values in blocks,
+    and the first and the last sample's rows alone the same as with the others' (a call that
+    mixes rows, such as ``torch.cdist`` of all rows or a cumulative sum, would not). Checked
+    outside a replay's trace: whether a call mixes rows does not depend on the values."""
+    ends = [slice(0, 1), slice(out.shape[0] - 1, out.shape[0])] if out.shape[0] > 1 else []
+    with _disable_current_modes():
+        try:
+            got = rule.fn(*ins)
+            alone = [(end, rule.fn(*[t[end] for t in ins])) for end in ends]
+        except Exception as err:  # noqa: BLE001 - e.g. a size that names the rows of all samples
+            raise Unsupported(f"{what} depends on the number of rows of all samples "
+                              f"({type(err).__name__})") from err  # fmt: skip
+        if not isinstance(got, Tensor) or got.shape != out.shape:
+            raise Unsupported(f"{what} mixes the rows of the concatenated samples")
+        scale = float(got.abs().max()) if got.numel() else 0.0
+        for end, part in alone:
+            if part.shape != got[end].shape or not torch.allclose(
+                part, got[end], rtol=1e-4, atol=1e-6 * scale
+            ):
+                raise Unsupported(f"{what} mixes the rows of the concatenated samples")
 
 
 def _on_blocks(fn: Callable[..., Any], w: int) -> Callable[..., Any]:

@@ -13,7 +13,10 @@ another thread (a Dask worker's) runs a forward.
 A ``torch.export`` program (``model=exported``) is already a graph of ATen ops; tracing its module
 gives those ops as nodes, and ``ops`` has rules for the common ones. A model whose ``forward``
 branches on tensor values cannot be traced: ``capture`` says why and the caller falls back to
-``forward_over_reverse``.
+``forward_over_reverse``. Sizes taken from the input among several arguments
+(``torch.zeros(x.shape[0], 1)``, ``buffer.expand(x.shape[0], -1)``) fail in torch's argument
+parser before ``fx`` sees them; while a model is traced those functions record the call instead
+(``_sizes_take_proxies``).
 
 NOTE [batch axis]: every rule works on values whose batch axis is first. Attention code moves
 it (``qkv.reshape(B, T, 3, H, d).permute(2, 0, 3, 1, 4).unbind(0)``: the batch axis is second
@@ -23,7 +26,17 @@ tensors whose batch axis has a size no other axis has, and records the step on b
 values: the call wrapped between ``movedim``s, as a ``Fold`` for linear reshuffles (permute,
 transpose, unbind, select, indexing) or a ``General`` step for a nonlinear one. The slot keeps
 the batch-first value; the run itself goes on with the tensor as the model made it. A call
-whose arguments name the batch size there (a reshape) is refused with its reason.
+whose arguments name the batch size there (a reshape) is refused with its reason. Samples
+concatenated along axis 0 (message passing: ``pos.reshape(-1, 3)``) are blocks of rows: NOTE
+[blocks] in ``blocks``.
+
+NOTE [refused steps]: a float result the recorder cannot describe (a call that mixes the samples,
+say) refuses the model only where the output depends on it: the node is marked with its reason,
+every float computed from it inherits the mark, and the capture is refused when a marked node is
+the output. Integer and boolean results computed from it are fine (no derivative passes through
+them): ``torch.cdist`` of the concatenated positions of all samples, compared with a cutoff for
+a neighbour list, is such a node. The recorder also notes which nodes depend on x at all
+(integers too): an index tensor that does not is analysed once per call key (NOTE [blocks]).
 
 A ``Tape`` is the graph run on a batch x (N, *S): the values of every tensor that depends on x
 (its "slots"), and the steps between them in topological order, each with its ``Rule``.
