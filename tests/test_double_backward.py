@@ -287,8 +287,10 @@ def test_refused_only_when_autograd_cannot_differentiate_twice():
     for name in ("forward_over_reverse", "reverse_over_reverse", "autograd"):
         assert f"{name} failed on a probe" in message, name
     assert "the derivative for '_cdist_backward' is not implemented" in message
-    assert message.endswith("(the last method, plain torch.autograd, must be able to differentiate the "
-                            "forward twice) (argument: model)")  # fmt: skip
+    assert message.endswith(
+        "(the last method, plain torch.autograd, must be able to differentiate the forward twice) "
+        "(argument: model)"
+    )
 
 
 def test_chunks_fit_the_budget():
