@@ -327,3 +327,18 @@ def test_a_forward_outside_autograd_is_refused_not_zero(whole):
     model = torch.jit.script(Detached(whole)).double().eval()  # (autograd is the only method)
     with pytest.raises(ArgumentError, match="outside autograd's view of its input"):
         pipeline.hessian(model, torch.randn(2, 6, dtype=torch.float64), [0])
+
+
+@pytest.mark.parametrize("name, factory, inputs, outputs", [c[:4] for c in CASES],
+                         ids=[c[0] for c in CASES])  # fmt: skip
+def test_products_for_lanczos_match_float64(name, factory, inputs, outputs):
+    """H_k v by double backward (the block Lanczos products of models only autograd takes)."""
+    torch.manual_seed(0)
+    model = factory().double().eval()
+    x = inputs()
+    target = make_target(outputs, model(x).detach())
+    d = x.shape[1:].numel()
+    v = torch.randn(len(x), len(outputs), 3, d, dtype=torch.float64)
+    got = double_backward.products(model, x, target)(v)
+    expected = v @ _reference(model, x, outputs)  # H symmetric: v H = (H v^T)^T
+    assert_close_to_max(got, expected, REL, name)

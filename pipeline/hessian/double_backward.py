@@ -23,6 +23,7 @@ so that both fit the memory budget (``chunks``).
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -127,17 +128,24 @@ def _first(y: Tensor, xb: Tensor, retain: bool) -> Tensor | None:
 def _rows(g: Tensor, xb: Tensor, index: Tensor, batched: bool, out: Tensor) -> None:
     """Rows ``index`` (c,) of every sample's Hessian, from the gradient g (b, *S) of x (b, *S),
     into out (b, c, D)."""
-    b, d = xb.shape[0], xb.shape[1:].numel()
+    d = xb.shape[1:].numel()
     seeds = torch.zeros(len(index), d, dtype=xb.dtype, device=xb.device)
     seeds[torch.arange(len(index), device=xb.device), index] = 1
     seeds = seeds.view(len(index), 1, *xb.shape[1:]).expand(len(index), *xb.shape)
+    _backward(g, xb, seeds, batched, out)
+
+
+def _backward(g: Tensor, xb: Tensor, seeds: Tensor, batched: bool, out: Tensor) -> None:
+    """The Hessian applied to seeds (c, b, *S) of every sample, d<g, seed>/dx, into
+    out (b, c, D): one batched backward, or one backward per seed."""
+    b, c, d = xb.shape[0], seeds.shape[0], xb.shape[1:].numel()
     if batched:
         (h,) = torch.autograd.grad(g, xb, seeds, retain_graph=True, is_grads_batched=True,
                                    allow_unused=True)  # fmt: skip
         if h is not None:
-            out.copy_(h.reshape(len(index), b, d).transpose(0, 1))
+            out.copy_(h.reshape(c, b, d).transpose(0, 1))
         return
-    for j in range(len(index)):
+    for j in range(c):
         (h,) = torch.autograd.grad(g, xb, seeds[j], retain_graph=True, allow_unused=True)
         if h is not None:
             out[:, j] = h.reshape(b, d)
@@ -218,3 +226,33 @@ def _independent(model: nn.Module, x: Tensor) -> bool:
     return alone.shape == together.shape and bool(
         ((alone - together).abs() <= 1e-4 * scale + 1e-6).all()
     )
+
+
+def products(model: nn.Module, x: Tensor, target: Target) -> Callable[[Tensor], Tensor]:
+    """Hessian-vector products of the samples x (n, *S) by double backward, for block Lanczos.
+
+    The gradient graphs are built once (every output's, one forward shared by the samples where
+    they may share it), and each call is one backward per output: ``apply(v)`` maps vectors
+    v (n, K, b, D) to H_k v (n, K, b, D).
+    """
+    plan = _plan(model, x, target)
+    n, k = x.shape[0], target.n_outputs
+    groups = [(0, n)] if plan.shared else [(s, s + 1) for s in range(n)]
+    graphs = []  # (xb, [g_k or None]) per group
+    with torch.enable_grad():
+        for s, e in groups:
+            xb = x[s:e].detach().requires_grad_(True)
+            y = target.subset(s, e).values(model(xb))
+            gs = [_first(y[:, j], xb, retain=True) for j in range(k)]
+            graphs.append((xb, [g if g is not None and g.requires_grad else None for g in gs]))
+
+    def apply(v: Tensor) -> Tensor:
+        out = v.new_zeros(v.shape)
+        for (s, e), (xb, gs) in zip(groups, graphs, strict=True):
+            for j, g in enumerate(gs):
+                if g is not None:
+                    seeds = v[s:e, j].transpose(0, 1).reshape(-1, e - s, *x.shape[1:])
+                    _backward(g, xb, seeds, plan.batched, out[s:e, j])
+        return out
+
+    return apply
