@@ -16,7 +16,7 @@ from ..config.schema import OutputConf
 from ..errors import PipelineError
 from ..hessian import diagonal, eigen, factored
 from ..hessian.errors import ArgumentError
-from ..hessian.methods import METHODS
+from ..hessian.methods import compute_rows, handover
 from ..hessian.targets import Target
 from ..store.plan import Block, Plan
 from ..store.schema import numbers
@@ -49,9 +49,15 @@ class Work:
         names, on the host, and None."""
         if self.kind == "dense":
             rows = slice(block.r0, block.r1)  # a slice of all D rows lets a method use symmetry
-            hess, grad = METHODS[self.method].compute(model, x, target, rows, budget)
+            hess, grad = self._rows(model, x, target, rows, budget)
             return hess, (grad if block.r0 == 0 else None)
         return {k: _host(v) for k, v in self._part(model, x, target, budget).items()}, None
+
+    def _rows(self, model, x, target, rows, budget) -> tuple[Tensor, Tensor]:
+        """Rows by the job's method; where it fails on a block although its probe passed, the
+        rest of ``auto``'s chain takes over (``pipeline.hessian.methods.compute_rows``)."""
+        after = handover(self.method, self.requested)
+        return compute_rows(self.method, after, self.requested, model, x, target, rows, budget)
 
     def _part(self, model, x, target, budget) -> dict[str, Tensor]:
         o = self.output
@@ -60,13 +66,13 @@ class Work:
             return {"diagonal": diag, "gradient": grad}
         if self.kind == "rows":
             rows = torch.as_tensor(list(o.rows), device=x.device)
-            hess, grad = METHODS[self.method].compute(model, x, target, rows, budget)
+            hess, grad = self._rows(model, x, target, rows, budget)
             return {"hessian": hess, "gradient": grad}
         if self.kind == "eigen":
             values, vectors, residuals = eigen(
                 model, x, target, o.k, str(o.which), o.tol, budget, self.requested
             )
-            grad = METHODS[self.method].compute(model, x, target, slice(0, 1), budget)[1]
+            grad = self._rows(model, x, target, slice(0, 1), budget)[1]
             return {"eigenvalues": values, "eigenvectors": vectors, "residuals": residuals,
                     "gradient": grad}  # fmt: skip
         if self.kind == "factored":

@@ -101,7 +101,7 @@ def eigen(
         choice = choose_method(method, model, target, x, checked=True)
         n_out = target.n_outputs
         if d <= dense_limit and 3 * n_out * d * d * x.element_size() <= budget:
-            return _dense(choice.method.compute, model, x, target, k, which, budget)
+            return _dense(choice.compute, model, x, target, k, which, budget)
         reverse = method == "reverse_over_reverse"
         return _lanczos(model, x, target, k, which, tol, budget, max_krylov, seed, reverse)
 
