@@ -139,6 +139,7 @@ def test_a_batch_is_its_geometries_one_by_one(kind):
     assert (together - together.mean()).abs().max() > 1e-6  # the geometries differ
 
 
+@pytest.mark.usefixtures("float64_default")  # MACE's data pipeline keeps the default dtype
 def test_mace_energy_equals_maces_own_radius_graph():
     """Every pair an edge (ours) and MACE's own data pipeline (pairs within r_max = 5 A) give the
     same energy: a chain 12 A long, so that most pairs lie beyond the cutoff."""
@@ -157,7 +158,7 @@ def test_mace_energy_equals_maces_own_radius_graph():
     atomic = data.AtomicData.from_config(config, z_table=table, cutoff=5.0)
     loader = torch_geometric.dataloader.DataLoader([atomic], batch_size=1)
     batch = next(iter(loader)).to_dict()
-    batch = {k: v.double() if v.is_floating_point() else v for k, v in batch.items()}
+    assert batch["positions"].dtype == torch.float64
     within = batch["edge_index"].shape[1]
     assert 0 < within < 9 * 8  # the cutoff removed pairs
     own = net.model(batch, training=False, compute_force=False)["energy"]
@@ -188,14 +189,14 @@ def test_mace_seed_and_architecture_options():
 
     numbers, x = geometries("H2O", 2)
     base = potential("mace", numbers)
+    other = mace_energy(numbers, seed=1, hidden_irreps="8x0e + 8x1o", num_interactions=1)
     with torch.no_grad():
         e0 = base(x)
         same = mace_energy(numbers, seed=0).double()(x)
-        other = mace_energy(numbers, seed=1).double()(x)
-        small = mace_energy(numbers, hidden_irreps="8x0e + 8x1o", num_interactions=1).double()
+        e1 = other.double()(x)
     assert torch.equal(e0, same)
-    assert (other - e0).abs().max() > 1e-6
-    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in base.parameters())
+    assert (e1 - e0).abs().max() > 1e-6
+    assert sum(p.numel() for p in other.parameters()) < sum(p.numel() for p in base.parameters())
 
 
 def test_mace_saved_model_loads_only_when_trusted(tmp_path):
@@ -257,9 +258,15 @@ CLI = {
 }
 
 
-@pytest.fixture(scope="module")
-def cli_runs(tmp_path_factory):
-    """Both runs started side by side: {kind: (process, result file, positions)}."""
+@pytest.fixture(scope="module", autouse=True)
+def cli_runs(request, tmp_path_factory):
+    """Both runs, started side by side when this module's first test starts (they overlap with
+    the other tests), if a command-line test is selected: {kind: (process, file, numbers, x)}."""
+    here = request.node.path
+    if not any(item.path == here and item.name.startswith("test_command_line")
+               for item in request.session.items):  # fmt: skip
+        yield {}
+        return
     tmp = tmp_path_factory.mktemp("atoms_cli")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     env.pop("HYDRA_FULL_ERROR", None)
@@ -340,9 +347,13 @@ TIMM_CASES = [
     TimmCase("poolformerv2_s12", "autograd", torch.float64, 2),
     TimmCase("levit_128s", "auto", torch.float32, 1),
     TimmCase("levit_128s", "auto", torch.float64, 2),
-    TimmCase("levit_128s", "autograd", torch.float64, 1),
-    TimmCase("levit_128s", "autograd", torch.float64, 2),
-]
+    # method=autograd raises here: its finite-difference check (on one sample) sees torch's
+    # wrong BatchNorm gradient (with two samples sharing a forward the rows would be exact)
+    *(pytest.param(TimmCase("levit_128s", "autograd", torch.float64, n),
+                   marks=pytest.mark.xfail(raises=RuntimeError, strict=True,
+                                           reason="torch 2.13 CPU BatchNorm2d backward, see TIMM"))
+      for n in (1, 2)),
+]  # fmt: skip
 
 
 class ChannelAffine(nn.Module):
@@ -399,7 +410,9 @@ def _timm_model(name: str) -> nn.Module:
         torch.set_default_dtype(previous)
 
 
-@pytest.mark.parametrize("case", TIMM_CASES, ids=lambda c: c.id)
+@pytest.mark.parametrize(
+    "case", TIMM_CASES, ids=lambda c: c.id if isinstance(c, TimmCase) else None
+)
 def test_timm_model_is_exact(case):
     """Whatever method ``auto`` picks (or the one named), sampled rows equal float64 double
     backward rows of the BatchNorm-free copy: to 1e-9 in float64, to float32 rounding (1e-4 of the
