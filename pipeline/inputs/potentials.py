@@ -162,9 +162,11 @@ def mace_energy(
             or untrusted model file, or mace-torch not installed.
     """
     numbers = _numbers(atomic_numbers)
+    if model_path is not None:
+        _check_model_file(str(model_path), trust)  # before the slow import
     modules = _import("mace.modules", "mace-torch")
     if model_path is not None:
-        model = _load_mace(str(model_path), trust)
+        model = _load_mace(str(model_path))
     else:
         import numpy as np
         from e3nn import o3
@@ -197,16 +199,20 @@ def mace_energy(
     return MACEEnergy(model, numbers).eval()
 
 
-def _load_mace(path: str, trust: bool) -> nn.Module:
-    key = "model.net.model_path"
+def _check_model_file(path: str, trust: bool) -> None:
     if not Path(path).is_file():
-        raise PipelineError(f"MACE model file {path!r} not found", key)
+        raise PipelineError(f"MACE model file {path!r} not found", "model.net.model_path")
     if not trust:
         raise PipelineError(
             f"loading the MACE model {path!r} unpickles it, which can run any code the file "
             "contains: set model.net.trust=true if you trust this file",
             "model.net.trust",
         )
+
+
+def _load_mace(path: str) -> nn.Module:
+    """The module saved in ``path`` (checked and trusted by ``_check_model_file``)."""
+    key = "model.net.model_path"
     try:
         model = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:
