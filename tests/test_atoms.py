@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 import pipeline
 from pipeline.errors import PipelineError
+from pipeline.hessian.errors import ArgumentError
 from tests.zoo import assert_close, assert_close_to_max
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -347,13 +348,21 @@ TIMM_CASES = [
     TimmCase("poolformerv2_s12", "autograd", torch.float64, 2),
     TimmCase("levit_128s", "auto", torch.float32, 1),
     TimmCase("levit_128s", "auto", torch.float64, 2),
-    # method=autograd raises here: its finite-difference check (on one sample) sees torch's
-    # wrong BatchNorm gradient (with two samples sharing a forward the rows would be exact)
-    *(pytest.param(TimmCase("levit_128s", "autograd", torch.float64, n),
-                   marks=pytest.mark.xfail(raises=RuntimeError, strict=True,
-                                           reason="torch 2.13 CPU BatchNorm2d backward, see TIMM"))
-      for n in (1, 2)),
-]  # fmt: skip
+]
+
+
+@pytest.mark.parametrize("samples", [1, 2])
+def test_autograd_refuses_levit_instead_of_a_wrong_hessian(samples):
+    """method=autograd's probe (one sample) compares the gradient with differences of the
+    outputs and sees torch's wrong BatchNorm gradient (see TIMM): one line, no numbers."""
+    model = _timm_model("levit_128s")
+    x = torch.randn(samples, 3, 32, 32, generator=torch.Generator().manual_seed(1),
+                    dtype=torch.float64)  # fmt: skip
+    with pytest.raises(ArgumentError) as err:
+        pipeline.hessian(model, x, [1], [0, 1], method="autograd")
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("no method can differentiate the model")
+    assert "autograd failed on a probe" in message and "disagrees with differences" in message
 
 
 class ChannelAffine(nn.Module):

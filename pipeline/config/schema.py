@@ -408,5 +408,7 @@ def fingerprint(cfg: dict[str, Any], *extra: str) -> str:
     }
     model = cfg.get("model", {})
     numeric["model"] = {k: v for k, v in model.items() if k != "trust"}  # consent, not a number
+    if isinstance(model.get("net"), dict):  # a factory's own consent key (mace_energy's trust)
+        numeric["model"]["net"] = {k: v for k, v in model["net"].items() if k != "trust"}
     blob = json.dumps(numeric, sort_keys=True, default=str) + "".join(extra)
     return hashlib.sha256(blob.encode()).hexdigest()

@@ -180,7 +180,8 @@ def _check_gradient(model: nn.Module, x1: Tensor, target: Target, g: Tensor | No
     central differences of the outputs, else autograd's zeros would be silent and wrong.
 
     Raises:
-        RuntimeError: they disagree by more than a few percent.
+        RuntimeError: they disagree by more than a few percent (then the Hessian that autograd
+            gives cannot be trusted either); ``auto``'s chain says so in its one line.
     """
     gen = torch.Generator().manual_seed(0)
     v = torch.randn(x1.shape, generator=gen, dtype=x1.dtype).to(x1.device)
@@ -194,8 +195,8 @@ def _check_gradient(model: nn.Module, x1: Tensor, target: Target, g: Tensor | No
     if abs(exact - numeric) > 0.05 * (abs(exact) + abs(numeric)) + rounding:
         raise RuntimeError(
             f"autograd's gradient ({exact:.4g} in a random direction) disagrees with differences "
-            f"of the outputs ({numeric:.4g}): the forward computes part of its output outside "
-            "autograd's view of its input (detach(), .numpy())"
+            f"of the outputs ({numeric:.4g}): autograd does not see how the output depends on the "
+            "input (a detach() or .numpy() in the forward, or a wrong backward)"
         )
 
 

@@ -170,8 +170,9 @@ def choose_method(
     ``auto`` walks its chain (graph path, forward over reverse, reverse over reverse, autograd)
     and takes the first method that supports the model and computes a probe (the first sample, a
     few rows) without an error; ``forward_over_reverse`` hands over to reverse over reverse the
-    same way (ops without forward-mode AD). Cached per model, input shape, dtype, device and
-    target kind.
+    same way (ops without forward-mode AD); ``autograd`` is probed too (it refuses a forward
+    whose gradient disagrees with differences of its outputs). Cached per model, input shape,
+    dtype, device and target kind.
 
     Raises:
         ArgumentError: an unknown name; a named method that does not support the model; no
@@ -191,7 +192,7 @@ def choose_method(
                 f"method {name!r} does not support this model: {reason}; use method='auto'",
                 "method",
             )
-        if name != "forward_over_reverse":
+        if name not in ("forward_over_reverse", LAST):  # (these two are probed: see below)
             return Choice(METHODS[name], requested=name)
     key = (name, tuple(x.shape[1:]), x.dtype, x.device, target.kind, target.n_outputs)
     per_model = _CHOICES.setdefault(model, {})
@@ -202,7 +203,7 @@ def choose_method(
 
 def _walk_chain(name: str, model: nn.Module, x: Tensor, target: Target, support) -> Choice:
     passed: list[str] = []
-    chain = list(GENERIC_ORDER)
+    chain = [LAST] if name == LAST else list(GENERIC_ORDER)
     if name == "auto" and support.transformable:
         passed.append(f"{support.transformable} (not the graph path, {', '.join(chain)})")
         chain = [LAST]
@@ -218,7 +219,7 @@ def _walk_chain(name: str, model: nn.Module, x: Tensor, target: Target, support)
         passed.append(f"{candidate} failed on a probe ({failure})")
     hint = (
         "the last method, plain torch.autograd, must be able to differentiate the forward twice"
-        if name == "auto"
+        if name in ("auto", LAST)
         else "torch.func must be able to transform its forward: no .numpy(), .item() or branches "
         "on tensor values; method=auto also tries plain autograd"
     )
