@@ -39,7 +39,7 @@ from pipeline.inputs.atoms import frequencies, with_atomic_numbers  # noqa: E402
 from pipeline.inputs.data import load_data  # noqa: E402
 from pipeline.results import inspect as inspect_cli  # noqa: E402
 from pipeline.results.plots import write_reports  # noqa: E402
-from tests.springs import Springs, dimer_eigenvalues, dimer_hessian, spring_energy  # noqa: E402
+from tests.springs import dimer_eigenvalues, dimer_hessian, spring_energy  # noqa: E402
 from tests.zoo import assert_close  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,6 +91,7 @@ SLICES = [
     ("water.extxyz", 0, None, None, [0, 1, 2, 3, 4, 5]),
     ("water.extxyz", 2, 5, None, [2, 3, 4]),
     ("water.extxyz", 0, None, [4, 1, 4, 0], [4, 1, 4, 0]),
+    ("water.extxyz", 0, None, [5, 0, 2], [5, 0, 2]),
     ("water.traj", 1, 3, None, [1, 2]),
     ("water.traj", 0, None, [5, 2], [5, 2]),
     ("water.xyz", 3, None, None, [3, 4, 5]),
@@ -122,7 +123,8 @@ PARSERS = [
 
 @pytest.mark.parametrize(("name", "parser"), PARSERS, ids=[p[0] for p in PARSERS])
 @pytest.mark.parametrize(("start", "stop", "indices", "parsed"), [
-    (2, 4, None, 2), (0, 1, None, 1), (0, None, [3, 1], 3), (5, None, None, 1),
+    (2, 4, None, 2), (0, 1, None, 1), (5, None, None, 1), (0, None, [3, 1], 2),
+    (0, None, [0, 5, 2, 2], 3), (0, None, [4, 1, 2, 3, 5], 5),
 ])  # fmt: skip
 def test_only_the_slices_frames_are_parsed(files, monkeypatch, name, parser, start, stop,
                                            indices, parsed):  # fmt: skip
@@ -384,11 +386,17 @@ def test_the_fingerprint_covers_the_masses(files, tmp_path):
     with h5py.File(light, "r") as a, h5py.File(heavy, "r") as b:
         np.testing.assert_array_equal(a["inputs"][()], b["inputs"][()])  # the same positions
         assert a.attrs["fingerprint"] != b.attrs["fingerprint"]
-    _run(tmp_path, files / "water.extxyz", "output=diagonal", "storage.mode=resume",
-         name="light.h5")  # the same run: complete already
+    _run(
+        tmp_path, files / "water.extxyz", "output=diagonal", "storage.mode=resume", name="light.h5"
+    )  # the same run: complete already
     with pytest.raises(PipelineError, match="light.h5 exists and is not the result of this"):
-        _run(tmp_path, files / "heavy.extxyz", "output=diagonal", "storage.mode=resume",
-             name="light.h5")
+        _run(
+            tmp_path,
+            files / "heavy.extxyz",
+            "output=diagonal",
+            "storage.mode=resume",
+            name="light.h5",
+        )
 
 
 # --- the command line: a trajectory on Dask workers -------------------------------------------

@@ -42,16 +42,15 @@ class Frames:
     sample_index: np.ndarray
 
 
-def read_frames(cfg: AseData) -> Frames:
-    """The frames that ``data.start``/``data.stop`` or ``data.indices`` select from ``data.path``.
+def read_slice(cfg: AseData) -> tuple[dict[int, Any], int]:
+    """The frames of the slice that ``data.start``/``data.stop`` or ``data.indices`` select
+    from ``data.path``, by source index, and the file's length as far as reading them tells
+    (``pipeline.inputs.data.select`` checks the slice against it).
 
     Raises:
-        PipelineError: a missing or unreadable file (``data.path``), an unknown ``data.format``,
-            a slice outside the file, or a frame whose atoms differ from the first frame's
-            (``data.path``, naming the frame).
+        PipelineError: a missing or unreadable file (``data.path``), an unknown
+            ``data.format``, an empty slice or a negative index.
     """
-    from .data import select
-
     path = cfg.path
     if not path or not Path(path).is_file():
         raise PipelineError(f"file {path!r} not found", "data.path")
@@ -72,18 +71,46 @@ def read_frames(cfg: AseData) -> Frames:
             raise PipelineError(
                 "the data slice is empty: data.stop must exceed data.start", "data.stop"
             )
-    keep = None if cfg.indices is None else set(wanted.tolist())
     read = {}  # source index -> atoms
-    count = 0
-    for i, atoms in enumerate(_iread(cfg, slice(lo, hi)), start=lo):
-        count += 1
-        if keep is None or i in keep:
-            read[i] = atoms
-    if hi is None or count < hi - lo:  # the file ends inside the slice: its length is known
-        length = lo + count if count else _count(cfg)
+    if cfg.indices is not None:
+        for run in _runs(np.unique(wanted)):
+            read.update(zip(range(run.start, run.stop, run.step), _iread(cfg, run), strict=False))
+        length = hi if len(read) == len(np.unique(wanted)) else _count(cfg)
+        return read, length
+    read = dict(enumerate(_iread(cfg, slice(lo, hi)), start=lo))
+    if hi is None or len(read) < hi - lo:  # the file ends inside the slice: its length is known
+        length = lo + len(read) if read else _count(cfg)
     else:
-        length = hi
-    idx = select(length, cfg)  # refuses what lies outside the file, as for the other data
+        length = hi  # (at least)
+    return read, length
+
+
+def _runs(indices: np.ndarray, most: int = 16) -> list[slice]:
+    """Sorted unique indices as slices with steps (``[0, 500, 1000, 1001]``: ``0:1001:500``,
+    ``1001:1002``), so that only the frames asked for are parsed; more than ``most`` slices: one
+    slice over their range (each slice scans an extxyz file from its start)."""
+    runs, i = [], 0
+    while i < len(indices):
+        start = int(indices[i])
+        step = int(indices[i + 1]) - start if i + 1 < len(indices) else 1
+        j = i + 1
+        while j < len(indices) and int(indices[j]) - int(indices[j - 1]) == step:
+            j += 1
+        runs.append(slice(start, int(indices[j - 1]) + 1, step))
+        i = j
+    if len(runs) > most:
+        return [slice(int(indices[0]), int(indices[-1]) + 1, 1)]
+    return runs
+
+
+def frames(path: str, read: dict[int, Any], idx: np.ndarray) -> Frames:
+    """The frames ``idx`` (source indices, in order, repeats allowed) of those ``read``, checked
+    to have the atoms of the first.
+
+    Raises:
+        PipelineError: a frame whose atoms (numbers, order, masses) differ from the first
+            frame's, or frames without atoms (``data.path``).
+    """
     first = read[int(idx[0])]
     numbers = np.asarray(first.get_atomic_numbers(), dtype=np.int64)
     masses = np.asarray(first.get_masses(), dtype=np.float64)
@@ -104,7 +131,9 @@ def _iread(cfg: AseData, index: slice) -> Iterator[Any]:
         yield from iread(cfg.path, index=index, format=cfg.format)
     except UnknownFileTypeError as err:
         if cfg.format:
-            raise PipelineError(f"ASE knows no format {cfg.format!r}: {err}", "data.format") from err
+            raise PipelineError(
+                f"ASE knows no format {cfg.format!r}: {err}", "data.format"
+            ) from err
         raise PipelineError(
             f"ASE cannot tell the format of {cfg.path!r} ({err}): name it with data.format",
             "data.path",

@@ -184,12 +184,13 @@ def _check_finite(x: np.ndarray, idx: np.ndarray) -> None:
 
 def _atoms(cfg: DataConf, dtype: torch.dtype) -> Dataset:
     """The positions (N, n, 3) of the frames ASE reads (see ``pipeline.inputs.atoms``)."""
-    from .atoms import read_frames
+    from .atoms import frames, read_slice
 
-    frames = read_frames(cfg)  # type: ignore[arg-type]
-    _check_finite(frames.positions, frames.sample_index)
-    x = torch.as_tensor(frames.positions).to(dtype)
-    return Dataset(x, None, frames.sample_index, frames.atomic_numbers, frames.masses)
+    read, length = read_slice(cfg)  # type: ignore[arg-type]
+    found = frames(cfg.path, read, select(length, cfg))  # type: ignore[attr-defined]
+    _check_finite(found.positions, found.sample_index)
+    x = torch.as_tensor(found.positions).to(dtype)
+    return Dataset(x, None, found.sample_index, found.atomic_numbers, found.masses)
 
 
 def _labels(src, n: int, idx: np.ndarray, hdf5: bool, key: str) -> np.ndarray:

@@ -144,7 +144,8 @@ def atoms_line(result: Result) -> str:
     masses = result.file["masses"][()] if "masses" in result.file else []
     count = Counter(chemical_symbols[int(z)] for z in numbers)
     formula = "".join(f"{el}{n if n > 1 else ''}" for el, n in count.items())
-    shown = ", ".join(f"{chemical_symbols[int(z)]} {m:.6g}" for z, m in zip(numbers[:8], masses))
+    pairs = zip(numbers[:8], masses, strict=False)
+    shown = ", ".join(f"{chemical_symbols[int(z)]} {m:.6g}" for z, m in pairs)
     more = ", ..." if len(numbers) > 8 else ""
     weighted = ", eigenpairs mass-weighted" if mass_weighted(result.attrs) else ""
     return f"atoms      {len(numbers)} ({formula}), masses in amu: {shown}{more}{weighted}"

@@ -88,8 +88,8 @@ def write_values(result: Result, path: Path) -> Path:
                 if kind == "eigen":
                     ev = f["eigenvalues"][n, kk]
                     cm = f["frequencies"][n, kk].tolist() if freq else []
-                    out.writerow([*head, *map(repr, ev.tolist()),
-                                  repr(float(f["residuals"][n, kk].max())), *map(repr, cm)])  # fmt: skip
+                    res = repr(float(f["residuals"][n, kk].max()))
+                    out.writerow([*head, *map(repr, ev.tolist()), res, *map(repr, cm)])
                 elif kind == "diagonal":
                     out.writerow([*head, repr(float(f["trace"][n, kk]))])
                 elif kind == "factored":

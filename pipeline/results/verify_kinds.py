@@ -106,15 +106,25 @@ def _frequencies_file(values: np.ndarray, freq: np.ndarray, rtol: float, label,
     big = np.abs(values) > 1e-6 * np.abs(values).max(initial=0.0)  # (rounding-level ones aside)
     wrong = big & (np.sign(freq) != np.sign(values))
     for n, k, i in np.argwhere(wrong)[:3]:
-        out.append(mismatch("frequencies", f"frequency {i} of {label(n, k)} is "
-                            f"{freq[n, k, i]:.6g} for the eigenvalue {values[n, k, i]:.6g}"))
+        out.append(
+            mismatch(
+                "frequencies",
+                f"frequency {i} of {label(n, k)} is "
+                f"{freq[n, k, i]:.6g} for the eigenvalue {values[n, k, i]:.6g}",
+            )
+        )
     if big.any():
         factor = freq[big] ** 2 / np.abs(values[big])
         spread = np.abs(factor / np.median(factor) - 1)
         for n, k, i in np.argwhere(big)[spread > max(rtol, 1e-6)][:3]:
-            out.append(mismatch("frequencies", f"frequency {i} of {label(n, k)} is "
-                                f"{freq[n, k, i]:.6g}, not in proportion to the square root of "
-                                f"its eigenvalue {values[n, k, i]:.6g} as the others are"))
+            out.append(
+                mismatch(
+                    "frequencies",
+                    f"frequency {i} of {label(n, k)} is "
+                    f"{freq[n, k, i]:.6g}, not in proportion to the square root of "
+                    f"its eigenvalue {values[n, k, i]:.6g} as the others are",
+                )
+            )
     return out
 
 

@@ -2,9 +2,10 @@
 
 A dimension name stands for its size in a run: ``sample`` N, ``output`` K, ``row`` R (the chosen
 rows), ``column`` D (the flat input), ``eigenpair`` k, ``feature`` C (the features at the cut of a
-factored Hessian), ``atom`` n (the atoms of ``data=ase``, D = 3n). A dtype of None is the result's dtype. The writer creates the datasets from
-these declarations, the reader checks a file against them and gives them their natural names
-(``r.diagonal``, ``r.eigenvalues``), and inspect and verify read the same table.
+factored Hessian), ``atom`` n (the atoms of ``data=ase``, D = 3n). A dtype of None is the
+result's dtype. The writer creates the datasets from these declarations, the reader checks a
+file against them and gives them their natural names (``r.diagonal``, ``r.eigenvalues``), and
+inspect and verify read the same table.
 
 ``dense`` files also hold the statistics taken while blocks are written (``/diagonal``,
 ``/row_norm``, ``/trace``, ``/frobenius``, ``/symmetry``, ``/nonfinite``, ``/block_sums``:
