@@ -2,8 +2,9 @@
 the atomic numbers handed to a model's factory, and vibrational frequencies from ASE.
 
 Only the slice's frames are parsed: ``ase.io.iread`` with a slice stops scanning an extxyz file
-after the slice's last frame and reads a trajectory's frames by index. The atomic numbers and
-masses are those of the slice's first frame, and every other frame must have the same ones.
+after the slice's last frame and reads a trajectory's frames by index; ``data.indices`` are read
+as a few slices with steps (``[0, 500, 1000]`` as ``0:1001:500``). The atomic numbers and masses
+are those of the slice's first frame, and every other frame must have the same ones.
 """
 
 from __future__ import annotations
