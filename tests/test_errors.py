@@ -348,7 +348,7 @@ CASES = [
         r"weights are not finite: 3.weight holds NaN",
     ),
     Case(
-        "a model that torch.func cannot transform (vmap)",
+        "a model whose forward leaves autograd (`.numpy()`)",
         lambda t: ["model=custom", "+model.net._target_=tests.nets.NotVmappable"],
         "model.net",
         r"no method can differentiate the model: .*forward_over_reverse failed on a probe",

@@ -114,7 +114,7 @@ def eigen(
         choice = choose_method(method, model, target, x, checked=True)
         n_out = target.n_outputs
         if d <= dense_limit and 3 * n_out * d * d * x.element_size() <= budget:
-            return _dense(choice.method.compute, model, x, target, k, which, budget, weights)
+            return _dense(choice.compute, model, x, target, k, which, budget, weights)
         reverse = method == "reverse_over_reverse"
         return _lanczos(model, x, target, k, which, tol, budget, max_krylov, seed, reverse,
                         weights)  # fmt: skip
