@@ -18,6 +18,7 @@ from ..hessian import diagonal, eigen, factored
 from ..hessian.errors import ArgumentError
 from ..hessian.methods import compute_rows, handover
 from ..hessian.targets import Target
+from ..inputs.atoms import frequencies
 from ..store.plan import Block, Plan
 from ..store.schema import numbers
 
@@ -31,11 +32,14 @@ class Work:
         method: the resolved method (dense rows, chosen rows, the gradients).
         requested: ``method.name`` as configured: ``auto`` lets the diagonal and the eigen solver
             choose their own route (a diagonal propagated on the graph, not from rows).
+        masses: (D,) per input coordinate, for ``output.mass_weighted`` (else None): the
+            eigenpairs of M^-1/2 H M^-1/2 and their frequencies.
     """
 
     output: OutputConf
     method: str
     requested: str
+    masses: tuple[float, ...] | None = None
 
     @property
     def kind(self) -> str:
@@ -69,12 +73,16 @@ class Work:
             hess, grad = self._rows(model, x, target, rows, budget)
             return {"hessian": hess, "gradient": grad}
         if self.kind == "eigen":
+            masses = None if self.masses is None else torch.tensor(self.masses, dtype=x.dtype)
             values, vectors, residuals = eigen(
-                model, x, target, o.k, str(o.which), o.tol, budget, self.requested
+                model, x, target, o.k, str(o.which), o.tol, budget, self.requested, masses=masses
             )
             grad = self._rows(model, x, target, slice(0, 1), budget)[1]
-            return {"eigenvalues": values, "eigenvectors": vectors, "residuals": residuals,
-                    "gradient": grad}  # fmt: skip
+            out = {"eigenvalues": values, "eigenvectors": vectors, "residuals": residuals,
+                   "gradient": grad}  # fmt: skip
+            if masses is not None:
+                out["frequencies"] = torch.as_tensor(frequencies(_host(values)))
+            return out
         if self.kind == "factored":
             jacobian, curvature, grad = factored(model, x, target, budget)
             return {"jacobian": jacobian, "curvature": curvature, "gradient": grad}
