@@ -342,3 +342,28 @@ def test_products_for_lanczos_match_float64(name, factory, inputs, outputs):
     got = double_backward.products(model, x, target)(v)
     expected = v @ _reference(model, x, outputs)  # H symmetric: v H = (H v^T)^T
     assert_close_to_max(got, expected, REL, name)
+
+
+@pytest.mark.parametrize("weighted", [False, True], ids=["plain", "mass_weighted"])
+@pytest.mark.parametrize("path", ["dense", "lanczos"])
+def test_eigenpairs_of_a_model_only_autograd_takes(path, weighted):
+    """``eigen`` on the neighbour-list potential (``auto`` ends in autograd): the dense path from
+    its rows, block Lanczos from ``double_backward.products``; against eigh in float64."""
+    from pipeline.hessian import eigen
+
+    torch.manual_seed(0)
+    model = NeighbourList().double().eval()
+    x = _molecules(2)
+    target = make_target([0], model(x).detach())
+    assert methods.choose_method("auto", model, target, x).name == "autograd"
+    d = x[0].numel()
+    masses = torch.linspace(1.0, 16.0, d // 3, dtype=torch.float64).repeat_interleave(3)
+    h = _reference(model, x, [0])[:, 0]
+    if weighted:
+        h = h / masses.sqrt()[:, None] / masses.sqrt()[None, :]
+    extra = {"dense_limit": 0, "tol": 1e-12} if path == "lanczos" else {}
+    values, _, residuals = eigen(model, x, target, 3, "LA", masses=masses if weighted else None,
+                                 **extra)  # fmt: skip
+    expected = torch.linalg.eigvalsh(h).flip(-1)[:, :3]
+    assert_close_to_max(values[:, 0], expected, 1e-9, f"{path} eigenvalues")
+    assert (residuals <= 1e-8 * expected.abs().max()).all(), residuals

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad, jvp, vjp, vmap
 
-from . import caches
+from . import caches, double_backward
 from .diagonal import eval_mode
 from .errors import ArgumentError
 from .generic import _flat_fn
@@ -117,7 +117,7 @@ def eigen(
             return _dense(choice.compute, model, x, target, k, which, budget, weights)
         reverse = method == "reverse_over_reverse"
         return _lanczos(model, x, target, k, which, tol, budget, max_krylov, seed, reverse,
-                        weights)  # fmt: skip
+                        weights, autograd=choice.name == "autograd")  # fmt: skip
 
 
 def _mass_weights(masses: Tensor | None, x: Tensor) -> Tensor | None:
@@ -219,7 +219,15 @@ def _products(model: nn.Module, target: Target, shape: torch.Size, reverse: bool
     return apply
 
 
-def _lanczos(model, x, target, k, which, tol, budget, max_krylov, seed, reverse, weights=None):
+def _autograd_products(model: nn.Module, x: Tensor, target: Target):
+    """``_products``' signature over ``double_backward.products`` of the samples x (n, *S): for
+    models only plain autograd takes (their gradient graphs built once per chunk)."""
+    apply = double_backward.products(model, x, target)
+    return lambda _xf, _aux, v: apply(v)
+
+
+def _lanczos(model, x, target, k, which, tol, budget, max_krylov, seed, reverse, weights=None,
+             autograd=False):  # fmt: skip
     n, d, n_out = x.shape[0], x.shape[1:].numel(), target.n_outputs
     block = min(d, max(k, 2))
     per_direction = max(1, _directions(model, x, n_out, budget))  # (sample, vector) pairs
@@ -228,12 +236,14 @@ def _lanczos(model, x, target, k, which, tol, budget, max_krylov, seed, reverse,
     limit = min(d, max_krylov or MAX_KRYLOV, max(block, budget // (4 * step * n_out * d * item)))
     limit = max(block, limit)
     tol = max(tol, 100 * torch.finfo(x.dtype).eps)
-    apply = _products(model, target, x.shape[1:], reverse)
+    apply = None if autograd else _products(model, target, x.shape[1:], reverse)
     gen = torch.Generator().manual_seed(seed)
     out, short = ([], [], []), []
     for s in range(0, n, step):
         xf = x[s : s + step].reshape(-1, d)
         aux = target.aux[s : s + step]
+        if autograd:
+            apply = _autograd_products(model, x[s : s + step], target.subset(s, s + step))
         products = apply if weights is None else _weighted(apply, weights[s : s + step])
         with torch.no_grad():
             part = _block_lanczos(products, xf, aux, n_out, k, which, tol, block, limit, gen)
