@@ -14,8 +14,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -e ".[test]"
 	if $(PY) -c "import sys, torch; sys.exit(not torch.__version__.startswith('2.13.'))"; \
-	then $(PY) -m pip install -q -e ".[models]"; \
-	else echo "torchvision/timm/hessQuik not installed (pinned for torch 2.13): their tests skip"; fi
+	then $(PY) -m pip install -q -e ".[models,atoms]"; \
+	else echo "torchvision/timm/hessQuik/mace/torchani not installed (pinned for torch 2.13): their tests skip"; fi
 	touch $@
 
 install: $(VENV)/.installed

@@ -7,11 +7,9 @@ Each entry builds (model, input shape, outputs); ``LIBRARY`` is the table the te
 ``benchmarks/zoo.py`` read. A package that is missing, or whose import fails with the installed
 torch, makes its entries skip with the reason (``unavailable``), never fail.
 
-torchvision's wheel on PyPI is built against a CUDA torch: with the CPU build its compiled ops do
-not load, and importing ``torchvision`` fails in ``_meta_registrations`` (``operator
-torchvision::nms does not exist``). The model code is pure Python; ``import_torchvision`` declares
-the two operator schemas that module registers fake kernels for, so the import goes through
-(``torchvision.ops.nms`` itself stays unusable: no model here calls it).
+torchvision's wheel does not load its compiled ops with the CPU build of torch:
+``import_torchvision`` (``pipeline/inputs/libraries.py``) imports it anyway (no model here calls
+those ops); call it before importing timm.
 """
 
 from __future__ import annotations
@@ -19,37 +17,11 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cache
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-
-@cache
-def import_torchvision() -> Any:
-    """``torchvision``, imported even where its compiled ops do not load (see module doc)."""
-    try:
-        return importlib.import_module("torchvision")
-    except RuntimeError as err:
-        if "torchvision::" not in str(err):
-            raise
-    lib = torch.library.Library("torchvision", "FRAGMENT")  # noqa: F841 - kept alive by cache
-    for schema in ("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
-                   "qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor"):  # fmt: skip
-        try:
-            lib.define(schema)
-        except RuntimeError:
-            pass  # already defined
-    import sys
-
-    for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
-        del sys.modules[name]
-    _KEEP.append(lib)
-    return importlib.import_module("torchvision")
-
-
-_KEEP: list[Any] = []
+from pipeline.inputs.libraries import import_torchvision
 
 
 def unavailable(package: str) -> str | None:

@@ -29,10 +29,11 @@ from pipeline.inputs.models import build_model
 from tests.zoo import assert_close
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
+EXPERIMENTS = "experiment"  # conf/experiment/: whole runs (`+experiment=NAME`), not a group option
 OPTIONS = [
     (group.name, option.stem)
     for group in sorted(CONF.iterdir())
-    if group.is_dir()
+    if group.is_dir() and group.name != EXPERIMENTS
     for option in sorted(group.glob("*.yaml"))
 ]
 USERMOD = "cfgtest_usermod"
@@ -76,6 +77,14 @@ def files(tmp_path_factory) -> dict[str, Path]:
     torch.export.save(program, d / "net.pt2")
     torch.save(net.state_dict(), d / "net_state.pt")
     torch.export.save(torch.export.export(net, (torch.rand(2, 1, 8, 8),)), d / "static.pt2")
+    try:
+        from ase import Atoms
+        from ase.io import write
+    except ImportError:  # data=ase is skipped
+        pass
+    else:
+        frames = [Atoms("CH3O", positions=rng.random((5, 3)) * 2) for _ in range(6)]
+        write(d / "frames.extxyz", frames)
     return {p.name: p for p in d.iterdir()} | {"dir": d}
 
 
@@ -87,6 +96,13 @@ def fill(group: str, option: str, files: dict[str, Path]) -> list[str]:
         ("data", "npy"): [f"data.path={files['x.npy']}", f"data.labels_path={files['y.npy']}"],
         ("data", "hdf5"): [f"data.path={files['xy.h5']}", "data.labels_dataset=y"],
         ("output", "rows"): ["output.rows=[0,5]"],
+        # positions (N, 5, 3) of five atoms: a model of 15 inputs
+        ("data", "ase"): [
+            f"data.path={files['frames.extxyz']}",
+            "model=custom",
+            f"model.net._target_={USERMOD}.make_net",
+            "+model.net.in_features=15",
+        ],
     }.get((group, option), [])
 
 
@@ -120,6 +136,8 @@ def test_every_group_has_options():
 
 @pytest.mark.parametrize("group, option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_every_option_composes_builds_and_loads(hydra_compose, files, group, option):
+    if (group, option) == ("data", "ase"):
+        pytest.importorskip("ase")
     cfg = hydra_compose([f"{group}={option}", *fill(group, option, files)])
     assert not OmegaConf.missing_keys(cfg), OmegaConf.missing_keys(cfg)
     if group != "storage":
@@ -139,6 +157,18 @@ def test_every_option_composes_builds_and_loads(hydra_compose, files, group, opt
     assert z.shape == (len(data.x), 10) and torch.isfinite(z).all()
     if data.labels is not None:
         assert data.labels.shape == (len(data.x),)
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (CONF / EXPERIMENTS).glob("*.yaml")))
+def test_every_experiment_composes_and_loads(hydra_compose, files, name):
+    """An experiment sets options of several groups; its model factory may live in an optional
+    package, so the model is checked by composition only (tests/test_ase.py runs one)."""
+    pytest.importorskip("ase")  # (the frames of data=ase)
+    cfg = hydra_compose([f"+experiment={name}", f"data.path={files['frames.extxyz']}"])
+    assert not OmegaConf.missing_keys(cfg), OmegaConf.missing_keys(cfg)
+    checked = complete_config(cfg)
+    data = load_data(checked.data, torch.float64)
+    assert len(data.x) == len(data.sample_index) > 0
 
 
 def test_exported_model_matches_its_source(hydra_compose, files):

@@ -96,6 +96,18 @@ def hdf5_group(tmp):
     return ["data=hdf5", f"data.path={tmp / 'd.h5'}"]
 
 
+def frames(tmp, target="target.indices=[0]"):
+    """An extxyz trajectory of water whose frame 2 has a carbon where frame 0 has a hydrogen."""
+    pytest.importorskip("ase")
+    from ase import Atoms
+    from ase.io import write
+
+    pos = [[0, 0, 0], [0.96, 0, 0], [-0.24, 0.93, 0]]
+    write(tmp / "traj.extxyz", [Atoms("OH2" if i != 2 else "OHC", positions=pos) for i in range(4)])
+    return ["data=ase", f"data.path={tmp / 'traj.extxyz'}", "model=custom",
+            "+model.net._target_=tests.springs.spring_energy", target]  # fmt: skip
+
+
 def scheduler_file(tmp, text):
     (tmp / "scheduler.json").write_text(text)
     return ["backend=address", f"backend.scheduler_file={tmp / 'scheduler.json'}"]
@@ -294,6 +306,24 @@ CASES = [
     ),
     Case("an HDF5 group as data.dataset", hdf5_group, "data.dataset", r"is an HDF5 group"),
     Case(
+        "a frame with other atoms (data=ase)",
+        frames,
+        "data.path",
+        r"frame 2 of .*traj.extxyz has C as atom 2 where frame 0 has H",
+    ),
+    Case(
+        "mass weighting without masses",
+        lambda t: ["output=eigen", "output.mass_weighted=true"],
+        "output.mass_weighted",
+        r"needs the atoms' masses, and data=digits has none",
+    ),
+    Case(
+        "a loss of frames without labels (data=ase)",
+        lambda t: frames(t, "target=loss"),
+        "target",
+        r"target=loss needs labels, and the frames of data=ase have none",
+    ),
+    Case(
         "inputs without entries (D = 0)",
         lambda t: ["data=npy", f"data.path={npy(t, 'x.npy', np.ones((3, 0), np.float32))}"],
         "data.path",
@@ -318,7 +348,7 @@ CASES = [
         r"weights are not finite: 3.weight holds NaN",
     ),
     Case(
-        "a model that torch.func cannot transform (vmap)",
+        "a model whose forward leaves autograd (`.numpy()`)",
         lambda t: ["model=custom", "+model.net._target_=tests.nets.NotVmappable"],
         "model.net",
         r"no method can differentiate the model: .*forward_over_reverse failed on a probe",

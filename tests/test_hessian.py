@@ -40,7 +40,7 @@ MATRIX = [
     pytest.param(m.name, t.name, meth, id=f"{m.name}-{t.name}-{meth}")
     for m in MODELS
     for t in TARGETS
-    for meth in ("auto", "reverse_over_reverse")
+    for meth in ("auto", "reverse_over_reverse", "autograd")
 ]
 
 

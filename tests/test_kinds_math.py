@@ -248,6 +248,54 @@ def test_eigen_matches_eigh_of_dense(name, factory, shape, outputs, seed, k, whi
     assert bool((steps >= 0).all() if which != "SA" else (steps <= 0).all()), f"order {values}"
 
 
+# (name, factory, input shape, outputs, seed, masses per coordinate: "shared" (D,) or
+# "per_sample" (N, D)): M^-1/2 H M^-1/2 against eigh of the weighted float64 reference
+MASS_CASES = [
+    ("tanh_mlp_two_logits", tanh_mlp, (12,), [0, 3], 40, "shared"),
+    ("tanh_mlp_atoms_per_sample", tanh_mlp, (4, 3), [1], 41, "per_sample"),
+    ("wide_tanh_loss", lambda: wide_tanh(10, 24), (10,), "loss", 42, "per_sample"),
+]
+
+
+@pytest.mark.parametrize("path", ["dense", "lanczos"])
+@pytest.mark.parametrize("which", ["LM", "SA"])
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize(("name", "factory", "shape", "outputs", "seed", "masses"), MASS_CASES,
+                         ids=[c[0] for c in MASS_CASES])  # fmt: skip
+def test_mass_weighted_eigen_matches_eigh_of_weighted_dense(name, factory, shape, outputs, seed,
+                                                            masses, k, which, path):  # fmt: skip
+    model, x, target = _setup(factory, shape, outputs, seed, n=2)
+    h = dense_reference(model, x, target)[0]  # (N, K, D, D)
+    n, d = x.shape[0], h.shape[-1]
+    gen = torch.Generator().manual_seed(seed)
+    m = 1 + 15 * torch.rand(n if masses == "per_sample" else 1, d, generator=gen)  # 1..16 "amu"
+    w = m.expand(n, d).rsqrt()[:, None]  # (N, 1, D)
+    weighted = w.unsqueeze(-1) * h * w.unsqueeze(-2)  # explicitly M^-1/2 H M^-1/2
+    extra = {"dense_limit": 0, "tol": 1e-12} if path == "lanczos" else {}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="eigen:")
+        values, vectors, residuals = eigen(model, x, target, k, which, masses=m.squeeze(0),
+                                           **extra)  # fmt: skip
+    _check_eigen(f"{name} {path} {which} k={k} mass-weighted", weighted, values, vectors,
+                 residuals, which, k)  # fmt: skip
+    # the weighting matters: the unweighted Hessian's eigenvalues are others
+    plain = torch.linalg.eigvalsh(h)
+    assert not torch.allclose(torch.linalg.eigvalsh(weighted), plain, rtol=1e-3)
+
+
+@pytest.mark.parametrize(("masses", "match"), [
+    (torch.ones(11), r"shape \(12,\) or \(2, 12\)"),
+    (torch.ones(3, 12), r"got \(3, 12\)"),
+    (torch.zeros(12), "positive and finite"),
+    (torch.full((12,), float("nan")), "positive and finite"),
+])  # fmt: skip
+def test_bad_masses_are_refused(masses, match):
+    model, x, target = _setup(tanh_mlp, (12,), [0], 31, n=2)
+    with pytest.raises(ArgumentError, match=match) as err:
+        eigen(model, x, target, 1, masses=masses)
+    assert err.value.argument == "masses"
+
+
 def test_lanczos_stops_before_the_whole_space_and_at_its_limit_says_so():
     model, x, target = _setup(lambda: wide_tanh(60, 96), (60,), "loss", 13, n=2)
     h = dense_reference(model, x, target)[0]

@@ -133,6 +133,7 @@ def _failing(name: str) -> Method:
         ((), "structured"),
         (("structured",), "forward_over_reverse"),
         (("structured", "forward_over_reverse"), "reverse_over_reverse"),
+        (("structured", "forward_over_reverse", "reverse_over_reverse"), "autograd"),
     ],
 )
 def test_auto_hands_over_along_its_chain(monkeypatch, caplog, broken, expected):
@@ -158,7 +159,7 @@ def test_auto_hands_over_along_its_chain(monkeypatch, caplog, broken, expected):
 
 
 def test_no_method_left_is_one_line_naming_each(monkeypatch):
-    for name in ("structured", "forward_over_reverse", "reverse_over_reverse"):
+    for name in ("structured", "forward_over_reverse", "reverse_over_reverse", "autograd"):
         monkeypatch.setitem(METHODS, name, _failing(name))
     monkeypatch.setattr(methods, "_CHOICES", methods.weakref.WeakKeyDictionary())
     with pytest.raises(ArgumentError) as err:
@@ -166,7 +167,61 @@ def test_no_method_left_is_one_line_naming_each(monkeypatch):
     message = str(err.value)
     assert err.value.argument == "model" and "\n" not in message
     assert message.startswith("no method can differentiate the model")
-    assert all(f"{n} failed on a probe" in message for n in ("structured", "reverse_over_reverse"))
+    assert all(f"{n} failed on a probe" in message for n in ("structured", "reverse_over_reverse",
+                                                             "autograd"))  # fmt: skip
+    assert "plain torch.autograd, must be able to differentiate the forward twice" in message
+
+
+def _failing_beyond_one_sample(name: str) -> Method:
+    """A method whose probe (one sample) passes and whose calls on more samples raise, as
+    ``vmap`` over samples does on a neighbour list built with ``nonzero``."""
+    real = METHODS[name]
+
+    def compute(model, x, *args, **kwargs):
+        if len(x) > 1:
+            raise RuntimeError(f"{name} broke on {len(x)} samples")
+        return real.compute(model, x, *args, **kwargs)
+
+    return Method(name, compute, real.unsupported, real.probe_all_up_to)
+
+
+def test_a_failure_after_the_probe_hands_over_once_and_is_remembered(monkeypatch, caplog):
+    broken = ("structured", "forward_over_reverse", "reverse_over_reverse")
+    for name in broken:
+        monkeypatch.setitem(METHODS, name, _failing_beyond_one_sample(name))
+    monkeypatch.setattr(methods, "_CHOICES", methods.weakref.WeakKeyDictionary())
+    torch.manual_seed(0)
+    model = Tanh().double().eval()
+    x = torch.randn(3, 4, dtype=torch.float64)
+    with caplog.at_level(logging.WARNING, logger="pipeline"):
+        first = pipeline.hessian(model, x, [1])
+    handed = [r.message for r in caplog.records if "failed (RuntimeError" in r.message]
+    assert [m.split(":")[0] for m in handed] == [
+        "method=auto uses forward_over_reverse", "method=auto uses reverse_over_reverse",
+        "method=auto uses autograd",
+    ]  # fmt: skip
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pipeline"):
+        again = pipeline.hessian(model, x, [1])
+    assert [r.message for r in caplog.records if "failed (" in r.message] == []
+    expected = _hvp_rows(model, x, 1, list(range(4)))[:, None]
+    for got, what in ((first, "first call"), (again, "second call")):
+        assert_close_to_max(got, expected, 1e-9, what)
+
+
+def test_auto_never_ends_in_a_raw_exception(monkeypatch):
+    """Every method fails on the real call (not on the probe): one line naming each."""
+    for name in ("structured", "forward_over_reverse", "reverse_over_reverse", "autograd"):
+        monkeypatch.setitem(METHODS, name, _failing_beyond_one_sample(name))
+    monkeypatch.setattr(methods, "_CHOICES", methods.weakref.WeakKeyDictionary())
+    with pytest.raises(ArgumentError) as err:
+        pipeline.hessian(Tanh().eval(), torch.randn(3, 4), [0])
+    message = str(err.value)
+    assert message.startswith("no method could compute the Hessians") and "\n" not in message
+    assert all(
+        f"{n} failed (RuntimeError: {n} broke on 3 samples)" in message
+        for n in ("structured", "forward_over_reverse", "reverse_over_reverse", "autograd")
+    )
 
 
 class Branchy(nn.Module):

@@ -56,8 +56,9 @@ def test_a_built_wheel_ships_the_configs_and_runs_elsewhere(tmp_path):
     _run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site),
           str(wheel)])  # fmt: skip
     assert (site / "pipeline" / "conf" / "config.yaml").is_file()
-    assert sorted(p.name for p in (site / "pipeline" / "conf").iterdir() if p.is_dir()) == [
-        "backend", "data", "method", "model", "output", "storage", "target"]  # fmt: skip
+    groups = sorted(p.name for p in (site / "pipeline" / "conf").iterdir() if p.is_dir())
+    assert groups == ["backend", "data", "experiment", "method", "model", "output", "storage",
+                      "target"]  # fmt: skip
     work = tmp_path / "work"
     work.mkdir()
     env = {**os.environ, "PYTHONPATH": str(site)}

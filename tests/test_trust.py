@@ -281,3 +281,19 @@ def test_a_bad_program_file_is_one_line_without_torchs_logged_traceback(tmp_path
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith("error: cannot load exported program") and "model.path" in lines[0]
+
+
+def test_consent_keys_are_not_part_of_the_fingerprint():
+    """``model.trust`` and a factory's ``model.net.trust`` (``mace_energy``) say the user trusts
+    a file, not what is computed: a resume that only adds consent is the same run."""
+    from pipeline.config.schema import fingerprint
+
+    base = {"model": {"name": "custom", "net": {"_target_": "m.f", "model_path": "a.model"}},
+            "seed": 0}  # fmt: skip
+    consent = {"model": {"name": "custom", "trust": True,
+                         "net": {"_target_": "m.f", "model_path": "a.model", "trust": True}},
+               "seed": 0}  # fmt: skip
+    other = {"model": {"name": "custom", "net": {"_target_": "m.f", "model_path": "b.model"}},
+             "seed": 0}  # fmt: skip
+    assert fingerprint(base) == fingerprint(consent)
+    assert fingerprint(base) != fingerprint(other)

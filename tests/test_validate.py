@@ -39,6 +39,10 @@ OTHER_OPTIONS_KEYS = {
                             "model.checkpoint", "checkpoint belongs to model=mlp"),
     "dask_address": (["backend=dask", "backend.address=tcp://h:1"], "backend.address",
                      "address belongs to backend=address"),
+    "dense_mass_weighted": (["output=dense", "output.mass_weighted=true"], "output.mass_weighted",
+                            "output=dense takes name; mass_weighted belongs to output=eigen"),
+    "npy_format": (["data=npy", "data.format=extxyz"], "data.format",
+                   "format belongs to data=ase"),
 }  # fmt: skip
 
 

@@ -135,6 +135,17 @@ class Hdf5Data(DataConf):
     labels_dataset: str | None = None
 
 
+@dataclass
+class AseData(DataConf):
+    """``ase``: the frames of a file ASE reads (extxyz, an ASE trajectory ``.traj``, any format
+    of ``ase.io.read``). Inputs are the positions (N, n, 3) in Angstrom; every frame must have
+    the atoms of the slice's first frame."""
+
+    name: str = "ase"
+    path: str = MISSING
+    format: str | None = None  # ase.io.read's format (default: guessed from the file)
+
+
 # ---- target --------------------------------------------------------------------------------
 
 
@@ -287,6 +298,8 @@ class EigenOutput(OutputConf):
     k: int = at_least(1, 6)
     which: Which = Which.LM
     tol: float = 1e-8  # Lanczos stops when every ||Hv - lambda v|| <= tol * |lambda_max|
+    # eigenpairs of M^-1/2 H M^-1/2 (M: the atoms' masses, data=ase) and /frequencies in cm^-1
+    mass_weighted: bool = False
 
 
 @dataclass
@@ -330,11 +343,13 @@ class Config:
 # ``defaults: [/schema/<group>/<option>@_here_, _self_]``.
 OPTIONS: dict[str, dict[str, type]] = {
     "model": {"mlp": NetModel, "cnn": NetModel, "custom": NetModel, "exported": ExportedModel},
-    "data": {"digits": DigitsData, "synthetic": SyntheticData, "npy": NpyData, "hdf5": Hdf5Data},
+    "data": {"digits": DigitsData, "synthetic": SyntheticData, "npy": NpyData, "hdf5": Hdf5Data,
+             "ase": AseData},
     "target": {"indices": IndicesTarget, "all": AllTarget, "predicted": PredictedTarget,
                "loss": LossTarget},
     "method": {name: MethodConf for name in ("auto", "forward_over_reverse",
-                                              "reverse_over_reverse", "piecewise", "structured")},
+                                              "reverse_over_reverse", "piecewise", "structured",
+                                              "autograd")},
     "backend": {"local": LocalBackend, "dask": DaskBackend, "dask_cuda": DaskCudaBackend,
                 "address": AddressBackend},
     "storage": {"default": StorageConf},
@@ -407,5 +422,7 @@ def fingerprint(cfg: dict[str, Any], *extra: str) -> str:
     }
     model = cfg.get("model", {})
     numeric["model"] = {k: v for k, v in model.items() if k != "trust"}  # consent, not a number
+    if isinstance(model.get("net"), dict):  # a factory's own consent key (mace_energy's trust)
+        numeric["model"]["net"] = {k: v for k, v in model["net"].items() if k != "trust"}
     blob = json.dumps(numeric, sort_keys=True, default=str) + "".join(extra)
     return hashlib.sha256(blob.encode()).hexdigest()

@@ -124,10 +124,28 @@ def check_config(cfg: dict[str, Any]) -> None:
             f"data.shape={cfg['data']['shape']} must have positive entries (D = prod(S) > 0)",
             "data.shape",
         )
+    _check_atoms(cfg)
     if cfg["storage"].get("compression") not in COMPRESSIONS:
         raise PipelineError(
             f"unknown compression {cfg['storage']['compression']!r}: choose none, lzf or gzip",
             "storage.compression",
+        )
+
+
+def _check_atoms(cfg: dict[str, Any]) -> None:
+    """What needs the atoms of ``data=ase`` (masses) and what they cannot give (labels)."""
+    data, output = cfg["data"]["name"], cfg["output"]
+    if output.get("mass_weighted") and data != "ase":
+        raise PipelineError(
+            f"output.mass_weighted=true needs the atoms' masses, and data={data} has none: "
+            "read the frames with data=ase (or set output.mass_weighted=false)",
+            "output.mass_weighted",
+        )
+    if data == "ase" and cfg["target"]["name"] == "loss":
+        raise PipelineError(
+            "target=loss needs labels, and the frames of data=ase have none: choose the "
+            "model's outputs with target.indices (an energy is output 0)",
+            "target",
         )
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 
 import numpy as np
@@ -17,7 +17,8 @@ from ..errors import PipelineError
 from ..hessian.errors import ArgumentError
 from ..hessian.methods import Method, resolve_method, zero_hessian_reason
 from ..hessian.targets import Target, make_target
-from ..inputs.data import Dataset, load_data
+from ..inputs.atoms import with_atomic_numbers
+from ..inputs.data import Dataset, load_data, provides_atoms
 from ..inputs.models import build_model
 from ..store.fingerprint import code_fingerprint, data_fingerprint, weights_fingerprint
 from .outputs import Work
@@ -48,7 +49,10 @@ class Job:
     @property
     def work(self) -> Work:
         """What each block computes (picklable: sent to Dask workers)."""
-        return Work(self.cfg.output, self.method.name, self.cfg.method.name)
+        masses = None
+        if getattr(self.cfg.output, "mass_weighted", False) and self.data.masses is not None:
+            masses = tuple(float(m) for m in np.repeat(self.data.masses, 3))  # x, y, z per atom
+        return Work(self.cfg.output, self.method.name, self.cfg.method.name, masses)
 
     @property
     def spec(self) -> ModelSpec:
@@ -71,7 +75,8 @@ class Job:
 
     def data_fingerprint(self) -> str:
         """SHA-256 of the inputs, their source indices and the labels."""
-        return data_fingerprint(self.data.x, self.data.sample_index, self.data.labels)
+        d = self.data
+        return data_fingerprint(d.x, d.sample_index, d.labels, d.atomic_numbers, d.masses)
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -102,9 +107,14 @@ def model_key(cfg: Config) -> str:
 def build_job(cfg: Config) -> Job:
     """Build model, data, target and method from a typed config, checking that they fit."""
     dtype = torch_dtype(cfg.dtype)
+    data = None
+    if provides_atoms(cfg.data):  # their atomic numbers go to the model's factory, in the config
+        data = load_data(cfg.data, dtype)
+        cfg = replace(cfg, model=with_atomic_numbers(cfg.model, data.atomic_numbers))
     model = ModelSpec(cfg.model, str(cfg.dtype), cfg.seed).build()
     _check_finite_weights(model, cfg)
-    data = load_data(cfg.data, dtype)
+    if data is None:
+        data = load_data(cfg.data, dtype)
     outputs = forward(model, data.x, cfg)
     _check_differentiable(model, data.x[:1])
     t = cfg.target

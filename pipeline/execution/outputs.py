@@ -16,8 +16,9 @@ from ..config.schema import OutputConf
 from ..errors import PipelineError
 from ..hessian import diagonal, eigen, factored
 from ..hessian.errors import ArgumentError
-from ..hessian.methods import METHODS
+from ..hessian.methods import compute_rows, handover
 from ..hessian.targets import Target
+from ..inputs.atoms import frequencies
 from ..store.plan import Block, Plan
 from ..store.schema import numbers
 
@@ -31,11 +32,14 @@ class Work:
         method: the resolved method (dense rows, chosen rows, the gradients).
         requested: ``method.name`` as configured: ``auto`` lets the diagonal and the eigen solver
             choose their own route (a diagonal propagated on the graph, not from rows).
+        masses: (D,) per input coordinate, for ``output.mass_weighted`` (else None): the
+            eigenpairs of M^-1/2 H M^-1/2 and their frequencies.
     """
 
     output: OutputConf
     method: str
     requested: str
+    masses: tuple[float, ...] | None = None
 
     @property
     def kind(self) -> str:
@@ -49,9 +53,15 @@ class Work:
         names, on the host, and None."""
         if self.kind == "dense":
             rows = slice(block.r0, block.r1)  # a slice of all D rows lets a method use symmetry
-            hess, grad = METHODS[self.method].compute(model, x, target, rows, budget)
+            hess, grad = self._rows(model, x, target, rows, budget)
             return hess, (grad if block.r0 == 0 else None)
         return {k: _host(v) for k, v in self._part(model, x, target, budget).items()}, None
+
+    def _rows(self, model, x, target, rows, budget) -> tuple[Tensor, Tensor]:
+        """Rows by the job's method; where it fails on a block although its probe passed, the
+        rest of ``auto``'s chain takes over (``pipeline.hessian.methods.compute_rows``)."""
+        after = handover(self.method, self.requested)
+        return compute_rows(self.method, after, self.requested, model, x, target, rows, budget)
 
     def _part(self, model, x, target, budget) -> dict[str, Tensor]:
         o = self.output
@@ -60,15 +70,19 @@ class Work:
             return {"diagonal": diag, "gradient": grad}
         if self.kind == "rows":
             rows = torch.as_tensor(list(o.rows), device=x.device)
-            hess, grad = METHODS[self.method].compute(model, x, target, rows, budget)
+            hess, grad = self._rows(model, x, target, rows, budget)
             return {"hessian": hess, "gradient": grad}
         if self.kind == "eigen":
+            masses = None if self.masses is None else torch.tensor(self.masses, dtype=x.dtype)
             values, vectors, residuals = eigen(
-                model, x, target, o.k, str(o.which), o.tol, budget, self.requested
+                model, x, target, o.k, str(o.which), o.tol, budget, self.requested, masses=masses
             )
-            grad = METHODS[self.method].compute(model, x, target, slice(0, 1), budget)[1]
-            return {"eigenvalues": values, "eigenvectors": vectors, "residuals": residuals,
-                    "gradient": grad}  # fmt: skip
+            grad = self._rows(model, x, target, slice(0, 1), budget)[1]
+            out = {"eigenvalues": values, "eigenvectors": vectors, "residuals": residuals,
+                   "gradient": grad}  # fmt: skip
+            if masses is not None:
+                out["frequencies"] = torch.as_tensor(frequencies(_host(values)))
+            return out
         if self.kind == "factored":
             jacobian, curvature, grad = factored(model, x, target, budget)
             return {"jacobian": jacobian, "curvature": curvature, "gradient": grad}

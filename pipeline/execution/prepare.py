@@ -143,10 +143,15 @@ def probe(job: Job, device: torch.device) -> None:
         raise
     except Exception as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        hint = (
+            "; torch.func must be able to transform the model's forward (no .numpy(), .item() or "
+            "Python branches on tensor values), or use method=autograd"
+            if job.method.name in ("forward_over_reverse", "reverse_over_reverse")
+            else ""
+        )
         raise PipelineError(
             f"method {job.method.name!r} fails on this model (sample 0): {type(err).__name__}: "
-            f"{first[:240]}; torch.func must be able to transform the model's forward "
-            "(no .numpy(), .item() or Python branches on tensor values)",
+            f"{first[:240]}{hint}",
             "method.name" if job.cfg.method.name != "auto" else model_key(job.cfg),
         ) from err
     finally:

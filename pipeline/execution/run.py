@@ -139,7 +139,9 @@ def result_writer(path: Path, plan: Plan, meta: Metadata, cfg: Config, backend: 
         return ResultWriter(path, plan, meta, cfg.storage, **overlap)
     sizes = output_sizes(cfg.output, plan.n_samples, plan.n_outputs, plan.dim)
     rows = {"rows": list(cfg.output.rows)} if cfg.output.name == "rows" else {}
-    return PartsWriter(path, plan, meta, cfg.storage, cfg.output.name, sizes, rows, **overlap)
+    weighted = bool(getattr(cfg.output, "mass_weighted", False))
+    return PartsWriter(path, plan, meta, cfg.storage, cfg.output.name, sizes, rows, **overlap,
+                       mass_weighted=weighted)  # fmt: skip
 
 
 def metadata(job: Job, backend: Backend, overrides: list[str]) -> Metadata:
@@ -167,6 +169,8 @@ def metadata(job: Job, backend: Backend, overrides: list[str]) -> Metadata:
         sample_index=job.data.sample_index,
         output_index=np.asarray(job.target.output_index, dtype=np.int64),
         attrs=attrs,
+        atomic_numbers=job.data.atomic_numbers,
+        masses=job.data.masses,
     )
 
 

@@ -102,7 +102,7 @@ def diagonal(
             else:
                 log.info("diagonal from row blocks: %s", plan)
         choice = choose_method(method, model, target, x, checked=True)
-        return _by_rows(choice.method.compute, model, x, target, budget)
+        return _by_rows(choice.compute, model, x, target, budget)
 
 
 def _rows_are_cheaper(model, x: Tensor, target: Target, plan: DiagonalPlan, budget: int) -> bool:

@@ -20,6 +20,13 @@ recurrence. It stops when the k wanted pairs of every problem have residual <= t
 or the budget): then it warns and returns the residuals as they are. With m = D the Ritz pairs
 are the exact eigenpairs.
 
+Mass weighting (``masses``: m_i per coordinate, e.g. each atom's mass repeated for x, y, z): the
+eigenpairs of M^-1/2 H M^-1/2 with M = diag(m), whose eigenvalues are the squared angular
+frequencies of the normal modes and whose eigenvectors are the modes in mass-weighted
+coordinates (the Cartesian displacement of a mode is M^-1/2 v, up to its norm). The dense path
+weights each Hessian before ``eigh``; Lanczos applies M^-1/2 H M^-1/2 v = w * H (w * v) with
+w = m^-1/2, so nothing else changes (residuals are those of the weighted operator).
+
 Memory: the basis and its image, 2 m D numbers per problem, plus the products' working set;
 never D x D per sample on the Lanczos path.
 """
@@ -32,7 +39,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad, jvp, vjp, vmap
 
-from . import caches
+from . import caches, double_backward
 from .diagonal import eval_mode
 from .errors import ArgumentError
 from .generic import _flat_fn
@@ -58,8 +65,10 @@ def eigen(
     dense_limit: int = DENSE_LIMIT,
     max_krylov: int | None = None,
     seed: int = 0,
+    masses: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """k eigenpairs of each sample's Hessian of each output.
+    """k eigenpairs of each sample's Hessian of each output (with ``masses``: of its
+    mass-weighted Hessian M^-1/2 H M^-1/2).
 
     Args:
         model: maps (B, *S) to (B, C); used in eval mode for the call.
@@ -76,6 +85,8 @@ def eigen(
         dense_limit: the largest D for the dense path (0: always Lanczos).
         max_krylov: the most basis vectors per problem (default ``MAX_KRYLOV``, at most D).
         seed: of the Lanczos start blocks (the results are deterministic for a seed).
+        masses: positive masses per input coordinate, (D,) for every sample or (N, D); None:
+            the Hessian itself.
 
     Returns:
         values (N, K, k), ordered by ``which`` (LM: decreasing |lambda|; LA: decreasing; SA:
@@ -84,7 +95,8 @@ def eigen(
 
     Raises:
         ArgumentError: k outside 1..D (``k``), an unknown ``which`` or a negative ``tol``, or an
-            unknown method or one that does not support the model (``method``).
+            unknown method or one that does not support the model (``method``), masses of
+            another shape or not positive and finite (``masses``).
     """
     if not isinstance(x, Tensor) or x.dim() < 2:
         raise ArgumentError("x must be a batch (N, *S) of inputs", "x")
@@ -96,20 +108,41 @@ def eigen(
         raise ArgumentError(f"which must be one of {list(WHICH)}, got {which!r}", "which")
     if not tol >= 0:
         raise ArgumentError(f"tol must be >= 0, got {tol!r}", "tol")
+    weights = _mass_weights(masses, x)
     budget = budget or default_memory_budget(x.device)
     with eval_mode(model):
         choice = choose_method(method, model, target, x, checked=True)
         n_out = target.n_outputs
         if d <= dense_limit and 3 * n_out * d * d * x.element_size() <= budget:
-            return _dense(choice.method.compute, model, x, target, k, which, budget)
+            return _dense(choice.compute, model, x, target, k, which, budget, weights)
         reverse = method == "reverse_over_reverse"
-        return _lanczos(model, x, target, k, which, tol, budget, max_krylov, seed, reverse)
+        return _lanczos(model, x, target, k, which, tol, budget, max_krylov, seed, reverse,
+                        weights, autograd=choice.name == "autograd")  # fmt: skip
+
+
+def _mass_weights(masses: Tensor | None, x: Tensor) -> Tensor | None:
+    """w = masses^-1/2 as (N, D) in x's dtype and device, or None."""
+    if masses is None:
+        return None
+    n, d = x.shape[0], x.shape[1:].numel()
+    m = torch.as_tensor(masses)
+    if m.shape not in ((d,), (n, d)):
+        raise ArgumentError(
+            f"masses must have shape ({d},) or ({n}, {d}) (one per input coordinate), got "
+            f"{tuple(m.shape)}",
+            "masses",
+        )
+    m = m.to(device=x.device, dtype=x.dtype)
+    if not bool(torch.isfinite(m).all()) or not bool((m > 0).all()):
+        raise ArgumentError("masses must be positive and finite", "masses")
+    return m.rsqrt().expand(n, d)
 
 
 # --- dense ---------------------------------------------------------------------------------
 
 
-def _dense(compute, model, x: Tensor, target: Target, k: int, which: str, budget: int):
+def _dense(compute, model, x: Tensor, target: Target, k: int, which: str, budget: int,
+           weights: Tensor | None = None):  # fmt: skip
     n, d, n_out = x.shape[0], x.shape[1:].numel(), target.n_outputs
     step = max(1, budget // (3 * n_out * d * d * x.element_size()))
     values, vectors, residuals = [], [], []
@@ -117,6 +150,9 @@ def _dense(compute, model, x: Tensor, target: Target, k: int, which: str, budget
     for s in range(0, n, step):
         h, _ = compute(model, x[s : s + step], target.subset(s, s + step), rows, budget)
         h = (h + h.mT) / 2
+        if weights is not None:  # M^-1/2 H M^-1/2
+            w = weights[s : s + step, None]  # (b, 1, D)
+            h = w.unsqueeze(-1) * h * w.unsqueeze(-2)
         theta, y = torch.linalg.eigh(h)  # ascending; columns of y
         idx = _select(theta, which, k)
         lam = theta.gather(-1, idx)
@@ -183,7 +219,15 @@ def _products(model: nn.Module, target: Target, shape: torch.Size, reverse: bool
     return apply
 
 
-def _lanczos(model, x, target, k, which, tol, budget, max_krylov, seed, reverse):
+def _autograd_products(model: nn.Module, x: Tensor, target: Target):
+    """``_products``' signature over ``double_backward.products`` of the samples x (n, *S): for
+    models only plain autograd takes (their gradient graphs built once per chunk)."""
+    apply = double_backward.products(model, x, target)
+    return lambda _xf, _aux, v: apply(v)
+
+
+def _lanczos(model, x, target, k, which, tol, budget, max_krylov, seed, reverse, weights=None,
+             autograd=False):  # fmt: skip
     n, d, n_out = x.shape[0], x.shape[1:].numel(), target.n_outputs
     block = min(d, max(k, 2))
     per_direction = max(1, _directions(model, x, n_out, budget))  # (sample, vector) pairs
@@ -192,14 +236,17 @@ def _lanczos(model, x, target, k, which, tol, budget, max_krylov, seed, reverse)
     limit = min(d, max_krylov or MAX_KRYLOV, max(block, budget // (4 * step * n_out * d * item)))
     limit = max(block, limit)
     tol = max(tol, 100 * torch.finfo(x.dtype).eps)
-    apply = _products(model, target, x.shape[1:], reverse)
+    apply = None if autograd else _products(model, target, x.shape[1:], reverse)
     gen = torch.Generator().manual_seed(seed)
     out, short = ([], [], []), []
     for s in range(0, n, step):
         xf = x[s : s + step].reshape(-1, d)
         aux = target.aux[s : s + step]
+        if autograd:
+            apply = _autograd_products(model, x[s : s + step], target.subset(s, s + step))
+        products = apply if weights is None else _weighted(apply, weights[s : s + step])
         with torch.no_grad():
-            part = _block_lanczos(apply, xf, aux, n_out, k, which, tol, block, limit, gen)
+            part = _block_lanczos(products, xf, aux, n_out, k, which, tol, block, limit, gen)
         for acc, t in zip(out, part[:3], strict=True):
             acc.append(t)
         if part[3] is not None:
@@ -213,6 +260,16 @@ def _lanczos(model, x, target, k, which, tol, budget, max_krylov, seed, reverse)
             stacklevel=3,
         )
     return tuple(torch.cat(t) for t in out)
+
+
+def _weighted(apply, w: Tensor):
+    """The products of M^-1/2 H M^-1/2: w * H (w * v) for weights w (n, D) of n samples."""
+    w = w[:, None, None, :]  # against V (n, K, b, D)
+
+    def weighted(xf: Tensor, aux: Tensor, v: Tensor) -> Tensor:
+        return apply(xf, aux, v * w) * w
+
+    return weighted
 
 
 def _block_lanczos(apply, xf, aux, n_out, k, which, tol, block, limit, gen):

@@ -11,8 +11,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from . import caches, generic, piecewise, structured
+from . import caches, double_backward, generic, piecewise, structured
 from .errors import ArgumentError
+from .memory import forward_bytes
 from .replay import replayed
 from .rows import select_rows
 from .support import Support, analyze, training_layers
@@ -50,30 +51,23 @@ class Method:
         compute: computes a block of rows, see ``ComputeFn``.
         unsupported: (support of the model and target) -> None when the method applies, else the
             reason it does not.
+        probe_all_up_to: ``auto``'s probe computes all rows of the first sample up to this D,
+            else 8 (0: 2 rows whatever D, for a method whose whole probe would cost a call).
     """
 
     name: str
     compute: ComputeFn
     unsupported: Callable[[Support], str | None]
+    probe_all_up_to: int = 1024
 
 
 def _directions(model: nn.Module, x: Tensor, k: int, budget: int) -> int:
-    """How many (sample, row) directions fit into ``budget`` bytes for the generic methods."""
-    act = [0]
-
-    def hook(_m, _i, out):
-        if isinstance(out, Tensor):
-            act[0] += out.numel() * out.element_size()
-
-    handles = [m.register_forward_hook(hook) for m in model.modules()]
-    try:
-        with torch.no_grad():
-            model(x[:1])
-    finally:
-        for h in handles:
-            h.remove()
+    """How many (sample, row) directions fit into ``budget`` bytes for the generic methods: each
+    holds about 6 copies of what autograd saves in one sample's forward (no module hooks:
+    ScriptModules refuse them)."""
+    act = forward_bytes(model, x[:1])
     d_bytes = x[0].numel() * x.element_size()
-    per_direction = 6 * k * max(act[0], d_bytes) + 2 * k * d_bytes
+    per_direction = 6 * k * max(act, d_bytes) + 2 * k * d_bytes
     return max(1, budget // per_direction)
 
 
@@ -87,6 +81,10 @@ def _generic(fn) -> ComputeFn:
 
 def _always(_support: Support) -> None:
     return None
+
+
+def _transformable(support: Support) -> str | None:
+    return support.transformable
 
 
 def _budgeted(compute: ComputeFn) -> ComputeFn:
@@ -104,16 +102,28 @@ METHODS: dict[str, Method] = {
     for m in (
         Method("piecewise", _budgeted(replayed(piecewise.compute)), lambda s: s.piecewise),
         Method("structured", _budgeted(replayed(structured.compute)), lambda s: s.structured),
-        Method("forward_over_reverse", _budgeted(_generic(generic.forward_over_reverse)), _always),
-        Method("reverse_over_reverse", _budgeted(_generic(generic.reverse_over_reverse)), _always),
+        Method(
+            "forward_over_reverse",
+            _budgeted(_generic(generic.forward_over_reverse)),
+            _transformable,
+        ),
+        Method(
+            "reverse_over_reverse",
+            _budgeted(_generic(generic.reverse_over_reverse)),
+            _transformable,
+        ),
+        Method("autograd", _budgeted(double_backward.compute), _always, probe_all_up_to=0),
     )
 }
 
 # ``auto``'s chain: the first graph method that supports the model (by its captured graph), then
-# the generic ones. Each is tried on a probe (one sample, a few rows) before it is used; a method
-# that fails there hands over to the next, and ``Choice.note`` says so in one line.
+# the generic ones, then plain autograd (NOTE [double backward]), which needs nothing of the model
+# but that autograd differentiates it twice. Each is tried on a probe (one sample, a few rows)
+# before it is used; a method that fails there, or on a later call, hands over to the next, and
+# ``Choice.note`` says so in one line.
 GRAPH_ORDER: list[str] = ["piecewise", "structured"]
 GENERIC_ORDER: list[str] = ["forward_over_reverse", "reverse_over_reverse"]
+LAST = "autograd"
 
 
 @dataclass(frozen=True)
@@ -135,6 +145,12 @@ class Choice:
     def name(self) -> str:
         return self.method.name
 
+    def compute(self, model, x, target, rows, budget, gradient=True) -> tuple[Tensor, Tensor]:
+        """The method's rows (``ComputeFn``), handed over along ``after`` where it fails on this
+        call although it passed the probe (``compute_rows``)."""
+        return compute_rows(self.name, self.after, self.requested, model, x, target, rows,
+                            budget, gradient)  # fmt: skip
+
     @property
     def note(self) -> str | None:
         """One line for the user where the first method asked for was not used, else None."""
@@ -151,10 +167,12 @@ def choose_method(
 ) -> Choice:
     """The method called ``name``, or the one ``auto`` picks for the model on inputs like x.
 
-    ``auto`` walks its chain (graph path, forward over reverse, reverse over reverse) and takes
-    the first method that supports the model and computes a probe (the first sample, a few rows)
-    without an error; ``forward_over_reverse`` hands over to reverse over reverse the same way
-    (ops without forward-mode AD). Cached per model, input shape, dtype, device and target kind.
+    ``auto`` walks its chain (graph path, forward over reverse, reverse over reverse, autograd)
+    and takes the first method that supports the model and computes a probe (the first sample, a
+    few rows) without an error; ``forward_over_reverse`` hands over to reverse over reverse the
+    same way (ops without forward-mode AD); ``autograd`` is probed too (it refuses a forward
+    whose gradient disagrees with differences of its outputs). Cached per model, input shape,
+    dtype, device and target kind.
 
     Raises:
         ArgumentError: an unknown name; a named method that does not support the model; no
@@ -174,7 +192,7 @@ def choose_method(
                 f"method {name!r} does not support this model: {reason}; use method='auto'",
                 "method",
             )
-        if name != "forward_over_reverse":
+        if name not in ("forward_over_reverse", LAST):  # (these two are probed: see below)
             return Choice(METHODS[name], requested=name)
     key = (name, tuple(x.shape[1:]), x.dtype, x.device, target.kind, target.n_outputs)
     per_model = _CHOICES.setdefault(model, {})
@@ -185,29 +203,37 @@ def choose_method(
 
 def _walk_chain(name: str, model: nn.Module, x: Tensor, target: Target, support) -> Choice:
     passed: list[str] = []
-    chain = list(GENERIC_ORDER)
-    if name == "auto":
+    chain = [LAST] if name == LAST else list(GENERIC_ORDER)
+    if name == "auto" and support.transformable:
+        passed.append(f"{support.transformable} (not the graph path, {', '.join(chain)})")
+        chain = [LAST]
+    elif name == "auto":
         graph = [m for m in GRAPH_ORDER if METHODS[m].unsupported(support) is None][:1]
         if not graph:
             passed.append(f"the graph path cannot take the model: {support.structured}")
-        chain = graph + chain
+        chain = graph + chain + [LAST]
     for i, candidate in enumerate(chain):
         failure = _probe(METHODS[candidate], model, x, target)
         if failure is None:
             return Choice(METHODS[candidate], tuple(passed), tuple(chain[i + 1 :]), name)
         passed.append(f"{candidate} failed on a probe ({failure})")
+    hint = (
+        "the last method, plain torch.autograd, must be able to differentiate the forward twice"
+        if name in ("auto", LAST)
+        else "torch.func must be able to transform its forward: no .numpy(), .item() or branches "
+        "on tensor values; method=auto also tries plain autograd"
+    )
     raise ArgumentError(
-        "no method can differentiate the model: " + "; ".join(passed) + " (torch.func must be "
-        "able to transform its forward: no .numpy(), .item() or branches on tensor values)",
-        "model",
+        "no method can differentiate the model: " + "; ".join(passed) + f" ({hint})", "model"
     )
 
 
 def _probe(method: Method, model: nn.Module, x: Tensor, target: Target) -> str | None:
-    """Why ``method`` fails on the first sample of x (all rows up to D = 1024, else 8), or
-    None when it computes them."""
+    """Why ``method`` fails on the first sample of x (all rows up to D = its
+    ``probe_all_up_to``, else 8, or 2), or None when it computes them."""
     d = x.shape[1:].numel()
-    rows = select_rows(None if d <= 1024 else slice(0, 8), d, x.device)
+    few = slice(0, 8) if method.probe_all_up_to else slice(0, 2)
+    rows = select_rows(None if d <= method.probe_all_up_to else few, d, x.device)
     try:
         method.compute(model, x[:1], target.subset(0, 1), rows, 1 << 28)
     except ArgumentError:
@@ -301,7 +327,7 @@ def hessian(
         if choice.note:
             log.warning(choice.note)
         row_index = select_rows(rows, x.shape[1:].numel(), x.device)
-        hess, grad = _compute(choice, model, x, target, row_index, memory_budget, return_gradient)
+        hess, grad = choice.compute(model, x, target, row_index, memory_budget, return_gradient)
         reason = zero_hessian_reason(model, target, x)
     finally:
         for module in training:  # each module's own mode back (a frozen BatchNorm stays in eval)
@@ -313,21 +339,46 @@ def hessian(
     return (hess, grad) if return_gradient else hess
 
 
-def _compute(choice: Choice, model, x, target, rows, budget, gradient) -> tuple[Tensor, Tensor]:
-    """The chosen method's rows; where it fails on this call although it passed the probe (a
-    schedule the probe did not take), the next method of ``auto``'s chain, said in one line."""
-    try:
-        return choice.method.compute(model, x, target, rows, budget, gradient=gradient)
-    except ArgumentError:
-        raise
-    except Exception as err:
-        if not choice.after:
+def handover(name: str, requested: str) -> tuple[str, ...]:
+    """The methods that take over, in order, when ``name`` fails on a call that its probe did
+    not foresee: the rest of ``auto``'s chain (an explicit ``forward_over_reverse``: reverse over
+    reverse)."""
+    if requested == "auto":
+        chain = [*GENERIC_ORDER, LAST]
+        return tuple(chain[chain.index(name) + 1 :] if name in chain else chain)
+    return ("reverse_over_reverse",) if name == "forward_over_reverse" else ()
+
+
+def compute_rows(
+    name: str, after: Sequence[str], requested: str, model, x, target, rows, budget,
+    gradient: bool = True,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """Method ``name``'s rows; where it fails on this call although it passed the probe (a
+    schedule or a block size the probe did not take), the next of ``after``, said in one line.
+    When ``auto``'s last one fails too: one line naming each method's error (``ArgumentError``);
+    a method named by the user, with nothing after it, raises its own error."""
+    key = (tuple(x.shape[1:]), x.dtype, x.device, target.kind, target.n_outputs)
+    known = _FAILED.setdefault(model, {}).setdefault(key, set())
+    chain = [m for m in (name, *after) if m not in known] or [(name, *after)[-1]]
+    failed: list[str] = []
+    for i, current in enumerate(chain):
+        try:
+            return METHODS[current].compute(model, x, target, rows, budget, gradient=gradient)
+        except ArgumentError:
             raise
-        nxt = METHODS[choice.after[0]]
-        log.warning("method=%s uses %s: %s failed (%s)", choice.requested, nxt.name, choice.name,
-                    _one_line(err))  # fmt: skip
-        after = Choice(nxt, (), choice.after[1:], choice.requested)
-        return _compute(after, model, x, target, rows, budget, gradient)
+        except Exception as err:
+            if requested != "auto" and i == len(chain) - 1:
+                raise  # a method asked for by name, with nothing left to hand over to
+            failed.append(f"{current} failed ({_one_line(err)})")
+            if i < len(chain) - 1:
+                known.add(current)  # later calls of this model and key go straight past it
+                log.warning("method=%s uses %s: %s", requested, chain[i + 1], failed[-1])
+    raise ArgumentError("no method could compute the Hessians: " + "; ".join(failed), "model")
+
+
+# model -> {(sample shape, dtype, device, target kind, K): methods that failed on a call although
+# their probe passed}: later calls hand over at once, without failing again.
+_FAILED: weakref.WeakKeyDictionary[nn.Module, dict[tuple, set[str]]] = caches.per_model()
 
 
 # model -> {(sample shape, dtype, device): C}: the width of its outputs, known after one forward

@@ -27,12 +27,15 @@ class Support:
             below some cut has a second-order term: a piecewise-linear body).
         zero: the Hessians are zero almost everywhere (no second-order term anywhere and a
             linear head); ``linear``: no nonlinear step at all (then exactly zero).
+        transformable: why ``torch.func`` must not transform the model (it holds TorchScript
+            modules), or None.
     """
 
     structured: str | None
     piecewise: str | None
     zero: bool = False
     linear: bool = False
+    transformable: str | None = None
 
 
 _CACHE: weakref.WeakKeyDictionary[nn.Module, dict[tuple, Support]] = caches.per_model()
@@ -52,6 +55,17 @@ def analyze(model: nn.Module, x: Tensor, target: Target) -> Support:
 
 
 def _analyze(model: nn.Module, x: Tensor, target: Target) -> Support:
+    scripted = scripted_modules(model)
+    if scripted:
+        # NOTE [TorchScript]: torch.func's transforms of TorchScript modules can be silently
+        # wrong (vmap of jvp through a scripted Sequential gave errors of 5e-2 in float64, torch
+        # 2.13), and fx sees them as opaque calls whose derivatives would come from torch.func.
+        # Such models go to plain autograd, which TorchScript supports (MACE trains on forces
+        # that way).
+        names = ", ".join(repr(n) if n else "the model itself" for n in scripted[:2])
+        names += ", ..." if len(scripted) > 2 else ""
+        reason = f"it holds TorchScript modules ({names}), which torch.func does not transform"
+        return Support(reason, reason, transformable=reason)
     probe = x[:2] if len(x) >= 2 else torch.cat([x, x])
     try:
         tape = record(capture(model), probe)
@@ -98,6 +112,12 @@ def _check_independent_samples(model: nn.Module, x: Tensor, tape: Tape) -> None:
         ((alone - together).abs() <= 1e-4 * scale + 1e-6).all()
     ):
         raise Unsupported("its output for a sample depends on the other samples of the batch")
+
+
+def scripted_modules(model: nn.Module) -> list[str]:
+    """Names of the outermost TorchScript modules in the model (``""``: the model itself)."""
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.jit.ScriptModule)]
+    return [n for n in names if not any(n.startswith(f"{o}.") or (o == "" and n) for o in names)]
 
 
 def training_layers(model: nn.Module) -> list[str]:

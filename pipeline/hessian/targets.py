@@ -47,6 +47,16 @@ class Target:
             return F.cross_entropy(z.unsqueeze(0), aux.unsqueeze(0)).unsqueeze(0)
         return ((z - aux) ** 2).mean().unsqueeze(0)
 
+    def values(self, z: Tensor, aux: Tensor | None = None) -> Tensor:
+        """(N, C) outputs and their aux (default: all of ``aux``) -> (N, K) scalars, batched:
+        ``select`` on each sample at once, without ``vmap``."""
+        aux = self.aux if aux is None else aux
+        if self.kind == "index":
+            return z.gather(-1, aux)
+        if self.kind == "cross_entropy":
+            return F.cross_entropy(z, aux, reduction="none").unsqueeze(-1)
+        return ((z - aux) ** 2).mean(-1, keepdim=True)
+
     def subset(self, start: int, stop: int) -> Target:
         """The target restricted to samples [start, stop)."""
         oi = self.output_index

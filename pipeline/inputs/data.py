@@ -15,11 +15,19 @@ from ..errors import PipelineError
 
 @dataclass
 class Dataset:
-    """Inputs (N, *S) as float tensors, labels (N,) or None, and each sample's source index (N,)."""
+    """Inputs (N, *S) as float tensors, labels (N,) or None, and each sample's source index (N,);
+    for atoms (``data=ase``: S = (n, 3) positions) their atomic numbers (n,) and masses (n,)."""
 
     x: Tensor
     labels: Tensor | None
     sample_index: np.ndarray
+    atomic_numbers: np.ndarray | None = None
+    masses: np.ndarray | None = None
+
+
+def provides_atoms(cfg: DataConf) -> bool:
+    """Whether the data has atoms (atomic numbers and masses): ``data=ase``."""
+    return cfg.name == "ase"
 
 
 def load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:
@@ -112,6 +120,8 @@ def _take(src, idx: np.ndarray, hdf5: bool) -> np.ndarray:
 def load_data(cfg: DataConf, dtype: torch.dtype) -> Dataset:
     """Load the slice described by the typed ``data`` config, as ``dtype`` inputs."""
     kind = cfg.name
+    if provides_atoms(cfg):
+        return _atoms(cfg, dtype)
     labels_src = None
     labels_key = "data.labels_dataset" if kind == "hdf5" else "data.labels_path"
     if kind == "digits":
@@ -154,6 +164,14 @@ def load_data(cfg: DataConf, dtype: torch.dtype) -> Dataset:
             "(float) inputs; models of integer ids (embeddings) are not differentiable in them",
             "data.path",
         )
+    _check_finite(x, idx)
+    labels = None
+    if labels_src is not None:
+        labels = torch.as_tensor(_labels(labels_src, len(x_src), idx, kind == "hdf5", labels_key))
+    return Dataset(torch.as_tensor(x).to(dtype), labels, idx)
+
+
+def _check_finite(x: np.ndarray, idx: np.ndarray) -> None:
     bad = np.flatnonzero(~np.isfinite(x.reshape(len(x), -1)).all(axis=1))
     if bad.size:
         names = ", ".join(str(i) for i in idx[bad[:5]])
@@ -162,10 +180,17 @@ def load_data(cfg: DataConf, dtype: torch.dtype) -> Dataset:
             f"{', ...' if bad.size > 5 else ''}); drop them with data.indices",
             "data.indices",
         )
-    labels = None
-    if labels_src is not None:
-        labels = torch.as_tensor(_labels(labels_src, len(x_src), idx, kind == "hdf5", labels_key))
-    return Dataset(torch.as_tensor(x).to(dtype), labels, idx)
+
+
+def _atoms(cfg: DataConf, dtype: torch.dtype) -> Dataset:
+    """The positions (N, n, 3) of the frames ASE reads (see ``pipeline.inputs.atoms``)."""
+    from .atoms import frames, read_slice
+
+    read, length = read_slice(cfg)  # type: ignore[arg-type]
+    found = frames(cfg.path, read, select(length, cfg))  # type: ignore[attr-defined]
+    _check_finite(found.positions, found.sample_index)
+    x = torch.as_tensor(found.positions).to(dtype)
+    return Dataset(x, None, found.sample_index, found.atomic_numbers, found.masses)
 
 
 def _labels(src, n: int, idx: np.ndarray, hdf5: bool, key: str) -> np.ndarray:

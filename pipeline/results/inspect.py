@@ -30,7 +30,7 @@ from ..errors import PipelineError
 from ..store import ResultNames
 from ..store.schema import fields
 from .kind_plots import factored_diagonal
-from .reader import Result, read
+from .reader import Result, mass_weighted, read
 from .stats import DEFAULT_MEMORY_MB, matrix_stats, stored_stats
 from .verify import ALL_ROWS_BELOW, check, rebuild_config, untrusted_code
 
@@ -93,7 +93,8 @@ def describe(result: Result) -> list[str]:
             chunks = h.chunks or "none (contiguous)"
         main = f"hessian    ({n}, {k}, {d}, {d}) {result.dtype}, chunks {chunks}"
     else:
-        stored = ", ".join(f"/{fd.name} {tuple(f[fd.name].shape)}" for fd in fields(result.output))
+        own = fields(result.output, mass_weighted(a))
+        stored = ", ".join(f"/{fd.name} {tuple(f[fd.name].shape)}" for fd in own)
         main = (
             f"output     {result.output} of Hessians ({n}, {k}, {d}, {d}) {result.dtype}: {stored}"
         )
@@ -128,7 +129,26 @@ def describe(result: Result) -> list[str]:
         f"target     {tdesc}",
         "versions   " + ", ".join(f"{key} {v}" for key, v in versions.items()),
     ]
+    if "atomic_numbers" in f:
+        lines.insert(7, atoms_line(result))
     return lines
+
+
+def atoms_line(result: Result) -> str:
+    """The atoms of a result of ``data=ase``: formula, numbers and masses."""
+    from collections import Counter
+
+    from ase.data import chemical_symbols
+
+    numbers = result.file["atomic_numbers"][()]
+    masses = result.file["masses"][()] if "masses" in result.file else []
+    count = Counter(chemical_symbols[int(z)] for z in numbers)
+    formula = "".join(f"{el}{n if n > 1 else ''}" for el, n in count.items())
+    pairs = zip(numbers[:8], masses, strict=False)
+    shown = ", ".join(f"{chemical_symbols[int(z)]} {m:.6g}" for z, m in pairs)
+    more = ", ..." if len(numbers) > 8 else ""
+    weighted = ", eigenpairs mass-weighted" if mass_weighted(result.attrs) else ""
+    return f"atoms      {len(numbers)} ({formula}), masses in amu: {shown}{more}{weighted}"
 
 
 def stats_table(
@@ -169,8 +189,9 @@ def stats_table(
 
 def kind_table(result: Result) -> list[str]:
     """Per (sample, output) of a result that is not the dense matrix (at most 64 lines): the
-    trace (diagonal, factored), the eigenvalues and the largest residual (eigen), the largest
-    entry of the chosen rows (rows)."""
+    trace (diagonal, factored), the eigenvalues and the largest residual (eigen; and the
+    frequencies in cm^-1 when mass-weighted, imaginary ones negative), the largest entry of the
+    chosen rows (rows)."""
     f, kind = result.file, result.output
     n, k = f["gradient"].shape[:2]
     si = f["sample_index"][()]
@@ -192,6 +213,9 @@ def kind_table(result: Result) -> list[str]:
             else:
                 ev = ", ".join(f"{v:.5g}" for v in f["eigenvalues"][i, j])
                 value = f"{ev} ({float(f['residuals'][i, j].max()):.2e})"
+                if "frequencies" in f:
+                    cm = ", ".join(f"{v:.1f}" for v in f["frequencies"][i, j])
+                    value += f"; cm^-1: {cm}"
             lines.append(f"{i:>6} {int(si[i]):>6} {int(oi[j]):>6}  {value}")
     return lines
 

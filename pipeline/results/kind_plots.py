@@ -7,7 +7,10 @@ D x D matrix). ``pipeline.results.plots.write_reports`` calls :func:`kind_report
 - ``diagonal.png`` (diagonal, factored): diag(H) of the chosen sample and output, as an image for
   image inputs (summed over channels), else against the input index;
 - ``rows.png`` (rows): each chosen row, the same way;
-- ``eigenvalues.png`` (eigen): the eigenvalues of every sample, the chosen one marked.
+- ``eigenvalues.png`` (eigen): the eigenvalues of every sample, the chosen one marked;
+- ``frequencies.png`` (eigen, mass-weighted): the stick spectrum of the chosen sample's
+  vibrational frequencies (cm^-1; imaginary ones at negative wavenumbers, in red), above the
+  frequencies of every sample.
 """
 
 from __future__ import annotations
@@ -58,6 +61,8 @@ def kind_reports(result: Result, n: int, k: int) -> list[tuple[str, Callable[[Pa
         steps.append(("rows.png", lambda p: plot_vectors(result, p, n, k, values, titles)))
     if kind == "eigen":
         steps.append(("eigenvalues.png", lambda p: plot_eigenvalues(result, p, n, k)))
+        if "frequencies" in result.file:
+            steps.append(("frequencies.png", lambda p: plot_frequencies(result, p, n, k)))
     return steps
 
 
@@ -68,10 +73,12 @@ def write_values(result: Result, path: Path) -> Path:
     with open(path, "w", newline="") as fh:
         out = csv.writer(fh)
         kind = result.output
+        freq = "frequencies" in f
         if kind == "eigen":
             k = f["eigenvalues"].shape[-1]
+            cm = [f"frequency_cm-1_{i}" for i in range(k)] if freq else []
             out.writerow(["sample", "source_index", "k", "output_index",
-                          *[f"eigenvalue_{i}" for i in range(k)], "max_residual"])  # fmt: skip
+                          *[f"eigenvalue_{i}" for i in range(k)], "max_residual", *cm])  # fmt: skip
         else:
             out.writerow(["sample", "source_index", "k", "output_index", "trace"])
         for n in range(n_samples):
@@ -80,9 +87,9 @@ def write_values(result: Result, path: Path) -> Path:
                 head = [n, int(f["sample_index"][n]), kk, int(oi[kk])]
                 if kind == "eigen":
                     ev = f["eigenvalues"][n, kk]
-                    out.writerow(
-                        [*head, *map(repr, ev.tolist()), repr(float(f["residuals"][n, kk].max()))]
-                    )
+                    cm = f["frequencies"][n, kk].tolist() if freq else []
+                    res = repr(float(f["residuals"][n, kk].max()))
+                    out.writerow([*head, *map(repr, ev.tolist()), res, *map(repr, cm)])
                 elif kind == "diagonal":
                     out.writerow([*head, repr(float(f["trace"][n, kk]))])
                 elif kind == "factored":
@@ -126,6 +133,52 @@ def plot_eigenvalues(result: Result, path: Path, n: int, k: int) -> Path:
     ax.axhline(0, color="k", lw=0.5)
     fig.suptitle(
         f"Eigenvalues, {plot_title(result, n, k)} in red\n{plot_subtitle(result)}", fontsize=10
+    )
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_frequencies(result: Result, path: Path, n: int, k: int) -> Path:
+    """Stick spectrum of sample n's frequencies (cm^-1) for output k; below, the frequencies of
+    every sample (sample n in red). Imaginary frequencies are drawn at negative wavenumbers."""
+    freq = np.asarray(result.file["frequencies"][:, k], np.float64)  # (N, k)
+    mine = freq[n]
+    top = float(np.nanmax(np.abs(freq))) if np.isfinite(freq).any() else 1.0
+    near_zero = np.abs(mine) < 1e-3 * max(top, 1e-300)  # translations and rotations
+    fig, (a1, a2) = plt.subplots(2, 1, figsize=(8, 5.8), layout="constrained",
+                                 height_ratios=(3, 2), sharex=True)  # fmt: skip
+    real, imag = (mine >= 0) & ~near_zero, (mine < 0) & ~near_zero
+    a1.vlines(mine[real], 0, 1, color="C0", lw=1.5, label=f"{int(real.sum())} real")
+    if imag.any():
+        a1.vlines(mine[imag], 0, 1, color="tab:red", lw=1.5,
+                  label=f"{int(imag.sum())} imaginary (at −|ν|)")  # fmt: skip
+    if near_zero.any():
+        a1.vlines(mine[near_zero], 0, 0.25, color="tab:orange", lw=2.5,
+                  label=f"{int(near_zero.sum())} ≈ 0 (|ν| < 1e-3 max)")  # fmt: skip
+    for v in mine[real | imag]:
+        text = f"{abs(v):.0f}i" if v < 0 else f"{v:.0f}"
+        a1.annotate(text, (v, 1), textcoords="offset points", xytext=(0, 3), ha="center",
+                    va="bottom", fontsize=7, rotation=90)  # fmt: skip
+    a1.set_ylim(0, 1.6)
+    a1.set_yticks([])
+    a1.axvline(0, color="0.6", lw=0.5, zorder=0)
+    a1.legend(fontsize=8, loc="upper center", ncols=3, frameon=False)
+    a1.set_title(f"{len(mine)} frequencies of sample {n} (cm$^{{-1}}$)", fontsize=10)
+    for i, row in enumerate(freq):
+        a2.scatter(row, np.full(len(row), i), s=60, marker="|", linewidths=1.2,
+                   c="tab:red" if i == n else "0.45")  # fmt: skip
+    a2.set_ylabel("sample")
+    a2.yaxis.get_major_locator().set_params(integer=True)
+    a2.set_ylim(len(freq) - 0.5, -0.5)
+    a2.set_xlabel("wavenumber (cm$^{-1}$); imaginary frequencies at negative values")
+    a2.axvline(0, color="0.6", lw=0.5, zorder=0)
+    for ax in (a1, a2):
+        ax.grid(alpha=0.3, axis="x")
+    fig.suptitle(
+        f"Vibrational frequencies (mass-weighted Hessian), {plot_title(result, n, k)}\n"
+        f"{plot_subtitle(result)}",
+        fontsize=10,
     )
     fig.savefig(path, dpi=120)
     plt.close(fig)

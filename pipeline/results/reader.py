@@ -6,9 +6,10 @@ reductions read only what they need. Close the result (or use it as a context ma
 
 Every kind of result (``output``: see ``pipeline.store.schema``) is read the same way and has
 its natural view: ``r.hessian`` of a dense file, ``r.diagonal`` and ``r.trace``, ``r.hessian`` of
-the chosen rows and ``r.rows``, ``r.eigenvalues``, ``r.eigenvectors`` and ``r.residuals``,
-``r.jacobian`` and ``r.curvature``; ``r.hessian`` of a factored file is the lazy product
-J^T A_k J, equal to the dense result.
+the chosen rows and ``r.rows``, ``r.eigenvalues``, ``r.eigenvectors`` and ``r.residuals``
+(``r.frequencies`` too when mass-weighted), ``r.jacobian`` and ``r.curvature``; ``r.hessian`` of
+a factored file is the lazy product J^T A_k J, equal to the dense result. A result of atoms
+(``data=ase``) also has ``r.atomic_numbers`` and ``r.masses``.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..errors import PipelineError
 from ..store.layout import ROW_DATASETS, SUMMARY_DATASETS
-from ..store.schema import FIELDS, KINDS, fields
+from ..store.schema import ATOMS, FIELDS, KINDS, fields
 
 COMMON = ("gradient", "inputs", "outputs", "sample_index", "output_index")
 DATASETS = ("hessian", *COMMON)  # of a dense result
@@ -174,9 +175,11 @@ def read(path: str | os.PathLike) -> Result:
                 _check_sources(path, f["hessian"])
         else:
             config = _check_kind(path, f, attrs, kind)
+        _check_atoms(path, f)
         arrays = {name: _dask(f[name]) for name in COMMON}
         stats = (*ROW_DATASETS, *SUMMARY_DATASETS) if kind == "dense" else ()
-        own = [fd.name for fd in fields(kind)] + [name for name in stats if name in f]
+        own = [fd.name for fd in fields(kind, mass_weighted(attrs))]
+        own += [name for name in stats if name in f] + [fd.name for fd in ATOMS if fd.name in f]
         datasets = {name: _dask(f[name]) for name in own if name not in COMMON}
         hessian = datasets.pop("hessian", None)
         if kind == "factored":
@@ -198,15 +201,26 @@ def _factored(jacobian: da.Array, curvature: da.Array) -> da.Array:
     return da.einsum("ndc,nkce,nef->nkdf", jt, a, j)
 
 
+def mass_weighted(attrs: dict[str, Any]) -> bool:
+    """Whether the stored config says ``output.mass_weighted`` (False where it cannot be read:
+    the config is checked on its own)."""
+    try:
+        config = yaml.safe_load(str(attrs.get("config", "")))
+        return bool(config["output"].get("mass_weighted", False))
+    except (yaml.YAMLError, TypeError, KeyError, AttributeError):
+        return False
+
+
 def _check_kind(path: Path, f: h5py.File, attrs: dict[str, Any], kind: str) -> DictConfig:
     """The stored config; PipelineError unless the file holds the kind's datasets with shapes
     that fit one another (the schema's dimensions)."""
-    missing = [fd.name for fd in fields(kind) if not isinstance(f.get(fd.name), h5py.Dataset)]
+    own = fields(kind, mass_weighted(attrs))
+    missing = [fd.name for fd in own if not isinstance(f.get(fd.name), h5py.Dataset)]
     if missing:
         raise PipelineError(f"{path} is not a complete {kind} result: it lacks /{missing[0]}")
     n, k, d = f["gradient"].shape
     sizes: dict[str, int] = {"sample": n, "output": k, "column": d}
-    for fd in fields(kind):
+    for fd in own:
         for dim, size in zip(fd.dims, f[fd.name].shape, strict=False):
             if sizes.setdefault(dim, size) != size or f[fd.name].ndim != len(fd.dims):
                 raise PipelineError(
@@ -251,6 +265,21 @@ def _check_layout(
     if not isinstance(config, dict):
         raise refuse("its config attribute is not a mapping")
     return OmegaConf.create(config)
+
+
+def _check_atoms(path: Path, f: h5py.File) -> None:
+    """``/atomic_numbers`` and ``/masses`` (where present): one per atom of the (N, n, 3)
+    positions."""
+    present = [fd for fd in ATOMS if fd.name in f]
+    if not present:
+        return
+    inputs = f["inputs"].shape
+    for fd in present:
+        if len(inputs) != 3 or inputs[2] != 3 or f[fd.name].shape != (inputs[1],):
+            raise PipelineError(
+                f"{path} is not a pipeline result: /{fd.name} has shape {f[fd.name].shape}, "
+                f"which does not fit the positions /inputs {inputs} (N, n, 3)"
+            )
 
 
 def _plain(value: Any) -> Any:

@@ -6,10 +6,13 @@ File checks (no model): the dtypes against the ``dtype`` attribute, the non-fini
 against ``attrs["nonfinite_entries"]``, ``/output_index``; and per kind: ``/trace`` against the sum
 of ``/diagonal`` (diagonal); ``/rows`` in range and distinct (rows); each eigenvector of unit norm,
 the vectors of one Hessian orthogonal, the eigenvalues in the stored ``which`` order and the
-residuals non-negative (eigen); each ``/curvature`` matrix symmetric (factored).
+residuals non-negative, and the frequencies of a mass-weighted result in one proportion to
+the square roots of their eigenvalues, with their signs (eigen); each ``/curvature`` matrix
+symmetric (factored).
 Model checks (``--trust-file`` where the file names code): the gradients recomputed; sampled
 diagonal entries recomputed as e_i^T H e_i (diagonal); the chosen rows recomputed (rows); fresh
-residuals ||H v - lambda v|| from Hessian-vector products of the rebuilt model (eigen); sampled
+residuals ||H v - lambda v|| from Hessian-vector products of the rebuilt model (mass-weighted:
+of M^-1/2 H M^-1/2) (eigen); sampled
 rows of J^T A J against rows recomputed by the stored method (factored).
 """
 
@@ -20,7 +23,7 @@ import torch
 
 from ..hessian.methods import DEFAULT_MEMORY_BUDGET, METHODS
 from ..store.schema import FIELDS
-from .reader import Result
+from .reader import Result, mass_weighted
 
 
 def file_checks(result: Result, rtol: float, label, mismatch) -> list:
@@ -90,6 +93,38 @@ def _eigen_file(result: Result, rtol: float, label, mismatch) -> list:
             out.append(mismatch("eigenvectors", f"/eigenvectors of {label(n, k)}: {what}"))
     if (f["residuals"][()] < 0).any():
         out.append(mismatch("residuals", "/residuals holds negative norms"))
+    if "frequencies" in f:
+        out.extend(_frequencies_file(values, f["frequencies"][()], rtol, label, mismatch))
+    return out
+
+
+def _frequencies_file(values: np.ndarray, freq: np.ndarray, rtol: float, label,
+                      mismatch) -> list:  # fmt: skip
+    """/frequencies against /eigenvalues: the sign of each (imaginary frequencies negative),
+    and one factor c with freq^2 = c |lambda| for all of them (ASE's unit conversion)."""
+    out = []
+    big = np.abs(values) > 1e-6 * np.abs(values).max(initial=0.0)  # (rounding-level ones aside)
+    wrong = big & (np.sign(freq) != np.sign(values))
+    for n, k, i in np.argwhere(wrong)[:3]:
+        out.append(
+            mismatch(
+                "frequencies",
+                f"frequency {i} of {label(n, k)} is "
+                f"{freq[n, k, i]:.6g} for the eigenvalue {values[n, k, i]:.6g}",
+            )
+        )
+    if big.any():
+        factor = freq[big] ** 2 / np.abs(values[big])
+        spread = np.abs(factor / np.median(factor) - 1)
+        for n, k, i in np.argwhere(big)[spread > max(rtol, 1e-6)][:3]:
+            out.append(
+                mismatch(
+                    "frequencies",
+                    f"frequency {i} of {label(n, k)} is "
+                    f"{freq[n, k, i]:.6g}, not in proportion to the square root of "
+                    f"its eigenvalue {values[n, k, i]:.6g} as the others are",
+                )
+            )
     return out
 
 
@@ -134,8 +169,12 @@ def model_checks(result: Result, job, rtol: float, rows: int, seed: int, label, 
         elif kind == "eigen":
             vecs = torch.as_tensor(f["eigenvectors"][n], dtype=x.dtype)  # (K, k, D)
             vals = f["eigenvalues"][n].astype(np.float64)
+            w = np.ones(d)  # mass-weighted: the products of M^-1/2 H M^-1/2 = w * H (w * v)
+            if mass_weighted(result.attrs):
+                w = np.repeat(f["masses"][()].astype(np.float64), 3) ** -0.5
+            wt = torch.as_tensor(w, dtype=x.dtype)
             for k in range(n_out):
-                hv = hvp(job.model, x[0], target, vecs[k])[:, k].double().numpy()  # (k, D)
+                hv = hvp(job.model, x[0], target, vecs[k] * wt)[:, k].double().numpy() * w
                 res = np.linalg.norm(hv - vals[k][:, None] * vecs[k].double().numpy(), axis=-1)
                 scale = max(np.abs(vals[k]).max(), np.linalg.norm(hv, axis=-1).max(), 1e-300)
                 for i in np.flatnonzero(res > rtol * scale)[:3]:

@@ -60,8 +60,15 @@ def code_fingerprint(model: nn.Module, model_cfg: ModelConf) -> str | None:
     return h.hexdigest()
 
 
-def data_fingerprint(x: torch.Tensor, sample_index: np.ndarray, labels: torch.Tensor | None) -> str:
-    """SHA-256 of the inputs (N, *S), their source indices and the labels (if any)."""
+def data_fingerprint(
+    x: torch.Tensor,
+    sample_index: np.ndarray,
+    labels: torch.Tensor | None,
+    atomic_numbers: np.ndarray | None = None,
+    masses: np.ndarray | None = None,
+) -> str:
+    """SHA-256 of the inputs (N, *S), their source indices, the labels (if any) and the atoms'
+    numbers and masses (if any)."""
     h = hashlib.sha256(f"{tuple(x.shape)} {x.dtype}\n".encode())
     h.update(x.detach().cpu().contiguous().numpy().tobytes())
     h.update(np.ascontiguousarray(sample_index).tobytes())
@@ -70,6 +77,12 @@ def data_fingerprint(x: torch.Tensor, sample_index: np.ndarray, labels: torch.Te
     else:
         h.update(f"labels {tuple(labels.shape)} {labels.dtype}\n".encode())
         h.update(labels.detach().cpu().contiguous().numpy().tobytes())
+    if atomic_numbers is not None or masses is not None:  # (absent: the hash of before)
+        for name, values, dtype in (("atomic_numbers", atomic_numbers, np.int64),
+                                    ("masses", masses, np.float64)):  # fmt: skip
+            h.update(f"\n{name}\n".encode())
+            if values is not None:
+                h.update(np.ascontiguousarray(values, dtype).tobytes())
     return h.hexdigest()
 
 

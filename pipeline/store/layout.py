@@ -25,7 +25,7 @@ import h5py
 import numpy as np
 
 from .plan import Plan
-from .schema import Field
+from .schema import ATOMS, Field
 from .statistics import SUMS
 
 HESSIAN_DIMS = ("sample", "output", "row", "column")
@@ -43,6 +43,8 @@ class Metadata:
     sample_index: np.ndarray  # (N,)
     output_index: np.ndarray  # (K,) or (N, K)
     attrs: dict[str, Any] = field(default_factory=dict)
+    atomic_numbers: np.ndarray | None = None  # (n,) of data=ase (schema.ATOMS)
+    masses: np.ndarray | None = None  # (n,)
 
 
 def compression_options(name: str | None) -> dict[str, Any]:
@@ -170,6 +172,10 @@ def write_common(f: h5py.File, meta: Metadata, comp: dict[str, Any]) -> None:
     f.create_dataset("outputs", data=meta.outputs)
     f.create_dataset("sample_index", data=meta.sample_index)
     f.create_dataset("output_index", data=meta.output_index)
+    for fd in ATOMS:
+        value = getattr(meta, fd.name)
+        if value is not None:
+            f.create_dataset(fd.name, data=np.asarray(value, fd.dtype))
     for key, value in meta.attrs.items():
         f.attrs[key] = value
 
@@ -182,13 +188,17 @@ def label_common(f: h5py.File, per_sample: tuple[Field, ...] = ()) -> None:
     if by_output:
         f["output_index"].make_scale("output_index")
     f["inputs"].dims[0].label = "sample"
+    atoms = "atomic_numbers" in f and f["inputs"].ndim == 3  # positions (N, n, 3)
     for i in range(f["inputs"].ndim - 1):
-        f["inputs"].dims[i + 1].label = f"input_{i}"
+        f["inputs"].dims[i + 1].label = ("atom", "xyz")[i] if atoms else f"input_{i}"
     f["outputs"].dims[0].label = "sample"
     f["outputs"].dims[1].label = "model_output"
     f["sample_index"].dims[0].label = "sample"
     for i, name in enumerate(("output",) if by_output else ("sample", "output")):
         f["output_index"].dims[i].label = name
+    for fd in ATOMS:
+        if fd.name in f:
+            f[fd.name].dims[0].label = fd.dims[0]
     for name in ("inputs", "outputs"):
         f[name].dims[0].attach_scale(f["sample_index"])
     for fd in per_sample:

@@ -22,7 +22,7 @@ from .durable import commit
 from .layout import Metadata, label_common, write_common
 from .names import temporary_name
 from .plan import Block, Plan
-from .schema import DERIVED, DESCRIPTION, FIELDS, Field, numbers
+from .schema import DERIVED, DESCRIPTION, FIELDS, Field, block_fields, numbers
 from .writer import ResultWriter, _remove_tree
 
 
@@ -69,16 +69,18 @@ class PartsWriter(ResultWriter):
         sizes: the sizes the run knows before computing (``sample``, ``output``, ``column``,
             ``row``, ``eigenpair``); the others (``feature``) are read from the shards.
         description: datasets of the run's description (``/rows``).
+        mass_weighted: the blocks hold the frequencies of mass-weighted eigenvalues too.
         (the rest as ``ResultWriter``)
     """
 
     def __init__(self, path: Path, plan: Plan, meta: Metadata, storage, kind: str,
                  sizes: dict[str, int], description: dict[str, np.ndarray] | None = None,
-                 remote_workers: bool = False, defer_copies: bool = False):  # fmt: skip
+                 remote_workers: bool = False, defer_copies: bool = False,
+                 mass_weighted: bool = False):  # fmt: skip
         super().__init__(path, plan, meta, storage, remote_workers, defer_copies)
         self.kind, self.sizes = kind, dict(sizes)
         self.description = description or {}
-        self.fields = FIELDS[kind]
+        self.fields = block_fields(kind, mass_weighted)
         self.in_place, self.layout = False, "copy"
 
     def _check_free_space(self, keep: bool) -> None:
@@ -139,7 +141,8 @@ class PartsWriter(ResultWriter):
                 for field in self.fields:
                     values = s[field.name][()]
                     f[field.name][b.s0 : b.s1] = values
-                    nonfinite += int((~np.isfinite(values)).sum())
+                    if field in FIELDS[self.kind]:  # (not what is derived from them)
+                        nonfinite += int((~np.isfinite(values)).sum())
                     if field.name == "diagonal":  # the trace, in float64
                         f["trace"][b.s0 : b.s1] = values.sum(-1, dtype=np.float64)
         for field in DESCRIPTION.get(self.kind, ()):

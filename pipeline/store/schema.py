@@ -2,9 +2,10 @@
 
 A dimension name stands for its size in a run: ``sample`` N, ``output`` K, ``row`` R (the chosen
 rows), ``column`` D (the flat input), ``eigenpair`` k, ``feature`` C (the features at the cut of a
-factored Hessian). A dtype of None is the result's dtype. The writer creates the datasets from
-these declarations, the reader checks a file against them and gives them their natural names
-(``r.diagonal``, ``r.eigenvalues``), and inspect and verify read the same table.
+factored Hessian), ``atom`` n (the atoms of ``data=ase``, D = 3n). A dtype of None is the
+result's dtype. The writer creates the datasets from these declarations, the reader checks a
+file against them and gives them their natural names (``r.diagonal``, ``r.eigenvalues``), and
+inspect and verify read the same table.
 
 ``dense`` files also hold the statistics taken while blocks are written (``/diagonal``,
 ``/row_norm``, ``/trace``, ``/frobenius``, ``/symmetry``, ``/nonfinite``, ``/block_sums``:
@@ -62,9 +63,25 @@ DESCRIPTION: dict[str, tuple[Field, ...]] = {
 }
 
 
-def fields(kind: str) -> tuple[Field, ...]:
-    """Every dataset that ``kind`` computes or derives."""
-    return FIELDS[kind] + DERIVED.get(kind, ()) + DESCRIPTION.get(kind, ())
+# kind -> what its blocks also compute when ``output.mass_weighted`` (eigen): the vibrational
+# frequencies of the mass-weighted eigenvalues, in cm^-1 (imaginary ones negative)
+MASS_WEIGHTED: dict[str, tuple[Field, ...]] = {
+    "eigen": (Field("frequencies", ("sample", "output", "eigenpair"), "f8"),),
+}
+
+# the atoms of the inputs (``data=ase``), in every kind of result whose data has them
+ATOMS = (Field("atomic_numbers", ("atom",), "i8"), Field("masses", ("atom",), "f8"))
+
+
+def block_fields(kind: str, mass_weighted: bool = False) -> tuple[Field, ...]:
+    """The datasets each block of ``kind`` produces."""
+    return FIELDS[kind] + (MASS_WEIGHTED.get(kind, ()) if mass_weighted else ())
+
+
+def fields(kind: str, mass_weighted: bool = False) -> tuple[Field, ...]:
+    """Every dataset that ``kind`` computes or derives (with ``mass_weighted``: its
+    frequencies too)."""
+    return block_fields(kind, mass_weighted) + DERIVED.get(kind, ()) + DESCRIPTION.get(kind, ())
 
 
 def numbers(kind: str, sizes: dict[str, int]) -> int:
