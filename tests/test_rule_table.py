@@ -310,3 +310,22 @@ def test_rule_under_every_curvature_and_schedule(case: RuleCase, top: str):
             assert_close_to_max(h.expand_as(h_ref), h_ref, rtol, what)
     if math.prod(h_ref.shape) and h_ref.abs().max() == 0:
         pytest.fail(f"{case.name}, top {top}: the reference is all zero, the case tests nothing")
+
+
+def test_blocks_cases_are_laid_out_as_they_say():
+    """At the table's seed, the fixed graph's gathers and scatters have one index for all
+    samples, and the neighbour list a different number of edges per sample (padded blocks)."""
+    from pipeline.hessian.graph import capture, record
+    from pipeline.hessian.rules import Gather, Scatter
+
+    def steps(case: str):
+        torch.manual_seed(3)
+        model = Body(next(c for c in CASES if c.name == case).body, "dense").eval()
+        tape = record(capture(model), torch.randn(2, D))
+        return [s.rule for s in tape.steps if isinstance(s.rule, (Gather, Scatter))]
+
+    fixed = steps("blocks_fixed_graph")
+    assert fixed and all(r.index.shape[0] == 1 for r in fixed)
+    listed = steps("blocks_neighbour_list")
+    padded = [r for r in listed if isinstance(r, Scatter) and (r.index == r.size).any()]
+    assert padded, [r.index for r in listed]
