@@ -42,12 +42,15 @@ class ScriptedInside(nn.Module):
 
 class NeighbourList(nn.Module):
     """A pair potential over the pairs closer than a cutoff, found with ``nonzero`` on the
-    positions (B, n, 3): value-dependent shapes, as TorchANI's neighbour list."""
+    positions (B, n, 3): value-dependent shapes, as TorchANI's neighbour list. ``scripted``: its
+    pair MLP compiled with TorchScript (then only plain autograd takes it)."""
 
-    def __init__(self, cutoff: float = 2.5):
+    def __init__(self, cutoff: float = 2.5, scripted: bool = False):
         super().__init__()
         self.cutoff = cutoff
         self.mlp = nn.Sequential(nn.Linear(1, 8), nn.Tanh(), nn.Linear(8, 1))
+        if scripted:
+            self.mlp = torch.jit.script(self.mlp)
 
     def forward(self, pos):
         b, n, _ = pos.shape
@@ -165,6 +168,8 @@ CASES = [
         True,
         True,
     ),
+    ("neighbour_list_scripted", lambda: NeighbourList(scripted=True), lambda: _molecules(3), [0],
+     True, True),  # fmt: skip
     ("neighbour_list", NeighbourList, lambda: _molecules(3), [0], True, True),
     ("cached_inplace", Cached, lambda: torch.randn(3, 6, dtype=torch.float64), [0, 3], True, True),
     ("coupled_batch", Centred, lambda: torch.randn(3, 6, dtype=torch.float64), [2], False, True),
@@ -209,8 +214,8 @@ def test_autograd_method_matches_float64(name, factory, inputs, outputs, shared,
 @pytest.mark.parametrize("name, factory, inputs, outputs", [c[:4] for c in CASES[1:4]],
                          ids=[c[0] for c in CASES[1:4]])  # fmt: skip
 def test_auto_walks_to_autograd_where_nothing_else_can(name, factory, inputs, outputs, caplog):
-    """TorchScript and a ``nonzero`` neighbour list (vmap cannot batch it): ``auto`` ends in
-    plain autograd and says why in one line; exact."""
+    """TorchScript, also beside a ``nonzero`` neighbour list: ``auto`` ends in plain autograd
+    and says why in one line; exact."""
     torch.manual_seed(0)
     model = factory().double().eval()
     x = inputs()
@@ -347,12 +352,12 @@ def test_products_for_lanczos_match_float64(name, factory, inputs, outputs):
 @pytest.mark.parametrize("weighted", [False, True], ids=["plain", "mass_weighted"])
 @pytest.mark.parametrize("path", ["dense", "lanczos"])
 def test_eigenpairs_of_a_model_only_autograd_takes(path, weighted):
-    """``eigen`` on the neighbour-list potential (``auto`` ends in autograd): the dense path from
-    its rows, block Lanczos from ``double_backward.products``; against eigh in float64."""
+    """``eigen`` on the scripted neighbour-list potential (``auto`` ends in autograd): the dense
+    path from its rows, block Lanczos from ``double_backward.products``; against eigh."""
     from pipeline.hessian import eigen
 
     torch.manual_seed(0)
-    model = NeighbourList().double().eval()
+    model = NeighbourList(scripted=True).double().eval()
     x = _molecules(2)
     target = make_target([0], model(x).detach())
     assert methods.choose_method("auto", model, target, x).name == "autograd"
@@ -367,3 +372,14 @@ def test_eigenpairs_of_a_model_only_autograd_takes(path, weighted):
     expected = torch.linalg.eigvalsh(h).flip(-1)[:, :3]
     assert_close_to_max(values[:, 0], expected, 1e-9, f"{path} eigenvalues")
     assert (residuals <= 1e-8 * expected.abs().max()).all(), residuals
+
+
+@pytest.mark.parametrize("method", ["forward_over_reverse", "reverse_over_reverse"])
+def test_torch_func_methods_go_sample_by_sample_over_a_nonzero_neighbour_list(method):
+    """vmap cannot batch ``nonzero`` over samples; with the samples one at a time (the rows
+    still vmapped) the positions stay unbatched and the generic methods run, exactly."""
+    torch.manual_seed(0)
+    model = NeighbourList().double().eval()
+    x = _molecules(3)
+    h = pipeline.hessian(model, x, [0], method=method)
+    assert_close_to_max(h, _reference(model, x, [0]), REL, method)
