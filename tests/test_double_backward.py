@@ -299,17 +299,24 @@ def test_refused_only_when_autograd_cannot_differentiate_twice():
 
 
 def test_chunks_fit_the_budget():
-    """Rows are batched first, then samples; both bounded by the budget."""
+    """Samples share a forward first, then rows are batched within the budget and while a call
+    sweeps less than BATCHED_WORK bytes of graph."""
     plan = double_backward.Plan(graph_bytes=1000, batched=True, shared=True)
     d_bytes = 100
-    per = 2 * (1000 + 2 * d_bytes)
-    assert double_backward.chunks(plan, 10, 50, d_bytes, 1) == (1, 1)
-    assert double_backward.chunks(plan, 10, 50, d_bytes, 7 * per) == (1, 7)
-    assert double_backward.chunks(plan, 10, 50, d_bytes, 150 * per) == (3, 50)
+    per = 1000 + 2 * d_bytes
+    chunks = double_backward.chunks
+    assert chunks(plan, 10, 50, d_bytes, 1) == (1, 1)
+    assert chunks(plan, 10, 50, d_bytes, 2 * 7 * per) == (7, 1)  # the graph takes half
+    assert chunks(plan, 10, 50, d_bytes, 2 * 30 * per) == (10, 3)  # 30 seeds: 3 rows x 10
+    assert chunks(plan, 10, 50, d_bytes, 1 << 40) == (10, 50)
+    big = double_backward.Plan(graph_bytes=double_backward.BATCHED_WORK // 4, batched=True,
+                               shared=True)  # fmt: skip
+    assert chunks(big, 8, 50, d_bytes, 1 << 40) == (8, 1)  # a loop over rows
+    assert chunks(big, 1, 50, d_bytes, 1 << 40) == (1, 3)
     unshared = double_backward.Plan(1000, True, False)
-    assert double_backward.chunks(unshared, 10, 50, d_bytes, 150 * per) == (1, 50)
+    assert chunks(unshared, 10, 50, d_bytes, 1 << 40) == (1, 50)
     looped = double_backward.Plan(1000, False, True)
-    assert double_backward.chunks(looped, 10, 50, d_bytes, 150 * per) == (10, 1)
+    assert chunks(looped, 10, 50, d_bytes, 1 << 40) == (10, 1)
 
 
 class Detached(nn.Module):

@@ -82,18 +82,29 @@ def compute(
     return hess, grad
 
 
-def chunks(plan: Plan, n: int, r: int, d_bytes: int, budget: int) -> tuple[int, int]:
-    """(samples per forward, rows per backward) that fit ``budget`` bytes.
+# Graph bytes that one backward call may sweep for several seeds at once (``is_grads_batched``).
+# Beyond a few tens of MB a batched backward runs slower per row than single ones (TorchANI, 8
+# geometries of 24 atoms, 2.6 MB of graph each: 72 rows one at a time 1.3-1.6 s, in batches of 8
+# rows 1.7-2.6 s; MACE, 18 MB each: 11.0 s against 16.5 s); below it the calls' overhead
+# dominates (one sample of TorchANI: batches of 16 rows 1.3-1.8 s, one at a time 3.8-4.2 s).
+BATCHED_WORK = 32 << 20
 
-    A forward of b samples holds b * graph_bytes; a backward of c seeds over them about
+
+def chunks(plan: Plan, n: int, r: int, d_bytes: int, budget: int) -> tuple[int, int]:
+    """(samples per forward, rows per backward) within ``budget`` bytes.
+
+    A forward of b samples holds b * graph_bytes, a backward of c seeds over them about
     c * b * (graph_bytes + 2 * d_bytes) more (each seed's intermediate gradients, its seed and its
-    row). Rows are batched first (fewer backward calls), then samples.
+    row); each gets half the budget. Samples share a forward first (no ``vmap``: the seed e_r
+    serves every sample of the block); rows are batched while a call sweeps less than
+    ``BATCHED_WORK`` bytes.
     """
     per_direction = plan.graph_bytes + 2 * d_bytes
-    directions = max(1, budget // (2 * per_direction))
-    step = min(r, directions) if plan.batched else 1
-    samples = max(1, directions // step) if plan.shared else 1
-    return min(n, samples), max(1, step)
+    samples = min(n, max(1, budget // (2 * per_direction))) if plan.shared else 1
+    room = max(1, budget // (2 * per_direction * samples))
+    worth = max(1, BATCHED_WORK // (per_direction * samples))
+    step = min(r, room, worth) if plan.batched else 1
+    return samples, step
 
 
 def _block(model, x: Tensor, target: Target, rows: Rows, step: int, batched: bool,
