@@ -168,8 +168,14 @@ CASES = [
         True,
         True,
     ),
-    ("neighbour_list_scripted", lambda: NeighbourList(scripted=True), lambda: _molecules(3), [0],
-     True, True),  # fmt: skip
+    (
+        "neighbour_list_scripted",
+        lambda: NeighbourList(scripted=True),
+        lambda: _molecules(3),
+        [0],
+        True,
+        True,
+    ),  # fmt: skip
     ("neighbour_list", NeighbourList, lambda: _molecules(3), [0], True, True),
     ("cached_inplace", Cached, lambda: torch.randn(3, 6, dtype=torch.float64), [0, 3], True, True),
     ("coupled_batch", Centred, lambda: torch.randn(3, 6, dtype=torch.float64), [2], False, True),
@@ -379,14 +385,3 @@ def test_eigenpairs_of_a_model_only_autograd_takes(path, weighted):
     expected = torch.linalg.eigvalsh(h).flip(-1)[:, :3]
     assert_close_to_max(values[:, 0], expected, 1e-9, f"{path} eigenvalues")
     assert (residuals <= 1e-8 * expected.abs().max()).all(), residuals
-
-
-@pytest.mark.parametrize("method", ["forward_over_reverse", "reverse_over_reverse"])
-def test_torch_func_methods_go_sample_by_sample_over_a_nonzero_neighbour_list(method):
-    """vmap cannot batch ``nonzero`` over samples; with the samples one at a time (the rows
-    still vmapped) the positions stay unbatched and the generic methods run, exactly."""
-    torch.manual_seed(0)
-    model = NeighbourList().double().eval()
-    x = _molecules(3)
-    h = pipeline.hessian(model, x, [0], method=method)
-    assert_close_to_max(h, _reference(model, x, [0]), REL, method)

@@ -96,11 +96,10 @@ def _batched(one_sample, x: Tensor, target: Target, basis: Tensor, max_direction
         try:
             return _samples_at_once(one_sample, xf, target, basis, max(1, max_directions // r))
         except RuntimeError as err:
-            if "control flow" not in str(err) and "dynamic shape" not in str(err):
+            if "control flow" not in str(err):
                 raise
-            # The forward branches on the values of its input, or makes shapes from them
-            # (``nonzero`` in a neighbour list): vmap over samples cannot follow that, so samples
-            # go one at a time below (only the rows are vmapped; the values stay unbatched).
+            # The forward branches on the values of its input: vmap over samples cannot
+            # follow that, so samples go one at a time below (only the rows are vmapped).
     grads, hess = [], []
     for s in range(n):  # one sample, rows in chunks
         parts = [

@@ -230,11 +230,17 @@ def _walk_chain(name: str, model: nn.Module, x: Tensor, target: Target, support)
 
 def _probe(method: Method, model: nn.Module, x: Tensor, target: Target) -> str | None:
     """Why ``method`` fails on the first sample of x (all rows up to D = its
-    ``probe_all_up_to``, else 8, or 2), or None when it computes them."""
+    ``probe_all_up_to``, else 8, or 2), or None when it computes them. The ``torch.func``
+    methods also compute one row of the first two samples: ``vmap`` over samples fails where one
+    sample passes (a neighbour list built with ``nonzero``), and plain autograd is then the
+    better method (its samples share one forward)."""
     d = x.shape[1:].numel()
     few = slice(0, 8) if method.probe_all_up_to else slice(0, 2)
     rows = select_rows(None if d <= method.probe_all_up_to else few, d, x.device)
     try:
+        if method.name in GENERIC_ORDER and len(x) > 1:  # vmap over samples: one row of two
+            method.compute(model, x[:2], target.subset(0, 2), select_rows([0], d, x.device),
+                           1 << 28)  # fmt: skip
         method.compute(model, x[:1], target.subset(0, 1), rows, 1 << 28)
     except ArgumentError:
         raise
