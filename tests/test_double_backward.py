@@ -231,6 +231,10 @@ def test_auto_walks_to_autograd_where_nothing_else_can(name, factory, inputs, ou
     used = [r.message for r in caplog.records if r.message.startswith("method=auto uses")]
     assert used and all("\n" not in m for m in used)
     assert used[-1].startswith("method=auto uses autograd"), used
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pipeline"):
+        pipeline.hessian(model, x, outputs)  # the choice is known: nothing said again
+    assert [r.message for r in caplog.records if r.message.startswith("method=")] == []
 
 
 def test_torchscript_is_never_transformed_by_torch_func():

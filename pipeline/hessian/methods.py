@@ -172,7 +172,8 @@ def choose_method(
     few rows) without an error; ``forward_over_reverse`` hands over to reverse over reverse the
     same way (ops without forward-mode AD); ``autograd`` is probed too (it refuses a forward
     whose gradient disagrees with differences of its outputs). Cached per model, input shape,
-    dtype, device and target kind.
+    dtype, device and target kind; where ``auto`` passed a method over, ``Choice.note`` is logged
+    (a WARNING) when the choice is made, not again on later calls.
 
     Raises:
         ArgumentError: an unknown name; a named method that does not support the model; no
@@ -198,6 +199,8 @@ def choose_method(
     per_model = _CHOICES.setdefault(model, {})
     if key not in per_model:
         per_model[key] = _walk_chain(name, model, x, target, support)
+        if per_model[key].note:  # said once per model and key, not on every call
+            log.warning(per_model[key].note)
     return per_model[key]
 
 
@@ -255,11 +258,8 @@ def _one_line(err: Exception) -> str:
 
 
 def resolve_method(name: str, model: nn.Module, target: Target, x: Tensor) -> Method:
-    """``choose_method(...).method``; logs ``Choice.note`` (a WARNING) where there is one."""
-    choice = choose_method(name, model, target, x)
-    if choice.note:
-        log.warning(choice.note)
-    return choice.method
+    """``choose_method(...).method`` (which logs ``Choice.note``, once, where there is one)."""
+    return choose_method(name, model, target, x).method
 
 
 def zero_hessian_reason(model: nn.Module, target: Target, x: Tensor) -> str | None:
@@ -330,8 +330,6 @@ def hessian(
         z = _outputs(model, x, by_index=not by_value)
         target = make_target(outputs, z, labels, loss)
         choice = choose_method(method, model, target, x, checked=True)
-        if choice.note:
-            log.warning(choice.note)
         row_index = select_rows(rows, x.shape[1:].numel(), x.device)
         hess, grad = choice.compute(model, x, target, row_index, memory_budget, return_gradient)
         reason = zero_hessian_reason(model, target, x)
