@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from .products import symmetric_product
+from .rows import Rows
 from .rules import ELEMENTWISE_MACS, Dense, Elementwise, LayerNorm, Reshape, Rule, Scale
 
 ZERO, DIAG, DENSE = "zero", "diag", "dense"
@@ -107,13 +108,15 @@ def through(rule: Rule, m: Curvature, g: Tensor | None) -> Curvature:
     return Curvature(DENSE, symmetric_product((m.value @ w).mT, w))  # (M W)^T W = W^T M W
 
 
-def rows_of(m: Curvature, rows: Tensor, like: Tensor) -> Tensor | None:
-    """M[rows] as (N, K, R, F) (None for a zero M)."""
+def rows_of(m: Curvature, rows: Rows, like: Tensor) -> Tensor | None:
+    """M[rows] as (N, K, R, F) (None for a zero M); all rows of a dense M are M itself, not a
+    copy (a copy of every block's Hessians cost a third of a small-D MLP's call)."""
     if m.kind == ZERO:
         return None
     if m.kind == DENSE:
-        return m.value.index_select(-2, rows)
-    eye = (rows.unsqueeze(-1) == torch.arange(m.value.shape[-1], device=rows.device)).to(like)
+        return m.value if rows.full else m.value.index_select(-2, rows.index)
+    index = rows.index
+    eye = (index.unsqueeze(-1) == torch.arange(m.value.shape[-1], device=index.device)).to(like)
     return eye * m.value.unsqueeze(2)
 
 

@@ -44,7 +44,7 @@ def hessian_rows(
     if m is None:
         m = cut_curvature(tape, plan, head, g)
     if plan.cut_step == 0:  # M-propagation down to x
-        h = rows_of(m, rows.index, like)
+        h = rows_of(m, rows, like)
     elif plan.bottom == REVERSE:
         h = _reverse(tape, plan.cut_step, plan.cut_slot, m, rows)
     elif plan.bottom == LOCAL:

@@ -198,7 +198,22 @@ def _same_leaf(x, y) -> bool:
     return x.dtype == y.dtype and x.shape == y.shape and torch.equal(x, y)
 
 
-class _Recorder(TorchDispatchMode):
+class _Mode(TorchDispatchMode):
+    """A dispatch mode whose ``__torch_dispatch__`` torch leaves unwrapped.
+
+    NOTE [dynamo import] torch wraps a mode's ``__torch_dispatch__`` in ``_disable_dynamo``
+    unless the class says otherwise; the wrapper imports ``torch._dynamo`` on its first call:
+    1.4 s of a 2-core CPU (sympy, the symbolic shapes) on the first ``hessian()`` of every
+    process, a third of a small model's whole first call. Nothing here runs under
+    ``torch.compile``, so there is nothing for the wrapper to disable.
+    """
+
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        return False
+
+
+class _Recorder(_Mode):
     """Records the ATen operations of a call as an ``fx`` graph, as they run.
 
     A dispatch mode is the thread's own, so a call is recorded while other threads run the same
@@ -271,7 +286,7 @@ class _Recorder(TorchDispatchMode):
         return fx.GraphModule(self.root(), self.graph)
 
 
-class _Count(TorchDispatchMode):
+class _Count(_Mode):
     """Counts the ATen operations of a call."""
 
     ops = 0
