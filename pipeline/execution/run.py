@@ -50,6 +50,13 @@ class RunResult:
     reports: list[Path] | None = None  # the plots and statistics written after the run
     output: str = "dense"  # the kind of result (``output``), and so the main dataset's name
 
+    samples_computed: int = 0  # the samples of the blocks computed by this run (not reused)
+
+    @property
+    def samples_per_second(self) -> float:
+        """Samples computed per second of computing and writing (0.0 when none was computed)."""
+        return self.samples_computed / self.compute_seconds if self.compute_seconds > 0 else 0.0
+
     @property
     def dataset(self) -> str:
         """The main dataset's name (``hessian``, ``diagonal``, ``eigenvalues``, ``jacobian``)."""
@@ -104,11 +111,18 @@ def run(
             len(plan.blocks), plan.block_samples, plan.block_rows, writer.reused,
         )  # fmt: skip
         if writer.missing:  # a resume with every block committed starts no workers
-            with progress(cfg.progress, len(plan.blocks), writer.reused, "blocks") as bar:
+            todo = {b.index: b for b in writer.missing}
+            cells = plan.n_samples * plan.dim  # (sample, row) pairs: a block holds a rectangle
+            left = sum((b.s1 - b.s0) * (b.r1 - b.r0) for b in writer.missing)
+            done = [cells - left]  # the bar counts samples (rate and time left in samples)
+            with progress(cfg.progress, plan.n_samples, done[0] // plan.dim, "samples") as bar:
 
                 def on_written(index: int) -> None:
                     writer.commit(index)
-                    bar.update(1)
+                    b = todo[index]
+                    before = done[0] // plan.dim
+                    done[0] += (b.s1 - b.s0) * (b.r1 - b.r0)
+                    bar.update(done[0] // plan.dim - before)
 
                 t_compute = backend.execute(job, writer.missing, writer.sink, on_written)
             log.info("all %d blocks written", len(plan.blocks))
@@ -117,14 +131,16 @@ def run(
         t_finish = time.perf_counter() - t_finish
     with h5py.File(path, "r") as f:
         shape = tuple(int(s) for s in f[main_field(kind).name].shape)
+    computed = sum((b.s1 - b.s0) * (b.r1 - b.r0) for b in writer.missing) // max(1, plan.dim)
     result = RunResult(
         path, shape, job.method.name, time.perf_counter() - t0, len(writer.missing),
-        writer.reused, t_compute, t_finish, output=kind,
+        writer.reused, t_compute, t_finish, output=kind, samples_computed=computed,
     )  # fmt: skip
     log.info(
-        "wrote %s: %s %s %s, method %s, %.2f s (%d blocks computed, %d reused)",
+        "wrote %s: %s %s %s, method %s, %.2f s (%d blocks computed, %d reused), %.0f samples/s "
+        "while computing",
         path, result.dataset, result.shape, cfg.dtype, result.method, result.seconds,
-        len(writer.missing), writer.reused,
+        len(writer.missing), writer.reused, result.samples_per_second,
     )  # fmt: skip
     if cfg.plots:
         result.reports = _after_run_reports(path, job, output_dir)

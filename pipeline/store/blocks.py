@@ -15,7 +15,11 @@ and returns the block's index; the driver then commits the block (see NOTE: [com
 
 from __future__ import annotations
 
+import bisect
+import errno
+import mmap
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,12 +105,16 @@ class InPlaceSink:
         # the disk, the statistics for the CPU)
         pending = _stats_pool().submit(block_stats, h, b.r0) if stats is None else None
         fd = os.open(self.path, os.O_WRONLY)
+        direct = _open_direct(self.path)
         try:
-            st = os.fstat(fd)
-            if (st.st_dev, st.st_ino) != tuple(self.identity):
-                raise RuntimeError(f"{self.path} was replaced by another run; block not written")
+            for f in (fd, direct):
+                st = os.fstat(f) if f is not None else None
+                if st is not None and (st.st_dev, st.st_ino) != tuple(self.identity):
+                    raise RuntimeError(
+                        f"{self.path} was replaced by another run; block not written"
+                    )
             fmap = FileMap.of(Path(self.path), self.layout_id)
-            _write_runs(fd, self._hessian_pieces(b, h, fmap))
+            _write_runs(fd, self._hessian_pieces(b, h, fmap), direct)
             if pending is not None:
                 stats = pending.result()
             _write_runs(fd, self._row_pieces(b, stats, g, dtype, fmap))
@@ -116,6 +124,8 @@ class InPlaceSink:
             if pending is not None:
                 pending.cancel() or pending.exception()  # never leave it running on h
             os.close(fd)
+            if direct is not None:
+                os.close(direct)
         return b.index
 
     def _hessian_pieces(
@@ -124,6 +134,12 @@ class InPlaceSink:
         cs, _, cr, d = fmap.chunks
         row = d * h.itemsize
         pieces = []
+        if h.shape[1] == 1 and b.r1 - b.r0 == cr:  # a chunk's samples lie one after another in h
+            for c in range(b.s0 // cs, -(-b.s1 // cs)):
+                lo, hi = max(b.s0, c * cs), min(b.s1, (c + 1) * cs)
+                base = int(fmap.hessian[c, 0, b.r0 // cr]) + (lo - c * cs) * cr * row
+                pieces.append((base, memoryview(h[lo - b.s0 : hi - b.s0]).cast("B")))
+            return pieces
         for s in range(b.s0, b.s1):
             c, within = divmod(s, cs)
             for k in range(self.plan.n_outputs):
@@ -148,6 +164,9 @@ class InPlaceSink:
         )
         for name, values in (("diagonal", stats.diagonal), ("row_norm", stats.row_norm)):
             values = np.ascontiguousarray(values, dtype)
+            if b.r1 - b.r0 == d:  # whole rows: the block's values are one run of the dataset
+                pieces.append((fmap.contiguous[name] + b.s0 * k * d * item, _bytes(values)))
+                continue
             for s in range(b.s0, b.s1):
                 for o in range(k):
                     at = fmap.contiguous[name] + ((s * k + o) * d + b.r0) * item
@@ -169,19 +188,120 @@ def _bytes(a: np.ndarray) -> memoryview:
     return memoryview(np.ascontiguousarray(a)).cast("B")
 
 
-def _write_runs(fd: int, pieces: list[tuple[int, memoryview]]) -> None:
-    """Write (offset, bytes) pieces, one ``pwritev`` per run of adjacent pieces."""
+def _write_runs(fd: int, pieces: list[tuple[int, memoryview]], direct: int | None = None) -> None:
+    """Write (offset, bytes) pieces, one ``pwritev`` per run of adjacent pieces; with a
+    ``direct`` descriptor (``O_DIRECT``), the whole pages of long runs bypass the page cache
+    (NOTE [direct I/O])."""
     pieces.sort(key=lambda p: p[0])
     i = 0
     while i < len(pieces):
         start, bufs, end = pieces[i][0], [pieces[i][1]], pieces[i][0] + pieces[i][1].nbytes
         i += 1
-        while i < len(pieces) and pieces[i][0] == end and len(bufs) < IOV_MAX:
+        limit = IOV_MAX if direct is None else 1 << 30  # (direct runs are gathered here)
+        while i < len(pieces) and pieces[i][0] == end and len(bufs) < limit:
             bufs.append(pieces[i][1])
             end += pieces[i][1].nbytes
             i += 1
-        if os.pwritev(fd, bufs, start) != end - start:  # a short write (rare): redo it plainly
-            _pwrite_all(fd, bufs, start)
+        if (
+            direct is not None
+            and end - start >= DIRECT_AT_LEAST
+            and _write_direct(fd, direct, bufs, start)
+        ):
+            continue
+        _pwritev(fd, bufs, start)
+
+
+def _pwritev(fd: int, bufs: list[memoryview], at: int) -> None:
+    for j in range(0, len(bufs), IOV_MAX):
+        part = bufs[j : j + IOV_MAX]
+        size = sum(b.nbytes for b in part)
+        if os.pwritev(fd, part, at) != size:  # a short write (rare): redo it plainly
+            _pwrite_all(fd, part, at)
+        at += size
+
+
+# NOTE [direct I/O] A block's Hessian is written with O_DIRECT where the file system takes it:
+# its whole pages go from a page-aligned staging buffer straight to the disk, and only the
+# partial pages at a run's two ends through the page cache. Written through the page cache, a
+# 64 MiB block cost the kernel 115-240 ms of CPU (copying, allocating pages, writing back) and
+# slowed the compute beside it 5x on 2 cores (a tanh MLP at D = 64: 68,000-72,000 samples/s
+# alone, 12,000-14,000 beside a thread writing 64 MiB blocks, each flushed); written directly,
+# 33 ms a block and 60,000 samples/s beside it. Durability is unchanged: commits still flush the
+# file (NOTE: [commit guarantee]). Where O_DIRECT is refused (tmpfs, some network file systems),
+# the page cache is used as before.
+DIRECT_ALIGN = 4096  # offsets, lengths and buffer addresses of direct writes: whole pages
+DIRECT_SEGMENT = 8 << 20  # bytes staged and written per call
+DIRECT_AT_LEAST = 1 << 20  # shorter runs go through the page cache
+_STAGING = threading.local()  # a staging buffer per writing thread
+
+
+def _open_direct(path: str) -> int | None:
+    """A second descriptor of ``path`` with O_DIRECT, or None where it cannot be had."""
+    flag = getattr(os, "O_DIRECT", 0)
+    if not flag:
+        return None
+    try:
+        return os.open(path, os.O_WRONLY | flag)
+    except OSError:
+        return None
+
+
+def _write_direct(fd: int, direct: int, bufs: list[memoryview], start: int) -> bool:
+    """Write the bytes of ``bufs`` at ``start``: whole pages through ``direct``, the partial
+    pages at both ends through ``fd``. False (nothing written) where the file system refuses
+    the direct write at once."""
+    end = start + sum(b.nbytes for b in bufs)
+    a0 = -(-start // DIRECT_ALIGN) * DIRECT_ALIGN
+    a1 = end // DIRECT_ALIGN * DIRECT_ALIGN
+    if a1 - a0 < DIRECT_ALIGN:
+        return False
+    stream = _Stream(bufs, start)
+    stage = _staging()
+    for at in range(a0, a1, DIRECT_SEGMENT):
+        n = min(DIRECT_SEGMENT, a1 - at)
+        stream.copy(at, at + n, stage)
+        try:
+            written = os.pwrite(direct, stage[:n], at)
+        except OSError as err:
+            if at == a0 and err.errno == errno.EINVAL:  # O_DIRECT taken at open, not at write
+                return False
+            raise
+        if written != n:  # a short direct write (rare): the rest through the page cache
+            _pwrite_all(fd, [stage[written:n]], at + written)
+    for p, q in ((start, a0), (a1, end)):
+        if q > p:
+            part = bytearray(q - p)
+            stream.copy(p, q, memoryview(part))
+            _pwrite_all(fd, [memoryview(part)], p)
+    return True
+
+
+class _Stream:
+    """The bytes of consecutive buffers, read by file offset."""
+
+    def __init__(self, bufs: list[memoryview], start: int):
+        self.bufs = bufs
+        self.offsets = [start]
+        for b in bufs:
+            self.offsets.append(self.offsets[-1] + b.nbytes)
+
+    def copy(self, p: int, q: int, out: memoryview) -> None:
+        """Bytes [p, q) (file offsets) into ``out[: q - p]``."""
+        i = bisect.bisect_right(self.offsets, p) - 1
+        o = 0
+        while p < q:
+            b, base = self.bufs[i], self.offsets[i]
+            n = min(q, base + b.nbytes) - p
+            out[o : o + n] = b[p - base : p - base + n]
+            p, o, i = p + n, o + n, i + 1
+
+
+def _staging() -> memoryview:
+    """This thread's page-aligned staging buffer of ``DIRECT_SEGMENT`` bytes."""
+    buf = getattr(_STAGING, "buf", None)
+    if buf is None:
+        buf = _STAGING.buf = mmap.mmap(-1, DIRECT_SEGMENT)  # anonymous maps are page-aligned
+    return memoryview(buf)
 
 
 def _pwrite_all(fd: int, bufs: list[memoryview], at: int) -> None:

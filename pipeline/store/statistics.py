@@ -37,6 +37,14 @@ class BlockStats:
     row_norm: np.ndarray  # (S, K, R): ||H[i, :]||_2, in the result's dtype
     sums: np.ndarray  # (S, K, 4) float64, in the order of SUMS
 
+    @staticmethod
+    def concat(parts: list[BlockStats]) -> BlockStats:
+        """The statistics of consecutive pieces of samples (the same rows), as one block's."""
+        if len(parts) == 1:
+            return parts[0]
+        return BlockStats(*(np.concatenate([getattr(p, f) for p in parts]) for f in
+                            ("diagonal", "row_norm", "sums")))  # fmt: skip
+
 
 def block_stats(h: np.ndarray, r0: int) -> BlockStats:
     """Statistics of a block h (S, K, R, D) holding rows [r0, r0 + R).

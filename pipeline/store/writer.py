@@ -35,7 +35,7 @@ import numpy as np
 from ..config.schema import StorageConf
 from ..errors import PipelineError
 from .blocks import InPlaceSink, ShardSink, read_shard, shard_is_readable
-from .durable import Background, commit, fsync_path, write_atomic
+from .durable import Background, commit, fsync_path, preallocate, write_atomic
 from .layout import (
     BLOCK_SUMS,
     SUMMARY_DATASETS,
@@ -296,6 +296,7 @@ class ResultWriter:
             try:
                 with h5py.File(tmp, "w") as f:
                     create_datasets(f, self.plan, self.dtype, self.meta, in_place=True)
+                preallocate(tmp)  # the blocks' bytes are written into allocated extents
                 commit(tmp, direct, self.fsync)
             except BaseException:
                 tmp.unlink(missing_ok=True)

@@ -24,7 +24,7 @@ from ...errors import PipelineError
 from ...store import InPlaceSink, probe_marker
 from ...store.plan import Block, Plan
 from .base import Backend, BlockWriter, OnWritten, register_backend
-from .dask_worker import ModelPlugin, block_task, sees
+from .dask_worker import block_task, sees
 from .memory import keep_malloc_defaults
 
 log = logging.getLogger(__name__)
@@ -73,6 +73,8 @@ class DaskBackend(Backend):
             job.target.aux[:1].cpu().numpy(),
             oi[:1] if oi.ndim == 2 else oi,
         )
+        from .dask_plugin import ModelPlugin
+
         plugin = ModelPlugin(*model_args, warm_up=warm_up)
         client.register_plugin(plugin, name=f"pipeline-model-{key}")
         n_workers = max(1, len(client.scheduler_info().get("workers", {})))

@@ -7,12 +7,10 @@ import os
 
 import numpy as np
 import torch
-from distributed.diagnostics.plugin import WorkerPlugin
 from torch import nn
 
 from ...config.precision import tf32
 from ...errors import PipelineError
-from ...hessian.methods import METHODS
 from ...hessian.targets import Target
 from ...store import BlockStats, block_stats
 from ...store.blocks import host_array
@@ -20,7 +18,6 @@ from ...store.fingerprint import code_fingerprint, weights_fingerprint
 from ...store.plan import Block
 from ..job import ModelSpec
 from ..outputs import Work
-from .memory import _mallopt
 
 _WORKER_MODELS: dict[str, nn.Module] = {}  # per worker process: model key -> model
 
@@ -61,32 +58,6 @@ def _worker_name() -> str:
         return f"pid {os.getpid()}"
 
 
-class ModelPlugin(WorkerPlugin):
-    """A Dask worker plugin that builds the model once per worker."""
-
-    name = "pipeline-model"
-
-    def __init__(self, *model_args, warm_up=None):
-        self.args = model_args  # see _worker_model
-        self.warm_up = warm_up  # (method, x of one sample, target kind, aux, output_index)
-
-    def setup(self, worker) -> None:
-        _mallopt(1 << 30, 2 << 30)  # for the worker's life (see NOTE: [malloc in Dask workers])
-        try:
-            model = _worker_model(*self.args)
-        except PipelineError:  # every task raises it again, and the run reports it once (a
-            return  # raise here would be logged with a traceback by each worker)
-        if self.warm_up is not None:  # first torch.func calls in a process take ~1-2 s
-            method, x, kind, aux, oi = self.warm_up
-            device = next(iter(model.parameters()), torch.empty(0)).device
-            target = Target(kind, torch.as_tensor(aux), oi).to(device)
-            rows = torch.arange(min(2, x[0].size), device=device)
-            METHODS[method].compute(model, torch.as_tensor(x).to(device), target, rows, 1 << 26)
-
-    def teardown(self, worker) -> None:
-        _WORKER_MODELS.clear()
-
-
 def block_task(
     model_args: tuple,
     work: Work,
@@ -108,14 +79,14 @@ def block_task(
     target = Target(kind, torch.as_tensor(aux), output_index).to(device)
     xt = torch.as_tensor(x).to(device)
     with tf32(allow_tf32):
-        h, g = work.compute(model, xt, target, block, budget)
+        h, g, stats = work.compute(model, xt, target, block, budget)
     if sink is not None:
-        return sink.write(block, h, g)
+        return sink.write(block, h, g, stats)
     if isinstance(h, dict):
         return block.index, h, None, None
     h = host_array(h)  # its own memory (not the staged buffer): it outlives this task
     grad = None if g is None else host_array(g)
-    return block.index, h, grad, block_stats(h, block.r0)
+    return block.index, h, grad, stats if stats is not None else block_stats(h, block.r0)
 
 
 def sees(directory: str, marker: str) -> bool:

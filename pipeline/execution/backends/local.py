@@ -35,8 +35,8 @@ class Local(Backend):
         with reuse_large_buffers(), BlockWriter(sink, on_written, device) as writer:
             for b in blocks:
                 with tf32(job.cfg.method.tf32):
-                    h, g = job.work.compute(
+                    h, g, stats = job.work.compute(
                         model, x[b.s0 : b.s1], target.subset(b.s0, b.s1), b, job.memory_budget
                     )
-                writer.put(b, h, g)
+                writer.put(b, h, g, stats)
         return time.perf_counter() - t0
