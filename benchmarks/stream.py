@@ -3,7 +3,11 @@ datasets at engine speed). Prints one line per run and the ratios; ``--json`` wr
 
 The engine loop is what a user would write without the pipeline: the model built by the same
 config, the same inputs, ``pipeline.hessian`` (or the diagonal) in batches of 1024, every
-result kept in memory; it is timed from its first batch to its last. The pipeline is timed as a
+result kept in memory. It runs in a fresh process, timed from its first batch to its last (the
+loop) and as a whole (imports, model, inputs, one warm-up batch, the loop); ratios are given
+against both, and against the loop that drops each batch's result (the engine's speed with no
+memory to grow: on this 2-core VM new memory is slow to come by, so keeping 3.3 GB of results
+made the same loop 3-6x slower). The pipeline is timed as a
 user times it: the whole ``python -m pipeline ...`` command in a fresh process (imports, Hydra,
 the model, the probes, the cluster, computing, writing, finishing), ``plots=false
 progress=false``; its own ``samples/s`` (from the first block to the last) is printed beside.
@@ -17,7 +21,8 @@ Cases (``--case``, several allowed):
   (SIGKILL) when about half of its blocks are committed, then resumed: the resumed run must
   reuse every committed block.
 - ``dd``: the 4.3 GB dense job (D = 4096: a tanh MLP 4096 -> 16 -> 16 -> 10, 64 samples) against
-  ``dd`` writing as many bytes with ``conv=fdatasync`` in the same directory.
+  ``dd`` writing as many bytes in the same directory (the faster of ``conv=fdatasync`` and
+  ``oflag=direct``).
 
 ``--backends`` runs each case on ``local``, ``dask`` (a LocalCluster of 2 workers, 1 thread
 each) and/or ``driver`` (the same cluster with ``backend.write_at=driver``). ``--samples``
@@ -94,8 +99,9 @@ def overrides(case: Case, n: int, backend: str, path: Path) -> list[str]:
 # The engine in a loop
 
 
-def engine_loop(case: Case, n: int) -> float:
-    """Seconds of the plain loop over batches of ``BATCH``, results kept in memory."""
+def engine_loop(case: Case, n: int, keep: bool = True) -> float:
+    """Seconds of the plain loop over batches of ``BATCH``, results kept in memory (or each
+    dropped before the next batch: the engine's speed alone, with no memory to grow)."""
     import pipeline
     from pipeline.config.schema import compose
     from pipeline.execution.job import ModelSpec
@@ -117,7 +123,10 @@ def engine_loop(case: Case, n: int) -> float:
     kept = []
     t0 = time.perf_counter()
     for i in range(0, n, BATCH):
-        kept.append(batch(x[i : i + BATCH]))
+        out = batch(x[i : i + BATCH])
+        if keep:
+            kept.append(out)
+        del out
     return time.perf_counter() - t0
 
 
@@ -165,24 +174,31 @@ def _committed(path: Path) -> float:
 
 
 def dd_seconds(directory: Path, nbytes: int) -> float:
+    """The faster of ``dd`` through the page cache (then ``fdatasync``) and ``dd`` with
+    ``oflag=direct``, writing ``nbytes`` in 64 MiB blocks (here: 387 MB/s and 1.3 GB/s)."""
     out = directory / "dd.bin"
-    t0 = time.perf_counter()
-    subprocess.run(["dd", "if=/dev/zero", f"of={out}", "bs=64M", f"count={-(-nbytes >> 26)}",
-                    "conv=fdatasync"], check=True, capture_output=True)  # fmt: skip
-    seconds = time.perf_counter() - t0
-    out.unlink()
-    return seconds
+    best = float("inf")
+    for flags in (["conv=fdatasync"], ["oflag=direct", "conv=fdatasync"]):
+        t0 = time.perf_counter()
+        count = f"count={-(-nbytes >> 26)}"
+        cmd = ["dd", "if=/dev/zero", f"of={out}", "bs=64M", count, *flags]
+        subprocess.run(cmd, check=True, capture_output=True)
+        best = min(best, time.perf_counter() - t0)
+        out.unlink()
+    return best
 
 
 # ---------------------------------------------------------------------------------------------
 
 
-def engine_child(name: str, n: int) -> float:
-    """``engine_loop`` in a fresh process (as the pipeline runs in one): on this 2-core VM the
-    same loop read 1.0-4.3 s in one process, run after run, as freed memory was reused."""
-    out = subprocess.run([sys.executable, __file__, "--engine", name, str(n)], check=True,
-                         capture_output=True, text=True).stdout  # fmt: skip
-    return float(out.strip().splitlines()[-1])
+def engine_child(name: str, n: int, keep: bool = True) -> tuple[float, float]:
+    """``engine_loop`` in a fresh process (as the pipeline runs in one; on this 2-core VM the
+    same loop read 1.0-4.3 s in one process, run after run, as freed memory was reused): the
+    loop's seconds and the whole process's (imports, model, inputs, warm-up, loop)."""
+    t0 = time.perf_counter()
+    cmd = [sys.executable, __file__, "--engine", name, str(n), *([] if keep else ["--drop"])]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return float(out.strip().splitlines()[-1]), time.perf_counter() - t0
 
 
 def run_case(
@@ -192,10 +208,14 @@ def run_case(
     n = max(BATCH, int(case.samples * scale)) if name != "dd" else case.samples
     path = directory / f"{name}.h5"
     rows = []
-    engine = min(engine_child(name, n) for _ in range(repeats)) if name != "dd" else None
+    engine, drop = (None, None), None
+    if name != "dd":
+        engine = min(engine_child(name, n) for _ in range(repeats))
+        drop = min(engine_child(name, n, keep=False)[0] for _ in range(repeats))
     for backend in backends:
         args = overrides(case, n, backend, path)
-        row = {"case": name, "backend": backend, "samples": n, "engine_s": engine}
+        row = {"case": name, "backend": backend, "samples": n, "engine_s": engine[0],
+               "engine_whole_s": engine[1], "engine_drop_s": drop}  # fmt: skip
         if name == "diag64":
             first = pipeline_run(args, directory, kill_at=0.5)
             args = [a if a != "storage.mode=overwrite" else "storage.mode=resume" for a in args]
@@ -221,7 +241,11 @@ def line(r: dict) -> str:
          f"{r['rate'] or float('nan'):8.0f} while computing)")  # fmt: skip
     if r.get("engine_s"):
         s += (f" | engine loop {r['engine_s']:6.2f} s ({r['samples'] / r['engine_s']:8.0f} "
-              f"samples/s) | ratio {r['engine_s'] / r['seconds']:.2f}x")  # fmt: skip
+              f"samples/s), its whole process {r['engine_whole_s']:6.2f} s | ratio "
+              f"{r['engine_s'] / r['seconds']:.2f}x of the loop, "
+              f"{r['engine_whole_s'] / r['seconds']:.2f}x of its process; "
+              f"dropping its results {r['engine_drop_s']:6.2f} s: "
+              f"{r['engine_drop_s'] / r['seconds']:.2f}x")  # fmt: skip
     if r.get("dd_s"):
         s += (f" | {r['bytes'] / 1e9:.2f} GB: dd {r['dd_s']:.2f} s | "
               f"{r['dd_s'] / r['seconds'] * 100:.0f}% of dd")  # fmt: skip
@@ -239,9 +263,10 @@ def main() -> None:
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--repeats", type=int, default=1, help="runs of each side; the fastest counts")
     p.add_argument("--engine", nargs=2, metavar=("CASE", "N"), help=argparse.SUPPRESS)
+    p.add_argument("--drop", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.engine:  # the child of engine_child
-        print(engine_loop(CASES[a.engine[0]], int(a.engine[1])))
+        print(engine_loop(CASES[a.engine[0]], int(a.engine[1]), keep=not a.drop))
         return
     base = a.dir or (Path("/work") if Path("/work").is_dir() else Path(tempfile.gettempdir()))
     directory = Path(tempfile.mkdtemp(prefix="stream-", dir=base))
