@@ -202,14 +202,15 @@ def engine_child(name: str, n: int, keep: bool = True) -> tuple[float, float]:
 
 
 def run_case(
-    name: str, backends: list[str], scale: float, directory: Path, repeats: int
-) -> list[dict]:
+    name: str, backends: list[str], scale: float, directory: Path, repeats: int,
+    skip_engine: bool = False,
+) -> list[dict]:  # fmt: skip
     case = CASES[name]
     n = max(BATCH, int(case.samples * scale)) if name != "dd" else case.samples
     path = directory / f"{name}.h5"
     rows = []
     engine, drop = (None, None), None
-    if name != "dd":
+    if name != "dd" and not skip_engine:
         engine = min(engine_child(name, n) for _ in range(repeats))
         drop = min(engine_child(name, n, keep=False)[0] for _ in range(repeats))
     for backend in backends:
@@ -262,6 +263,7 @@ def main() -> None:
     p.add_argument("--dir", type=Path, default=None, help="where results and dd's file go")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--repeats", type=int, default=1, help="runs of each side; the fastest counts")
+    p.add_argument("--skip-engine", action="store_true", help="the pipeline's runs only")
     p.add_argument("--engine", nargs=2, metavar=("CASE", "N"), help=argparse.SUPPRESS)
     p.add_argument("--drop", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -275,7 +277,7 @@ def main() -> None:
     rows = []
     try:
         for name in a.case:
-            rows += run_case(name, a.backends, a.samples, directory, a.repeats)
+            rows += run_case(name, a.backends, a.samples, directory, a.repeats, a.skip_engine)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
     if a.json:
