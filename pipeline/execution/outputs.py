@@ -77,21 +77,20 @@ class Work:
             return hess, (grad if block.r0 == 0 else None), None
         per_sample = target.n_outputs * (block.r1 - block.r0) * x[0].numel() * x.element_size()
         step = max(PIECE_SAMPLES, PIECE_BYTES // max(1, per_sample))
+        if step >= len(x):  # one piece: the block itself
+            hess, grad = self._rows(model, x, target, rows, budget)
+            stats = block_stats(hess.detach().numpy(), block.r0)
+            return hess, (grad if block.r0 == 0 else None), stats
         hess = grad = None
         stats = []
         for s in range(0, len(x), step):
             e = min(len(x), s + step)
             h, g = self._rows(model, x[s:e], target.subset(s, e), rows, budget)
-            if e - s == len(x):  # one piece: the block itself
-                hess, grad = h, g
-            elif hess is None:
-                hess, grad = (
-                    h.new_empty((len(x), *h.shape[1:])),
-                    g.new_empty((len(x), *g.shape[1:])),
-                )
-            if hess is not h:
-                hess[s:e], grad[s:e] = h, g
-            stats.append(block_stats(hess[s:e].detach().numpy(), block.r0))  # h in the cache
+            if hess is None:
+                hess = h.new_empty((len(x), *h.shape[1:]))
+                grad = g.new_empty((len(x), *g.shape[1:]))
+            hess[s:e], grad[s:e] = h, g
+            stats.append(block_stats(hess[s:e].numpy(), block.r0))  # while it is in the cache
         return hess, (grad if block.r0 == 0 else None), BlockStats.concat(stats)
 
     def _rows(self, model, x, target, rows, budget) -> tuple[Tensor, Tensor]:

@@ -110,19 +110,17 @@ def run(
             plan.n_samples, plan.n_outputs, plan.dim, plan.dim, cfg.dtype, kind, job.method.name,
             len(plan.blocks), plan.block_samples, plan.block_rows, writer.reused,
         )  # fmt: skip
+        left = sum(b.cells for b in writer.missing)  # (sample, row) pairs still to compute
         if writer.missing:  # a resume with every block committed starts no workers
             todo = {b.index: b for b in writer.missing}
-            cells = plan.n_samples * plan.dim  # (sample, row) pairs: a block holds a rectangle
-            left = sum((b.s1 - b.s0) * (b.r1 - b.r0) for b in writer.missing)
-            done = [cells - left]  # the bar counts samples (rate and time left in samples)
-            with progress(cfg.progress, plan.n_samples, done[0] // plan.dim, "samples") as bar:
+            done = plan.n_samples * plan.dim - left  # the bar counts samples (rate, time left)
+            with progress(cfg.progress, plan.n_samples, done // plan.dim, "samples") as bar:
 
                 def on_written(index: int) -> None:
+                    nonlocal done
                     writer.commit(index)
-                    b = todo[index]
-                    before = done[0] // plan.dim
-                    done[0] += (b.s1 - b.s0) * (b.r1 - b.r0)
-                    bar.update(done[0] // plan.dim - before)
+                    before, done = done // plan.dim, done + todo[index].cells
+                    bar.update(done // plan.dim - before)
 
                 t_compute = backend.execute(job, writer.missing, writer.sink, on_written)
             log.info("all %d blocks written", len(plan.blocks))
@@ -131,7 +129,7 @@ def run(
         t_finish = time.perf_counter() - t_finish
     with h5py.File(path, "r") as f:
         shape = tuple(int(s) for s in f[main_field(kind).name].shape)
-    computed = sum((b.s1 - b.s0) * (b.r1 - b.r0) for b in writer.missing) // max(1, plan.dim)
+    computed = left // max(1, plan.dim)
     result = RunResult(
         path, shape, job.method.name, time.perf_counter() - t0, len(writer.missing),
         writer.reused, t_compute, t_finish, output=kind, samples_computed=computed,

@@ -107,9 +107,9 @@ class InPlaceSink:
         fd = os.open(self.path, os.O_WRONLY)
         direct = _open_direct(self.path)
         try:
-            for f in (fd, direct):
-                st = os.fstat(f) if f is not None else None
-                if st is not None and (st.st_dev, st.st_ino) != tuple(self.identity):
+            for f in [fd] if direct is None else [fd, direct]:
+                st = os.fstat(f)
+                if (st.st_dev, st.st_ino) != tuple(self.identity):
                     raise RuntimeError(
                         f"{self.path} was replaced by another run; block not written"
                     )
@@ -189,16 +189,15 @@ def _bytes(a: np.ndarray) -> memoryview:
 
 
 def _write_runs(fd: int, pieces: list[tuple[int, memoryview]], direct: int | None = None) -> None:
-    """Write (offset, bytes) pieces, one ``pwritev`` per run of adjacent pieces; with a
-    ``direct`` descriptor (``O_DIRECT``), the whole pages of long runs bypass the page cache
-    (NOTE [direct I/O])."""
+    """Write (offset, bytes) pieces by runs of adjacent pieces (``pwritev``, ``IOV_MAX``
+    buffers a call); with a ``direct`` descriptor (``O_DIRECT``), the whole pages of long runs
+    bypass the page cache (NOTE [direct I/O])."""
     pieces.sort(key=lambda p: p[0])
     i = 0
     while i < len(pieces):
         start, bufs, end = pieces[i][0], [pieces[i][1]], pieces[i][0] + pieces[i][1].nbytes
         i += 1
-        limit = IOV_MAX if direct is None else 1 << 30  # (direct runs are gathered here)
-        while i < len(pieces) and pieces[i][0] == end and len(bufs) < limit:
+        while i < len(pieces) and pieces[i][0] == end:
             bufs.append(pieces[i][1])
             end += pieces[i][1].nbytes
             i += 1

@@ -24,6 +24,11 @@ class Block:
     r0: int
     r1: int
 
+    @property
+    def cells(self) -> int:
+        """The (sample, row) pairs it holds: a sample's worth per D of them."""
+        return (self.s1 - self.s0) * (self.r1 - self.r0)
+
 
 @dataclass(frozen=True)
 class Plan:
