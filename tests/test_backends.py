@@ -147,6 +147,8 @@ def test_a_worker_that_builds_another_model_refuses_in_one_line(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 1, proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
+    chatter = [ln for ln in (proc.stdout + proc.stderr).splitlines() if "[distributed." in ln]
+    assert not chatter, chatter  # the scheduler's INFO lines (and shutdown tracebacks) filtered
     errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
     assert len(errors) == 1, proc.stderr
     assert errors[0].startswith("error: the model that Dask worker ")

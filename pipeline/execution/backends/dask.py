@@ -46,7 +46,7 @@ class DaskBackend(Backend):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     def execute(self, job, blocks: list[Block], sink, on_written: OnWritten) -> float:
-        with self.client() as client:
+        with _driver_logs_quiet(), self.client() as client:
             return self.run_on(client, job, blocks, sink, on_written)
 
     def run_on(self, client, job, blocks: list[Block], sink, on_written: OnWritten) -> float:
@@ -221,19 +221,32 @@ def _workers_ignore_ctrl_c() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
+def _quiet(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING or not record.name.startswith("distributed")
+
+
+@contextlib.contextmanager
+def _driver_logs_quiet() -> Iterator[None]:
+    """The scheduler and client in this process log every connection at INFO, and a connection
+    that closes while the cluster shuts down with its traceback ("Batched Comm Closed"): noise
+    for a user, whose run reports what matters in its own lines. Dask's warnings and errors are
+    kept; ``HYDRA_FULL_ERROR=1`` keeps everything. (Dask sets its loggers' levels itself, so
+    the records are filtered where they are written: at the root logger's handlers.)"""
+    handlers = [] if os.environ.get("HYDRA_FULL_ERROR") == "1" else list(logging.root.handlers)
+    for h in handlers:
+        h.addFilter(_quiet)
+    try:
+        yield
+    finally:
+        for h in handlers:
+            h.removeFilter(_quiet)
+
+
 def _worker_log_level() -> int:
     """Workers log a failed task with its traceback at ERROR ("Compute Failed"); the run reports
     it once, in one line, so the workers of our clusters log only what is worse, unless
     ``HYDRA_FULL_ERROR=1`` asks for everything."""
     return logging.WARNING if os.environ.get("HYDRA_FULL_ERROR") == "1" else logging.CRITICAL
-
-
-def _has_bokeh() -> bool:
-    try:
-        import bokeh  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def _has_bokeh() -> bool:
