@@ -86,6 +86,7 @@ def capture(model: nn.Module) -> fx.GraphModule:
             graph = tracer.trace(model)
             cached = fx.GraphModule(tracer.root, graph, type(model).__name__)
             _lower_norms(cached)
+            _lower_attention(cached)
         except Exception as err:  # noqa: BLE001 - any tracing failure means "not capturable"
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             cached = f"its forward cannot be traced by torch.fx ({first[:160]})"
@@ -119,6 +120,67 @@ def _lower_norms(gm: fx.GraphModule) -> None:
         changed = True
     if changed:
         gm.recompile()
+
+
+_ATTENTION = {torch.nn.functional.scaled_dot_product_attention,
+              torch.ops.aten.scaled_dot_product_attention.default}  # fmt: skip
+
+
+def _lower_attention(gm: fx.GraphModule) -> None:
+    """Scaled dot-product attention written as its three steps (NOTE [attention]), in place.
+
+    NOTE [attention]: ``F.scaled_dot_product_attention(q, k, v)`` (timm's attention, any model
+    calling it) as one call is a ``General`` step, differentiated by ``torch.func`` a step at a
+    time. Written as what it computes, ``softmax(s q k^T) v`` with s = ``scale`` or 1/sqrt(d), it
+    is a transpose, two products of two inputs each (``Bilinear``: per-head, with their exact
+    second-order terms), a scale and a softmax along the keys (``Softmax``), whose closed forms
+    every schedule takes. Only the plain call is rewritten: no mask, not causal, no dropout
+    (``dropout_p`` 0, as a model in eval mode passes it), no grouped heads; any other keeps the
+    ``General`` step, exact but slower. The forward's values are those of torch's math kernel
+    (fused kernels round differently, within float32's precision)."""
+    changed = False
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in _ATTENTION:
+            continue
+        names = ["query", "key", "value", "attn_mask", "dropout_p", "is_causal"]
+        given = dict(zip(names, node.args, strict=False)) | dict(node.kwargs)
+        given = {n: _default(a) for n, a in given.items()}
+        q, k, v = (given.get(n) for n in names[:3])
+        plain = (given.get("attn_mask") is None and given.get("dropout_p", 0.0) == 0.0
+                 and given.get("is_causal", False) is False
+                 and given.get("enable_gqa", False) is False)  # fmt: skip
+        scale = given.get("scale")
+        if not plain or not all(isinstance(t, fx.Node) for t in (q, k, v)):
+            continue
+        if scale is not None and not isinstance(scale, (int, float)):
+            continue
+        with gm.graph.inserting_before(node):
+            if scale is None:
+                d = gm.graph.call_method("size", (q, -1))
+                scale = gm.graph.call_function(_inverse_sqrt, (d,))
+            kt = gm.graph.call_method("transpose", (k, -2, -1))
+            scores = gm.graph.call_function(torch.matmul, (q, kt))
+            scaled = gm.graph.call_function(operator.mul, (scores, scale))
+            p = gm.graph.call_function(torch.softmax, (scaled,), {"dim": -1})
+            out = gm.graph.call_function(torch.matmul, (p, v))
+        node.replace_all_uses_with(out)
+        gm.graph.erase_node(node)
+        changed = True
+    if changed:
+        gm.recompile()
+
+
+def _default(arg: Any) -> Any:
+    """An argument that is a forward's optional parameter (timm's ``attn_mask=None``): the
+    default it is recorded with (``record``), else the argument itself."""
+    if isinstance(arg, fx.Node) and arg.op == "placeholder" and arg.args:
+        return arg.args[0]
+    return arg
+
+
+def _inverse_sqrt(d: int) -> float:
+    """SDPA's default scale for a head width d."""
+    return 1.0 / math.sqrt(d)
 
 
 _NORM_FUNCTIONS = {torch.norm, torch.functional.norm, torch.linalg.norm, torch.linalg.vector_norm}

@@ -750,13 +750,16 @@ def _positional(call: Call, name: str) -> Rule | None:
         return None  # over every axis: mixes the samples
     if name == "cat":
         tensors = call.args[0]
-        if not all(call.active(t) for t in tensors) or len(tensors) != len(call.inputs):
+        active = [call.active(t) for t in tensors]
+        if sum(active) != len(call.inputs) or not all(isinstance(t, Tensor) for t in tensors):
             return None
         ndim = tensors[0].dim() + (1 if _packet(call.target) in _STACKS else 0)
         dim = 0 if dim is None else dim
         if 0 in _dims(dim, ndim):
             return None
         target, kwargs = call.target, call.kwargs
+        if not all(active):
+            return _cat_with_constants(call, tensors, active, dim % ndim)
         adjoint = None
         if _packet(target) not in _STACKS:  # the transpose of a concatenation: its pieces
             at, sizes = dim % ndim, [t.shape[dim] for t in tensors]
@@ -770,6 +773,28 @@ def _positional(call: Call, name: str) -> Rule | None:
     adjoint = _piece_adjoint(call, dim, fn) if name in ("narrow", "select") else None
     if name == "sum":
         adjoint = _reduction_adjoint(call, _reduction_kind(call))
+    return _fold(call, fn, adjoint=adjoint)
+
+
+def _cat_with_constants(call: Call, tensors, active: list[bool], at: int) -> Rule | None:
+    """A concatenation of active tensors with constant ones (a ViT's class token before its
+    patches): linear in the active ones, whose tangents are concatenated with zeros where the
+    constants were; its transpose takes their pieces back."""
+    if _packet(call.target) in _STACKS or any(t.dim() != call.ndim for t in tensors):
+        return None
+    shapes = [tuple(t.shape[1:]) for t in tensors]
+    sizes = [t.shape[at] for t in tensors]
+    target, rest, kwargs = call.target, call.args[1:], call.kwargs
+
+    def fn(*ts: Tensor) -> Tensor:
+        given = iter(ts)
+        parts = [next(given) if a else ts[0].new_zeros(ts[0].shape[0], *s)
+                 for a, s in zip(active, shapes, strict=True)]  # fmt: skip
+        return target(parts, *rest, **kwargs)
+
+    def adjoint(u: Tensor) -> tuple[Tensor, ...]:
+        return tuple(p for p, a in zip(torch.split(u, sizes, at), active, strict=True) if a)
+
     return _fold(call, fn, adjoint=adjoint)
 
 
