@@ -275,21 +275,6 @@ def test_the_trace_waits_until_the_eager_calls_have_cost_as_much(monkeypatch):
     assert_close(h, reference(model, x, TARGET_BY_NAME["all"], None)[0], rtol=1e-8, atol=1e-10)
 
 
-def test_a_call_bound_by_its_arithmetic_is_never_traced(monkeypatch):
-    """Where a replay would save under WORTH of an eager call (its Python is nothing beside its
-    arithmetic: a ViT-Tiny's full Hessian), no call pays for a trace: the key runs eagerly."""
-    model, shape = _model("pinn")
-    x = torch.randn(4, *shape)
-    monkeypatch.setattr(replay, "SAVED_PER_OP", 1e-12)  # (a replay would save nothing)
-    monkeypatch.setattr(replay, "TRACE_COST", 1e-4)  # (not free: the second call is eager)
-    for _ in range(CALLS):
-        h = pipeline.hessian(model, x, [0])
-    assert replay.traces(model) == 0 and replay.refused(model) >= 1
-    entry = max(replay._TRACES[model].values(), key=lambda e: e.calls)
-    assert entry.eager and entry.calls == CALLS
-    assert_close(h, reference(model, x, TARGET_BY_NAME["all"], None)[0], rtol=1e-8, atol=1e-10)
-
-
 # Library models (tests/library_models.py): hessQuik's networks, torchvision's and timm's ViT
 # (attention moves the batch axis), a Mixer, a MobileNet (squeeze-excitation, hardswish), LCNet.
 LIBRARY_CASES = ["hessquik_fc", "hessquik_icnn", "tv_vit", "timm_vit", "timm_mixer",

@@ -10,10 +10,7 @@ run for real and a dispatch mode records them as an ``fx`` graph of ATen operati
 calls run that graph. A trace costs ~0.1 ms an operation (27 ms for the pair potential, 10x one
 of its calls), so it is made only once the eager calls at the key since the first have cost as
 much as the trace is estimated to (the first call counts its operations): a run of few calls
-pays at most twice its eager time, a long one gets the replays. A key whose eager call takes
-more than 20 times what a replay would save (``SAVED_PER_OP`` an operation: a call bound by its
-arithmetic, a ViT-Tiny's full Hessian) is not traced at all: its calls cost the same each time.
-The inputs, output indices and
+pays at most twice its eager time, a long one gets the replays. The inputs, output indices and
 rows are the graph's inputs; the parameters are references to the model's own tensors (a change
 of the weights in place is seen); a change of the model's structure, or a parameter replaced by
 a new tensor, drops the traces with the other per-model caches (``caches.check``). A trace is
@@ -64,14 +61,6 @@ ENABLED = True  # a switch for tests and benchmarks: False runs every call eager
 # CPU (hessQuik's network, 129 operations: 0.09; the PINN, 197: 0.13; MobileNetV3, 4056: 0.13;
 # LCNet, 3004: 0.18).
 TRACE_COST = 0.12e-3
-# Seconds a replay saves an operation against an eager call (the PINN at 4096 points: 0.9 ms of
-# its 197 operations; the pair potential: 0.75 ms of ~225; the PINN at one point: 0.35 ms), and
-# the least share of an eager call that must be saved for a trace to be made: a call bound by
-# its arithmetic (a ViT-Tiny's full Hessian: 1.4 s, ~10 ms of Python) gains nothing from a
-# replay, and its trace (the traced call and the check of the lowered graph: 4.9 s) would be
-# one call that costs three for nothing.
-SAVED_PER_OP = 5e-6
-WORTH = 0.05
 
 # Operations whose result the engine's Python would have read, or whose output shape depends on
 # values: a trace holding one is not replayed.
@@ -86,7 +75,6 @@ _TRACES = caches.per_model()  # model -> {key: _Entry}
 @dataclass
 class _Entry:
     calls: int = 0
-    ops: int = 0  # the operations of a call (counted on the first)
     cost: float = math.inf  # the trace's estimated seconds: its operations x TRACE_COST
     spent: float = 0.0  # seconds of the eager calls after the first
     graph: fx.GraphModule | None = None
@@ -125,15 +113,12 @@ def replayed(compute: Compute) -> Compute:
             count = _Count()
             with count:
                 out = compute(model, x, target, rows, budget, *rest)
-            entry.ops, entry.cost = count.ops, count.ops * TRACE_COST
+            entry.cost = count.ops * TRACE_COST
             return out
         if entry.spent < entry.cost:
             start = time.perf_counter()
             out = compute(model, x, target, rows, budget, *rest)
-            took = time.perf_counter() - start
-            entry.spent += took
-            if entry.ops * SAVED_PER_OP < WORTH * took:
-                entry.eager = True  # a replay would save too little of a call
+            entry.spent += time.perf_counter() - start
             return out
 
         def call(x_: Tensor, aux: Tensor, index: Tensor):
