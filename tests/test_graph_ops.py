@@ -85,8 +85,11 @@ CASES = [
     OpCase("softmax_attention", lambda m, x: m.out(_attention(m.fc(x)))),
     OpCase("sdpa_by_rules", lambda m, x: m.out(_sdpa(m, x))),
     OpCase("sdpa_with_its_scale", lambda m, x: m.out(_sdpa(m, x, scale=0.7))),
-    OpCase("sdpa_causal_by_torch_func", lambda m, x: m.out(_sdpa(m, x, is_causal=True)),
-           general=True),
+    OpCase("sdpa_causal", lambda m, x: m.out(_sdpa(m, x, is_causal=True))),
+    OpCase("sdpa_float_mask", lambda m, x: m.out(_sdpa(m, x, attn_mask=torch.arange(
+        25.0).view(5, 5).cos()))),
+    OpCase("sdpa_bool_mask", lambda m, x: m.out(_sdpa(m, x, attn_mask=torch.ones(
+        5, 5, dtype=torch.bool).triu()))),
     OpCase("cat_with_a_constant_token", lambda m, x: m.out(torch.cat(
         [m.fc.bias.expand(x.shape[0], -1), torch.tanh(m.fc(x))], dim=1)[:, 3:8])),
     OpCase("log_softmax_head", lambda m, x: F.log_softmax(m.out(torch.tanh(m.fc(x))), dim=1)),

@@ -127,47 +127,76 @@ _ATTENTION = {torch.nn.functional.scaled_dot_product_attention,
 
 
 def _lower_attention(gm: fx.GraphModule) -> None:
-    """Scaled dot-product attention written as its three steps (NOTE [attention]), in place.
+    """Scaled dot-product attention written as its steps (NOTE [attention]), in place.
 
     NOTE [attention]: ``F.scaled_dot_product_attention(q, k, v)`` (timm's attention, any model
     calling it) as one call is a ``General`` step, differentiated by ``torch.func`` a step at a
-    time. Written as what it computes, ``softmax(s q k^T) v`` with s = ``scale`` or 1/sqrt(d), it
-    is a transpose, two products of two inputs each (``Bilinear``: per-head, with their exact
-    second-order terms), a scale and a softmax along the keys (``Softmax``), whose closed forms
-    every schedule takes. Only the plain call is rewritten: no mask, not causal, no dropout
-    (``dropout_p`` 0, as a model in eval mode passes it), no grouped heads; any other keeps the
-    ``General`` step, exact but slower. The forward's values are those of torch's math kernel
-    (fused kernels round differently, within float32's precision)."""
+    time. Written as what it computes, ``softmax(s q k^T + bias) v`` with s = ``scale`` or
+    1/sqrt(d), it is a transpose, two products of two inputs each (``Bilinear``: per-head, with
+    their exact second-order terms), a scale, an add of the bias and a softmax along the keys
+    (``Softmax``), whose closed forms every schedule takes. The bias is ``attn_mask`` (a float
+    mask as it is; a boolean one as 0 where it is True and -inf where it is False) or, for
+    ``is_causal``, -inf above the diagonal; one that does not depend on x is a constant, one that
+    does is a step of its own. A call with dropout (``dropout_p`` other than 0: a model in
+    training mode) or grouped heads (``enable_gqa``) keeps the ``General`` step, exact but
+    slower. The forward's values are those of torch's math kernel (fused kernels round
+    differently, within float32's precision)."""
     changed = False
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target not in _ATTENTION:
             continue
-        names = ["query", "key", "value", "attn_mask", "dropout_p", "is_causal"]
+        names = ["query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale",
+                 "enable_gqa"]  # fmt: skip
         given = dict(zip(names, node.args, strict=False)) | dict(node.kwargs)
         given = {n: _default(a) for n, a in given.items()}
         q, k, v = (given.get(n) for n in names[:3])
-        plain = (given.get("attn_mask") is None and given.get("dropout_p", 0.0) == 0.0
-                 and given.get("is_causal", False) is False
-                 and given.get("enable_gqa", False) is False)  # fmt: skip
-        scale = given.get("scale")
-        if not plain or not all(isinstance(t, fx.Node) for t in (q, k, v)):
+        mask, causal, scale = (
+            given.get("attn_mask"),
+            given.get("is_causal", False),
+            given.get("scale"),
+        )
+        if (given.get("dropout_p", 0.0) != 0.0 or given.get("enable_gqa", False) is not False
+                or causal not in (True, False) or (causal and mask is not None)
+                or not all(isinstance(t, fx.Node) for t in (q, k, v))
+                or not (scale is None or isinstance(scale, (int, float)))
+                or not (mask is None or isinstance(mask, fx.Node))):  # fmt: skip
             continue
-        if scale is not None and not isinstance(scale, (int, float)):
-            continue
-        with gm.graph.inserting_before(node):
+        graph = gm.graph
+        with graph.inserting_before(node):
             if scale is None:
-                d = gm.graph.call_method("size", (q, -1))
-                scale = gm.graph.call_function(_inverse_sqrt, (d,))
-            kt = gm.graph.call_method("transpose", (k, -2, -1))
-            scores = gm.graph.call_function(torch.matmul, (q, kt))
-            scaled = gm.graph.call_function(operator.mul, (scores, scale))
-            p = gm.graph.call_function(torch.softmax, (scaled,), {"dim": -1})
-            out = gm.graph.call_function(torch.matmul, (p, v))
+                scale = graph.call_function(_inverse_sqrt, (graph.call_method("size", (q, -1)),))
+            kt = graph.call_method("transpose", (k, -2, -1))
+            scores = graph.call_function(operator.mul, (graph.call_function(torch.matmul, (q, kt)),
+                                                        scale))  # fmt: skip
+            dtype = graph.call_function(getattr, (scores, "dtype"))
+            device = graph.call_function(getattr, (scores, "device"))
+            if causal:
+                sizes = (graph.call_method("size", (q, -2)), graph.call_method("size", (k, -2)))
+                mask = graph.call_function(_causal_mask, (*sizes, device))
+            if mask is not None:
+                bias = graph.call_function(_as_bias, (mask, dtype, device))
+                scores = graph.call_function(operator.add, (scores, bias))
+            p = graph.call_function(torch.softmax, (scores,), {"dim": -1})
+            out = graph.call_function(torch.matmul, (p, v))
         node.replace_all_uses_with(out)
-        gm.graph.erase_node(node)
+        graph.erase_node(node)
         changed = True
     if changed:
         gm.recompile()
+
+
+def _causal_mask(rows: int, cols: int, device: torch.device) -> Tensor:
+    """SDPA's ``is_causal`` mask: True on and below the diagonal."""
+    return torch.ones(rows, cols, dtype=torch.bool, device=device).tril()
+
+
+def _as_bias(mask: Tensor, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """An SDPA mask as the bias added to the scores: a float mask as it is, a boolean one as 0
+    where it is True and -inf where it is False."""
+    if mask.dtype != torch.bool:
+        return mask.to(device=device, dtype=dtype)
+    zeros = torch.zeros(mask.shape, dtype=dtype, device=device)
+    return zeros.masked_fill(~mask.to(device), -math.inf)
 
 
 def _default(arg: Any) -> Any:

@@ -214,7 +214,13 @@ def _walk_chain(name: str, model: nn.Module, x: Tensor, target: Target, support)
         graph = [m for m in GRAPH_ORDER if METHODS[m].unsupported(support) is None][:1]
         if not graph:
             passed.append(f"the graph path cannot take the model: {support.structured}")
-        chain = graph + chain + [LAST]
+        dearer = graph == ["structured"] and _dearer_than_generic(model, x, target)
+        if dearer:  # NOTE [never slower]: the generic method first, the graph path after it
+            passed.append(dearer)
+            chain = chain[:1] + graph + chain[1:]
+        else:
+            chain = graph + chain
+        chain += [LAST]
     for i, candidate in enumerate(chain):
         failure = _probe(METHODS[candidate], model, x, target)
         if failure is None:
@@ -229,6 +235,27 @@ def _walk_chain(name: str, model: nn.Module, x: Tensor, target: Target, support)
     raise ArgumentError(
         "no method can differentiate the model: " + "; ".join(passed) + f" ({hint})", "model"
     )
+
+
+def _dearer_than_generic(model: nn.Module, x: Tensor, target: Target) -> str | None:
+    """Why ``auto`` takes ``forward_over_reverse`` before the graph path, or None.
+
+    NOTE [never slower]: the graph path's plan is the cheapest of its schedules by counted
+    multiply-adds, but a model made of steps without a rule of their own (``General`` steps,
+    differentiated by ``torch.func`` a step at a time at several times their cost) can count more
+    than ``forward_over_reverse``, which is the same algebra as tangent-adjoint propagation with
+    every step at its native cost (``planner.generic_cost``). Counted for all D rows of the
+    model's K outputs (the full Hessian, what a run computes), where the generic method counts
+    less ``auto`` takes it first, with the graph path after it in its chain."""
+    try:
+        plan, generic = structured.counted(model, x, target, x[0].numel(),
+                                           default_memory_budget(x.device))  # fmt: skip
+    except Exception:  # noqa: BLE001 - no plan to compare: the graph path's probe will say why
+        return None
+    if generic >= plan:
+        return None
+    return (f"structured counts {plan:.3g} multiply-adds a sample, forward_over_reverse "
+            f"{generic:.3g}")  # fmt: skip
 
 
 def _probe(method: Method, model: nn.Module, x: Tensor, target: Target) -> str | None:

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field, replace
 from .curvature import DENSE, DIAG, ZERO, is_fast, transition
 from .graph import Tape
 from .local import Layout, layout
-from .rules import ELEMENTWISE_MACS, Dense
+from .rules import ELEMENTWISE_MACS, GENERAL_FACTOR, Dense, General
 from .taylor import cost as taylor_cost
 from .taylor import supports as taylor_supports
 
@@ -212,6 +212,23 @@ CONTRACTION_TILE = 256
 def contraction_factor(r: int, d: int) -> float:
     """The cost of one multiply-add of (R x F) (F x D) per-sample products (see above)."""
     return max(1.0, CONTRACTION_MACS * min(1.0, CONTRACTION_TILE / max(r * d, 1)))
+
+
+def generic_cost(tape: Tape, rows: int, k: int, samples: int = 1) -> int:
+    """Counted multiply-adds a sample of ``forward_over_reverse`` (``jvp`` of ``jacrev``, vmapped
+    over rows and samples), in the units of the plans' costs: the gradient of each of the K
+    outputs (a forward, K backwards), then per row a forward tangent and, per output, the
+    tangent of the backward (a step's work, and twice more at a curved step: the primal adjoint
+    times its second derivative along the tangent). That is the algebra of tangent-adjoint
+    propagation with the cut at the output, with every step at its own cost (``torch.func``
+    differentiates each step natively: a ``General`` step's factor is the engine's), and four
+    passes of fixed cost a step."""
+    plain = [s.rule.macs // (GENERAL_FACTOR if isinstance(s.rule, General) else 1)
+             for s in tape.steps]  # fmt: skip
+    total = sum(plain)
+    curved = sum(m for m, s in zip(plain, tape.steps, strict=True) if s.rule.curved)
+    per_row = total + k * total + 2 * k * curved
+    return (1 + k) * total + rows * per_row + _overhead(tape, 4, samples)
 
 
 def _overhead(tape: Tape, passes: int, samples: int) -> int:

@@ -26,6 +26,7 @@ from .planner import (
     Plan,
     all_plans,
     curvatures,
+    generic_cost,
     head_kind,
 )
 from .propagate import cut_curvature, gradients, hessian_rows
@@ -131,6 +132,17 @@ def _plan(
         plan = min(fits, key=lambda p: p.cost) if fits else min(plans, key=lambda p: least[id(p)])
         per_graph[key] = (plan, bytes_per_sample(probe, plan, r, k, top))
     return per_graph[key]
+
+
+def counted(model: nn.Module, x: Tensor, target: Target, r: int, budget: int) -> tuple[int, int]:
+    """Counted multiply-adds a sample of R = ``r`` rows: the plan ``compute`` would make, and
+    ``forward_over_reverse`` (``planner.generic_cost``) on the same graph."""
+    gm = capture(model)
+    with torch.no_grad():
+        plan, _ = _plan(gm, x, target, r, SCHEDULES, budget)
+        probe = record(gm, x[:2])
+    samples = 1 << min(x.shape[0], 64).bit_length() - 1
+    return plan.cost, generic_cost(probe, r, target.n_outputs, samples)
 
 
 def _taylor(tape: Tape, g_top: Tensor, head, rows: Rows) -> tuple[Tensor, Tensor]:

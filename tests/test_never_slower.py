@@ -1,0 +1,99 @@
+"""NOTE [never slower]: ``auto`` takes ``forward_over_reverse`` before the graph path where the
+plan counts more multiply-adds than the generic method, and the generic method's count
+(``planner.generic_cost``) is checked against the matrix products torch.func actually runs."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
+
+import pipeline
+from pipeline.hessian import structured
+from pipeline.hessian.graph import capture, record
+from pipeline.hessian.methods import default_memory_budget, resolve_method
+from pipeline.hessian.planner import generic_cost
+from tests.zoo import assert_rel_close
+
+pytestmark = pytest.mark.usefixtures("float64_default")
+
+
+class GeneralSteps(nn.Module):
+    """Steps without a rule of their own (``erf``, ``F.normalize``: torch.func a step at a time)
+    between two wide layers."""
+
+    def __init__(self, d: int = 64, width: int = 256):
+        super().__init__()
+        self.fc = nn.Linear(d, width)
+        self.out = nn.Linear(width, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(torch.erf(F.normalize(torch.erf(self.fc(x)), dim=1)))
+
+
+class Ruled(nn.Module):
+    """The same widths with rules for every step (tanh, softmax)."""
+
+    def __init__(self, d: int = 64, width: int = 256):
+        super().__init__()
+        self.fc = nn.Linear(d, width)
+        self.out = nn.Linear(width, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(torch.tanh(torch.softmax(torch.tanh(self.fc(x)), dim=1)))
+
+
+# (id, model, the method auto takes)
+CASES = [("general_steps", GeneralSteps, "forward_over_reverse"), ("ruled", Ruled, "structured")]
+
+
+@pytest.mark.parametrize(("factory", "expected"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_auto_takes_the_method_that_counts_less(factory, expected, caplog):
+    torch.manual_seed(0)
+    model = factory().eval()
+    x = torch.randn(4, 64)
+    target = pipeline.make_target([1], model(x))
+    plan, generic = structured.counted(model, x, target, 64, default_memory_budget(x.device))
+    assert (generic < plan) == (expected == "forward_over_reverse"), (plan, generic)
+    with caplog.at_level(logging.WARNING):
+        assert resolve_method("auto", model, target, x).name == expected
+    said = [r.getMessage() for r in caplog.records if "forward_over_reverse" in r.getMessage()]
+    assert bool(said) == (expected == "forward_over_reverse"), said
+    h = pipeline.hessian(model, x, [1])
+    ref = pipeline.hessian(model, x, [1], method="reverse_over_reverse")
+    assert_rel_close(h, ref, 1e-9)
+
+
+def _mm_macs(fn) -> int:
+    """Multiply-adds of the matrix products (mm, bmm, addmm...) that ``fn()`` runs."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops() // 2
+
+
+@pytest.mark.parametrize("rows", [64, 16])
+def test_the_generic_count_of_products_matches_what_torch_func_runs(rows):
+    """A tanh network's products: its forward, the backward of the output, and per row a
+    forward tangent and the backward's tangent (``generic_cost`` without its elementwise and
+    fixed parts), against torch.func's products counted by ``FlopCounterMode``."""
+    torch.manual_seed(1)
+    d, width = 64, 256
+    model = nn.Sequential(nn.Linear(d, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(),
+                          nn.Linear(width, 1)).eval()  # fmt: skip
+    x = torch.randn(1, d)
+    tape = record(capture(model), x)
+    dense = [s for s in tape.steps if type(s.rule).__name__ == "Dense"]
+    f = sum(s.rule.macs for s in dense)
+    predicted = (1 + 1) * f + rows * (f + f)  # generic_cost's products, K = 1
+
+    def call():
+        return pipeline.hessian(model, x, [0], rows=slice(0, rows), method="forward_over_reverse")
+
+    call()  # (the first call also runs the method's probe)
+    counted = _mm_macs(call)
+    assert abs(counted - predicted) <= 0.1 * predicted, (counted, predicted)
+    assert generic_cost(tape, rows, 1) >= predicted  # (plus elementwise work and fixed costs)
