@@ -97,3 +97,54 @@ def test_the_generic_count_of_products_matches_what_torch_func_runs(rows):
     counted = _mm_macs(call)
     assert abs(counted - predicted) <= 0.1 * predicted, (counted, predicted)
     assert generic_cost(tape, rows, 1) >= predicted  # (plus elementwise work and fixed costs)
+
+
+class Branching(nn.Module):
+    """A forward that branches on a value: off the graph path, to the generic methods."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.fc(x)
+        return torch.tanh(h) if h.sum() > 0 else torch.sin(h)
+
+
+# (id, seconds of forward_over_reverse and of reverse_over_reverse on the timed rows, expected)
+TIMED = [
+    ("second_faster", (0.10, 0.05), "reverse_over_reverse"),
+    ("second_not_faster_enough", (0.10, 0.09), "forward_over_reverse"),
+    ("first_too_quick_to_time", (0.001, 0.0001), "forward_over_reverse"),
+]
+
+
+@pytest.mark.parametrize(("seconds", "expected"), [c[1:] for c in TIMED], ids=[c[0] for c in TIMED])
+def test_auto_takes_the_faster_generic_method(monkeypatch, caplog, seconds, expected):
+    """The generic methods' times on the timed rows decide their order (the clock replaced: a
+    real one makes a tiny model's choice a coin toss, which is why it is timed only from
+    TIMED_FROM seconds)."""
+    from pipeline.hessian import methods
+
+    timed = []
+
+    def fake(method, model, x, target, rows):
+        timed.append(method.name)
+        assert len(rows) == min(x[0].numel(), methods.TIMED_ROWS)
+        return seconds[0] if method.name == "forward_over_reverse" else seconds[1]
+
+    monkeypatch.setattr(methods, "_seconds", fake)
+    torch.manual_seed(0)
+    model = Branching()
+    x = torch.randn(3, 6)
+    target = pipeline.make_target([1], model(x))
+    with caplog.at_level(logging.WARNING):
+        choice = methods.choose_method("auto", model, target, x)
+    assert choice.name == expected
+    assert ("reverse_over_reverse" in timed) == (seconds[0] >= methods.TIMED_FROM)
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert ("reverse_over_reverse took" in said) == (expected == "reverse_over_reverse"), said
+    other = {"forward_over_reverse": "reverse_over_reverse"}.get(expected, "forward_over_reverse")
+    assert choice.after[0] == other  # the other one takes over where the chosen one fails
+    ref = pipeline.hessian(model, x, [1], method="autograd")
+    assert_rel_close(choice.compute(model, x, target, None, None)[0], ref, 1e-9)
