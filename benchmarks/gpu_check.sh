@@ -14,6 +14,7 @@
 #   bash benchmarks/gpu_check.sh 1       # there (results under $OUT, or outputs/gpu-check)
 #   bash benchmarks/gpu_check.sh 2
 #   bash benchmarks/gpu_check.sh engine  # after a change to pipeline/hessian
+#   bash benchmarks/gpu_check.sh widths  # the standard table at real widths (benchmarks/widths.py)
 set -uo pipefail
 PART=${1:-all}
 OUT=${OUT:-outputs/gpu-check}
@@ -56,4 +57,9 @@ if [ "$PART" = 2 ] || [ "$PART" = all ]; then
         tabular_mlp --symmetric 2>&1 | tee "$OUT/plans.txt"
     timeout 30 python3 benchmarks/plans.py --device cuda --samples 32 --models mlp3072 2>&1 \
         | tee -a "$OUT/plans.txt"
+fi
+if [ "$PART" = widths ]; then  # the standard table at real widths, cold and warm (at most 9 min)
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/card.txt"
+    timeout 540 python3 benchmarks/widths.py --device cuda --warmups 2 --repeats 5 \
+        --json "$OUT/widths.json" 2>&1 | tee "$OUT/widths.txt"
 fi

@@ -43,6 +43,7 @@ model), and ``auto`` in float64 on those rows must match them to 1e-9 (``float64
     python benchmarks/widths.py --cases vit_tiny_d2 mixer pinn --repeats 3
     python benchmarks/widths.py --cases swin --methods auto forward_over_reverse
     python benchmarks/widths.py --json widths.json
+    python benchmarks/widths.py --device cuda             # on a GPU (gpu_check.sh widths)
 """
 
 from __future__ import annotations
@@ -150,15 +151,15 @@ METHODS = ("auto", "forward_over_reverse", "reverse_over_reverse", "vmap(torch.f
 TORCH_FUNC = METHODS[3:]
 
 
-def build(name: str) -> tuple[nn.Module, Tensor]:
+def build(name: str, device: str = "cpu") -> tuple[nn.Module, Tensor]:
     """The case's model (random weights, BatchNorm statistics of a random batch, eval mode) and
-    its inputs."""
+    its inputs, on ``device``."""
     from tests.library_models import LibraryModel
 
     case = CASES[name]
     model = LibraryModel(name, "torch", case.factory, case.shape, [case.output]).build(seed=0)
     torch.manual_seed(1)
-    return model, torch.randn(case.samples, *case.shape)
+    return model.to(device), torch.randn(case.samples, *case.shape).to(device)
 
 
 def generic_rows(method: str, model: nn.Module, x: Tensor, output: int, rows: Tensor) -> Tensor:
@@ -175,7 +176,7 @@ def generic_rows(method: str, model: nn.Module, x: Tensor, output: int, rows: Te
     def f(xf: Tensor) -> Tensor:
         return functional_call(model, (params, buffers), (xf.view(shape).unsqueeze(0),))[0, output]
 
-    basis = torch.eye(shape.numel(), dtype=x.dtype)[rows]
+    basis = torch.eye(shape.numel(), dtype=x.dtype, device=x.device)[rows.to(x.device)]
     g = grad(f)
     if method == "vmap(torch.func.hessian)":
 
@@ -214,19 +215,23 @@ def measure(name: str, method: str, args) -> dict:
     from benchmarks.allocator import keep_freed_memory
 
     keep_freed_memory()
-    model, x = build(name)
+    model, x = build(name, args.device)
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     d = x[0].numel()
     rows = args.generic_rows if (method != "auto" and d > args.generic_rows) else None
     scale = d / rows if rows else 1.0
     t0 = time.perf_counter()
     h = hessian_by(method, model, x, CASES[name].output, rows)
+    sync()
     cold = (time.perf_counter() - t0) * scale
     for _ in range(args.warmups):
         hessian_by(method, model, x, CASES[name].output, rows)
     times = []
     for _ in range(args.repeats):
+        sync()
         t0 = time.perf_counter()
         hessian_by(method, model, x, CASES[name].output, rows)
+        sync()
         times.append((time.perf_counter() - t0) * scale)
     out = {"case": name, "method": method, "cold_s": cold, "times_s": times,
            "rows": rows or d, "D": d, "samples": len(x)}  # fmt: skip
@@ -244,7 +249,7 @@ def check(model: nn.Module, x: Tensor, output: int, h: Tensor, n_rows: int) -> d
     from pipeline.hessian.methods import resolve_method
 
     d, m = x[0].numel(), min(len(x), 16)
-    rows = torch.linspace(0, d - 1, min(n_rows, d)).round().long().unique()
+    rows = torch.linspace(0, d - 1, min(n_rows, d)).round().long().unique().to(x.device)
     model64 = copy.deepcopy(model).double()
     x64 = x[:m].double()
     ref = generic_rows("vmap(torch.func.hessian)", model64, x64, output, rows)
@@ -265,6 +270,7 @@ def child(name: str, method: str, args) -> dict:
     """``measure`` in a fresh process (cold means cold); its dict, or the error it died with."""
     cmd = [sys.executable, __file__, "--one", name, "--method", method,
            "--repeats", str(args.repeats), "--warmups", str(args.warmups),
+           "--device", args.device,
            "--generic-rows", str(args.generic_rows),
            "--check-rows", str(args.check_rows)]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
@@ -319,6 +325,7 @@ def main() -> None:
     p.add_argument("--warmups", type=int, default=1)
     p.add_argument("--generic-rows", type=int, default=256)
     p.add_argument("--check-rows", type=int, default=16)
+    p.add_argument("--device", default="cpu", help="cpu, or cuda (gpu_check.sh widths)")
     p.add_argument("--json", type=Path)
     p.add_argument("--one", choices=list(CASES), help=argparse.SUPPRESS)
     p.add_argument("--method", choices=METHODS, help=argparse.SUPPRESS)
@@ -327,11 +334,13 @@ def main() -> None:
         print(json.dumps(measure(args.one, args.method, args)), flush=True)
         return
     machine = platform.processor() or platform.machine()
+    if args.device.startswith("cuda"):
+        machine = torch.cuda.get_device_name()
     print(f"# {machine}, {torch.get_num_threads()} threads, torch {torch.__version__}, float32; "
           "seconds a call: median (min-max) / cold")  # fmt: skip
     print(
         "| case | " + " | ".join(args.methods) + " | auto / best torch.func, warm / cold "
-        "| auto's method, float32 err, float64 err |"
+        "| auto's method, float32 err (torch.func's), float64 err |"
     )
     print("|" + " --- |" * (len(args.methods) + 3))
     everything = []
