@@ -7,6 +7,7 @@ build them:
 
 ========================  ====================================================================
 ``vit_tiny_d2``/``_d12``  timm ViT-Tiny (width 192, 3 heads, patch 8) of depth 2 and 12, 3x32x32
+``tv_vit_tiny``           torchvision's ViT (``nn.MultiheadAttention``) at the sizes of ``_d2``
 ``swin``                  timm Swin (patch 4, window 4, width 96, depths 2-2, 3-6 heads), 3x32x32
 ``mixer``                 timm MLP-Mixer (patch 8, width 128, 4 blocks), 3x32x32
 ``efficientnet_b0``       torchvision EfficientNet-B0, 3x32x32
@@ -111,7 +112,11 @@ def _timm(name: str) -> nn.Module:
 def _torchvision(name: str) -> nn.Module:
     from pipeline.inputs.libraries import import_torchvision
 
-    return getattr(import_torchvision().models, name)(num_classes=10)
+    models = import_torchvision().models
+    if name == "vit_tiny":  # torchvision's ViT (nn.MultiheadAttention) at ViT-Tiny's sizes
+        return models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=3,
+                                        hidden_dim=192, mlp_dim=768, num_classes=10)  # fmt: skip
+    return getattr(models, name)(num_classes=10)
 
 
 def _coordinates(name: str) -> nn.Module:
@@ -136,6 +141,7 @@ IMAGE = (3, 32, 32)
 CASES: dict[str, Case] = {
     "vit_tiny_d2": Case(lambda: _timm("vit_tiny_d2"), IMAGE, output=2),
     "vit_tiny_d12": Case(lambda: _timm("vit_tiny_d12"), IMAGE, output=2),
+    "tv_vit_tiny": Case(lambda: _torchvision("vit_tiny"), IMAGE, output=2),
     "swin": Case(lambda: _timm("swin"), IMAGE, output=2),
     "mixer": Case(lambda: _timm("mixer"), IMAGE, output=2),
     "efficientnet_b0": Case(lambda: _torchvision("efficientnet_b0"), IMAGE, output=2),

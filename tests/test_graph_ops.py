@@ -202,26 +202,35 @@ def test_exported_program_graph_of_aten_ops():
 
 
 class Attention(nn.Module):
-    """torch's own attention modules: nn.MultiheadAttention and nn.TransformerEncoderLayer stay
-    whole (leaf modules) and get their derivatives from torch.func; their fused attention
+    """torch's own attention modules: nn.MultiheadAttention is written as its projections and
+    attention by rules where its call is the plain case (``need_weights=False``, or weights
+    unused), and stays whole where its weights are read (``weighted``); nn.TransformerEncoderLayer
+    stays whole (a leaf module) and gets its derivatives from torch.func; their fused attention
     kernels have neither forward-mode AD nor a double backward, the math kernel has both."""
 
-    def __init__(self):
+    def __init__(self, weighted: bool = False):
         super().__init__()
         self.att = nn.MultiheadAttention(8, 2, batch_first=True)
         self.enc = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
         self.head = nn.Linear(8, 3)
+        self.weighted = weighted
 
     def forward(self, x):
-        h, _ = self.att(x, x, x)
+        h, w = self.att(x, x, x, need_weights=self.weighted)
+        if self.weighted:
+            h = h * w.sum(-1, keepdim=True)
         return self.head(self.enc(h + x).mean(1))
 
 
-def test_torch_attention_modules():
+@pytest.mark.parametrize("weighted", [False, True], ids=["plain", "weights_read"])
+def test_torch_attention_modules(weighted):
     torch.manual_seed(4)
-    model = Attention().eval()
+    model = Attention(weighted).eval()
     x = torch.randn(2, 4, 8)
     h = pipeline.hessian(model, x, [1], method="structured")
     with sdpa_kernel([SDPBackend.MATH]):  # the reference needs a double backward too
         h_ref, _ = plain_reference(model, x, [1])
+    general = [s.name for s in record(capture(model), x).steps if isinstance(s.rule, General)]
+    # the attention module's steps (its two outputs) are general only where its weights are read
+    assert general[-1] == "enc" and (len(general) > 1) == weighted, general
     assert_rel_close(h, h_ref.reshape(h.shape), 1e-9)

@@ -47,8 +47,31 @@ class Ruled(nn.Module):
         return self.out(torch.tanh(torch.softmax(torch.tanh(self.fc(x)), dim=1)))
 
 
+class BehindAnIdentity(nn.Module):
+    """An MLP of width 64 behind one ``General`` step (an identity torch.func differentiates):
+    it counts 2.1x forward_over_reverse, and runs 1.4x faster than it."""
+
+    def __init__(self, d: int = 64, width: int = 64):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(d, width), nn.Tanh(), nn.Linear(width, width),
+                                 nn.Tanh(), nn.Linear(width, 2))  # fmt: skip
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(_identity(x))
+
+
+def _identity(x: Tensor) -> Tensor:
+    return x.clone()
+
+
+torch.fx.wrap("_identity")  # (a call the graph records whole: a General step)
+
 # (id, model, the method auto takes)
-CASES = [("general_steps", GeneralSteps, "forward_over_reverse"), ("ruled", Ruled, "structured")]
+CASES = [
+    ("general_steps", GeneralSteps, "forward_over_reverse"),
+    ("ruled", Ruled, "structured"),
+    ("one_general_step", BehindAnIdentity, "structured"),
+]
 
 
 @pytest.mark.parametrize(("factory", "expected"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
@@ -57,8 +80,10 @@ def test_auto_takes_the_method_that_counts_less(factory, expected, caplog):
     model = factory().eval()
     x = torch.randn(4, 64)
     target = pipeline.make_target([1], model(x))
-    plan, generic = structured.counted(model, x, target, 64, default_memory_budget(x.device))
-    assert (generic < plan) == (expected == "forward_over_reverse"), (plan, generic)
+    plan, generic, general = structured.counted(model, x, target, 64,
+                                                default_memory_budget(x.device))  # fmt: skip
+    dearer = 4 * generic < plan and general > 0  # (methods.GENERIC_MARGIN)
+    assert dearer == (expected == "forward_over_reverse"), (plan, generic)
     with caplog.at_level(logging.WARNING):
         assert resolve_method("auto", model, target, x).name == expected
     said = [r.getMessage() for r in caplog.records if "forward_over_reverse" in r.getMessage()]
@@ -96,7 +121,7 @@ def test_the_generic_count_of_products_matches_what_torch_func_runs(rows):
     call()  # (the first call also runs the method's probe)
     counted = _mm_macs(call)
     assert abs(counted - predicted) <= 0.1 * predicted, (counted, predicted)
-    assert generic_cost(tape, rows, 1) >= predicted  # (plus elementwise work and fixed costs)
+    assert generic_cost(tape, rows, 1, "zero") >= predicted  # (plus elementwise, fixed costs)
 
 
 class Branching(nn.Module):

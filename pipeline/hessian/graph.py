@@ -55,6 +55,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, fx, nn
 from torch.fx.node import map_aggregate, map_arg
 from torch.utils._pytree import tree_leaves
@@ -86,6 +87,7 @@ def capture(model: nn.Module) -> fx.GraphModule:
             graph = tracer.trace(model)
             cached = fx.GraphModule(tracer.root, graph, type(model).__name__)
             _lower_norms(cached)
+            _lower_multihead(cached)
             _lower_attention(cached)
         except Exception as err:  # noqa: BLE001 - any tracing failure means "not capturable"
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -183,6 +185,72 @@ def _lower_attention(gm: fx.GraphModule) -> None:
         changed = True
     if changed:
         gm.recompile()
+
+
+def _lower_multihead(gm: fx.GraphModule) -> None:
+    """``nn.MultiheadAttention`` calls written as their projections and an SDPA call, in place
+    (NOTE [attention]; torchvision's ViT calls it with ``need_weights=False``).
+
+    A leaf module for ``torch.fx``, it would be one ``General`` step. Rewritten where it is
+    the plain case: ``batch_first``, one in-projection weight, no extra key/value biases or zero
+    attention, no masks, not causal, and its attention weights unused: then it is
+    ``q, k, v = F.linear(query / key / value, W_q / W_k / W_v, b)``, heads split off the last
+    axis, ``F.scaled_dot_product_attention`` (written as its steps below), the heads merged and
+    ``out_proj``. Any other call stays whole."""
+    changed = False
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module":
+            continue
+        m = gm.get_submodule(node.target)
+        if not isinstance(m, nn.MultiheadAttention) or not _plain_multihead(m, node):
+            continue
+        names = ["query", "key", "value"]
+        given = dict(zip(names, node.args, strict=False)) | dict(node.kwargs)
+        q, k, v = (given.get(n) for n in names)
+        if not all(isinstance(t, fx.Node) for t in (q, k, v)):
+            continue
+        e, heads, graph = m.embed_dim, m.num_heads, gm.graph
+        with graph.inserting_before(node):
+            w = graph.get_attr(f"{node.target}.in_proj_weight")
+            b = None if m.in_proj_bias is None else graph.get_attr(f"{node.target}.in_proj_bias")
+            split = []
+            for i, t in enumerate((q, k, v)):
+                part = slice(i * e, (i + 1) * e)
+                wi = graph.call_function(operator.getitem, (w, part))
+                bi = None if b is None else graph.call_function(operator.getitem, (b, part))
+                proj = graph.call_function(F.linear, (t, wi, bi))
+                heads_of = graph.call_method("unflatten", (proj, -1, (heads, e // heads)))
+                split.append(graph.call_method("transpose", (heads_of, 1, 2)))
+            att = graph.call_function(F.scaled_dot_product_attention, tuple(split))
+            merged = graph.call_method("flatten", (graph.call_method("transpose", (att, 1, 2)), -2))
+            out = graph.call_module(f"{node.target}.out_proj", (merged,))
+        for user in list(node.users):
+            if user.args[1] == 0:
+                user.replace_all_uses_with(out)
+            graph.erase_node(user)
+        graph.erase_node(node)
+        changed = True
+    if changed:
+        gm.recompile()
+
+
+def _plain_multihead(m: nn.MultiheadAttention, node: fx.Node) -> bool:
+    """Whether a call of ``m`` is the plain case ``_lower_multihead`` rewrites."""
+    names = ["query", "key", "value", "key_padding_mask", "need_weights", "attn_mask",
+             "average_attn_weights", "is_causal"]  # fmt: skip
+    given = dict(zip(names, node.args, strict=False)) | dict(node.kwargs)
+    given = {n: _default(a) for n, a in given.items()}
+    module_ok = (m.batch_first and m._qkv_same_embed_dim and m.bias_k is None
+                 and m.bias_v is None and not m.add_zero_attn
+                 and (m.dropout == 0.0 or not m.training))  # fmt: skip
+    call_ok = (given.get("key_padding_mask") is None and given.get("attn_mask") is None
+               and given.get("is_causal", False) is False)  # fmt: skip
+    # its output is (attention, weights): only element 0 may be read (``x, _ = attention(...)``
+    # takes element 1 too, and uses it nowhere)
+    users_ok = all(u.op == "call_function" and u.target is operator.getitem
+                   and (u.args[1] == 0 or (u.args[1] == 1 and not u.users))
+                   for u in node.users)  # fmt: skip
+    return module_ok and call_ok and users_ok
 
 
 def _causal_mask(rows: int, cols: int, device: torch.device) -> Tensor:

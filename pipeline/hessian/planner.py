@@ -214,21 +214,23 @@ def contraction_factor(r: int, d: int) -> float:
     return max(1.0, CONTRACTION_MACS * min(1.0, CONTRACTION_TILE / max(r * d, 1)))
 
 
-def generic_cost(tape: Tape, rows: int, k: int, samples: int = 1) -> int:
+def generic_cost(tape: Tape, rows: int, k: int, top: str, samples: int = 1) -> int:
     """Counted multiply-adds a sample of ``forward_over_reverse`` (``jvp`` of ``jacrev``, vmapped
     over rows and samples), in the units of the plans' costs: the gradient of each of the K
-    outputs (a forward, K backwards), then per row a forward tangent and, per output, the
-    tangent of the backward (a step's work, and twice more at a curved step: the primal adjoint
-    times its second derivative along the tangent). That is the algebra of tangent-adjoint
-    propagation with the cut at the output, with every step at its own cost (``torch.func``
-    differentiates each step natively: a ``General`` step's factor is the engine's), and four
-    passes of fixed cost a step."""
-    plain = [s.rule.macs // (GENERAL_FACTOR if isinstance(s.rule, General) else 1)
-             for s in tape.steps]  # fmt: skip
-    total = sum(plain)
-    curved = sum(m for m, s in zip(plain, tape.steps, strict=True) if s.rule.curved)
-    per_row = total + k * total + 2 * k * curved
-    return (1 + k) * total + rows * per_row + _overhead(tape, 4, samples)
+    outputs (a forward, K backwards), then per row a forward tangent through every step (the
+    first layer too: no basis shortcut) and, per output, the tangent of the backward, with each
+    curved step's second-order term. That is tangent-adjoint propagation with the cut at the
+    output, counted as the plans count it, but with every step at its native cost: torch.func
+    differentiates a step that has no rule of its own (a ``General`` step, whose count carries
+    the engine's ``GENERAL_FACTOR``) like any other. Four passes of fixed cost a step."""
+
+    def native(rule) -> int:
+        return rule.macs // (GENERAL_FACTOR if isinstance(rule, General) else 1)
+
+    total = sum(native(step.rule) for step in tape.steps)
+    n = len(tape.steps)
+    propagation = _tangent_cost(tape, 0, n, 0, tape.output, rows, k, top, False, native)
+    return (1 + k) * total + propagation + _overhead(tape, 4, samples)
 
 
 def _overhead(tape: Tape, passes: int, samples: int) -> int:
@@ -259,10 +261,11 @@ def _segment_m(tape: Tape, seg: Segment, kind: str, k: int) -> tuple[str, int]:
 
 def _tangent_cost(
     tape: Tape, start: int, stop: int, bottom: int, top: int, r: int, k: int, kind: str,
-    basis: bool,
+    basis: bool, macs=lambda rule: rule.macs,
 ) -> int:  # fmt: skip
-    """Tangent-adjoint through steps [start, stop) with R tangents, joined with M of ``kind``."""
-    cost = _tangent_forward_cost(tape, start, stop, bottom, r, basis)
+    """Tangent-adjoint through steps [start, stop) with R tangents, joined with M of ``kind``
+    (``macs``: a step's cost, its rule's count unless given)."""
+    cost = _tangent_forward_cost(tape, start, stop, bottom, r, basis, macs)
     width = tape.width(top)
     if kind == DENSE:
         cost += k * r * width * width
@@ -273,9 +276,9 @@ def _tangent_cost(
         rule = tape.steps[i].rule
         if rule.curved:
             live = True
-            cost += 2 * k * r * rule.macs
+            cost += 2 * k * r * macs(rule)
         if live:
-            cost += k * r * rule.macs
+            cost += k * r * macs(rule)
     return cost
 
 
@@ -294,14 +297,15 @@ def _outer_cost(tape: Tape, stop: int, slot: int, r: int, k: int, kind: str) -> 
 
 
 def _tangent_forward_cost(
-    tape: Tape, start: int, stop: int, bottom: int, r: int, basis: bool
-) -> int:
+    tape: Tape, start: int, stop: int, bottom: int, r: int, basis: bool,
+    macs=lambda rule: rule.macs,
+) -> int:  # fmt: skip
     """R forward tangents through steps [start, stop) (a first Dense step on the basis: free)."""
     cost = 0
     for i in range(start, stop):
         rule = tape.steps[i].rule
         first = basis and isinstance(rule, Dense) and rule.flat and tape.steps[i].inputs == [bottom]
-        cost += 0 if first else r * rule.macs
+        cost += 0 if first else r * macs(rule)
     return cost
 
 

@@ -561,7 +561,7 @@ class General(Rule):
             return jvp(self.fn, self.primals, tt)[1]
 
         try:
-            return vmap(push, in_dims=1, out_dims=1)(*tangents)
+            return _over_axis_1(push)(*tangents)
         except (RuntimeError, NotImplementedError) as err:
             if not is_missing_forward_ad(err):
                 raise
@@ -571,7 +571,7 @@ class General(Rule):
         def pull_t(*tt):
             return vjp(pullback, zero)[1](tuple(tt))[0]
 
-        return vmap(pull_t, in_dims=1, out_dims=1)(*tangents)
+        return _over_axis_1(pull_t)(*tangents)
 
     def _zero_output(self) -> Tensor:
         """A zero like the step's output: where its (linear) pullback is differentiated."""
@@ -586,7 +586,7 @@ class General(Rule):
         return self._pullback
 
     def vjp(self, u):
-        return list(vmap(self._pullback_fn(), in_dims=1, out_dims=1)(u))
+        return list(_over_axis_1(self._pullback_fn())(u))
 
     def second(self, g, ts):
         n, k = g.shape[:2]
@@ -606,12 +606,26 @@ class General(Rule):
             return torch.func.grad(inner, argnums=tuple(range(len(tt))))(*self.primals)
 
         try:
-            out = vmap(term, in_dims=1, out_dims=1)(cot, *tangents)
+            out = _over_axis_1(term)(cot, *tangents)
         except (RuntimeError, NotImplementedError) as err:
             if not is_missing_forward_ad(err):
                 raise
-            out = vmap(term_reverse, in_dims=1, out_dims=1)(cot, *tangents)
+            out = _over_axis_1(term_reverse)(cot, *tangents)
         return [o.reshape(n, k, r, *o.shape[2:]) for o in out]
+
+
+def _over_axis_1(fn: Callable) -> Callable:
+    """``vmap(fn, in_dims=1, out_dims=1)``, with the batch axis moved to 1 after the map: where
+    an output does not depend on the mapped inputs (the gradient of nn.MultiheadAttention's
+    weights with respect to its value), vmap's ``out_dims=1`` expands it to the wrong shape."""
+
+    def mapped(*args):
+        out = vmap(fn, in_dims=1, out_dims=0)(*args)
+        if isinstance(out, Tensor):
+            return out.movedim(0, 1)
+        return type(out)(o.movedim(0, 1) for o in out)
+
+    return mapped
 
 
 def is_missing_forward_ad(err: Exception) -> bool:

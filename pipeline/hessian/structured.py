@@ -31,6 +31,7 @@ from .planner import (
 )
 from .propagate import cut_curvature, gradients, hessian_rows
 from .rows import Rows, select_rows
+from .rules import General
 from .targets import Target
 
 
@@ -134,15 +135,20 @@ def _plan(
     return per_graph[key]
 
 
-def counted(model: nn.Module, x: Tensor, target: Target, r: int, budget: int) -> tuple[int, int]:
+def counted(
+    model: nn.Module, x: Tensor, target: Target, r: int, budget: int
+) -> tuple[int, int, int]:
     """Counted multiply-adds a sample of R = ``r`` rows: the plan ``compute`` would make, and
-    ``forward_over_reverse`` (``planner.generic_cost``) on the same graph."""
+    ``forward_over_reverse`` (``planner.generic_cost``) on the same graph; and how many of the
+    graph's steps are ``General`` (differentiated by torch.func a step at a time)."""
     gm = capture(model)
     with torch.no_grad():
         plan, _ = _plan(gm, x, target, r, SCHEDULES, budget)
         probe = record(gm, x[:2])
     samples = 1 << min(x.shape[0], 64).bit_length() - 1
-    return plan.cost, generic_cost(probe, r, target.n_outputs, samples)
+    general = sum(isinstance(step.rule, General) for step in probe.steps)
+    generic = generic_cost(probe, r, target.n_outputs, head_kind(target.kind), samples)
+    return plan.cost, generic, general
 
 
 def _taylor(tape: Tape, g_top: Tensor, head, rows: Rows) -> tuple[Tensor, Tensor]:
