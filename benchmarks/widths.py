@@ -40,7 +40,7 @@ Exactness: ``auto``'s float32 Hessian is compared on ``--check-rows`` rows with 
 beside the same error of float32 ``torch.func.hessian`` rows: what float32 allows for that
 model), and ``auto`` in float64 on those rows must match them to 1e-9 (``float64 err``).
 
-    python benchmarks/widths.py                              # the table (~1 h on 2 CPU cores)
+    python benchmarks/widths.py                              # the table (~20 min on 2 CPU cores)
     python benchmarks/widths.py --cases vit_tiny_d2 mixer pinn --repeats 3
     python benchmarks/widths.py --cases swin --methods auto forward_over_reverse
     python benchmarks/widths.py --json widths.json
@@ -317,7 +317,7 @@ def main() -> None:
         nargs="+",
         default=[c for c in CASES if c != "vit_tiny_d12"],
         choices=list(CASES),
-        help="(vit_tiny_d12 only when named: ~10 min)",
+        help="(vit_tiny_d12 only when named: ~3 min)",
     )
     p.add_argument(
         "--methods",
