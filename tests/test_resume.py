@@ -54,7 +54,15 @@ def start_cli(*overrides: str) -> subprocess.Popen:
         stderr=subprocess.STDOUT,
         start_new_session=True,
         env=env,
+        preexec_fn=_ctrl_c_as_in_a_terminal,
     )
+
+
+def _ctrl_c_as_in_a_terminal() -> None:
+    """SIGINT at its default in the run, as in a terminal: a test suite started in the background
+    of a non-interactive shell (``make test &``) ignores SIGINT, its children inherit that, and
+    Python then installs no KeyboardInterrupt handler (the Ctrl-C test's run finished instead)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def wait_for_blocks(path: Path, n: int, proc: subprocess.Popen, timeout: float = 120) -> None:
