@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import threading
@@ -154,3 +155,37 @@ def test_a_worker_that_builds_another_model_refuses_in_one_line(tmp_path):
     assert errors[0].startswith("error: the model that Dask worker ")
     assert "differs from the driver's (weights fingerprint" in errors[0]
     assert not out.exists()
+
+
+# (logger, level, whether the user sees it while a Dask cluster runs)
+DRIVER_LOGS = [
+    ("distributed.scheduler", logging.INFO, False),
+    ("distributed.batched", logging.INFO, False),  # "Batched Comm Closed" with its traceback
+    ("distributed.worker", logging.WARNING, True),
+    ("tornado.application", logging.ERROR, False),  # "Exception in callback" after Ctrl-C
+    ("asyncio", logging.ERROR, False),
+    ("tornado.application", logging.CRITICAL, True),
+    ("pipeline.execution.run", logging.INFO, True),
+]
+
+
+def test_the_driver_shows_dasks_warnings_not_its_chatter(monkeypatch):
+    from pipeline.execution.backends.dask import _driver_logs_quiet
+
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    seen: list[tuple[str, int]] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            seen.append((record.name, record.levelno))
+
+    handler = Keep(logging.DEBUG)
+    monkeypatch.setattr(logging.root, "handlers", [handler])
+    with _driver_logs_quiet():
+        for name, level, _ in DRIVER_LOGS:
+            logger = logging.getLogger(name)
+            monkeypatch.setattr(logger, "level", logging.DEBUG)
+            logger.log(level, "a record")
+    expected = [(name, level) for name, level, shown in DRIVER_LOGS if shown]
+    assert seen == expected
+    assert not handler.filters  # the filter is gone after the run

@@ -222,15 +222,23 @@ def _workers_ignore_ctrl_c() -> Iterator[None]:
 
 
 def _quiet(record: logging.LogRecord) -> bool:
-    return record.levelno >= logging.WARNING or not record.name.startswith("distributed")
+    """Whether a record reaches the user while a Dask cluster runs: Dask's own from WARNING up,
+    its event loop's (tornado, asyncio: a callback that raised while Ctrl-C closed the cluster)
+    only when CRITICAL, everything else."""
+    if record.name.startswith("distributed"):
+        return record.levelno >= logging.WARNING
+    if record.name.startswith(("tornado", "asyncio")):
+        return record.levelno >= logging.CRITICAL
+    return True
 
 
 @contextlib.contextmanager
 def _driver_logs_quiet() -> Iterator[None]:
     """The scheduler and client in this process log every connection at INFO, and a connection
-    that closes while the cluster shuts down with its traceback ("Batched Comm Closed"): noise
-    for a user, whose run reports what matters in its own lines. Dask's warnings and errors are
-    kept; ``HYDRA_FULL_ERROR=1`` keeps everything. (Dask sets its loggers' levels itself, so
+    that closes while the cluster shuts down with its traceback ("Batched Comm Closed"; after
+    Ctrl-C, tornado's "Exception in callback" too): noise for a user, whose run reports what
+    matters in its own lines. Dask's warnings and errors are kept (``_quiet``);
+    ``HYDRA_FULL_ERROR=1`` keeps everything. (Dask sets its loggers' levels itself, so
     the records are filtered where they are written: at the root logger's handlers.)"""
     handlers = [] if os.environ.get("HYDRA_FULL_ERROR") == "1" else list(logging.root.handlers)
     for h in handlers:
