@@ -165,7 +165,7 @@ DRIVER_LOGS = [
     ("tornado.application", logging.ERROR, False),  # "Exception in callback" after Ctrl-C
     ("asyncio", logging.ERROR, False),
     ("tornado.application", logging.CRITICAL, True),
-    ("pipeline.execution.run", logging.INFO, True),
+    ("tests.a_users_logger", logging.INFO, True),
 ]
 
 
@@ -183,8 +183,10 @@ def test_the_driver_shows_dasks_warnings_not_its_chatter(monkeypatch):
     monkeypatch.setattr(logging.root, "handlers", [handler])
     with _driver_logs_quiet():
         for name, level, _ in DRIVER_LOGS:
-            logger = logging.getLogger(name)
-            monkeypatch.setattr(logger, "level", logging.DEBUG)
+            logger = logging.getLogger(name)  # (as configured by no earlier test)
+            for attr, value in (("level", logging.DEBUG), ("disabled", False), ("propagate", True)):
+                monkeypatch.setattr(logger, attr, value)
+            monkeypatch.setattr(logger, "handlers", [])
             logger.log(level, "a record")
     expected = [(name, level) for name, level, shown in DRIVER_LOGS if shown]
     assert seen == expected
