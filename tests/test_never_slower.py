@@ -22,29 +22,27 @@ from tests.zoo import assert_rel_close
 pytestmark = pytest.mark.usefixtures("float64_default")
 
 
-class GeneralSteps(nn.Module):
-    """Steps without a rule of their own (``erf``, ``F.normalize``: torch.func a step at a time)
-    between two wide layers."""
+class Between(nn.Module):
+    """``body`` between two wide layers."""
 
-    def __init__(self, d: int = 64, width: int = 256):
+    def __init__(self, body, d: int = 64, width: int = 256):
         super().__init__()
         self.fc = nn.Linear(d, width)
         self.out = nn.Linear(width, 2)
+        self.body = body
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.out(torch.erf(F.normalize(torch.erf(self.fc(x)), dim=1)))
+        return self.out(self.body(self.fc(x)))
 
 
-class Ruled(nn.Module):
+def GeneralSteps() -> nn.Module:  # noqa: N802 - a model class's name
+    """Steps without a rule of their own (``erf``, ``F.normalize``: torch.func a step at a time)."""
+    return Between(lambda h: torch.erf(F.normalize(torch.erf(h), dim=1)))
+
+
+def Ruled() -> nn.Module:  # noqa: N802
     """The same widths with rules for every step (tanh, softmax)."""
-
-    def __init__(self, d: int = 64, width: int = 256):
-        super().__init__()
-        self.fc = nn.Linear(d, width)
-        self.out = nn.Linear(width, 2)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.out(torch.tanh(torch.softmax(torch.tanh(self.fc(x)), dim=1)))
+    return Between(lambda h: torch.tanh(torch.softmax(torch.tanh(h), dim=1)))
 
 
 class BehindAnIdentity(nn.Module):

@@ -86,9 +86,10 @@ def capture(model: nn.Module) -> fx.GraphModule:
             tracer = _ThreadTracer()
             graph = tracer.trace(model)
             cached = fx.GraphModule(tracer.root, graph, type(model).__name__)
-            _lower_norms(cached)
-            _lower_multihead(cached)
-            _lower_attention(cached)
+            lowered = [lower(cached) for lower in (_lower_norms, _lower_multihead,
+                                                   _lower_attention)]  # fmt: skip
+            if any(lowered):
+                cached.recompile()
         except Exception as err:  # noqa: BLE001 - any tracing failure means "not capturable"
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             cached = f"its forward cannot be traced by torch.fx ({first[:160]})"
@@ -98,8 +99,8 @@ def capture(model: nn.Module) -> fx.GraphModule:
     return cached
 
 
-def _lower_norms(gm: fx.GraphModule) -> None:
-    """2-norms over some axes written as what they are (NOTE [norms]), in place.
+def _lower_norms(gm: fx.GraphModule) -> bool:
+    """2-norms over some axes written as what they are (NOTE [norms]), in place; whether any was.
 
     NOTE [norms]: ``v.norm(dim=-1)``, ``torch.linalg.vector_norm(v, dim=-1)`` and their kind
     (the distances of a potential) have no rule of their own; as ``norm_root(sum(v * v, dim))``
@@ -120,16 +121,16 @@ def _lower_norms(gm: fx.GraphModule) -> None:
         node.replace_all_uses_with(root)
         gm.graph.erase_node(node)
         changed = True
-    if changed:
-        gm.recompile()
+    return changed
 
 
 _ATTENTION = {torch.nn.functional.scaled_dot_product_attention,
               torch.ops.aten.scaled_dot_product_attention.default}  # fmt: skip
 
 
-def _lower_attention(gm: fx.GraphModule) -> None:
-    """Scaled dot-product attention written as its steps (NOTE [attention]), in place.
+def _lower_attention(gm: fx.GraphModule) -> bool:
+    """Scaled dot-product attention written as its steps (NOTE [attention]), in place; whether
+    any call was.
 
     NOTE [attention]: ``F.scaled_dot_product_attention(q, k, v)`` (timm's attention, any model
     calling it) as one call is a ``General`` step, differentiated by ``torch.func`` a step at a
@@ -147,11 +148,8 @@ def _lower_attention(gm: fx.GraphModule) -> None:
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target not in _ATTENTION:
             continue
-        names = ["query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale",
-                 "enable_gqa"]  # fmt: skip
-        given = dict(zip(names, node.args, strict=False)) | dict(node.kwargs)
-        given = {n: _default(a) for n, a in given.items()}
-        q, k, v = (given.get(n) for n in names[:3])
+        given = _arguments(node, _SDPA_ARGS)
+        q, k, v = (given.get(n) for n in _SDPA_ARGS[:3])
         mask, causal, scale = (
             given.get("attn_mask"),
             given.get("is_causal", False),
@@ -183,13 +181,12 @@ def _lower_attention(gm: fx.GraphModule) -> None:
         node.replace_all_uses_with(out)
         graph.erase_node(node)
         changed = True
-    if changed:
-        gm.recompile()
+    return changed
 
 
-def _lower_multihead(gm: fx.GraphModule) -> None:
+def _lower_multihead(gm: fx.GraphModule) -> bool:
     """``nn.MultiheadAttention`` calls written as their projections and an SDPA call, in place
-    (NOTE [attention]; torchvision's ViT calls it with ``need_weights=False``).
+    (NOTE [attention]; torchvision's ViT calls it with ``need_weights=False``); whether any was.
 
     A leaf module for ``torch.fx``, it would be one ``General`` step. Rewritten where it is
     the plain case: ``batch_first``, one in-projection weight, no extra key/value biases or zero
@@ -204,9 +201,8 @@ def _lower_multihead(gm: fx.GraphModule) -> None:
         m = gm.get_submodule(node.target)
         if not isinstance(m, nn.MultiheadAttention) or not _plain_multihead(m, node):
             continue
-        names = ["query", "key", "value"]
-        given = dict(zip(names, node.args, strict=False)) | dict(node.kwargs)
-        q, k, v = (given.get(n) for n in names)
+        given = _arguments(node, _MHA_ARGS)
+        q, k, v = (given.get(n) for n in _MHA_ARGS[:3])
         if not all(isinstance(t, fx.Node) for t in (q, k, v)):
             continue
         e, heads, graph = m.embed_dim, m.num_heads, gm.graph
@@ -230,16 +226,12 @@ def _lower_multihead(gm: fx.GraphModule) -> None:
             graph.erase_node(user)
         graph.erase_node(node)
         changed = True
-    if changed:
-        gm.recompile()
+    return changed
 
 
 def _plain_multihead(m: nn.MultiheadAttention, node: fx.Node) -> bool:
     """Whether a call of ``m`` is the plain case ``_lower_multihead`` rewrites."""
-    names = ["query", "key", "value", "key_padding_mask", "need_weights", "attn_mask",
-             "average_attn_weights", "is_causal"]  # fmt: skip
-    given = dict(zip(names, node.args, strict=False)) | dict(node.kwargs)
-    given = {n: _default(a) for n, a in given.items()}
+    given = _arguments(node, _MHA_ARGS)
     module_ok = (m.batch_first and m._qkv_same_embed_dim and m.bias_k is None
                  and m.bias_v is None and not m.add_zero_attn
                  and (m.dropout == 0.0 or not m.training))  # fmt: skip
@@ -267,9 +259,21 @@ def _as_bias(mask: Tensor, dtype: torch.dtype, device: torch.device) -> Tensor:
     return zeros.masked_fill(~mask.to(device), -math.inf)
 
 
+_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale",
+              "enable_gqa")  # fmt: skip
+_MHA_ARGS = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask",
+             "average_attn_weights", "is_causal")  # fmt: skip
+
+
+def _arguments(node: fx.Node, names: tuple[str, ...]) -> dict[str, Any]:
+    """A call's arguments by name (positional ones named by ``names``). An argument that is a
+    forward's optional parameter (timm's ``attn_mask=None``) is the default it is recorded with
+    (``record``)."""
+    given = dict(zip(names, node.args, strict=False)) | dict(node.kwargs)
+    return {n: _default(a) for n, a in given.items()}
+
+
 def _default(arg: Any) -> Any:
-    """An argument that is a forward's optional parameter (timm's ``attn_mask=None``): the
-    default it is recorded with (``record``), else the argument itself."""
     if isinstance(arg, fx.Node) and arg.op == "placeholder" and arg.args:
         return arg.args[0]
     return arg

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
+from operator import attrgetter
 
 from .curvature import DENSE, DIAG, ZERO, is_fast, transition
 from .graph import Tape
@@ -214,6 +215,9 @@ def contraction_factor(r: int, d: int) -> float:
     return max(1.0, CONTRACTION_MACS * min(1.0, CONTRACTION_TILE / max(r * d, 1)))
 
 
+_COUNTED = attrgetter("macs")  # a step's cost as its rule counts it
+
+
 def generic_cost(tape: Tape, rows: int, k: int, top: str, samples: int = 1) -> int:
     """Counted multiply-adds a sample of ``forward_over_reverse`` (``jvp`` of ``jacrev``, vmapped
     over rows and samples), in the units of the plans' costs: the gradient of each of the K
@@ -261,7 +265,7 @@ def _segment_m(tape: Tape, seg: Segment, kind: str, k: int) -> tuple[str, int]:
 
 def _tangent_cost(
     tape: Tape, start: int, stop: int, bottom: int, top: int, r: int, k: int, kind: str,
-    basis: bool, macs=lambda rule: rule.macs,
+    basis: bool, macs=_COUNTED,
 ) -> int:  # fmt: skip
     """Tangent-adjoint through steps [start, stop) with R tangents, joined with M of ``kind``
     (``macs``: a step's cost, its rule's count unless given)."""
@@ -298,7 +302,7 @@ def _outer_cost(tape: Tape, stop: int, slot: int, r: int, k: int, kind: str) -> 
 
 def _tangent_forward_cost(
     tape: Tape, start: int, stop: int, bottom: int, r: int, basis: bool,
-    macs=lambda rule: rule.macs,
+    macs=_COUNTED,
 ) -> int:  # fmt: skip
     """R forward tangents through steps [start, stop) (a first Dense step on the basis: free)."""
     cost = 0

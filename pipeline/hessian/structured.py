@@ -119,7 +119,7 @@ def _plan(
     tangents at its 25,000 edges of 32 features would take 4.8 GB a tensor in float32.
     """
     k = target.n_outputs
-    samples = 1 << min(x.shape[0], 64).bit_length() - 1  # a power of two: few plans to cache
+    samples = _samples(x)
     key = (tuple(x.shape[1:]), x.dtype, x.device, target.kind, k, r, schedules, samples, budget)
     per_graph = _PLANS.setdefault(gm, {})
     if key not in per_graph:
@@ -135,6 +135,12 @@ def _plan(
     return per_graph[key]
 
 
+def _samples(x: Tensor) -> int:
+    """The samples a call shares its fixed costs over, as the plans count them: a power of two
+    up to 64 (few plans to cache)."""
+    return 1 << min(x.shape[0], 64).bit_length() - 1
+
+
 def counted(
     model: nn.Module, x: Tensor, target: Target, r: int, budget: int
 ) -> tuple[int, int, int]:
@@ -145,7 +151,7 @@ def counted(
     with torch.no_grad():
         plan, _ = _plan(gm, x, target, r, SCHEDULES, budget)
         probe = record(gm, x[:2])
-    samples = 1 << min(x.shape[0], 64).bit_length() - 1
+    samples = _samples(x)
     general = sum(isinstance(step.rule, General) for step in probe.steps)
     generic = generic_cost(probe, r, target.n_outputs, head_kind(target.kind), samples)
     return plan.cost, generic, general
