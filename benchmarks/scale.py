@@ -380,7 +380,7 @@ def bench_overhead(a) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="bench-overhead-"))
     cfg = config(*job(a.dim, a.samples, f"method={a.method}", f"storage.path={tmp / 'h.h5'}"))
     net = mlp(a.dim).eval()
-    x = load_data(cfg["data"], torch.float32).x
+    x = load_data(cfg["data"], torch.float32).x[:]
     times: dict[str, list[float]] = {"engine": [], "fsync": [], "no_fsync": []}
     for i in range(a.repeats):  # interleaved
         t = time.perf_counter()
@@ -423,7 +423,7 @@ def bench_gpu(a) -> dict:
     base = job(a.dim, a.samples, "method.memory_budget_mb=16000", "storage.block_mb=512")
     cfg = config(*base, f"storage.path={tmp / 'warm.h5'}", "backend.device=cuda")
     net = mlp(a.dim).eval().cuda()
-    x = load_data(cfg["data"], torch.float32).x.cuda()
+    x = load_data(cfg["data"], torch.float32).x[:].cuda()
     out = {"case": "gpu", "dim": a.dim, "samples": a.samples, "card": torch.cuda.get_device_name()}
     out["dd_mb_s"] = dd_bandwidth(tmp) / 1e6
     size = a.samples * a.dim * a.dim * 4

@@ -110,7 +110,7 @@ def engine_loop(case: Case, n: int, keep: bool = True) -> float:
 
     cfg = compose([*case.overrides, f"data.n_samples={n}"])
     model = ModelSpec(cfg.model, "float32", cfg.seed).build()
-    x = load_data(cfg.data, torch.float32).x
+    x = load_data(cfg.data, torch.float32).x[:]
     index = list(cfg.target.indices)
 
     def batch(xb):

@@ -18,7 +18,7 @@ from ..hessian.errors import ArgumentError
 from ..hessian.methods import Method, resolve_method, zero_hessian_reason
 from ..hessian.targets import Target, make_target
 from ..inputs.atoms import with_atomic_numbers
-from ..inputs.data import Dataset, load_data, provides_atoms
+from ..inputs.data import Dataset, Samples, load_data, provides_atoms
 from ..inputs.models import build_model
 from ..store.fingerprint import code_fingerprint, data_fingerprint, weights_fingerprint
 from .outputs import Work
@@ -104,6 +104,11 @@ def model_key(cfg: Config) -> str:
     return "model.path" if getattr(cfg.model, "path", None) else "model.net"
 
 
+# The samples the method is chosen on: the plans count a call's shared costs over up to 64
+# (``pipeline.hessian.structured._samples``); the probes take the first one or two.
+CHOICE_SAMPLES = 64
+
+
 def build_job(cfg: Config) -> Job:
     """Build model, data, target and method from a typed config, checking that they fit."""
     dtype = torch_dtype(cfg.dtype)
@@ -116,14 +121,15 @@ def build_job(cfg: Config) -> Job:
     if data is None:
         data = load_data(cfg.data, dtype)
     outputs = forward(model, data.x, cfg)
-    _check_differentiable(model, data.x[:1])
+    head = data.x[:CHOICE_SAMPLES]
+    _check_differentiable(model, head[:1])
     t = cfg.target
     spec = getattr(t, "indices", t.name)
     with config_keys(cfg):
         target = make_target(spec, outputs, data.labels, str(getattr(t, "loss", "cross_entropy")))
-        method = resolve_method(cfg.method.name, model, target, data.x)
+        method = resolve_method(cfg.method.name, model, target, head)
     log.info("method %s", method.name)
-    reason = zero_hessian_reason(model, target, data.x)
+    reason = zero_hessian_reason(model, target, head)
     if reason:
         log.warning("Hessians will be zero almost everywhere: %s", reason)
     return Job(cfg, model, data, outputs, target, method, dtype)
@@ -155,7 +161,7 @@ _SHAPE_ERROR = re.compile(
 )
 
 
-def forward(model: nn.Module, x: Tensor, cfg: Config) -> Tensor:
+def forward(model: nn.Module, x: Tensor | Samples, cfg: Config) -> Tensor:
     """The model's outputs (N, C); a shape mismatch or an error in ``forward`` becomes one line."""
     try:
         with torch.no_grad():

@@ -178,7 +178,7 @@ def metadata(job: Job, backend: Backend, overrides: list[str]) -> Metadata:
     }
     attrs.update(tf32_report(job, backend.device))
     return Metadata(
-        inputs=job.data.x.numpy(),
+        inputs=job.data.x,  # written to /inputs a chunk at a time
         outputs=job.outputs.numpy(),
         sample_index=job.data.sample_index,
         output_index=np.asarray(job.target.output_index, dtype=np.int64),

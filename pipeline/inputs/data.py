@@ -1,7 +1,13 @@
-"""The dataset slice a config describes: inputs (N, *S), optional labels, source indices."""
+"""The dataset slice a config describes: inputs (N, *S), optional labels, source indices.
+
+The inputs stay in their source (an npy memory map, an HDF5 dataset, or an array in memory for
+the bundled, synthetic and ASE data) and are read a block at a time (:class:`Samples`): a slice
+of 10^6 samples is never loaded whole. Checks (finite values) and hashes read it in chunks.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,13 +18,78 @@ from torch import Tensor
 from ..config.schema import DataConf
 from ..errors import PipelineError
 
+CHUNK_BYTES = 64 << 20  # what one read of the source holds, at most (or one sample)
+
+
+class Samples:
+    """The inputs (N, *S) of a slice, read from their source when a range of them is asked for.
+
+    ``samples[a:b]`` (or ``samples[n]``) reads those samples as a new ``dtype`` tensor; ``len``,
+    ``shape``, ``dtype`` and ``element_size()`` answer as a tensor's would, and ``samples[:]``
+    reads them all. ``index`` holds each sample's source index; ``rows`` (default: ``index``)
+    where the source holds it. A run of consecutive rows is read as one slice of the source;
+    other rows in increasing order (h5py needs it), put back in the asked order.
+    """
+
+    def __init__(
+        self,
+        source,
+        index: np.ndarray,
+        dtype: torch.dtype,
+        rows: np.ndarray | None = None,
+        chunk_bytes: int | None = None,
+    ):
+        self.source, self.index, self.dtype = source, index, dtype
+        self.rows = index if rows is None else rows
+        self.shape = torch.Size((len(index), *source.shape[1:]))
+        self.numpy_dtype = torch.empty(0, dtype=dtype).numpy().dtype
+        self._start = int(self.rows[0]) if _is_range(self.rows) else None
+        per_sample = max(1, self.shape[1:].numel() * self.element_size())
+        self.chunk = max(1, (chunk_bytes or CHUNK_BYTES) // per_sample)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def element_size(self) -> int:
+        return self.numpy_dtype.itemsize
+
+    def __getitem__(self, key: int | slice) -> Tensor:
+        if not isinstance(key, slice):
+            n = int(key) + len(self) if int(key) < 0 else int(key)
+            if not 0 <= n < len(self):
+                raise IndexError(f"sample {key} of {len(self)}")
+            return self[n : n + 1][0]
+        a, b, step = key.indices(len(self))
+        if step != 1:
+            raise IndexError("Samples reads ranges of samples (step 1)")
+        b = max(a, b)
+        if self._start is not None:
+            raw = self.source[self._start + a : self._start + b]
+        else:
+            raw = _take(self.source, self.rows[a:b], _is_hdf5(self.source))
+        return torch.from_numpy(np.array(raw, dtype=self.numpy_dtype, copy=True))
+
+    def chunks(self) -> Iterator[tuple[int, Tensor]]:
+        """(first sample, samples) over the slice, ``self.chunk`` samples (<= 64 MiB) at a time."""
+        for a in range(0, len(self), self.chunk):
+            yield a, self[a : a + self.chunk]
+
+
+def _is_range(index: np.ndarray) -> bool:
+    return len(index) > 0 and bool(np.all(np.diff(index) == 1))
+
+
+def _is_hdf5(source) -> bool:
+    return type(source).__module__.startswith("h5py")
+
 
 @dataclass
 class Dataset:
-    """Inputs (N, *S) as float tensors, labels (N,) or None, and each sample's source index (N,);
-    for atoms (``data=ase``: S = (n, 3) positions) their atomic numbers (n,) and masses (n,)."""
+    """Inputs (N, *S) read from their source as float tensors (:class:`Samples`), labels (N,)
+    or None, and each sample's source index (N,); for atoms (``data=ase``: S = (n, 3)
+    positions) their atomic numbers (n,) and masses (n,)."""
 
-    x: Tensor
+    x: Samples
     labels: Tensor | None
     sample_index: np.ndarray
     atomic_numbers: np.ndarray | None = None
@@ -157,24 +228,29 @@ def load_data(cfg: DataConf, dtype: torch.dtype) -> Dataset:
             shape_key,
         )
     idx = select(len(x_src), cfg)
-    x = _take(x_src, idx, kind == "hdf5")
-    if not np.issubdtype(x.dtype, np.floating):
+    if not np.issubdtype(x_src.dtype, np.floating):
         raise PipelineError(
-            f"inputs have dtype {x.dtype}: a Hessian with respect to the input needs real-valued "
-            "(float) inputs; models of integer ids (embeddings) are not differentiable in them",
+            f"inputs have dtype {x_src.dtype}: a Hessian with respect to the input needs "
+            "real-valued (float) inputs; models of integer ids (embeddings) are not "
+            "differentiable in them",
             "data.path",
         )
-    _check_finite(x, idx)
+    x = Samples(x_src, idx, dtype)
+    _check_finite(x)
     labels = None
     if labels_src is not None:
         labels = torch.as_tensor(_labels(labels_src, len(x_src), idx, kind == "hdf5", labels_key))
-    return Dataset(torch.as_tensor(x).to(dtype), labels, idx)
+    return Dataset(x, labels, idx)
 
 
-def _check_finite(x: np.ndarray, idx: np.ndarray) -> None:
-    bad = np.flatnonzero(~np.isfinite(x.reshape(len(x), -1)).all(axis=1))
+def _check_finite(x: Samples) -> None:
+    """Refuse samples holding NaN or inf (read in chunks), naming their source indices."""
+    bad = np.concatenate([
+        a + np.flatnonzero(~torch.isfinite(chunk.reshape(len(chunk), -1)).all(dim=1).numpy())
+        for a, chunk in x.chunks()
+    ])  # fmt: skip
     if bad.size:
-        names = ", ".join(str(i) for i in idx[bad[:5]])
+        names = ", ".join(str(i) for i in x.index[bad[:5]])
         raise PipelineError(
             f"{bad.size} sample(s) contain NaN or inf (source indices {names}"
             f"{', ...' if bad.size > 5 else ''}); drop them with data.indices",
@@ -188,8 +264,9 @@ def _atoms(cfg: DataConf, dtype: torch.dtype) -> Dataset:
 
     read, length = read_slice(cfg)  # type: ignore[arg-type]
     found = frames(cfg.path, read, select(length, cfg))  # type: ignore[attr-defined]
-    _check_finite(found.positions, found.sample_index)
-    x = torch.as_tensor(found.positions).to(dtype)
+    rows = np.arange(len(found.positions))  # the frames read, in the slice's order
+    x = Samples(found.positions, found.sample_index, dtype, rows)
+    _check_finite(x)
     return Dataset(x, None, found.sample_index, found.atomic_numbers, found.masses)
 
 

@@ -534,8 +534,10 @@ def _model_checks(
         )
         report.mismatches.append(Mismatch("model", msg))
         return
-    x_file = f["inputs"][()]
-    if x_file.shape != tuple(job.data.x.shape) or not np.array_equal(x_file, job.data.x.numpy()):
+    stored, x = f["inputs"], job.data.x
+    if stored.shape != tuple(x.shape) or not all(
+        np.array_equal(stored[a : a + len(chunk)], chunk.numpy()) for a, chunk in x.chunks()
+    ):
         msg = (
             "the inputs rebuilt from the stored data config differ from /inputs; "
             "was the data file changed?"

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..config.schema import ModelConf
+from ..inputs.data import Samples
 from ..inputs.models import ExportedModel
 
 
@@ -61,7 +62,7 @@ def code_fingerprint(model: nn.Module, model_cfg: ModelConf) -> str | None:
 
 
 def data_fingerprint(
-    x: torch.Tensor,
+    x: torch.Tensor | Samples,
     sample_index: np.ndarray,
     labels: torch.Tensor | None,
     atomic_numbers: np.ndarray | None = None,
@@ -70,7 +71,8 @@ def data_fingerprint(
     """SHA-256 of the inputs (N, *S), their source indices, the labels (if any) and the atoms'
     numbers and masses (if any)."""
     h = hashlib.sha256(f"{tuple(x.shape)} {x.dtype}\n".encode())
-    h.update(x.detach().cpu().contiguous().numpy().tobytes())
+    for _, chunk in x.chunks() if isinstance(x, Samples) else [(0, x)]:  # (the same digest)
+        h.update(chunk.detach().cpu().contiguous().numpy().tobytes())
     h.update(np.ascontiguousarray(sample_index).tobytes())
     if labels is None:
         h.update(b"no labels")

@@ -38,7 +38,7 @@ BLOCK_SUMS = "block_sums"  # (row blocks, N, K, len(SUMS)) float64: written with
 class Metadata:
     """Everything in the final file besides the values computed block by block."""
 
-    inputs: np.ndarray  # (N, *S)
+    inputs: Any  # (N, *S): an array, or samples read in chunks (pipeline.inputs.data.Samples)
     outputs: np.ndarray  # (N, C)
     sample_index: np.ndarray  # (N,)
     output_index: np.ndarray  # (K,) or (N, K)
@@ -168,7 +168,7 @@ def _early_allocation() -> h5py.h5p.PropDCID:
 def write_common(f: h5py.File, meta: Metadata, comp: dict[str, Any]) -> None:
     """What every kind of result holds besides its computed values: inputs, outputs, indices
     and the root attributes."""
-    f.create_dataset("inputs", data=meta.inputs, **comp)
+    _write_inputs(f, meta.inputs, comp)
     f.create_dataset("outputs", data=meta.outputs)
     f.create_dataset("sample_index", data=meta.sample_index)
     f.create_dataset("output_index", data=meta.output_index)
@@ -178,6 +178,21 @@ def write_common(f: h5py.File, meta: Metadata, comp: dict[str, Any]) -> None:
             f.create_dataset(fd.name, data=np.asarray(value, fd.dtype))
     for key, value in meta.attrs.items():
         f.attrs[key] = value
+
+
+def inputs_dtype(inputs: Any) -> np.dtype:
+    """The numpy dtype of ``Metadata.inputs``."""
+    return np.dtype(getattr(inputs, "numpy_dtype", None) or inputs.dtype)
+
+
+def _write_inputs(f: h5py.File, inputs: Any, comp: dict[str, Any]) -> None:
+    """``/inputs``, from an array or a chunk of samples at a time (never all of them in memory)."""
+    if not hasattr(inputs, "chunks"):
+        f.create_dataset("inputs", data=inputs, **comp)
+        return
+    ds = f.create_dataset("inputs", shape=tuple(inputs.shape), dtype=inputs_dtype(inputs), **comp)
+    for a, chunk in inputs.chunks():
+        ds[a : a + len(chunk)] = chunk.numpy()
 
 
 def label_common(f: h5py.File, per_sample: tuple[Field, ...] = ()) -> None:

@@ -44,6 +44,7 @@ from .layout import (
     add_virtual_hessian,
     compression_options,
     create_datasets,
+    inputs_dtype,
     set_nonfinite,
 )
 from .names import ResultNames, temporary_name
@@ -153,7 +154,7 @@ class ResultWriter:
         self.fsync = storage.fsync
         self.keep_shards = storage.keep_shards
         self.in_place = self.layout == "copy" and not self.comp
-        self.dtype = np.dtype(meta.inputs.dtype)
+        self.dtype = inputs_dtype(meta.inputs)
         self.fingerprint = str(meta.attrs["fingerprint"])
         self.remote_workers, self.defer_copies = remote_workers, defer_copies
         self.missing: list[Block] = []

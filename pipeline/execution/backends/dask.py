@@ -82,7 +82,7 @@ class DaskBackend(Backend):
         if not self.workers_known_before:  # (else reviewed with the plan)
             idle_workers(len(blocks), n_workers)
         in_flight = options.max_in_flight or 2 * n_workers
-        x = job.data.x.cpu().numpy()
+        x = job.data.x  # read a block at a time, as it is submitted
         aux = job.target.aux.cpu().numpy()
 
         def submit(b: Block):
@@ -90,7 +90,7 @@ class DaskBackend(Backend):
                 block_task,
                 model_args,
                 job.work,
-                x[b.s0 : b.s1],
+                x[b.s0 : b.s1].numpy(),
                 job.target.kind,
                 aux[b.s0 : b.s1],
                 oi[b.s0 : b.s1] if oi.ndim == 2 else oi,

@@ -30,13 +30,14 @@ class Local(Backend):
         t0 = time.perf_counter()
         device = self.device
         model = job.model.to(device)
-        x = job.data.x.to(device)
+        x = job.data.x  # read a block at a time (pipeline.inputs.data.Samples)
         target = job.target.to(device)
         with reuse_large_buffers(), BlockWriter(sink, on_written, device) as writer:
             for b in blocks:
+                xb = x[b.s0 : b.s1].to(device)
                 with tf32(job.cfg.method.tf32):
                     h, g, stats = job.work.compute(
-                        model, x[b.s0 : b.s1], target.subset(b.s0, b.s1), b, job.memory_budget
+                        model, xb, target.subset(b.s0, b.s1), b, job.memory_budget
                     )
                 writer.put(b, h, g, stats)
         return time.perf_counter() - t0
