@@ -3,8 +3,10 @@
 
 Their blocks are groups of samples, and what a block stores is small next to a dense Hessian
 (D or k x D numbers per output instead of D x D), so every block is committed as its own shard
-file (``PartSink``: the rename commits it) and the final file is assembled from the shards when
-every block is in. Everything else is the dense writer's (``ResultWriter``): the lock, the
+file (``PartSink``: the rename commits it) and copied into the final file, under a temporary
+name, as it comes (``_AssembledParts``; the inputs are written there on the background thread
+while the first blocks compute): at the end only what is left (blocks of an earlier run) is
+copied before the rename. Everything else is the dense writer's (``ResultWriter``): the lock, the
 manifest and fingerprint, resume after a kill, the checks before anything exists, the atomic
 rename of the finished file, a fault that never corrupts finished work.
 """
@@ -90,7 +92,7 @@ class PartsWriter(ResultWriter):
     def _open_shards(self) -> None:
         self._drop_direct()
         self.sink = PartSink(str(self.names.shards.resolve()), self.fields, self.fsync)
-        self._final = _Pending()
+        self._final = _AssembledParts(self)
         self._set_missing(self._done())
 
     def _done(self) -> set[int]:
@@ -114,56 +116,81 @@ class PartsWriter(ResultWriter):
                 f"(first: block {missing[0]}); the result is not marked complete, and "
                 "storage.mode=resume computes the missing blocks"
             )
-        tmp = temporary_name(self.path)
-        try:
-            with h5py.File(tmp, "w") as f:
-                self._assemble(f)
-            commit(tmp, self.path, self.fsync)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        assert isinstance(self._final, _AssembledParts)
+        self._final.finish()
         self._finished = True
         if not self.keep_shards:
             _remove_tree(self.names.shards)
 
-    def _assemble(self, f: h5py.File) -> None:
-        sizes = dict(self.sizes)
-        first = self.names.shard(self.plan.blocks[0].index)
-        with h5py.File(first, "r") as s:
-            for field in self.fields:  # sizes only the computation knew (C of ``factored``)
-                for dim, n in zip(field.dims[1:], s[field.name].shape[1:], strict=True):
-                    sizes.setdefault(dim, n)
-        for field in (*self.fields, *DERIVED.get(self.kind, ())):
-            f.create_dataset(field.name, field.shape(sizes), field.dtype or self.dtype, **self.comp)
-        nonfinite = 0
-        for b in self.plan.blocks:  # each shard read once: copied, counted, its trace taken
-            with h5py.File(self.names.shard(b.index), "r") as s:
-                for field in self.fields:
-                    values = s[field.name][()]
-                    f[field.name][b.s0 : b.s1] = values
-                    if field in FIELDS[self.kind]:  # (not what is derived from them)
-                        nonfinite += int((~np.isfinite(values)).sum())
-                    if field.name == "diagonal":  # the trace, in float64
-                        f["trace"][b.s0 : b.s1] = values.sum(-1, dtype=np.float64)
-        for field in DESCRIPTION.get(self.kind, ()):
-            f.create_dataset(field.name, data=np.asarray(self.description[field.name], field.dtype))
-        write_common(f, self.meta, self.comp)
-        for field in (*self.fields, *DERIVED.get(self.kind, ()), *DESCRIPTION.get(self.kind, ())):
-            for i, dim in enumerate(field.dims):
-                f[field.name].dims[i].label = dim
-        label_common(f, (*self.fields, *DERIVED.get(self.kind, ())))
-        f.attrs["layout"] = "copy"
-        f.attrs["output"] = self.kind
-        f.attrs["status"] = "complete"
-        f.attrs["layout_id"] = uuid.uuid4().hex
-        f.attrs.create("nonfinite_entries", nonfinite, dtype="i8")
 
+class _AssembledParts:
+    """The final file of a parts result, under a temporary name beside ``path``: its datasets
+    are created when the run opens, ``/inputs`` and the other common datasets written on the
+    writer's background thread, each committed shard copied in as it comes (``add``); ``finish``
+    copies the blocks not copied yet (an earlier run's), labels the file and renames it."""
 
-class _Pending:
-    """Stands in for the dense writer's assembled file: shards are copied at ``finish``."""
+    def __init__(self, writer: PartsWriter):
+        self.w = writer
+        self.tmp = temporary_name(writer.path)
+        self.file: h5py.File | None = h5py.File(self.tmp, "w")
+        self.copied: set[int] = set()
+        self.nonfinite = 0
+        self._sizes: dict[str, int] | None = None
+        writer._bg.submit(write_common, self.file, writer.meta, writer.comp)
+
+    def _create(self, shard: h5py.File) -> None:
+        """The datasets, once a shard tells the sizes only the computation knew (C of
+        ``factored``)."""
+        assert self.file is not None
+        w, sizes = self.w, dict(self.w.sizes)
+        for field in w.fields:
+            for dim, n in zip(field.dims[1:], shard[field.name].shape[1:], strict=True):
+                sizes.setdefault(dim, n)
+        for field in (*w.fields, *DERIVED.get(w.kind, ())):
+            dtype = field.dtype or w.dtype
+            self.file.create_dataset(field.name, field.shape(sizes), dtype, **w.comp)
+        self._sizes = sizes
 
     def add(self, b: Block) -> None:
-        del b
+        """Copy block ``b``'s committed shard into the file, count its non-finite values and
+        take its trace (in float64)."""
+        assert self.file is not None
+        f, w = self.file, self.w
+        with h5py.File(w.names.shard(b.index), "r") as s:
+            if self._sizes is None:
+                self._create(s)
+            for field in w.fields:
+                values = s[field.name][()]
+                f[field.name][b.s0 : b.s1] = values
+                if field in FIELDS[w.kind]:  # (not what is derived from them)
+                    self.nonfinite += int((~np.isfinite(values)).sum())
+                if field.name == "diagonal":
+                    f["trace"][b.s0 : b.s1] = values.sum(-1, dtype=np.float64)
+        self.copied.add(b.index)
+
+    def finish(self) -> None:
+        assert self.file is not None
+        w, f = self.w, self.file
+        for b in w.plan.blocks:
+            if b.index not in self.copied:
+                self.add(b)
+        for field in DESCRIPTION.get(w.kind, ()):
+            f.create_dataset(field.name, data=np.asarray(w.description[field.name], field.dtype))
+        for field in (*w.fields, *DERIVED.get(w.kind, ()), *DESCRIPTION.get(w.kind, ())):
+            for i, dim in enumerate(field.dims):
+                f[field.name].dims[i].label = dim
+        label_common(f, (*w.fields, *DERIVED.get(w.kind, ())))
+        f.attrs["layout"] = "copy"
+        f.attrs["output"] = w.kind
+        f.attrs["status"] = "complete"
+        f.attrs["layout_id"] = uuid.uuid4().hex
+        f.attrs.create("nonfinite_entries", self.nonfinite, dtype="i8")
+        f.close()
+        self.file = None
+        commit(self.tmp, w.path, w.fsync)
 
     def discard(self) -> None:
-        pass
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+        self.tmp.unlink(missing_ok=True)
