@@ -18,6 +18,7 @@ corrected rerun is not mistaken for an interrupted run. In order (cheap checks f
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from dataclasses import dataclass
@@ -45,12 +46,15 @@ class Prepared:
     backend: Backend
 
 
-def prepare(cfg: Config, path: Path) -> Prepared:
+def prepare(cfg: Config, path: Path, early: contextlib.ExitStack | None = None) -> Prepared:
     """Check everything a run needs before it creates anything (see the NOTE above).
 
     Args:
         cfg: the typed config.
         path: ``storage.path`` resolved (``pipeline.execution.run.output_path``).
+        early: where the backend's early start goes (``Backend.start_early``: a Dask cluster
+            starts once the backend is checked, its workers importing while the job is built;
+            not for a resume of an existing file, which may need no worker).
 
     Raises:
         PipelineError: naming the config key to change.
@@ -58,6 +62,8 @@ def prepare(cfg: Config, path: Path) -> Prepared:
     check_storage_path(path)
     backend = backend_for(cfg.backend)
     backend.check()
+    if early is not None and not (cfg.storage.mode == Mode.resume and path.exists()):
+        early.enter_context(backend.start_early())
     job = build_job(cfg)
     if cfg.storage.mode == Mode.resume and job.code_fingerprint is None:
         raise PipelineError(

@@ -7,6 +7,7 @@ computed and written to the backend (``pipeline.execution.backends``).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -95,38 +96,19 @@ def run(
     cfg = complete_config(cfg)
     path = output_path(cfg, output_dir)
     check_destination(path, cfg.storage)  # the mode's rules, before building anything
-    prepared = prepare(cfg, path)  # see NOTE: [validation before anything exists]
-    job, plan, backend = prepared.job, prepared.plan, prepared.backend
-    if cfg.plots:
-        _check_report_options(cfg, plan)
-    meta = metadata(job, backend, overrides or [])
-    kind = cfg.output.name
-    writer = result_writer(path, plan, meta, cfg, backend)
-    t_compute = 0.0
-    with writer:
-        log.info(
-            "Hessians (%d, %d, %d, %d) %s, output=%s, method=%s, %d blocks of %d samples x %d "
-            "rows (%d done)",
-            plan.n_samples, plan.n_outputs, plan.dim, plan.dim, cfg.dtype, kind, job.method.name,
-            len(plan.blocks), plan.block_samples, plan.block_rows, writer.reused,
-        )  # fmt: skip
-        left = sum(b.cells for b in writer.missing)  # (sample, row) pairs still to compute
-        if writer.missing:  # a resume with every block committed starts no workers
-            todo = {b.index: b for b in writer.missing}
-            done = plan.n_samples * plan.dim - left  # the bar counts samples (rate, time left)
-            with progress(cfg.progress, plan.n_samples, done // plan.dim, "samples") as bar:
-
-                def on_written(index: int) -> None:
-                    nonlocal done
-                    writer.commit(index)
-                    before, done = done // plan.dim, done + todo[index].cells
-                    bar.update(done // plan.dim - before)
-
-                t_compute = backend.execute(job, writer.missing, writer.sink, on_written)
-            log.info("all %d blocks written", len(plan.blocks))
-        t_finish = time.perf_counter()
-        writer.finish()
-        t_finish = time.perf_counter() - t_finish
+    with contextlib.ExitStack() as early:  # a Dask cluster started early, closed after it ran
+        prepared = prepare(cfg, path, early)  # see NOTE: [validation before anything exists]
+        job, plan, backend = prepared.job, prepared.plan, prepared.backend
+        if cfg.plots:
+            _check_report_options(cfg, plan)
+        meta = metadata(job, backend, overrides or [])
+        kind = cfg.output.name
+        writer = result_writer(path, plan, meta, cfg, backend)
+        with writer:
+            left, t_compute = _compute(cfg, job, plan, backend, writer, early)
+            t_finish = time.perf_counter()
+            writer.finish()
+            t_finish = time.perf_counter() - t_finish
     with h5py.File(path, "r") as f:
         shape = tuple(int(s) for s in f[main_field(kind).name].shape)
     computed = left // max(1, plan.dim)
@@ -143,6 +125,36 @@ def run(
     if cfg.plots:
         result.reports = _after_run_reports(path, job, output_dir)
     return result
+
+
+def _compute(
+    cfg: Config, job: Job, plan: Plan, backend: Backend, writer, early: contextlib.ExitStack
+) -> tuple[int, float]:
+    """Compute and commit the blocks the writer misses, then close what started early; returns
+    the (sample, row) pairs computed and the backend's seconds."""
+    log.info(
+        "Hessians (%d, %d, %d, %d) %s, output=%s, method=%s, %d blocks of %d samples x %d "
+        "rows (%d done)",
+        plan.n_samples, plan.n_outputs, plan.dim, plan.dim, cfg.dtype, cfg.output.name,
+        job.method.name, len(plan.blocks), plan.block_samples, plan.block_rows, writer.reused,
+    )  # fmt: skip
+    left = sum(b.cells for b in writer.missing)  # (sample, row) pairs still to compute
+    if not writer.missing:  # a resume with every block committed starts no workers
+        return left, 0.0
+    todo = {b.index: b for b in writer.missing}
+    done = plan.n_samples * plan.dim - left  # the bar counts samples (rate, time left)
+    with progress(cfg.progress, plan.n_samples, done // plan.dim, "samples") as bar:
+
+        def on_written(index: int) -> None:
+            nonlocal done
+            writer.commit(index)
+            before, done = done // plan.dim, done + todo[index].cells
+            bar.update(done // plan.dim - before)
+
+        t_compute = backend.execute(job, writer.missing, writer.sink, on_written)
+    early.close()
+    log.info("all %d blocks written", len(plan.blocks))
+    return left, t_compute
 
 
 def result_writer(path: Path, plan: Plan, meta: Metadata, cfg: Config, backend: Backend):

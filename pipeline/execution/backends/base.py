@@ -9,6 +9,7 @@ that defines the class, its options dataclass (a subclass of ``BackendConf``) an
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 from abc import ABC, abstractmethod
@@ -64,6 +65,11 @@ class Backend(ABC):
     def copies_can_overlap(self) -> bool:
         """Whether this process has a core to spare for copying shards while blocks compute."""
         return True
+
+    def start_early(self) -> contextlib.AbstractContextManager:
+        """Start what ``execute`` will run on (a cluster) now, while this process builds the
+        job; closed on leaving. Nothing to start by default."""
+        return contextlib.nullcontext()
 
     @abstractmethod
     def execute(self, job: Job, blocks: list[Block], sink, on_written: OnWritten) -> float:

@@ -49,6 +49,12 @@ def _worker_model(
     return _WORKER_MODELS[key]
 
 
+async def imported() -> None:
+    """Nothing: a worker that unpickles this function imports torch and the pipeline with it
+    (``DaskBackend.start_early``: while the driver builds the job; a coroutine, which Dask's
+    ``Client.run`` can start without waiting for it)."""
+
+
 def _worker_name() -> str:
     try:
         from distributed import get_worker
