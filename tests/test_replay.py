@@ -260,7 +260,8 @@ def test_threads_trace_and_replay_while_others_run_the_model():
 
 def test_the_trace_waits_until_the_eager_calls_have_cost_as_much(monkeypatch):
     """The first call counts the operations; a trace estimated dear is not made after a few
-    cheap calls, and is made once the calls have cost its estimate."""
+    cheap calls, and is made once the calls have cost its estimate: the recording of its
+    operations and one more call (the check of the lowered graph)."""
     model, shape = _model("pinn")
     x = torch.randn(4, *shape)
     monkeypatch.setattr(replay, "TRACE_COST", 1.0)  # a second an operation
@@ -268,8 +269,11 @@ def test_the_trace_waits_until_the_eager_calls_have_cost_as_much(monkeypatch):
         pipeline.hessian(model, x, [0])
     entry = max(replay._TRACES[model].values(), key=lambda e: e.calls)  # not auto's probe
     assert entry.cost >= 10.0, f"{entry.cost} s: the call's operations were not counted"
-    assert replay.traces(model) == 0 and entry.spent < entry.cost
-    entry.spent = entry.cost  # as if the eager calls had cost the estimate
+    assert replay.traces(model) == 0 and entry.spent < entry.cost and entry.last > 0
+    entry.spent = entry.cost  # the recording's estimate, but not the check's call: not yet
+    pipeline.hessian(model, x, [0])
+    assert replay.traces(model) == 0
+    entry.spent = entry.cost + entry.last  # as if the eager calls had cost the estimate
     h = pipeline.hessian(model, x, [0])
     assert replay.traces(model) == 1
     assert_close(h, reference(model, x, TARGET_BY_NAME["all"], None)[0], rtol=1e-8, atol=1e-10)
@@ -359,3 +363,28 @@ def test_a_capture_lets_other_threads_run_their_models():
         sys.setswitchinterval(interval)
     assert not errors, f"the other thread's forward failed: {errors[0]!r}"
     assert calls, "the other thread never ran"
+
+
+def test_the_traced_call_returns_its_own_result_and_the_next_one_replays(monkeypatch):
+    """The trace's call is not replayed once more after the check of its lowered graph (that
+    made ViT-Tiny's trace call cost 2.8 eager calls); the call after it replays."""
+    model, shape = _model("pinn")
+    replays = []
+    lowered = replay._lowered
+
+    def counted(*args):
+        low = lowered(*args)
+        if low is not None:
+            forward = low.forward
+            low.forward = lambda *a: (replays.append(1), forward(*a))[1]
+        return low
+
+    monkeypatch.setattr(replay, "_lowered", counted)
+    xs = [torch.randn(4, *shape, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    done = []
+    for x in xs:  # eager (operations counted), traced, replayed
+        h = pipeline.hessian(model, x, [0])
+        assert_close(h, reference(model, x, TARGET_BY_NAME["index"], None)[0], rtol=1e-8,
+                     atol=1e-10)  # fmt: skip
+        done.append((replay.traces(model), len(replays)))
+    assert done == [(0, 0), (1, 0), (1, 1)], done

@@ -7,10 +7,14 @@ themselves. Once the model has been analysed, a call at a given input shape, dty
 target, row count and budget makes the same operations whatever the values (the engine reads no
 tensor value on the host: see ``propagate``). So a call at such a key is traced (its operations
 run for real and a dispatch mode records them as an ``fx`` graph of ATen operations) and later
-calls run that graph. A trace costs ~0.1 ms an operation (27 ms for the pair potential, 10x one
-of its calls), so it is made only once the eager calls at the key since the first have cost as
-much as the trace is estimated to (the first call counts its operations): a run of few calls
-pays at most twice its eager time, a long one gets the replays. The inputs, output indices and
+calls run that graph. The traced call returns its own result. A trace costs ~0.1 ms an operation
+for the recording (27 ms for the pair potential, 10x one of its calls) and one call more, the
+check of the lowered graph (below), so it is made only once the eager calls at the key since
+the first have cost as much as that estimate (the first call counts its operations, the last
+eager call stands for the check): a run of few calls pays at most about twice its eager time,
+a long one gets the replays. (Estimated from the operations alone, ViT-Tiny's trace came after
+one eager call and cost 2.8 of them: 13.3 s against 4.8, with a second replay of the call
+after the check; now 2 eager calls, then about 2 calls' time.) The inputs, output indices and
 rows are the graph's inputs; the parameters are references to the model's own tensors (a change
 of the weights in place is seen); a change of the model's structure, or a parameter replaced by
 a new tensor, drops the traces with the other per-model caches (``caches.check``). A trace is
@@ -43,6 +47,7 @@ import operator
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, fx, nn
@@ -77,6 +82,7 @@ class _Entry:
     calls: int = 0
     cost: float = math.inf  # the trace's estimated seconds: its operations x TRACE_COST
     spent: float = 0.0  # seconds of the eager calls after the first
+    last: float = 0.0  # seconds of the last of them: what the check of a trace will cost
     graph: fx.GraphModule | None = None
     eager: bool = False  # no replay for this key (a refused or failed trace)
 
@@ -115,10 +121,11 @@ def replayed(compute: Compute) -> Compute:
                 out = compute(model, x, target, rows, budget, *rest)
             entry.cost = count.ops * TRACE_COST
             return out
-        if entry.spent < entry.cost:
+        if entry.spent < entry.cost + entry.last:
             start = time.perf_counter()
             out = compute(model, x, target, rows, budget, *rest)
-            entry.spent += time.perf_counter() - start
+            entry.last = time.perf_counter() - start
+            entry.spent += entry.last
             return out
 
         def call(x_: Tensor, aux: Tensor, index: Tensor):
@@ -126,12 +133,11 @@ def replayed(compute: Compute) -> Compute:
             h, grad = compute(model, x_, sub, Rows(index, rows.full), budget, *rest)
             return h, grad if gradient else None  # unused gradients: left out of the trace
 
-        graph = _trace(call, inputs)
-        if graph is None:
-            entry.eager = True
+        graph, out = _traced(call, inputs)
+        entry.graph, entry.eager = graph, graph is None
+        if out is None:  # the traced call raised: it runs eagerly
             return compute(model, x, target, rows, budget, *rest)
-        entry.graph = graph
-        return run(model, x, target, rows, budget, *rest, gradient=gradient)
+        return out
 
     run.__wrapped__ = compute
     return run
@@ -149,6 +155,11 @@ def refused(model: nn.Module) -> int:
 
 def _trace(call: Callable, inputs: tuple[Tensor, ...]) -> fx.GraphModule | None:
     """The graph of ATen operations of ``call(*inputs)``, or None where it cannot be replayed."""
+    return _traced(call, inputs)[0]
+
+
+def _traced(call: Callable, inputs: tuple[Tensor, ...]) -> tuple[fx.GraphModule | None, Any]:
+    """``_trace``'s graph and the traced call's result (None where the call raised)."""
     recorder = _Recorder(inputs)
     try:
         with torch.no_grad(), recorder:
@@ -156,13 +167,13 @@ def _trace(call: Callable, inputs: tuple[Tensor, ...]) -> fx.GraphModule | None:
         recorder.output(out)
     except Exception as err:  # noqa: BLE001 - any tracing failure means "run eagerly"
         log.debug("replay: tracing failed (%s): the call runs eagerly", err)
-        return None
+        return None, None
     why = recorder.failed or reads_values(recorder.graph)
     if why:
         log.debug("replay: the trace reads values (%s): the call runs eagerly", why)
-        return None
+        return None, out
     recorder.graph.eliminate_dead_code()  # results nothing uses (operations that write are kept)
-    return _lowered(recorder.root(), recorder.graph, inputs, out)
+    return _lowered(recorder.root(), recorder.graph, inputs, out), out
 
 
 def _lowered(root: nn.Module, graph: fx.Graph, inputs: tuple[Tensor, ...], out):
