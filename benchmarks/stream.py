@@ -162,6 +162,38 @@ def pipeline_run(args: list[str], cwd: Path, kill_at: float | None = None) -> di
             "killed": kill_at is not None and proc.returncode != 0}  # fmt: skip
 
 
+def agreement(case: Case, n: int, path: Path, count: int = 256) -> float:
+    """The largest difference between the result file and the engine (``engine_loop``'s calls,
+    here) on the first and the last ``count`` samples, relative to the largest entry: the
+    pipeline's numbers are the loop's."""
+    import h5py
+
+    import pipeline
+    from pipeline.config.schema import compose
+    from pipeline.execution.job import ModelSpec
+    from pipeline.hessian import diagonal
+    from pipeline.inputs.data import load_data
+
+    cfg = compose([*case.overrides, f"data.n_samples={n}"])
+    model = ModelSpec(cfg.model, "float32", cfg.seed).build()
+    x = load_data(cfg.data, torch.float32).x
+    index = list(cfg.target.indices)
+    worst = 0.0
+    with h5py.File(path, "r") as f:
+        stored = f["diagonal" if case.output == "diagonal" else "hessian"]
+        for a in (0, max(0, n - count)):
+            xb = x[a : a + count]
+            if case.output == "diagonal":
+                target = pipeline.make_target(index, model(xb), None, "cross_entropy")
+                ours = diagonal(model, xb, target)[0]
+            else:
+                ours = pipeline.hessian(model, xb, index)
+            got = torch.as_tensor(stored[a : a + count])
+            scale = float(ours.abs().max()) or 1.0
+            worst = max(worst, float((got - ours).abs().max()) / scale)
+    return worst
+
+
 def _committed(path: Path) -> float:
     """The fraction of blocks committed so far (the markers of an in-place run, else shards)."""
     shards = Path(f"{path}.shards")
@@ -229,6 +261,8 @@ def run_case(
         if name == "dd":
             row["bytes"] = os.path.getsize(path)
             row["dd_s"] = dd_seconds(directory, row["bytes"])
+        else:
+            row["difference"] = agreement(case, n, path)
         path.unlink(missing_ok=True)
         shutil.rmtree(f"{path}.shards", ignore_errors=True)
         rows.append(row)
@@ -250,6 +284,8 @@ def line(r: dict) -> str:
     if r.get("dd_s"):
         s += (f" | {r['bytes'] / 1e9:.2f} GB: dd {r['dd_s']:.2f} s | "
               f"{r['dd_s'] / r['seconds'] * 100:.0f}% of dd")  # fmt: skip
+    if r.get("difference") is not None:
+        s += f" | against the engine: {r['difference']:.1e} of the largest entry"
     if r.get("computed_reused") and r["case"] == "diag64":
         s += f" | resumed: {r['computed_reused'][0]} computed, {r['computed_reused'][1]} reused"
     return s

@@ -28,6 +28,7 @@ import torch
 
 from ..config.schema import Config, Mode
 from ..errors import PipelineError
+from ..store import ResultNames
 from ..store.plan import Plan, make_plan
 from .backends import Backend, backend_for
 from .job import Job, build_job, model_key
@@ -54,7 +55,7 @@ def prepare(cfg: Config, path: Path, early: contextlib.ExitStack | None = None) 
         path: ``storage.path`` resolved (``pipeline.execution.run.output_path``).
         early: where the backend's early start goes (``Backend.start_early``: a Dask cluster
             starts once the backend is checked, its workers importing while the job is built;
-            not for a resume of an existing file, which may need no worker).
+            not for a resume of earlier work, which may need no worker).
 
     Raises:
         PipelineError: naming the config key to change.
@@ -62,7 +63,7 @@ def prepare(cfg: Config, path: Path, early: contextlib.ExitStack | None = None) 
     check_storage_path(path)
     backend = backend_for(cfg.backend)
     backend.check()
-    if early is not None and not (cfg.storage.mode == Mode.resume and path.exists()):
+    if early is not None and not _resumes_earlier_work(cfg, path):
         early.enter_context(backend.start_early())
     job = build_job(cfg)
     if cfg.storage.mode == Mode.resume and job.code_fingerprint is None:
@@ -95,6 +96,12 @@ def prepare(cfg: Config, path: Path, early: contextlib.ExitStack | None = None) 
     probe(job, backend.device)
     probe_output(job.work, job.model, job.data.x, job.target)
     return Prepared(job, plan, backend)
+
+
+def _resumes_earlier_work(cfg: Config, path: Path) -> bool:
+    """Whether the run resumes a result or blocks already on disk: it may have nothing left to
+    compute, and then starts no workers (its backend starts when blocks are missing)."""
+    return cfg.storage.mode == Mode.resume and (path.exists() or ResultNames(path).shards.exists())
 
 
 def check_storage_path(path: Path) -> None:
