@@ -43,6 +43,7 @@ from torch import Tensor, nn
 
 from . import caches
 from .adjoints import pull
+from .allocator import reusing_large_buffers
 from .curvature import DENSE, DIAG, ZERO, is_fast, transition
 from .errors import ArgumentError
 from .graph import Tape, capture, record
@@ -60,6 +61,7 @@ log = logging.getLogger(__name__)
 PROPAGATED = "propagated"
 
 
+@reusing_large_buffers
 def diagonal(
     model: nn.Module,
     x: Tensor,

@@ -40,6 +40,7 @@ from torch import Tensor, nn
 from torch.func import grad, jvp, vjp, vmap
 
 from . import caches, double_backward
+from .allocator import reusing_large_buffers
 from .diagonal import eval_mode
 from .errors import ArgumentError
 from .generic import _flat_fn
@@ -52,6 +53,7 @@ DENSE_LIMIT = 2048
 MAX_KRYLOV = 1024  # basis vectors per problem, unless the budget allows fewer
 
 
+@reusing_large_buffers
 def eigen(
     model: nn.Module,
     x: Tensor,

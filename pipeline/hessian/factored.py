@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from . import caches
+from .allocator import reusing_large_buffers
 from .curvature import DENSE, DIAG
 from .diagonal import _rows_of_jacobian, eval_mode
 from .errors import ArgumentError
@@ -36,6 +37,7 @@ from .support import analyze
 from .targets import Target
 
 
+@reusing_large_buffers
 def factored(
     model: nn.Module, x: Tensor, target: Target, budget: int | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:

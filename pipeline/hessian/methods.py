@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from . import caches, double_backward, generic, piecewise, structured
+from .allocator import reusing_large_buffers
 from .errors import ArgumentError
 from .memory import forward_bytes
 from .replay import replayed
@@ -366,6 +367,7 @@ def zero_hessian_reason(model: nn.Module, target: Target, x: Tensor) -> str | No
     return None
 
 
+@reusing_large_buffers
 def hessian(
     model: nn.Module,
     x: Tensor,

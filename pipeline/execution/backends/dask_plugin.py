@@ -7,10 +7,10 @@ import torch
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from ...errors import PipelineError
+from ...hessian.allocator import keep_for_good
 from ...hessian.methods import METHODS
 from ...hessian.targets import Target
 from .dask_worker import _WORKER_MODELS, _worker_model
-from .memory import _mallopt
 
 
 class ModelPlugin(WorkerPlugin):
@@ -23,7 +23,7 @@ class ModelPlugin(WorkerPlugin):
         self.warm_up = warm_up  # (method, x of one sample, target kind, aux, output_index)
 
     def setup(self, worker) -> None:
-        _mallopt(1 << 30, 2 << 30)  # for the worker's life (see NOTE: [malloc in Dask workers])
+        keep_for_good()  # for the worker's life (see NOTE: [malloc in Dask workers])
         try:
             model = _worker_model(*self.args)
         except PipelineError:  # every task raises it again, and the run reports it once (a

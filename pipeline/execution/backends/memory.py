@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 from collections.abc import Iterator
+
+from ...hessian.allocator import large_buffers_reused
 
 # NOTE: [malloc in Dask workers] Dask's nanny starts workers with MALLOC_TRIM_THRESHOLD_=65536.
 # Setting it disables glibc's dynamic mmap threshold, so every large tensor is mmap-ed and
@@ -24,29 +25,9 @@ from collections.abc import Iterator
 # one arena.
 _DASK_TRIM = "MALLOC_TRIM_THRESHOLD_"
 _ARENAS = "MALLOC_ARENA_MAX"
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
-_GLIBC_DEFAULT = 128 * 1024
-
-
-def _mallopt(mmap_threshold: int, trim_threshold: int) -> bool:
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc
-        return False
-    ok = libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold)
-    return bool(ok and libc.mallopt(_M_TRIM_THRESHOLD, trim_threshold))
-
-
-@contextlib.contextmanager
-def reuse_large_buffers() -> Iterator[None]:
-    """Let glibc reuse freed blocks instead of mapping fresh pages (see the NOTE above); the
-    defaults come back on leaving."""
-    changed = _mallopt(1 << 30, 2 << 30)
-    try:
-        yield
-    finally:
-        if changed:
-            _mallopt(_GLIBC_DEFAULT, _GLIBC_DEFAULT)
+# The blocks are computed inside ``large_buffers_reused`` (``pipeline.hessian.allocator``, NOTE
+# [large buffers]), as every ``hessian()`` call is; the local backend holds it for the whole run.
+reuse_large_buffers = large_buffers_reused
 
 
 @contextlib.contextmanager
