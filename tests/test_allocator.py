@@ -101,3 +101,28 @@ def test_a_local_runs_blocks_are_computed_in_one_span(calls, tmp_path, monkeypat
     assert all(calls[i][1] == 1 for i in blocks), calls  # inside the run's span, not nested
     between = calls[blocks[0] : blocks[-1]]
     assert DEFAULTS not in between and calls[-1] == DEFAULTS, calls
+
+
+def _in_training_mode():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout(0.1),
+                                torch.nn.Tanh(), torch.nn.Linear(4, 1))  # fmt: skip
+    return model.train()
+
+
+# (warning, model): hessian()'s warnings, which must name the line that called it
+WARNINGS = [
+    ("all Hessian entries are zero", lambda: torch.nn.Linear(4, 2)),
+    ("model was in training mode", _in_training_mode),
+]
+
+
+@pytest.mark.parametrize(("message", "make"), WARNINGS, ids=[w[0] for w in WARNINGS])
+def test_warnings_of_a_wrapped_call_point_at_its_caller(message, make):
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        hessian(make(), torch.randn(2, 4), [0])
+    found = [w for w in caught if message in str(w.message)]
+    assert found, [str(w.message) for w in caught]
+    assert found[0].filename == __file__, f"{message}: points at {found[0].filename}"

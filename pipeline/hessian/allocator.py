@@ -32,6 +32,9 @@ _depth = 0  # calls inside the span
 _for_good = False
 
 F = TypeVar("F", bound=Callable)
+# ``warnings.warn``'s stacklevel that names the caller of a function wrapped by
+# ``reusing_large_buffers`` (the wrapper is a frame between them)
+CALLER = 3
 
 
 @functools.cache

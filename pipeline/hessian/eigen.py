@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from torch.func import grad, jvp, vjp, vmap
 
 from . import caches, double_backward
-from .allocator import reusing_large_buffers
+from .allocator import CALLER, reusing_large_buffers
 from .diagonal import eval_mode
 from .errors import ArgumentError
 from .generic import _flat_fn
@@ -259,7 +259,7 @@ def _lanczos(model, x, target, k, which, tol, budget, max_krylov, seed, reverse,
             f"eigen: block Lanczos stopped at its Krylov limit of {m} vectors before reaching "
             f"tol={tol:g} (largest residual {worst:.2e} x |lambda|_max); the residuals say how "
             "far each pair is from exact (raise max_krylov or the budget)",
-            stacklevel=3,
+            stacklevel=CALLER + 1,  # (eigen -> _lanczos)
         )
     return tuple(torch.cat(t) for t in out)
 

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from . import caches, double_backward, generic, piecewise, structured
-from .allocator import reusing_large_buffers
+from .allocator import CALLER, reusing_large_buffers
 from .errors import ArgumentError
 from .memory import forward_bytes
 from .replay import replayed
@@ -426,9 +426,9 @@ def hessian(
         for module in training:  # each module's own mode back (a frozen BatchNorm stays in eval)
             module.training = True
     if was_training and training_layers(model):
-        warnings.warn("model was in training mode: computed in eval mode", stacklevel=2)
+        warnings.warn("model was in training mode: computed in eval mode", stacklevel=CALLER)
     if reason:
-        warnings.warn(f"all Hessian entries are zero: {reason}", stacklevel=2)
+        warnings.warn(f"all Hessian entries are zero: {reason}", stacklevel=CALLER)
     return (hess, grad) if return_gradient else hess
 
 
