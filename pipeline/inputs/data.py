@@ -7,9 +7,11 @@ of 10^6 samples is never loaded whole. Checks (finite values) and hashes read it
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,6 +21,14 @@ from ..config.schema import DataConf
 from ..errors import PipelineError
 
 CHUNK_BYTES = 64 << 20  # what one read of the source holds, at most (or one sample)
+
+
+@dataclass(frozen=True)
+class Scan:
+    """What one pass over the samples found: positions of non-finite samples, and the hash."""
+
+    nonfinite: np.ndarray
+    digest: Any  # hashlib's SHA-256 object, to be copied before it is updated
 
 
 class Samples:
@@ -46,6 +56,7 @@ class Samples:
         self._start = int(self.rows[0]) if _is_range(self.rows) else None
         per_sample = max(1, self.shape[1:].numel() * self.element_size())
         self.chunk = max(1, (chunk_bytes or CHUNK_BYTES) // per_sample)
+        self._scan: Scan | None = None
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -68,6 +79,19 @@ class Samples:
         else:
             raw = _take(self.source, self.rows[a:b], _is_hdf5(self.source))
         return torch.from_numpy(np.array(raw, dtype=self.numpy_dtype, copy=True))
+
+    def scan(self) -> Scan:
+        """One pass over the samples (made once): the positions of those holding NaN or inf, and
+        SHA-256 of the shape, dtype and bytes (``pipeline.store.fingerprint`` goes on from it)."""
+        if self._scan is None:
+            digest = hashlib.sha256(f"{tuple(self.shape)} {self.dtype}\n".encode())
+            bad = []
+            for a, chunk in self.chunks():
+                digest.update(chunk.numpy().tobytes())
+                finite = torch.isfinite(chunk.reshape(len(chunk), -1)).all(dim=1).numpy()
+                bad.append(a + np.flatnonzero(~finite))
+            self._scan = Scan(np.concatenate(bad) if bad else np.zeros(0, np.int64), digest)
+        return self._scan
 
     def chunks(self) -> Iterator[tuple[int, Tensor]]:
         """(first sample, samples) over the slice, ``self.chunk`` samples (<= 64 MiB) at a time."""
@@ -245,10 +269,7 @@ def load_data(cfg: DataConf, dtype: torch.dtype) -> Dataset:
 
 def _check_finite(x: Samples) -> None:
     """Refuse samples holding NaN or inf (read in chunks), naming their source indices."""
-    bad = np.concatenate([
-        a + np.flatnonzero(~torch.isfinite(chunk.reshape(len(chunk), -1)).all(dim=1).numpy())
-        for a, chunk in x.chunks()
-    ])  # fmt: skip
+    bad = x.scan().nonfinite
     if bad.size:
         names = ", ".join(str(i) for i in x.index[bad[:5]])
         raise PipelineError(

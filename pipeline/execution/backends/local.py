@@ -7,9 +7,9 @@ import time
 import torch
 
 from ...config.precision import tf32
+from ...hessian.allocator import large_buffers_reused
 from ...store.plan import Block
 from .base import Backend, BlockWriter, OnWritten, register_backend, torch_device
-from .memory import reuse_large_buffers
 
 
 @register_backend
@@ -32,7 +32,7 @@ class Local(Backend):
         model = job.model.to(device)
         x = job.data.x  # read a block at a time (pipeline.inputs.data.Samples)
         target = job.target.to(device)
-        with reuse_large_buffers(), BlockWriter(sink, on_written, device) as writer:
+        with large_buffers_reused(), BlockWriter(sink, on_written, device) as writer:
             for b in blocks:
                 xb = x[b.s0 : b.s1].to(device)
                 with tf32(job.cfg.method.tf32):

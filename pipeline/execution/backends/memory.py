@@ -6,15 +6,13 @@ import contextlib
 import os
 from collections.abc import Iterator
 
-from ...hessian.allocator import large_buffers_reused
-
 # NOTE: [malloc in Dask workers] Dask's nanny starts workers with MALLOC_TRIM_THRESHOLD_=65536.
 # Setting it disables glibc's dynamic mmap threshold, so every large tensor is mmap-ed and
 # page-faulted afresh: a measured 1.5x slowdown of the Hessian kernels (24 -> 38 ms a block), and
 # more when two workers fault pages at once. The clusters we start keep glibc's defaults.
 # Even glibc's dynamic threshold stops at 32 MiB, so 64 MiB blocks are mmap-ed and faulted afresh
 # every time (16,384 faults a block; a narrow MLP's 64 blocks of D = 4096 took 4.6-6.7 s instead
-# of 2.7 s). So blocks are computed with ``reuse_large_buffers``: allocations below 1 GiB come
+# of 2.7 s). So blocks are computed with ``large_buffers_reused``: allocations below 1 GiB come
 # from the heap and are reused, which bounds the memory kept to the run's peak.
 #
 # Dask workers compute in threads of their own, and glibc gives each thread its own arena: its
@@ -25,9 +23,8 @@ from ...hessian.allocator import large_buffers_reused
 # one arena.
 _DASK_TRIM = "MALLOC_TRIM_THRESHOLD_"
 _ARENAS = "MALLOC_ARENA_MAX"
-# The blocks are computed inside ``large_buffers_reused`` (``pipeline.hessian.allocator``, NOTE
-# [large buffers]), as every ``hessian()`` call is; the local backend holds it for the whole run.
-reuse_large_buffers = large_buffers_reused
+# The local backend computes its blocks inside one span of ``large_buffers_reused``
+# (``pipeline.hessian.allocator``, NOTE [large buffers]).
 
 
 @contextlib.contextmanager
