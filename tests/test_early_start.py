@@ -6,6 +6,7 @@ result. One cluster a run, closed on every path; none for a resume that has noth
 from __future__ import annotations
 
 import multiprocessing
+import sys
 
 import h5py
 import numpy as np
@@ -13,8 +14,10 @@ import pytest
 import torch
 
 from pipeline import hessian
+from pipeline.config.validate import complete_config
 from pipeline.errors import PipelineError
 from pipeline.execution import prepare as prepare_module
+from pipeline.execution.backends import backend_for
 from pipeline.execution.backends.dask import DaskLocal
 from pipeline.execution.run import run
 
@@ -33,9 +36,9 @@ def events(monkeypatch):
     seen: list[str] = []
     client, build_job = DaskLocal.client, prepare_module.build_job
 
-    def spied_client(self):
+    def spied_client(self, early=False):
         seen.append("cluster")
-        inner = client(self)
+        inner = client(self, early)
 
         class Spy:
             def __enter__(self):
@@ -91,3 +94,29 @@ def test_a_resume_of_a_complete_result_starts_no_cluster(tmp_path, events):
     result = run(config(*JOB, "storage.mode=resume", f"storage.path={path}"))
     assert result.blocks_computed == 0 and result.blocks_reused > 0
     assert "cluster" not in events, events
+
+
+def _driver_mark():
+    """In a worker: this module's ``_MARK``, which the test sets in the driver only. A forked
+    worker has the driver's copy of the module; a spawned one imports it afresh, without it."""
+    return getattr(sys.modules[__name__], "_MARK", None)
+
+
+# (backend options, whether the early cluster's workers are forked from the driver)
+FORKED = [
+    ((), True),
+    (("backend.fork_workers=false",), False),
+    (("backend.threads_per_worker=2",), False),  # GNU OpenMP hangs in forked children
+]
+
+
+@pytest.mark.parametrize(("options", "forked"), FORKED, ids=[str(o) for o, _ in FORKED])
+def test_the_early_cluster_forks_its_workers_only_where_safe(monkeypatch, options, forked):
+    backend = backend_for(complete_config(config(*JOB, *options)).backend)
+    monkeypatch.setattr(sys.modules[__name__], "_MARK", "driver", raising=False)
+    with backend.start_early():
+        seen = list(backend._early.run(_driver_mark).values())
+    assert seen == ["driver" if forked else None], (options, seen)
+    with backend.client() as client:  # a late start (a resume's): spawned
+        assert list(client.run(_driver_mark).values()) == [None]
+    assert not multiprocessing.active_children(), "a worker process outlived its cluster"

@@ -219,6 +219,7 @@ class DaskOptions(BackendConf):
 class DaskBackend(DaskOptions):
     name: str = "dask"
     n_workers: int = at_least(1, 2)  # worker processes of the LocalCluster
+    fork_workers: bool = True  # fork the workers from the run where safe, else spawn them
 
 
 @dataclass
