@@ -120,7 +120,7 @@ def _torchvision(name: str) -> nn.Module:
 
 def _timm(name: str) -> nn.Module:
     import_torchvision()
-    from timm.models import convnext, mlp_mixer, mobilenetv3, vision_transformer
+    from timm.models import convnext, mlp_mixer, mobilenetv3, swin_transformer, vision_transformer
 
     if name == "vit":
         return vision_transformer.VisionTransformer(
@@ -134,6 +134,11 @@ def _timm(name: str) -> nn.Module:
         return mlp_mixer.MlpMixer(
             img_size=16, patch_size=8, embed_dim=16, num_blocks=1, num_classes=4
         )
+    if name == "swin":  # 4x4 patches in windows of 2x2, the second block's shifted (masked)
+        return swin_transformer.SwinTransformer(
+            img_size=16, patch_size=4, window_size=2, embed_dim=8, depths=(2,), num_heads=(2,),
+            num_classes=4,
+        )  # fmt: skip
     raise ValueError(name)
 
 
@@ -200,6 +205,7 @@ LIBRARY: list[LibraryModel] = [
     LibraryModel("timm_lcnet", "timm", lambda: _timm("lcnet"), (3, 16, 16), [3]),
     LibraryModel("timm_convnext", "timm", lambda: _timm("convnext"), (3, 32, 32), [1]),
     LibraryModel("timm_mixer", "timm", lambda: _timm("mixer"), (3, 16, 16), [2]),
+    LibraryModel("timm_swin", "timm", lambda: _timm("swin"), (3, 16, 16), [1]),
     LibraryModel("pinn", "torch", PINN, (2,), [0]),
     LibraryModel("pair_potential", "torch", PairPotential, (5, 3), [0]),
 ]  # fmt: skip

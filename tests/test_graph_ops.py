@@ -90,6 +90,8 @@ CASES = [
         25.0).view(5, 5).cos()))),
     OpCase("sdpa_bool_mask", lambda m, x: m.out(_sdpa(m, x, attn_mask=torch.ones(
         5, 5, dtype=torch.bool).triu()))),
+    OpCase("unbind_of_a_permute", lambda m, x: m.out(_split_heads(m.fc(x), rows=False))),
+    OpCase("unbind_of_a_permute_in_blocks", lambda m, x: m.out(_split_heads(m.fc(x), rows=True))),
     OpCase("cat_with_a_constant_token", lambda m, x: m.out(torch.cat(
         [m.fc.bias.expand(x.shape[0], -1), torch.tanh(m.fc(x))], dim=1)[:, 3:8])),
     OpCase("log_softmax_head", lambda m, x: F.log_softmax(m.out(torch.tanh(m.fc(x))), dim=1)),
@@ -135,6 +137,18 @@ def _attention(h: Tensor) -> Tensor:
     t = h.unsqueeze(-1)  # (N, 5, 1)
     att = torch.softmax(t @ t.transpose(1, 2) / math.sqrt(1.0), dim=-1)
     return (att @ torch.tanh(t)).squeeze(-1)
+
+
+def _split_heads(a: Tensor, rows: bool) -> Tensor:
+    """q, k, v split as attention splits them (``permute(...).unbind(0)``, NOTE [unbind]), on
+    batch-first values or, with ``rows``, on the 5 rows of every sample concatenated along axis 0
+    (the windows of window attention, NOTE [blocks])."""
+    qkv = torch.stack([a, torch.tanh(a), torch.sin(a)], dim=2)  # (N, 5, 3)
+    if rows:
+        q, k, v = qkv.reshape(-1, 3, 1).permute(1, 0, 2).unbind(0)  # each (N * 5, 1)
+        return (q * torch.sigmoid(k) + v * v).reshape(-1, 5)
+    q, k, v = qkv.unsqueeze(-1).permute(2, 0, 3, 1).unbind(0)  # each (N, 1, 5)
+    return (q * torch.sigmoid(k) + v * v).flatten(1)
 
 
 def _sdpa(m: Fn, x: Tensor, **kwargs) -> Tensor:

@@ -87,7 +87,7 @@ def capture(model: nn.Module) -> fx.GraphModule:
             graph = tracer.trace(model)
             cached = fx.GraphModule(tracer.root, graph, type(model).__name__)
             lowered = [lower(cached) for lower in (_lower_norms, _lower_multihead,
-                                                   _lower_attention)]  # fmt: skip
+                                                   _lower_attention, _lower_unbind)]  # fmt: skip
             if any(lowered):
                 cached.recompile()
         except Exception as err:  # noqa: BLE001 - any tracing failure means "not capturable"
@@ -122,6 +122,71 @@ def _lower_norms(gm: fx.GraphModule) -> bool:
         gm.graph.erase_node(node)
         changed = True
     return changed
+
+
+def _lower_unbind(gm: fx.GraphModule) -> bool:
+    """``t.permute(p).unbind(0)`` written as ``[u.permute(q) for u in t.unbind(p[0])]``, in
+    place; whether any was.
+
+    NOTE [unbind]: attention splits its projections with
+    ``qkv.reshape(B, T, 3, H, d).permute(2, 0, 3, 1, 4).unbind(0)``: the permute moves the
+    batch axis to second place and the unbind brings it back (NOTE [batch axis]). Where the
+    samples are blocks of rows (window attention: the windows of all images on axis 0, NOTE
+    [blocks]) no step may move that axis; unbinding the axis the permute puts first and then
+    permuting the rest (q: the remaining axes in the permute's order) is the same tensors with
+    axis 0 left where it is."""
+    changed = False
+    for node in list(gm.graph.nodes):
+        spec = _unbind_of_permute(node)
+        if spec is None:
+            continue
+        t, perm = spec
+        first = perm[0]
+        rest = [a - (a > first) for a in perm[1:]]
+        getters = list(node.users)
+        permute = node.args[0]
+        with gm.graph.inserting_before(node):
+            parts = gm.graph.call_method("unbind", (t, first))
+        for get in getters:
+            with gm.graph.inserting_before(get):
+                part = gm.graph.call_function(operator.getitem, (parts, get.args[1]))
+                moved = gm.graph.call_method("permute", (part, *rest))
+            get.replace_all_uses_with(moved)
+            gm.graph.erase_node(get)
+        gm.graph.erase_node(node)
+        if not permute.users:
+            gm.graph.erase_node(permute)
+        changed = True
+    return changed
+
+
+def _unbind_of_permute(node: fx.Node) -> tuple[fx.Node, list[int]] | None:
+    """(t, p) for ``t.permute(p).unbind(0)`` whose parts are only taken by index; else None."""
+    if node.op == "call_method" and node.target == "unbind":
+        src, dim = node.args[0], (node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0))
+    elif node.op == "call_function" and node.target is torch.unbind:
+        src, dim = node.args[0], (node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0))
+    else:
+        return None
+    if dim != 0 or not isinstance(src, fx.Node) or src.kwargs:
+        return None
+    if not (src.op == "call_method" and src.target == "permute"):
+        return None
+    dims = src.args[1:]
+    if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
+        dims = tuple(dims[0])
+    if not dims or not all(isinstance(d, int) for d in dims):
+        return None
+    perm = [d % len(dims) for d in dims]
+    users = list(node.users)
+    if not users or any(
+        u.op != "call_function"
+        or u.target is not operator.getitem
+        or not isinstance(u.args[1], int)
+        for u in users
+    ):
+        return None
+    return src.args[0], perm
 
 
 _ATTENTION = {torch.nn.functional.scaled_dot_product_attention,
