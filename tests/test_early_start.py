@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import multiprocessing
 import sys
+from concurrent.futures import ProcessPoolExecutor
 
 import h5py
 import numpy as np
@@ -97,26 +98,69 @@ def test_a_resume_of_a_complete_result_starts_no_cluster(tmp_path, events):
 
 
 def _driver_mark():
-    """In a worker: this module's ``_MARK``, which the test sets in the driver only. A forked
-    worker has the driver's copy of the module; a spawned one imports it afresh, without it."""
-    return getattr(sys.modules[__name__], "_MARK", None)
+    """In a worker: this module's ``_MARK``, which the driver sets (a forked worker has the
+    driver's copy of the module; a spawned one imports it afresh, without it), the threads of
+    its torch and BLAS pools (one, as a spawned worker's) and its malloc heaps (one, as a
+    spawned worker's with MALLOC_ARENA_MAX=1: NOTE [malloc in Dask workers])."""
+    import threading
+
+    from threadpoolctl import threadpool_info
+
+    from pipeline.execution.backends.memory import _heaps
+    from pipeline.hessian.allocator import _libc
+
+    pools = sorted({p["num_threads"] for p in threadpool_info()})
+    heaps: list[int] = []
+    compute = threading.Thread(target=lambda: heaps.append(_heaps(_libc())))  # a task's thread
+    compute.start()
+    compute.join()
+    mark = getattr(sys.modules[__name__], "_MARK", None)
+    return mark, torch.get_num_threads(), pools, heaps[0]
 
 
-# (backend options, whether the early cluster's workers are forked from the driver)
+def _workers_of_a_new_driver(options: tuple[str, ...], threads_before: bool) -> tuple:
+    """In a new process (the driver): what the worker of its early cluster, and of a cluster
+    started later, report (``_driver_mark``). ``threads_before``: another thread ran first."""
+    global _MARK
+    _MARK = "driver"
+    if threads_before:  # a thread allocated before (torch's OpenMP threads, say): its own heap
+        import threading
+
+        from pipeline.hessian.allocator import _libc
+
+        _libc().mallopt(-8, 8)  # M_ARENA_MAX (an earlier nanny's MALLOC_ARENA_MAX=1 is in env)
+        before = threading.Thread(target=lambda: torch.randn(1 << 16).sum())
+        before.start()
+        before.join()
+    backend = backend_for(complete_config(config(*JOB, *options)).backend)
+    with backend.start_early():
+        early = list(backend._early.run(_driver_mark).values())
+    with backend.client() as client:  # a late start (a resume's)
+        late = list(client.run(_driver_mark).values())
+    return early, late, bool(multiprocessing.active_children())
+
+
+# (backend options, another thread allocated in the driver first, the early workers forked)
 FORKED = [
-    ((), True),
-    (("backend.fork_workers=false",), False),
-    (("backend.threads_per_worker=2",), False),  # GNU OpenMP hangs in forked children
+    ((), False, True),
+    (("backend.fork_workers=false",), False, False),
+    (("backend.threads_per_worker=2",), False, False),  # GNU OpenMP hangs in forked children
+    ((), True, False),  # more than one heap: a forked worker's threads would take the others
 ]
 
 
-@pytest.mark.parametrize(("options", "forked"), FORKED, ids=[str(o) for o, _ in FORKED])
-def test_the_early_cluster_forks_its_workers_only_where_safe(monkeypatch, options, forked):
-    backend = backend_for(complete_config(config(*JOB, *options)).backend)
-    monkeypatch.setattr(sys.modules[__name__], "_MARK", "driver", raising=False)
-    with backend.start_early():
-        seen = list(backend._early.run(_driver_mark).values())
-    assert seen == ["driver" if forked else None], (options, seen)
-    with backend.client() as client:  # a late start (a resume's): spawned
-        assert list(client.run(_driver_mark).values()) == [None]
-    assert not multiprocessing.active_children(), "a worker process outlived its cluster"
+@pytest.mark.parametrize(
+    ("options", "threads_before", "forked"), FORKED, ids=[f"{o}-{t}" for o, t, _ in FORKED]
+)
+def test_the_early_cluster_forks_its_workers_only_where_safe(options, threads_before, forked):
+    spawn = multiprocessing.get_context("spawn")  # a driver of its own (this one's torch has
+    with ProcessPoolExecutor(1, mp_context=spawn) as pool:  # run threads); not daemonic
+        job = pool.submit(_workers_of_a_new_driver, options, threads_before)
+        early, late, left = job.result(timeout=300)
+    threads = 2 if "backend.threads_per_worker=2" in options else 1
+    ((mark, torch_threads, pools, heaps),) = early
+    assert mark == ("driver" if forked else None), (options, early)
+    assert torch_threads == threads and (threads > 1 or pools == [1]), (options, early)
+    assert heaps == 1, f"{options}: a worker's thread computes on one of {heaps} heaps"
+    assert [m for m, *_ in late] == [None], f"{options}: a late cluster's workers: {late}"
+    assert not left, "a worker process outlived its cluster"

@@ -25,7 +25,7 @@ from ...store import InPlaceSink, probe_marker
 from ...store.plan import Block, Plan
 from .base import Backend, BlockWriter, OnWritten, register_backend
 from .dask_worker import block_task, sees
-from .memory import keep_malloc_defaults
+from .memory import keep_malloc_defaults, one_heap
 
 log = logging.getLogger(__name__)
 
@@ -254,12 +254,22 @@ def _workers_ignore_ctrl_c() -> Iterator[None]:
 # - with one torch thread a worker: GNU OpenMP hangs in a forked child that runs a parallel
 #   region after its parent did (measured: a matrix product with 2 threads never returns);
 # - without CUDA initialised in the driver, and where the platform can fork;
-# - each child drops the driver's logging handlers (Hydra's console and file), so a worker
-#   logs as a spawned one does (a failed task is reported once, by the run).
+# - where the driver's threads share glibc's main heap alone, made so for its later threads
+#   (``memory.one_heap``: MALLOC_ARENA_MAX=1 from then on): a forked worker's threads take the
+#   heaps its parent's threads had, and a task computing on such a heap (64 MiB at most, trimmed
+#   apart) faults its large tensors in afresh (diagonals of 300,000 samples at D = 64 on 2
+#   workers: 9.9 million page faults and 29 s of system time against 0.6 million and 3 s,
+#   2.7x slower blocks), where spawned workers start with MALLOC_ARENA_MAX=1 (NOTE [malloc in
+#   Dask workers]); a driver whose threads (torch's, an earlier cluster's) have heaps spawns;
+# - each child is made what a spawned worker is: it drops the driver's logging handlers
+#   (Hydra's console and file), so that a failed task is reported once, by the run, and its
+#   thread pools (torch's, OpenBLAS's) get one thread, as ``OMP_NUM_THREADS=1`` gives a spawned
+#   one (they had the driver's 2).
 # ``backend.fork_workers=false`` spawns them always.
 
 _FORKING = threading.Event()  # set while forked_workers starts a cluster
 _AFTER_FORK_REGISTERED = False
+_BLAS_LIMITS: Any = None  # threadpoolctl.threadpool_limits, imported before forking
 
 
 def can_fork(options) -> bool:
@@ -271,14 +281,20 @@ def can_fork(options) -> bool:
         and options.threads_per_worker == 1
         and "fork" in multiprocessing.get_all_start_methods()
         and not torch.cuda.is_initialized()
+        and one_heap()
     )
 
 
-def _forget_driver_logging() -> None:
-    """In a forked child: leave the driver's handlers (console, the run's log file) to it."""
-    if _FORKING.is_set():
-        for handler in list(logging.root.handlers):
-            logging.root.removeHandler(handler)
+def _as_spawned() -> None:
+    """In a forked child: leave the driver's log handlers (console, the run's log file) to it
+    and run its thread pools with one thread (see NOTE [forked workers])."""
+    if not _FORKING.is_set():
+        return
+    for handler in list(logging.root.handlers):
+        logging.root.removeHandler(handler)
+    torch.set_num_threads(1)
+    if _BLAS_LIMITS is not None:
+        _BLAS_LIMITS(1)
 
 
 @contextlib.contextmanager
@@ -292,9 +308,11 @@ def forked_workers(enabled: bool) -> Iterator[None]:
 
     import dask
 
-    global _AFTER_FORK_REGISTERED
+    global _AFTER_FORK_REGISTERED, _BLAS_LIMITS
     if not _AFTER_FORK_REGISTERED:
-        os.register_at_fork(after_in_child=_forget_driver_logging)
+        with contextlib.suppress(ImportError):  # scikit-learn's dependency: numpy's BLAS
+            from threadpoolctl import threadpool_limits as _BLAS_LIMITS
+        os.register_at_fork(after_in_child=_as_spawned)
         _AFTER_FORK_REGISTERED = True
     with dask.config.set({"distributed.worker.multiprocessing-method": "fork"}):
         with warnings.catch_warnings():  # Python >= 3.12 warns of any fork beside threads
