@@ -72,7 +72,10 @@ def output_path(cfg: Config, output_dir: Path | None) -> Path:
 
 
 def versions() -> dict[str, str]:
-    import dask
+    """The versions recorded in a result's metadata (dask's from its package metadata: importing
+    it took 0.3 s of a local run)."""
+    from importlib.metadata import version
+
     import h5py
     import torch
 
@@ -80,7 +83,7 @@ def versions() -> dict[str, str]:
         "torch": str(torch.__version__),
         "h5py": h5py.__version__,
         "hdf5": h5py.version.hdf5_version,
-        "dask": dask.__version__,
+        "dask": version("dask"),
         "pipeline": __version__,
         "numpy": np.__version__,
     }
