@@ -106,16 +106,15 @@ def _driver_mark():
 
     from threadpoolctl import threadpool_info
 
-    from pipeline.execution.backends.memory import _heaps
-    from pipeline.hessian.allocator import _libc
+    from pipeline.hessian.allocator import heaps
 
     pools = sorted({p["num_threads"] for p in threadpool_info()})
-    heaps: list[int] = []
-    compute = threading.Thread(target=lambda: heaps.append(_heaps(_libc())))  # a task's thread
+    found: list[int] = []
+    compute = threading.Thread(target=lambda: found.append(heaps()))  # a task's thread
     compute.start()
     compute.join()
     mark = getattr(sys.modules[__name__], "_MARK", None)
-    return mark, torch.get_num_threads(), pools, heaps[0]
+    return mark, torch.get_num_threads(), pools, found[0]
 
 
 def _workers_of_a_new_driver(options: tuple[str, ...], threads_before: bool) -> tuple:

@@ -23,7 +23,7 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8  # glibc's mallopt parameters
 _GLIBC_DEFAULT = 128 * 1024
 MMAP_THRESHOLD, TRIM_THRESHOLD = 1 << 30, 2 << 30
 
@@ -90,3 +90,39 @@ def reusing_large_buffers(fn: F) -> F:
             return fn(*args, **kwargs)
 
     return wrapped  # type: ignore[return-value]
+
+
+def one_heap() -> bool:
+    """Whether this process's threads share glibc's main heap alone, made so for the threads it
+    starts from now on (``mallopt(M_ARENA_MAX, 1)``): then workers forked from it compute on
+    that heap as workers started with MALLOC_ARENA_MAX=1 do (NOTE [forked workers] in
+    ``pipeline.execution.backends.dask``). False where there is no glibc, or where threads
+    (torch's, an earlier cluster's) already have heaps of their own, which a forked worker's
+    threads would take."""
+    libc = _libc()
+    if libc is None or not libc.mallopt(_M_ARENA_MAX, 1):
+        return False
+    return heaps() == 1
+
+
+def heaps() -> int:
+    """The arenas (heaps) of glibc's malloc in this process, read from ``malloc_info``; 0
+    where there is no glibc."""
+    import tempfile
+
+    libc = _libc()
+    if libc is None:
+        return 0
+    libc.fopen.restype = ctypes.c_void_p
+    libc.fopen.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
+    libc.malloc_info.argtypes = [ctypes.c_int, ctypes.c_void_p]
+    libc.fclose.argtypes = [ctypes.c_void_p]
+    with tempfile.NamedTemporaryFile(suffix=".xml") as f:
+        stream = libc.fopen(f.name.encode(), b"w")
+        if not stream:
+            return 0
+        try:
+            libc.malloc_info(0, stream)
+        finally:
+            libc.fclose(stream)
+        return f.read().count(b"<heap nr=")

@@ -162,12 +162,10 @@ def _lower_unbind(gm: fx.GraphModule) -> bool:
 
 def _unbind_of_permute(node: fx.Node) -> tuple[fx.Node, list[int]] | None:
     """(t, p) for ``t.permute(p).unbind(0)`` whose parts are only taken by index; else None."""
-    if node.op == "call_method" and node.target == "unbind":
-        src, dim = node.args[0], (node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0))
-    elif node.op == "call_function" and node.target is torch.unbind:
-        src, dim = node.args[0], (node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0))
-    else:
+    method = node.op == "call_method" and node.target == "unbind"
+    if not (method or (node.op == "call_function" and node.target is torch.unbind)):
         return None
+    src, dim = node.args[0], (node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0))
     if dim != 0 or not isinstance(src, fx.Node) or src.kwargs:
         return None
     if not (src.op == "call_method" and src.target == "permute"):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -21,11 +22,12 @@ from typing import Any, ClassVar
 import torch
 
 from ...errors import PipelineError
+from ...hessian.allocator import one_heap
 from ...store import InPlaceSink, probe_marker
 from ...store.plan import Block, Plan
 from .base import Backend, BlockWriter, OnWritten, register_backend
 from .dask_worker import block_task, sees
-from .memory import keep_malloc_defaults, one_heap
+from .memory import keep_malloc_defaults
 
 log = logging.getLogger(__name__)
 
@@ -255,7 +257,7 @@ def _workers_ignore_ctrl_c() -> Iterator[None]:
 #   region after its parent did (measured: a matrix product with 2 threads never returns);
 # - without CUDA initialised in the driver, and where the platform can fork;
 # - where the driver's threads share glibc's main heap alone, made so for its later threads
-#   (``memory.one_heap``: MALLOC_ARENA_MAX=1 from then on): a forked worker's threads take the
+#   (``allocator.one_heap``: MALLOC_ARENA_MAX=1 from then on): a forked worker's threads take the
 #   heaps its parent's threads had, and a task computing on such a heap (64 MiB at most, trimmed
 #   apart) faults its large tensors in afresh (diagonals of 300,000 samples at D = 64 on 2
 #   workers: 9.9 million page faults and 29 s of system time against 0.6 million and 3 s,
@@ -268,8 +270,6 @@ def _workers_ignore_ctrl_c() -> Iterator[None]:
 # ``backend.fork_workers=false`` spawns them always.
 
 _FORKING = threading.Event()  # set while forked_workers starts a cluster
-_AFTER_FORK_REGISTERED = False
-_BLAS_LIMITS: Any = None  # threadpoolctl.threadpool_limits, imported before forking
 
 
 def can_fork(options) -> bool:
@@ -285,7 +285,7 @@ def can_fork(options) -> bool:
     )
 
 
-def _as_spawned() -> None:
+def _as_spawned(blas_limits) -> None:
     """In a forked child: leave the driver's log handlers (console, the run's log file) to it
     and run its thread pools with one thread (see NOTE [forked workers])."""
     if not _FORKING.is_set():
@@ -293,8 +293,18 @@ def _as_spawned() -> None:
     for handler in list(logging.root.handlers):
         logging.root.removeHandler(handler)
     torch.set_num_threads(1)
-    if _BLAS_LIMITS is not None:
-        _BLAS_LIMITS(1)
+    if blas_limits is not None:
+        blas_limits(1)
+
+
+@functools.cache
+def _hook_forked_children() -> None:
+    """``_as_spawned`` run in every child forked from now on (once a process); threadpoolctl
+    (scikit-learn's dependency, for numpy's BLAS) imported here, before any fork."""
+    blas_limits = None
+    with contextlib.suppress(ImportError):
+        from threadpoolctl import threadpool_limits as blas_limits
+    os.register_at_fork(after_in_child=functools.partial(_as_spawned, blas_limits))
 
 
 @contextlib.contextmanager
@@ -308,22 +318,17 @@ def forked_workers(enabled: bool) -> Iterator[None]:
 
     import dask
 
-    global _AFTER_FORK_REGISTERED, _BLAS_LIMITS
-    if not _AFTER_FORK_REGISTERED:
-        with contextlib.suppress(ImportError):  # scikit-learn's dependency: numpy's BLAS
-            from threadpoolctl import threadpool_limits as _BLAS_LIMITS
-        os.register_at_fork(after_in_child=_as_spawned)
-        _AFTER_FORK_REGISTERED = True
-    with dask.config.set({"distributed.worker.multiprocessing-method": "fork"}):
-        with warnings.catch_warnings():  # Python >= 3.12 warns of any fork beside threads
-            warnings.filterwarnings(
-                "ignore", r".*fork\(\) may lead to deadlocks", DeprecationWarning
-            )
-            _FORKING.set()
-            try:
-                yield
-            finally:
-                _FORKING.clear()
+    _hook_forked_children()
+    with (
+        dask.config.set({"distributed.worker.multiprocessing-method": "fork"}),
+        warnings.catch_warnings(),  # Python >= 3.12 warns of any fork beside threads
+    ):
+        warnings.filterwarnings("ignore", r".*fork\(\) may lead to deadlocks", DeprecationWarning)
+        _FORKING.set()
+        try:
+            yield
+        finally:
+            _FORKING.clear()
 
 
 def _quiet(record: logging.LogRecord) -> bool:

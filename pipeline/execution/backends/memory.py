@@ -23,7 +23,6 @@ from collections.abc import Iterator
 # one arena.
 _DASK_TRIM = "MALLOC_TRIM_THRESHOLD_"
 _ARENAS = "MALLOC_ARENA_MAX"
-_M_ARENA_MAX = -8  # glibc's mallopt parameter
 # The local backend computes its blocks inside one span of ``large_buffers_reused``
 # (``pipeline.hessian.allocator``, NOTE [large buffers]).
 
@@ -39,37 +38,3 @@ def keep_malloc_defaults() -> Iterator[None]:
     environ = "distributed.nanny.pre-spawn-environ"
     with dask.config.set({f"{environ}.{_DASK_TRIM}": None, f"{environ}.{_ARENAS}": 1}):
         yield
-
-
-def one_heap() -> bool:
-    """Whether this process's threads share glibc's main heap alone, made so for the threads it
-    starts from now on (``mallopt(M_ARENA_MAX, 1)``): then workers forked from it compute on
-    that heap as workers started with MALLOC_ARENA_MAX=1 do (NOTE [forked workers] in ``dask``).
-    False where there is no glibc, or where threads (torch's, an earlier cluster's) already
-    have heaps of their own, which a forked worker's threads would take."""
-    from ...hessian.allocator import _libc
-
-    libc = _libc()
-    if libc is None or not libc.mallopt(_M_ARENA_MAX, 1):
-        return False
-    return _heaps(libc) == 1
-
-
-def _heaps(libc) -> int:
-    """The arenas (heaps) of glibc's malloc in this process, read from ``malloc_info``."""
-    import ctypes
-    import tempfile
-
-    libc.fopen.restype = ctypes.c_void_p
-    libc.fopen.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
-    libc.malloc_info.argtypes = [ctypes.c_int, ctypes.c_void_p]
-    libc.fclose.argtypes = [ctypes.c_void_p]
-    with tempfile.NamedTemporaryFile(suffix=".xml") as f:
-        stream = libc.fopen(f.name.encode(), b"w")
-        if not stream:
-            return 0
-        try:
-            libc.malloc_info(0, stream)
-        finally:
-            libc.fclose(stream)
-        return f.read().count(b"<heap nr=")
