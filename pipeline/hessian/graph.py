@@ -60,7 +60,7 @@ from torch import Tensor, fx, nn
 from torch.fx.node import map_aggregate, map_arg
 from torch.utils._pytree import tree_leaves
 
-from . import blocks, caches, elementwise
+from . import blocks, caches, elementwise, pruning
 from .blocks import Blocks
 from .ops import ALIAS, Call, Unsupported, canonical, rule_for
 from .rules import Elementwise, Fold, General, Rule, Select
@@ -231,8 +231,9 @@ def _lower_attention(gm: fx.GraphModule) -> bool:
             kt = graph.call_method("transpose", (k, -2, -1))
             scores = graph.call_function(operator.mul, (graph.call_function(torch.matmul, (q, kt)),
                                                         scale))  # fmt: skip
-            dtype = graph.call_function(getattr, (scores, "dtype"))
-            device = graph.call_function(getattr, (scores, "device"))
+            if causal or mask is not None:
+                dtype = graph.call_function(getattr, (scores, "dtype"))
+                device = graph.call_function(getattr, (scores, "device"))
             if causal:
                 sizes = (graph.call_method("size", (q, -2)), graph.call_method("size", (k, -2)))
                 mask = graph.call_function(_causal_mask, (*sizes, device))
@@ -493,15 +494,53 @@ class _Active:
         self.i = i
 
 
+# The captured graphs narrowed to what their outputs read (NOTE [pruning]), per input shape.
+_NARROWED: weakref.WeakKeyDictionary[fx.GraphModule, dict] = weakref.WeakKeyDictionary()
+
+
 @torch.no_grad()
 def record(gm: fx.GraphModule, x: Tensor) -> Tape:
     """Run the captured graph on x (N, *S) and describe it as steps (see module doc); no
-    autograd graph is kept.
+    autograd graph is kept. Steps whose outputs the output reads only in part compute that part
+    (NOTE [pruning] in ``pruning``): the first call at an input shape finds them, and later
+    calls at that shape record the narrowed graph.
 
     Raises:
         Unsupported: a step mixes the samples of the batch, or is random, or the model does not
             return one tensor.
     """
+    key = (tuple(x.shape[1:]), x.dtype, x.device.type)
+    known = _NARROWED.setdefault(gm, {})
+    if key in known:
+        return _record(known[key], x)[0]
+    tape, env, slot, st = _record(gm, x)
+    known[key], tape = _narrowed(gm, tape, env, slot, st, x)
+    return tape
+
+
+def _narrowed(gm, tape: Tape, env, slot, st: _State, x: Tensor) -> tuple[fx.GraphModule, Tape]:
+    """The graph narrowed to what its output reads and its tape on x, where that spares work and
+    gives the recorded output again; else ``gm`` and ``tape``."""
+    made = {step.out: step.rule for step in st.steps}
+    names = {step.out: step.name for step in st.steps}
+    steps = {n: made[i] for n, i in slot.items() if names.get(i) == n.name}
+    plain = set(range(len(st.values))) - set(st.axes) - set(st.layouts)
+    smaller = pruning.pruned(gm, steps, env, slot, plain)
+    if smaller is None:
+        return gm, tape
+    try:
+        narrow = _record(smaller, x)[0]
+    except Unsupported:
+        return gm, tape
+    out, again = tape.values[tape.output], narrow.values[narrow.output]
+    tolerance = 1e3 * torch.finfo(out.dtype).eps * max(out.abs().max().item(), 1.0)
+    if again.shape != out.shape or (again - out).abs().max().item() > tolerance:
+        return gm, tape
+    return smaller, narrow
+
+
+def _record(gm: fx.GraphModule, x: Tensor) -> tuple[Tape, dict, dict, _State]:
+    """``record`` of the graph as captured: the tape, and each node's value and slot."""
     env: dict[fx.Node, Any] = {}
     slot: dict[fx.Node, int] = {}
     tuples: dict[fx.Node, tuple] = {}  # active calls with tuple outputs: their Call parts
@@ -573,7 +612,7 @@ def record(gm: fx.GraphModule, x: Tensor) -> Tape:
             "them per sample: index_add over the batch index)"
         )
     values = st.values
-    return Tape(values, _pool_first(_live(st.steps, output), values), output)
+    return Tape(values, _pool_first(_live(st.steps, output), values), output), env, slot, st
 
 
 @dataclass

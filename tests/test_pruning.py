@@ -1,0 +1,104 @@
+"""Steps whose outputs the output reads only in part compute that part (NOTE [pruning]): each
+model of the table is narrowed or not as its output reads it, and its Hessians stay exact."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import pipeline
+from pipeline.hessian import graph
+from tests.library_models import LIBRARY, unavailable
+from tests.zoo import assert_rel_close, logit_reference
+
+TOKENS, WIDTH = 5, 8
+
+
+class Tokens(nn.Module):
+    """A class token and a patch embedding, a block of attention and a GELU MLP, then ``read``
+    of the block's tokens (B, T, C) to the logits; ``extra`` adds a constant along the tokens
+    after the block."""
+
+    def __init__(self, read: Callable[[nn.Module, Tensor], Tensor], extra: bool = False):
+        super().__init__()
+        self.read = read
+        self.embed = nn.Linear(3, WIDTH)
+        self.cls = nn.Parameter(torch.randn(1, 1, WIDTH))
+        self.norm1, self.norm2 = nn.LayerNorm(WIDTH), nn.LayerNorm(WIDTH)
+        self.qkv, self.proj = nn.Linear(WIDTH, 3 * WIDTH), nn.Linear(WIDTH, WIDTH)
+        self.fc1, self.fc2 = nn.Linear(WIDTH, 2 * WIDTH), nn.Linear(2 * WIDTH, WIDTH)
+        self.head = nn.Linear(WIDTH, 3)
+        self.bias = nn.Parameter(torch.randn(1, TOKENS + 1, WIDTH)) if extra else None
+
+    def forward(self, x: Tensor) -> Tensor:  # x (B, TOKENS, 3)
+        z = torch.cat([self.cls.expand(x.shape[0], -1, -1), self.embed(x)], 1)
+        b, n, c = z.shape
+        q, k, v = self.qkv(self.norm1(z)).reshape(b, n, 3, 2, c // 2).permute(2, 0, 3, 1, 4)
+        a = torch.softmax(q @ k.transpose(-2, -1) * 0.5, dim=-1)
+        z = z + self.proj((a @ v).transpose(1, 2).reshape(b, n, c))
+        z = z + self.fc2(F.gelu(self.fc1(self.norm2(z))))
+        if self.bias is not None:
+            z = z + self.bias
+        return self.read(self, z)
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    read: Callable[[nn.Module, Tensor], Tensor]
+    narrowed: bool  # whether the last block computes part of its tokens
+    extra: bool = False
+
+
+CASES = [
+    Case("class_token", lambda m, z: m.head(z[:, 0]), True),
+    Case("last_token", lambda m, z: m.head(z[:, -1]), True),
+    Case("token_range", lambda m, z: m.head(z[:, 2:4].sum(1)), True),
+    Case("select", lambda m, z: m.head(z.select(1, 3)), True),
+    Case("narrow_and_tanh", lambda m, z: torch.tanh(m.head(z.narrow(1, 1, 1)[:, 0])), True),
+    Case("mean_of_tokens", lambda m, z: m.head(z.mean(1)), False),
+    Case("token_and_mean", lambda m, z: m.head(z[:, 0] + z.mean(1)), False),
+    Case("token_and_channel", lambda m, z: m.head(z[:, 0, :]) + z[:, :, 0].sum(1, True), False),
+    Case("constant_along_tokens", lambda m, z: m.head(z[:, 0]), False, extra=True),
+]
+
+
+def counted(model: nn.Module, x: Tensor) -> tuple[int, int]:
+    """Multiply-adds counted by the steps as recorded, narrowed and as captured."""
+    gm = graph.capture(model)
+    whole = graph._record(gm, x)[0]
+    return (sum(s.rule.macs for s in graph.record(gm, x).steps),
+            sum(s.rule.macs for s in whole.steps))  # fmt: skip
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_narrowed_as_the_output_reads(case: Case):
+    torch.manual_seed(0)
+    model = Tokens(case.read, case.extra).double().eval()
+    x = torch.randn(3, TOKENS, 3, dtype=torch.float64)
+    narrow, whole = counted(model, x)
+    assert (narrow < 0.9 * whole) == case.narrowed, f"counted {narrow} of {whole}"
+    h = pipeline.hessian(model, x, [0, 2], method="structured")
+    h_ref, _ = logit_reference(model, x)
+    assert_rel_close(h, h_ref[:, [0, 2]], 1e-9)
+
+
+VITS = [m for m in LIBRARY if m.name in ("timm_vit", "tv_vit")]
+
+
+@pytest.mark.parametrize("entry", VITS, ids=[m.name for m in VITS])
+def test_library_vits_read_their_class_token_alone(entry):
+    """timm's and torchvision's ViTs classify from the class token: their last block computes
+    it alone (their Hessians, narrowed so, are checked against float64 in ``test_library``)."""
+    reason = unavailable(entry.package)
+    if reason:
+        pytest.skip(reason)
+    model = entry.build().double()
+    x = torch.randn(2, *entry.shape, dtype=torch.float64)
+    narrow, whole = counted(model, x)
+    assert narrow < 0.9 * whole, f"counted {narrow} of {whole}"
