@@ -102,3 +102,45 @@ def test_library_vits_read_their_class_token_alone(entry):
     x = torch.randn(2, *entry.shape, dtype=torch.float64)
     narrow, whole = counted(model, x)
     assert narrow < 0.9 * whole, f"counted {narrow} of {whole}"
+
+
+TIMM = {  # timm's ViT variants at toy sizes: (keyword arguments, whether the last block narrows)
+    "register_tokens": ({"reg_tokens": 2}, True),
+    "distilled": ({"distilled": True}, True),
+    "average_pool": ({"global_pool": "avg"}, False),
+}
+
+
+@pytest.mark.parametrize("name", list(TIMM))
+def test_timm_vit_variants(name):
+    """Other ways a ViT reads its tokens: two registers beside the class token, DeiT's class
+    and distillation tokens (a range of two), and a mean over the patches (nothing to spare)."""
+    reason = unavailable("timm")
+    if reason:
+        pytest.skip(reason)
+    from pipeline.inputs.libraries import import_torchvision
+
+    import_torchvision()
+    from timm.models import deit, vision_transformer
+    from torch.autograd.functional import hessian
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    kwargs, narrowed = TIMM[name]
+    kwargs = dict(kwargs)
+    size = dict(img_size=16, patch_size=8, embed_dim=16, depth=2, num_heads=2, num_classes=3)
+    torch.manual_seed(0)
+    if kwargs.pop("distilled", False):
+        model = deit.VisionTransformerDistilled(**size, **kwargs)
+    else:
+        model = vision_transformer.VisionTransformer(**size, **kwargs)
+    model = model.double().eval()
+    for p in model.parameters():
+        p.data.normal_(0, 0.3)
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    narrow, whole = counted(model, x)
+    assert (narrow < 0.9 * whole) == narrowed, f"counted {narrow} of {whole}"
+    h = pipeline.hessian(model, x, [1], method="structured")
+    with sdpa_kernel([SDPBackend.MATH]):
+        ref = torch.stack([hessian(lambda u: model(u.unsqueeze(0))[0, 1], xn).reshape(768, 768)
+                           for xn in x])  # fmt: skip
+    assert_rel_close(h[:, 0], ref, 1e-9)
