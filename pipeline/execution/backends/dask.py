@@ -384,7 +384,14 @@ def started(cluster_factory, fork: bool = False) -> Iterator:
 
     with keep_malloc_defaults(), _workers_ignore_ctrl_c(), forked_workers(fork):
         cluster = cluster_factory()
-    with cluster, Client(cluster) as client:
+    # NOTE [results direct]: with ``write_at=driver`` every block is sent to this process. A
+    # client gathers through the scheduler by default (it may not reach the workers of a cluster
+    # elsewhere), and a LocalCluster's scheduler runs in this process: each block crossed TCP
+    # twice, worker to scheduler to client. The workers of our own cluster are on this machine,
+    # so the client fetches from them directly. Dense D = 64, 200,000 samples (3.3 GB), 2
+    # workers, whole command, interleaved: 16.6 and 18.8 s before, 16.1 and 14.4 s after (system
+    # time 6.7-8.2 s before, 3.9-5.4 s after). A cluster given by address keeps the default.
+    with cluster, Client(cluster, direct_to_workers=True) as client:
         if client.dashboard_link and _has_bokeh():
             log.info("Dask dashboard: %s", client.dashboard_link)
         yield client
