@@ -22,11 +22,12 @@ TOKENS, WIDTH = 5, 8
 class Tokens(nn.Module):
     """A class token and a patch embedding, a block of attention and a GELU MLP, then ``read``
     of the block's tokens (B, T, C) to the logits; ``extra`` adds a constant along the tokens
-    after the block."""
+    after the block; ``functional``: the MLP's first layer as ``F.linear`` of its weights."""
 
-    def __init__(self, read: Callable[[nn.Module, Tensor], Tensor], extra: bool = False):
+    def __init__(self, read: Callable[[nn.Module, Tensor], Tensor], extra: bool = False,
+                 functional: bool = False):  # fmt: skip
         super().__init__()
-        self.read = read
+        self.read, self.functional = read, functional
         self.embed = nn.Linear(3, WIDTH)
         self.cls = nn.Parameter(torch.randn(1, 1, WIDTH))
         self.norm1, self.norm2 = nn.LayerNorm(WIDTH), nn.LayerNorm(WIDTH)
@@ -41,7 +42,9 @@ class Tokens(nn.Module):
         q, k, v = self.qkv(self.norm1(z)).reshape(b, n, 3, 2, c // 2).permute(2, 0, 3, 1, 4)
         a = torch.softmax(q @ k.transpose(-2, -1) * 0.5, dim=-1)
         z = z + self.proj((a @ v).transpose(1, 2).reshape(b, n, c))
-        z = z + self.fc2(F.gelu(self.fc1(self.norm2(z))))
+        h = self.norm2(z)
+        h = F.linear(h, self.fc1.weight, self.fc1.bias) if self.functional else self.fc1(h)
+        z = z + self.fc2(F.gelu(h))
         if self.bias is not None:
             z = z + self.bias
         return self.read(self, z)
@@ -53,6 +56,7 @@ class Case:
     read: Callable[[nn.Module, Tensor], Tensor]
     narrowed: bool  # whether the last block computes part of its tokens
     extra: bool = False
+    functional: bool = False
 
 
 CASES = [
@@ -65,6 +69,7 @@ CASES = [
     Case("token_and_mean", lambda m, z: m.head(z[:, 0] + z.mean(1)), False),
     Case("token_and_channel", lambda m, z: m.head(z[:, 0, :]) + z[:, :, 0].sum(1, True), False),
     Case("constant_along_tokens", lambda m, z: m.head(z[:, 0]), False, extra=True),
+    Case("functional_linear", lambda m, z: m.head(z[:, 0]), True, functional=True),
 ]
 
 
@@ -79,10 +84,12 @@ def counted(model: nn.Module, x: Tensor) -> tuple[int, int]:
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_narrowed_as_the_output_reads(case: Case):
     torch.manual_seed(0)
-    model = Tokens(case.read, case.extra).double().eval()
+    model = Tokens(case.read, case.extra, case.functional).double().eval()
     x = torch.randn(3, TOKENS, 3, dtype=torch.float64)
     narrow, whole = counted(model, x)
     assert (narrow < 0.9 * whole) == case.narrowed, f"counted {narrow} of {whole}"
+    if case.functional:  # narrowed as far as the same model with its module
+        assert narrow == counted(Tokens(case.read).double().eval(), x)[0]
     h = pipeline.hessian(model, x, [0, 2], method="structured")
     h_ref, _ = logit_reference(model, x)
     assert_rel_close(h, h_ref[:, [0, 2]], 1e-9)

@@ -146,11 +146,12 @@ def _transfer(node, out: Range | None, steps, values, slots, plain):
     if rule is None:  # an alias of its input (dropout in eval, Identity)
         alias = len(active) == 1 and slots[active[0]] == slots[node]
         return {active[0]: out} if alias else None
-    if not _constants_broadcast(node, out, values, slots):
-        return None
     a, lo, hi = out
     shape = tuple(values[node].shape[1:])
     if isinstance(rule, (Elementwise, Scale, Add, Product)):
+        # (constants broadcast against the output; a Linear's weight acts on the last axis)
+        if not _constants_broadcast(node, out, values, slots):
+            return None
         if isinstance(rule, Scale) and not _broadcasts(rule.factor, shape, a):
             return None
         return {n: _aligned(out, tuple(values[n].shape[1:]), shape) for n in active}
