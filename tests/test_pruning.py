@@ -151,3 +151,30 @@ def test_timm_vit_variants(name):
         ref = torch.stack([hessian(lambda u: model(u.unsqueeze(0))[0, 1], xn).reshape(768, 768)
                            for xn in x])  # fmt: skip
     assert_rel_close(h[:, 0], ref, 1e-9)
+
+
+class _Twice(nn.Module):
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        return 2 * self.model(x)
+
+
+def test_a_narrowed_graph_that_changes_the_output_is_not_kept(monkeypatch):
+    """The narrowed graph is kept only where it gives the recorded output again: one that does
+    not (here, twice the output) is dropped and the graph is recorded as captured."""
+    from pipeline.hessian import pruning
+
+    torch.manual_seed(0)
+    model = Tokens(CASES[0].read).double().eval()
+    x = torch.randn(2, TOKENS, 3, dtype=torch.float64)
+    wrong = torch.fx.symbolic_trace(_Twice(Tokens(CASES[0].read).double().eval()))
+    monkeypatch.setattr(pruning, "pruned", lambda *args: wrong)
+    tape = graph.record(graph.capture(model), x)
+    with torch.no_grad():
+        assert torch.equal(tape.values[tape.output], model(x))
+    assert graph._NARROWED[graph.capture(model)][(tuple(x.shape[1:]), x.dtype, "cpu")] is (
+        graph.capture(model)
+    )

@@ -533,7 +533,7 @@ def _narrowed(gm, tape: Tape, env, slot, st: _State, x: Tensor) -> tuple[fx.Grap
     except Unsupported:
         return gm, tape
     out, again = tape.values[tape.output], narrow.values[narrow.output]
-    tolerance = 1e3 * torch.finfo(out.dtype).eps * max(out.abs().max().item(), 1.0)
+    tolerance = 1e3 * torch.finfo(out.dtype).eps * out.abs().max().item()  # 1000 ulps
     if again.shape != out.shape or (again - out).abs().max().item() > tolerance:
         return gm, tape
     return smaller, narrow
