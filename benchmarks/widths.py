@@ -43,6 +43,7 @@ model), and ``auto`` in float64 on those rows must match them to 1e-9 (``float64
     python benchmarks/widths.py                              # the table (~20 min on 2 CPU cores)
     python benchmarks/widths.py --cases vit_tiny_d2 mixer pinn --repeats 3
     python benchmarks/widths.py --cases swin --methods auto forward_over_reverse
+    python benchmarks/widths.py --cases vit_tiny_d2 --methods auto "auto, whole graph"  # pruning
     python benchmarks/widths.py --json widths.json
     python benchmarks/widths.py --device cuda             # on a GPU (gpu_check.sh widths)
 """
@@ -155,6 +156,8 @@ CASES: dict[str, Case] = {
 METHODS = ("auto", "forward_over_reverse", "reverse_over_reverse", "vmap(torch.func.hessian)",
            "vmap(jacrev(jacrev))")  # fmt: skip
 TORCH_FUNC = METHODS[3:]
+WHOLE = "auto, whole graph"  # auto without pruning (NOTE [pruning]): only when named
+OURS = ("auto", WHOLE)
 
 
 def build(name: str, device: str = "cpu") -> tuple[nn.Module, Tensor]:
@@ -211,6 +214,10 @@ def hessian_by(method: str, model: nn.Module, x: Tensor, output: int, rows) -> T
     if method in TORCH_FUNC:
         index = torch.arange(d) if rows is None else torch.arange(rows)
         return generic_rows(method, model, x, output, index)
+    if method == WHOLE:
+        from pipeline.hessian import pruning
+
+        pruning.MIN_SAVED, method = math.inf, "auto"  # (this process runs this method alone)
     with torch.no_grad():
         return pipeline.hessian(model, x, [output], rows=None if rows is None else slice(0, rows),
                                 method=method)  # fmt: skip
@@ -224,7 +231,7 @@ def measure(name: str, method: str, args) -> dict:
     model, x = build(name, args.device)
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     d = x[0].numel()
-    rows = args.generic_rows if (method != "auto" and d > args.generic_rows) else None
+    rows = args.generic_rows if (method not in OURS and d > args.generic_rows) else None
     scale = d / rows if rows else 1.0
     t0 = time.perf_counter()
     h = hessian_by(method, model, x, CASES[name].output, rows)
@@ -323,9 +330,9 @@ def main() -> None:
         "--methods",
         nargs="+",
         default=list(METHODS),
-        choices=METHODS,
+        choices=(*METHODS, WHOLE),
         metavar="METHOD",
-        help=f"of {', '.join(METHODS)}",
+        help=f"of {', '.join(METHODS)}; and '{WHOLE}'",
     )
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmups", type=int, default=1)
@@ -334,7 +341,7 @@ def main() -> None:
     p.add_argument("--device", default="cpu", help="cpu, or cuda (gpu_check.sh widths)")
     p.add_argument("--json", type=Path)
     p.add_argument("--one", choices=list(CASES), help=argparse.SUPPRESS)
-    p.add_argument("--method", choices=METHODS, help=argparse.SUPPRESS)
+    p.add_argument("--method", choices=(*METHODS, WHOLE), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
         print(json.dumps(measure(args.one, args.method, args)), flush=True)
