@@ -514,29 +514,31 @@ def record(gm: fx.GraphModule, x: Tensor) -> Tape:
     if key in known:
         return _record(known[key], x)[0]
     tape, env, slot, st = _record(gm, x)
-    known[key], tape = _narrowed(gm, tape, env, slot, st, x)
-    return tape
+    smaller = _narrower(gm, env, slot, st)
+    known[key] = gm
+    if smaller is None:
+        return tape
+    out = tape.values[tape.output]
+    del tape, env, slot, st  # (the narrowed graph is recorded in the memory of the whole one)
+    try:
+        narrow = _record(smaller, x)[0]
+    except Unsupported:
+        return _record(gm, x)[0]
+    again = narrow.values[narrow.output]
+    tolerance = 1e3 * torch.finfo(out.dtype).eps * out.abs().max().item()  # 1000 ulps
+    if again.shape != out.shape or (again - out).abs().max().item() > tolerance:
+        return _record(gm, x)[0]
+    known[key] = smaller
+    return narrow
 
 
-def _narrowed(gm, tape: Tape, env, slot, st: _State, x: Tensor) -> tuple[fx.GraphModule, Tape]:
-    """The graph narrowed to what its output reads and its tape on x, where that spares work and
-    gives the recorded output again; else ``gm`` and ``tape``."""
+def _narrower(gm, env, slot, st: _State) -> fx.GraphModule | None:
+    """The graph narrowed to what its output reads (``pruning.pruned``), from a recording."""
     made = {step.out: step.rule for step in st.steps}
     names = {step.out: step.name for step in st.steps}
     steps = {n: made[i] for n, i in slot.items() if names.get(i) == n.name}
     plain = set(range(len(st.values))) - set(st.axes) - set(st.layouts)
-    smaller = pruning.pruned(gm, steps, env, slot, plain)
-    if smaller is None:
-        return gm, tape
-    try:
-        narrow = _record(smaller, x)[0]
-    except Unsupported:
-        return gm, tape
-    out, again = tape.values[tape.output], narrow.values[narrow.output]
-    tolerance = 1e3 * torch.finfo(out.dtype).eps * out.abs().max().item()  # 1000 ulps
-    if again.shape != out.shape or (again - out).abs().max().item() > tolerance:
-        return gm, tape
-    return smaller, narrow
+    return pruning.pruned(gm, steps, env, slot, plain)
 
 
 def _record(gm: fx.GraphModule, x: Tensor) -> tuple[Tape, dict, dict, _State]:
