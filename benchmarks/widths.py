@@ -214,13 +214,9 @@ def hessian_by(method: str, model: nn.Module, x: Tensor, output: int, rows) -> T
     if method in TORCH_FUNC:
         index = torch.arange(d) if rows is None else torch.arange(rows)
         return generic_rows(method, model, x, output, index)
-    if method == WHOLE:
-        from pipeline.hessian import pruning
-
-        pruning.MIN_SAVED, method = math.inf, "auto"  # (this process runs this method alone)
     with torch.no_grad():
         return pipeline.hessian(model, x, [output], rows=None if rows is None else slice(0, rows),
-                                method=method)  # fmt: skip
+                                method="auto" if method == WHOLE else method)  # fmt: skip
 
 
 def measure(name: str, method: str, args) -> dict:
@@ -228,6 +224,10 @@ def measure(name: str, method: str, args) -> dict:
     from benchmarks.allocator import keep_freed_memory
 
     keep_freed_memory()
+    if method == WHOLE:  # (this process runs this method alone)
+        from pipeline.hessian import pruning
+
+        pruning.MIN_SAVED = math.inf
     model, x = build(name, args.device)
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     d = x[0].numel()

@@ -520,13 +520,8 @@ def record(gm: fx.GraphModule, x: Tensor) -> Tape:
         return tape
     out = tape.values[tape.output]
     del tape, env, slot, st  # (the narrowed graph is recorded in the memory of the whole one)
-    try:
-        narrow = _record(smaller, x)[0]
-    except Unsupported:
-        return _record(gm, x)[0]
-    again = narrow.values[narrow.output]
-    tolerance = 1e3 * torch.finfo(out.dtype).eps * out.abs().max().item()  # 1000 ulps
-    if again.shape != out.shape or (again - out).abs().max().item() > tolerance:
+    narrow = _alike(smaller, x, out)
+    if narrow is None:
         return _record(gm, x)[0]
     known[key] = smaller
     return narrow
@@ -534,11 +529,24 @@ def record(gm: fx.GraphModule, x: Tensor) -> Tape:
 
 def _narrower(gm, env, slot, st: _State) -> fx.GraphModule | None:
     """The graph narrowed to what its output reads (``pruning.pruned``), from a recording."""
-    made = {step.out: step.rule for step in st.steps}
-    names = {step.out: step.name for step in st.steps}
-    steps = {n: made[i] for n, i in slot.items() if names.get(i) == n.name}
+    made = {step.out: step for step in st.steps}
+    steps = {n: made[i].rule for n, i in slot.items() if i in made and made[i].name == n.name}
     plain = set(range(len(st.values))) - set(st.axes) - set(st.layouts)
     return pruning.pruned(gm, steps, env, slot, plain)
+
+
+def _alike(gm: fx.GraphModule, x: Tensor, out: Tensor) -> Tape | None:
+    """The tape of ``gm`` on x where its output is ``out`` within 1000 ulps of its largest
+    entry; None where it differs or cannot be recorded."""
+    try:
+        tape = _record(gm, x)[0]
+    except Unsupported:
+        return None
+    again = tape.values[tape.output]
+    tolerance = 1e3 * torch.finfo(out.dtype).eps * out.abs().max().item()
+    if again.shape != out.shape or (again - out).abs().max().item() > tolerance:
+        return None
+    return tape
 
 
 def _record(gm: fx.GraphModule, x: Tensor) -> tuple[Tape, dict, dict, _State]:

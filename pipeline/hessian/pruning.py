@@ -73,7 +73,7 @@ def pruned(gm: fx.GraphModule, steps: dict[fx.Node, Any], values: dict[fx.Node, 
         plain: the slots whose batch axis is first and not in blocks of rows.
     """
     demand, needed = _demands(gm, steps, values, slots, plain)
-    region = {n: r for n, r in demand.items() if r is not None and n.op != "placeholder"}
+    region = {n: r for n, r in demand.items() if r is not None}
     total = sum(rule.macs for rule in steps.values())
     saved = sum(steps[n].macs * (1 - (r[2] - r[1]) / values[n].shape[r[0] + 1])
                 for n, r in region.items() if n in steps)  # fmt: skip
@@ -100,9 +100,7 @@ def _demands(gm, steps, values, slots, plain):
         own = _union(needs.get(node, [None]))
         if any(user not in slots and not _sizeless(user) for user in node.users):
             own = None  # a shape, a mask, a tuple made of it: all of it
-        ins = (
-            None if node.op == "placeholder" else _transfer(node, own, steps, values, slots, plain)
-        )
+        ins = _transfer(node, own, steps, values, slots, plain)
         if ins is None:  # the node cannot compute a part: it needs all of its inputs
             own = None
             ins = _transfer(node, None, steps, values, slots, plain) or {}
